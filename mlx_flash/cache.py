@@ -1,0 +1,140 @@
+"""NeuronCache: one layer's preallocated DRAM buffer of neuron rows, and the sliding window.
+
+State (all allocated once, at construction):
+  weights     (P, capacity, d_model) rows of the cached neurons, part-major (see kernels.py)
+  bias        (P - 1, capacity) input-projection biases, when the FFN has them
+  slot_of     (n_neurons,) slot of each neuron, -1 when not cached
+  neuron_of   (capacity,) neuron in each slot; only the first `n` slots are live
+  last_step   (capacity,) the last token step at which the slot's neuron was active
+
+A token's `advance(ids)` keeps every neuron active in the last `window` steps. Neurons that left
+the window are evicted by moving the last live rows into their holes (swap-delete), the new ones
+are appended after the live rows (append-insert), so the live rows are always `[:n]` and the FFN
+is one compact matmul. When the window's union is larger than the capacity, the least recently
+active neurons go first. The index math here is numpy; the row moves happen in
+`kernels.window_update` on the plan that `advance` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class WindowPlan:
+    """What one `advance` decided: row moves, then new neurons to read into `slots`."""
+
+    dst: np.ndarray  # (m,) holes in the live region, filled from...
+    src: np.ndarray  # (m,) ...the last live rows
+    slots: np.ndarray  # (k,) where the new neurons go
+    new_ids: np.ndarray  # (k,) neurons to read from flash, ascending
+    evicted: int
+    hits: int  # active neurons already cached
+    truncated: int  # active neurons dropped because they did not fit
+
+
+class NeuronCache:
+    """Per-layer cache of neuron rows with a sliding window of `window` tokens."""
+
+    def __init__(self, n_neurons: int, capacity: int, n_parts: int, d_model: int,
+                 dtype: mx.Dtype, window: int, n_bias: int = 0):
+        if not 1 <= capacity <= n_neurons:
+            raise ValueError(f"cache capacity must be in [1, {n_neurons}], got {capacity}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 token, got {window}")
+        self.n_neurons, self.capacity, self.window = n_neurons, capacity, window
+        self.weights = mx.zeros((n_parts, capacity, d_model), dtype=dtype)
+        self.bias = mx.zeros((n_bias, capacity), dtype=dtype) if n_bias else None
+        self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
+        self.neuron_of = np.full(capacity, -1, dtype=np.int64)
+        self.last_step = np.zeros(capacity, dtype=np.int64)
+        self.n = 0
+        self.step = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """Slots of cached neurons `ids` (every id must be cached)."""
+        slots = self.slot_of[ids]
+        assert (slots >= 0).all(), "asked for the slot of a neuron that is not cached"
+        return slots
+
+    def advance(self, ids: np.ndarray) -> WindowPlan:
+        """Make this token's active `ids` (priority order, best first) cached; plan the moves.
+
+        ids: (k,) unique neuron ids. If k exceeds the capacity the lowest-priority ids are
+        dropped (counted in `truncated`).
+        """
+        self.step += 1
+        ids = np.asarray(ids, dtype=np.int64)
+        truncated = max(0, ids.size - self.capacity)
+        ids = ids[: self.capacity]
+        cached = self.slot_of[ids] >= 0
+        self.last_step[self.slot_of[ids[cached]]] = self.step
+        missing = np.sort(ids[~cached])
+        evict = self._choose_evictions(missing.size)
+        dst, src = self._evict(evict)
+        slots = np.arange(self.n, self.n + missing.size)
+        self.neuron_of[slots] = missing
+        self.slot_of[missing] = slots
+        self.last_step[slots] = self.step
+        self.n += missing.size
+        self._check()
+        return WindowPlan(dst, src, slots, missing, evict.size, int(cached.sum()), truncated)
+
+    def _choose_evictions(self, incoming: int) -> np.ndarray:
+        """Slots to free: every neuron out of the window, plus LRU ones if still too full."""
+        live_steps = self.last_step[: self.n]
+        expired = np.nonzero(live_steps <= self.step - self.window)[0]
+        overflow = self.n - expired.size + incoming - self.capacity
+        if overflow <= 0:
+            return expired
+        # Still too full: the least recently active in-window neurons go, never this token's.
+        candidates = np.nonzero((live_steps > self.step - self.window)
+                                & (live_steps < self.step))[0]
+        order = np.argsort(live_steps[candidates], kind="stable")
+        extra = candidates[order[:overflow]]
+        assert extra.size == overflow, "this token's neurons alone exceed the capacity"
+        return np.concatenate((expired, extra))
+
+    def _evict(self, evict: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Swap-delete: the last live rows move into the holes below the new end."""
+        if evict.size == 0:
+            return evict, evict
+        new_n = self.n - evict.size
+        self.slot_of[self.neuron_of[evict]] = -1
+        holes = np.sort(evict[evict < new_n])
+        tail = np.arange(new_n, self.n)
+        movers = tail[~np.isin(tail, evict)]
+        assert movers.size == holes.size
+        self.neuron_of[holes] = self.neuron_of[movers]
+        self.last_step[holes] = self.last_step[movers]
+        self.slot_of[self.neuron_of[holes]] = holes
+        self.neuron_of[new_n:self.n] = -1
+        self.n = new_n
+        return holes, movers
+
+    def _check(self) -> None:
+        """The index maps agree: slot_of and neuron_of are inverse on the live region."""
+        live = self.neuron_of[: self.n]
+        assert (live >= 0).all() and (self.slot_of[live] == np.arange(self.n)).all()
+        assert int((self.slot_of >= 0).sum()) == self.n
+
+    def mask(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) float32 0/1 mask of the live slots holding `ids` (those cached)."""
+        out = np.zeros(self.n, dtype=np.float32)
+        slots = self.slot_of[np.asarray(ids, dtype=np.int64)]
+        out[slots[slots >= 0]] = 1.0
+        return out
+
+    def reset(self) -> None:
+        self.slot_of[:] = -1
+        self.neuron_of[:] = -1
+        self.last_step[:] = 0
+        self.n = 0
+        self.step = 0

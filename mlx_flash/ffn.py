@@ -1,0 +1,258 @@
+"""FlashFFN: the nn.Module that replaces `layer.mlp` of an mlx_lm model.
+
+For one decoded token and one layer (the numbered steps of DESIGN.md):
+  1. ids  = selector(x)                   which neurons this token needs (predictor or oracle)
+  2. plan = cache.advance(ids)            window: who stays, who leaves, who is new
+  3. rows = store.read(layer, plan.new)   parallel preads of whole bundles
+  4. window_update(cache, plan, rows)     swap-delete + append-insert in the preallocated buffer
+  5. y    = ffn_over_rows(x, cache[:n], mask)
+
+Steps 1-4 need concrete neuron ids, so each FlashFFN call evaluates the graph up to its input:
+that sync is inherent to the method (the paper's implementation does the same per layer).
+
+A call with more than `max_sparse_tokens` tokens (a prompt) streams the layer's whole FFN from
+flash in chunks instead (exact, one pass over the weights for all prompt tokens), then seeds the
+window with the active sets of the prompt's last tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import NeuronCache, WindowPlan
+from .format import FFNLayout, Manifest
+from .kernels import ffn_over_rows, neuron_activations, window_update
+from .stats import RunStats, TokenStats
+from .store import IOStats, NeuronStore, bundles_as
+
+
+def split_bundles(rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype
+                  ) -> tuple[mx.array, mx.array | None]:
+    """Raw bundle rows -> part-major weights and biases in the compute dtype.
+
+    rows: (k, stride) uint8. Returns weights (P, k, d) and biases (P - 1, k) or None.
+    """
+    layout = manifest.ffn
+    elems = bundles_as(rows, manifest)  # (k, stride / itemsize), storage dtype
+    matrix_parts = [p for p in layout.parts if not p.name.endswith("_bias")]
+    d, n_parts = layout.d_model, len(matrix_parts)
+    weights = elems[:, : n_parts * d].reshape(-1, n_parts, d).transpose(1, 0, 2)
+    bias_parts = [p for p in layout.parts if p.name.endswith("_bias")]
+    biases = elems[:, [p.offset for p in bias_parts]].T if bias_parts else None
+    return to_mx(weights, layout.dtype, dtype), (to_mx(biases, layout.dtype, dtype)
+                                                 if biases is not None else None)
+
+
+def to_mx(arr: np.ndarray, storage: str, dtype: mx.Dtype) -> mx.array:
+    """numpy storage-dtype array (bfloat16 as uint16 bits) -> mx.array of `dtype`."""
+    out = mx.array(np.ascontiguousarray(arr))
+    if storage == "bfloat16":
+        out = out.view(mx.bfloat16)
+    return out.astype(dtype)
+
+
+# ---------------------------------------------------------------- selectors
+
+
+@dataclass
+class Selection:
+    ids: list[np.ndarray]  # per token, priority order (most important first)
+    io: IOStats = field(default_factory=IOStats)  # what the selector itself read
+
+
+class OracleSelector:
+    """Exact active sets from the true activations (reads all of a layer's rows).
+
+    rule: "all" (every neuron), "nonzero" (activation != 0; exact for ReLU-family FFNs), or
+    "top" (the `keep` fraction of neurons with the largest |activation|). This is the reference
+    for tests and the mode without predictors; it reads the whole layer every token, so it is
+    not a fast mode.
+    """
+
+    def __init__(self, store: NeuronStore, manifest: Manifest, rule: str = "all",
+                 keep: float = 1.0, dtype: mx.Dtype = mx.float32, chunk: int = 4096):
+        if rule not in ("all", "nonzero", "top"):
+            raise ValueError(f"oracle rule must be 'all', 'nonzero' or 'top', got {rule!r}")
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        self.store, self.manifest, self.rule, self.keep = store, manifest, rule, keep
+        self.dtype, self.chunk = dtype, chunk
+
+    def select(self, layer: int, x: mx.array) -> Selection:
+        """x: (T, d) evaluated. Returns each token's active ids."""
+        n = self.manifest.layers[layer].n_neurons
+        if self.rule == "all":
+            return Selection([np.arange(n)] * x.shape[0])
+        h, io = self.activations(layer, x)
+        return Selection([self._pick(row) for row in np.abs(h)], io)
+
+    def activations(self, layer: int, x: mx.array) -> tuple[np.ndarray, IOStats]:
+        """True activations of every neuron: (T, n) float32, and the I/O it took."""
+        n, io, out = self.manifest.layers[layer].n_neurons, IOStats(), []
+        for start in range(0, n, self.chunk):
+            rows, stats = self.store.read_range(layer, start, min(n, start + self.chunk))
+            io.add(stats)
+            weights, bias = split_bundles(rows, self.manifest, self.dtype)
+            h = neuron_activations(x, weights, weights.shape[1], self.manifest.ffn.activation,
+                                   bias)
+            out.append(np.array(h.astype(mx.float32)))  # np.array evaluates: needed now
+        return np.concatenate(out, axis=1), io
+
+    def _pick(self, magnitude: np.ndarray) -> np.ndarray:
+        if self.rule == "nonzero":
+            ids = np.nonzero(magnitude)[0]
+            return ids[np.argsort(-magnitude[ids], kind="stable")]
+        k = max(1, int(np.ceil(self.keep * magnitude.size)))
+        top = np.argpartition(-magnitude, k - 1)[:k]
+        return top[np.argsort(-magnitude[top], kind="stable")]
+
+
+# ---------------------------------------------------------------- the module
+
+
+@dataclass
+class FlashSettings:
+    window: int = 5  # tokens whose active neurons stay cached
+    compute_on: str = "active"  # "active": this token's neurons only; "cached": every cached row
+    max_sparse_tokens: int = 16  # calls with more tokens stream the dense FFN (prefill)
+    prefill_chunk: int = 1024  # neurons per read when streaming a layer
+
+    def __post_init__(self):
+        if self.compute_on not in ("active", "cached"):
+            raise ValueError(f"compute_on must be 'active' or 'cached', got {self.compute_on!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+
+class FlashRuntime:
+    """What all FlashFFN layers of one model share: the store, the selector, the stats."""
+
+    def __init__(self, manifest: Manifest, store: NeuronStore, selector, settings: FlashSettings,
+                 dtype: mx.Dtype):
+        self.manifest, self.store, self.selector = manifest, store, selector
+        self.settings, self.dtype = settings, dtype
+        self.stats = RunStats()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class FlashFFN(nn.Module):
+    """Predictor-gated sparse FFN whose rows come from flash through a windowed cache."""
+
+    def __init__(self, layer: int, runtime: FlashRuntime, cache: NeuronCache,
+                 out_bias: mx.array | None = None):
+        super().__init__()
+        # Underscored attributes are not parameters: nothing here is loaded or saved as weights.
+        self._layer, self._rt, self._cache, self._out_bias = layer, runtime, cache, out_bias
+        self._layout: FFNLayout = runtime.manifest.ffn
+
+    @property
+    def cache(self) -> NeuronCache:
+        return self._cache
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x: (B, L, d) -> (B, L, d)."""
+        rt, shape = self._rt, x.shape
+        x2 = x.reshape(-1, shape[-1]).astype(rt.dtype)  # (T, d)
+        tokens = x2.shape[0]
+        if self._layer == 0:
+            rt.stats.new_step(tokens)
+        step = rt.stats.current
+        t0 = time.perf_counter()
+        mx.eval(x2)  # the selector and the reads need this layer's input now
+        step.seconds["compute"] += time.perf_counter() - t0
+        if tokens > rt.settings.max_sparse_tokens:
+            y = self._dense_stream(x2, step)
+        else:
+            y = self._sparse(x2, step)
+        if self._out_bias is not None:
+            y = y + self._out_bias
+        return y.reshape(shape).astype(x.dtype)
+
+    # -- decode (and small batches): the window path
+
+    def _sparse(self, x: mx.array, step: TokenStats) -> mx.array:
+        selection = self._select(x, step)
+        union = ordered_union(selection.ids)
+        self._advance(union, step)
+        cache = self._cache
+        step.neurons_active += int(union.size)
+        step.neurons_cached += cache.n
+        mask = None
+        if self._rt.settings.compute_on == "active":
+            mask = mx.array(np.stack([cache.mask(ids) for ids in selection.ids]))  # (T, n)
+        return ffn_over_rows(x, cache.weights, cache.n, self._layout.activation, mask,
+                             cache.bias)
+
+    def _select(self, x: mx.array, step: TokenStats) -> Selection:
+        t0 = time.perf_counter()
+        selection = self._rt.selector.select(self._layer, x)
+        step.seconds["predictor"] += time.perf_counter() - t0
+        step.predictor_bytes += selection.io.bytes
+        return selection
+
+    def _advance(self, ids: np.ndarray, step: TokenStats) -> WindowPlan:
+        """Window bookkeeping, the flash read of the new neurons, and the buffer update."""
+        cache, rt = self._cache, self._rt
+        t0 = time.perf_counter()
+        plan = cache.advance(ids)
+        t1 = time.perf_counter()
+        rows, io = rt.store.read(self._layer, plan.new_ids)
+        t2 = time.perf_counter()
+        weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
+        dst, src, slots = (mx.array(a.astype(np.int32)) for a in (plan.dst, plan.src, plan.slots))
+        cache.weights = window_update(cache.weights, dst, src, slots, weights)
+        if cache.bias is not None:
+            cache.bias = window_update(cache.bias[:, :, None], dst, src, slots,
+                                       bias[:, :, None])[:, :, 0]
+        mx.eval(cache.weights, cache.bias)  # time the row moves here, not in the next compute
+        t3 = time.perf_counter()
+        step.seconds["memory"] += (t1 - t0) + (t3 - t2)
+        step.seconds["io"] += t2 - t1
+        step.bytes_read += io.bytes
+        step.reads += io.reads
+        step.neurons_new += int(plan.new_ids.size)
+        step.neurons_hit += plan.hits
+        step.truncated += plan.truncated
+        return plan
+
+    # -- prefill: stream the whole layer once for all tokens
+
+    def _dense_stream(self, x: mx.array, step: TokenStats) -> mx.array:
+        rt, n = self._rt, self._cache.n_neurons
+        y = mx.zeros_like(x)
+        for start in range(0, n, rt.settings.prefill_chunk):
+            t0 = time.perf_counter()
+            rows, io = rt.store.read_range(self._layer, start, min(n, start + rt.settings.prefill_chunk))
+            t1 = time.perf_counter()
+            weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
+            y = y + ffn_over_rows(x, weights, weights.shape[1], self._layout.activation, None,
+                                  bias)
+            mx.eval(y)  # bound memory: one chunk of rows alive at a time
+            step.seconds["io"] += t1 - t0
+            step.seconds["compute"] += time.perf_counter() - t1
+            step.bytes_read += io.bytes
+            step.reads += io.reads
+        self._seed_window(x[-rt.settings.window:], step)
+        return y
+
+    def _seed_window(self, x: mx.array, step: TokenStats) -> None:
+        """Warm the cache with the active sets of the prompt's last tokens, oldest first."""
+        selection = self._select(x, step)
+        for ids in selection.ids:
+            self._advance(ids, step)
+
+
+def ordered_union(ids: list[np.ndarray]) -> np.ndarray:
+    """Union of several tokens' ids keeping first-seen priority order."""
+    if len(ids) == 1:
+        return ids[0]
+    cat = np.concatenate(ids)
+    _, first = np.unique(cat, return_index=True)
+    return cat[np.sort(first)]

@@ -1,0 +1,256 @@
+"""The flash model dir, format version 1: manifest schema, validation, offsets.
+
+A flash model dir holds everything `mlx_flash.load` needs:
+
+    manifest.json           this module's `Manifest`
+    config.json, tokenizer  as mlx_lm expects them
+    resident.safetensors    every weight that is not a per-neuron FFN row (mlx_lm names)
+    ffn/layer_NNN.bin       neuron i of layer N at byte offset i * stride
+    predictors.safetensors  optional low-rank predictors
+
+A bundle is one neuron's rows stored together ("row-column bundling"): for a gated FFN
+`[gate_i | up_i | down_i]` (d_model elements each, `down_i` is column i of down_proj), for a plain
+FFN `[up_i | down_i]`, followed by the neuron's input-bias entries when the FFN has biases. The
+output bias is not per neuron and lives in resident.safetensors.
+
+The stride is the bundle size rounded up to `align` bytes. We do not pad each bundle to 4096: the
+default model's f16 bundle is 5376 bytes and padding it would read 52% more. The store reads
+the 4096-aligned span around a run of neurons instead when it uses O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RESIDENT = "resident.safetensors"
+PREDICTORS = "predictors.safetensors"
+FFN_DIR = "ffn"
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+ACTIVATIONS = ("silu", "gelu", "gelu_approx", "relu", "relu2")
+RELU_FAMILY = ("relu", "relu2")
+
+
+class FormatError(ValueError):
+    """A flash model dir that is missing, damaged or from another format version."""
+
+
+def layer_file_name(layer: int) -> str:
+    return f"{FFN_DIR}/layer_{layer:03d}.bin"
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Part:
+    """One segment of a bundle: `count` elements starting at element `offset`."""
+
+    name: str  # "gate" | "up" | "down" | "gate_bias" | "up_bias"
+    offset: int
+    count: int
+
+
+@dataclass
+class FFNLayout:
+    """How a neuron's bundle is laid out, shared by every layer of a model."""
+
+    kind: str  # "gated" (gate, up, down) or "plain" (up, down)
+    activation: str  # one of ACTIVATIONS
+    d_model: int
+    dtype: str  # storage dtype of the bundles
+    has_bias: bool
+    parts: list[Part] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.kind not in ("gated", "plain"):
+            raise FormatError(f"ffn kind must be 'gated' or 'plain', got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise FormatError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.dtype not in DTYPE_BYTES:
+            raise FormatError(f"bundle dtype {self.dtype!r} is not one of {tuple(DTYPE_BYTES)}")
+        self.parts = [p if isinstance(p, Part) else Part(**p) for p in self.parts]
+        if not self.parts:
+            self.parts = self.default_parts()
+
+    def default_parts(self) -> list[Part]:
+        names = ["gate", "up", "down"] if self.kind == "gated" else ["up", "down"]
+        parts = [Part(n, i * self.d_model, self.d_model) for i, n in enumerate(names)]
+        if self.has_bias:
+            base = len(names) * self.d_model
+            in_names = names[:-1]
+            parts += [Part(f"{n}_bias", base + i, 1) for i, n in enumerate(in_names)]
+        return parts
+
+    @property
+    def elements(self) -> int:
+        return max(p.offset + p.count for p in self.parts)
+
+    @property
+    def bundle_bytes(self) -> int:
+        return self.elements * DTYPE_BYTES[self.dtype]
+
+    def part(self, name: str) -> Part:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def relu_family(self) -> bool:
+        return self.activation in RELU_FAMILY
+
+
+@dataclass
+class LayerEntry:
+    file: str
+    n_neurons: int
+    stride: int
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    source: dict  # {"path": str, "sha256": str, "kind": "safetensors" | "gguf"}
+    config: dict  # mlx_lm config.json contents
+    ffn: FFNLayout
+    layers: list[LayerEntry]
+    resident: dict  # {"file", "size", "sha256"}
+    align: int = 64
+    predictors: dict | None = None  # {"file", "size", "sha256", ...} when trained
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def ffn_bytes(self) -> int:
+        return sum(entry.size for entry in self.layers)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{where}: format_version {version!r} is not supported (this mlx-flash reads "
+                f"version {FORMAT_VERSION}); re-convert the model with `mlx-flash convert`"
+            )
+        try:
+            return cls(
+                format_version=version,
+                source=data["source"],
+                config=data["config"],
+                ffn=FFNLayout(**data["ffn"]),
+                layers=[LayerEntry(**entry) for entry in data["layers"]],
+                resident=data["resident"],
+                align=data.get("align", 64),
+                predictors=data.get("predictors"),
+            )
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{where}: malformed manifest ({e}); re-convert the model") from e
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, rel: str) -> dict:
+    path = root / rel
+    return {"file": rel, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read and check the manifest of a flash model dir (cheap: sizes, not checksums)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory; pass a flash model dir made by "
+                                "`mlx-flash convert` (or `mlx-flash pull`)")
+    if not path.exists():
+        raise FormatError(f"{path} is missing: {root} is not a flash model dir "
+                          "(make one with `mlx-flash convert SRC OUT`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); re-convert the model") from e
+    manifest = Manifest.from_dict(data, str(path))
+    check_shapes(manifest, str(path))
+    check_sizes(root, manifest)
+    return manifest
+
+
+def check_shapes(manifest: Manifest, where: str) -> None:
+    """The FFN layout must agree with the architecture config."""
+    cfg = manifest.config
+    d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
+    if manifest.ffn.d_model != d_model:
+        raise FormatError(f"{where}: bundle d_model {manifest.ffn.d_model} disagrees with "
+                          f"config hidden_size {d_model}")
+    if n_layers is not None and manifest.n_layers != n_layers:
+        raise FormatError(f"{where}: {manifest.n_layers} FFN layers listed but config has "
+                          f"num_hidden_layers={n_layers}")
+    n_ffn = cfg.get("intermediate_size")
+    for i, entry in enumerate(manifest.layers):
+        if n_ffn is not None and entry.n_neurons != n_ffn:
+            raise FormatError(f"{where}: layer {i} has {entry.n_neurons} neurons but config has "
+                              f"intermediate_size={n_ffn}")
+        if entry.stride < manifest.ffn.bundle_bytes:
+            raise FormatError(f"{where}: layer {i} stride {entry.stride} is smaller than the "
+                              f"bundle ({manifest.ffn.bundle_bytes} bytes)")
+        if entry.size != entry.n_neurons * entry.stride:
+            raise FormatError(f"{where}: layer {i} size {entry.size} != n_neurons*stride")
+
+
+def check_sizes(root: Path, manifest: Manifest) -> None:
+    """Every listed file exists with the size the manifest says (catches truncation)."""
+    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
+    if manifest.predictors:
+        entries.append(manifest.predictors)
+    for entry in entries:
+        path = root / entry["file"]
+        if not path.exists():
+            raise FormatError(f"{path} is missing; the model dir is incomplete, re-convert it")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise FormatError(f"{path} is {size} bytes but the manifest says {entry['size']}: "
+                              "the file is truncated or was replaced; re-convert the model")
+
+
+def verify_checksums(root: str | Path, manifest: Manifest | None = None, progress=None) -> None:
+    """Full check: sha256 of every file against the manifest. Slow (reads everything)."""
+    root = Path(root)
+    manifest = manifest or read_manifest(root)
+    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
+    if manifest.predictors:
+        entries.append(manifest.predictors)
+    for entry in entries:
+        path = root / entry["file"]
+        if sha256_file(path) != entry["sha256"]:
+            raise FormatError(f"{path}: checksum mismatch, the file is corrupted; re-convert "
+                              "the model")
+        if progress is not None:
+            progress(entry["size"])
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

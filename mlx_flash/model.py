@@ -1,0 +1,334 @@
+"""Loading a flash model dir: `load` (FFN on flash) and `load_dense` (the reference).
+
+Both build the mlx_lm model class named by the config and load resident.safetensors into it.
+`load` replaces every `layer.mlp` by a FlashFFN (and optionally the embedding table by a
+FlashEmbedding); `load_dense` rebuilds the dense MLP weights from the bundles, so it is an
+ordinary mlx_lm model for every comparison. Both return (model, tokenizer) like `mlx_lm.load`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import NeuronCache
+from .checkpoint import ARCHITECTURES, mlp_prefix
+from .ffn import FlashFFN, FlashRuntime, FlashSettings, OracleSelector, split_bundles
+from .format import DTYPE_BYTES, RESIDENT, Manifest, read_manifest
+from .stats import current_rss_bytes
+from .store import NeuronStore
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def default_dtype(manifest: Manifest) -> mx.Dtype:
+    """f32 on CPU (f16/bf16 compute is slow there), the storage dtype on a GPU."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return DTYPES[manifest.ffn.dtype]
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None, manifest: Manifest) -> mx.Dtype:
+    if dtype is None:
+        return default_dtype(manifest)
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------- shared building
+
+
+def _model_classes(config: dict):
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)
+
+
+def build_model(manifest: Manifest) -> nn.Module:
+    """The mlx_lm model for the manifest's config, weights not loaded."""
+    model_class, args_class = _model_classes(manifest.config)
+    return model_class(args_class.from_dict(manifest.config))
+
+
+def load_resident(root: Path, model: nn.Module, dtype: mx.Dtype,
+                  skip: tuple[str, ...] = ()) -> dict[str, mx.array]:
+    """resident.safetensors as a dict in `dtype`, sanitized by the model, without `skip` keys.
+
+    Tensors are converted one at a time so the storage and compute copies of the whole
+    resident part are never in memory together.
+    """
+    weights = mx.load(str(root / RESIDENT))  # lazy: each tensor is read when evaluated
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    out = {}
+    for name in list(weights):
+        if name in skip:
+            del weights[name]
+            continue
+        out[name] = weights.pop(name).astype(dtype)
+        mx.eval(out[name])  # materialize now, freeing the storage-dtype copy
+    return out
+
+
+def load_tokenizer(root: Path, manifest: Manifest):
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    eos = manifest.config.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos
+    return mlx_load_tokenizer(root, eos_token_ids=eos)
+
+
+def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
+                     ) -> dict[str, mx.array]:
+    """One layer's dense MLP weights in mlx_lm naming, rebuilt from its bundle file."""
+    entry = manifest.layers[layer]
+    raw = np.fromfile(root / entry.file, dtype=np.uint8)
+    if raw.size != entry.size:
+        raise ValueError(f"{root / entry.file}: {raw.size} bytes, manifest says {entry.size}")
+    weights, bias = split_bundles(raw.reshape(entry.n_neurons, entry.stride), manifest, dtype)
+    spec, prefix = ARCHITECTURES[manifest.config["model_type"]], mlp_prefix(layer)
+    ins = [spec.gate, spec.up] if spec.kind == "gated" else [spec.up]
+    out = {f"{prefix}.{name}.weight": weights[i] for i, name in enumerate(ins)}
+    out[f"{prefix}.{spec.down}.weight"] = weights[-1].T
+    if bias is not None:
+        out.update({f"{prefix}.{name}.bias": bias[i] for i, name in enumerate(ins)})
+    return out
+
+
+def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None):
+    """The ordinary mlx_lm model rebuilt from a flash dir (resident + every bundle).
+
+    Returns (model, tokenizer). Needs the whole model in memory: it is the reference.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    dtype = resolve_dtype(dtype, manifest)
+    model = build_model(manifest)
+    weights = load_resident(root, model, dtype)
+    for layer in range(manifest.n_layers):
+        weights.update(read_layer_dense(root, manifest, layer, dtype))
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())  # load now, as mlx_lm.load does by default
+    model.eval()
+    return model, load_tokenizer(root, manifest)
+
+
+# ---------------------------------------------------------------- the DRAM budget
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_budget(value: str | float | int | None, model_bytes: int) -> int | None:
+    """Bytes from "4GB", "512MiB", 3_000_000_000, or a fraction of the model's size (0.5)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value * model_bytes) if 0 < value <= 1 else int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"dram_budget {value!r} is not a size: use bytes, '4GB', '512MiB' or a "
+                         "fraction of the model size like 0.5")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "" and 0 < number <= 1:
+        return int(number * model_bytes)
+    if unit not in _UNITS:
+        raise ValueError(f"dram_budget {value!r}: unknown unit {unit!r}")
+    return int(number * _UNITS[unit])
+
+
+@dataclass
+class MemoryPlan:
+    """Where the DRAM budget goes, in bytes; capacity is neurons cached per layer."""
+
+    budget: int | None
+    runtime: int  # the process before any weight is loaded (Python, MLX, tokenizer)
+    resident: int  # attention, norms, lm_head (and embeddings unless on flash)
+    embedding: int  # the embedding table, 0 when it stays on flash
+    kv_cache: int  # reserved for max_kv_tokens
+    scratch: int  # prefill / oracle chunks in flight
+    caches: int  # all layers' neuron caches
+    capacity: int
+    n_neurons: int
+
+    @property
+    def minimum(self) -> int:
+        return self.runtime + self.resident + self.embedding + self.kv_cache + self.scratch
+
+
+def tensor_sizes(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """name -> (shape, data offset, nbytes) from a safetensors header, without loading."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (tuple(v["shape"]), 8 + n + v["data_offsets"][0],
+                v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+
+
+def kv_bytes(config: dict, tokens: int, itemsize: int) -> int:
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * heads * head_dim * tokens * itemsize
+
+
+def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dtype,
+                settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
+                runtime_bytes: int) -> MemoryPlan:
+    itemsize = dtype.size
+    sizes = tensor_sizes(root / RESIDENT)
+    elements = {k: int(np.prod(shape)) for k, (shape, _, _) in sizes.items()}
+    embed = elements.get("model.embed_tokens.weight", 0) * itemsize
+    resident = sum(elements.values()) * itemsize - embed
+    layout, n = manifest.ffn, manifest.layers[0].n_neurons
+    per_neuron = layout.elements * itemsize
+    scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
+                                            + manifest.layers[0].stride)
+    plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed,
+                      kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n)
+    if budget is not None:
+        free = budget - plan.minimum
+        plan.capacity = min(n, max(0, free // (per_neuron * manifest.n_layers)))
+    plan.caches = plan.capacity * per_neuron * manifest.n_layers
+    return plan
+
+
+def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool) -> None:
+    if plan.budget is None or plan.capacity >= min_capacity:
+        return
+    per_neuron = plan.caches // max(1, plan.capacity) if plan.capacity else None
+    need = plan.minimum + min_capacity * (per_neuron or 0)
+    hint = "" if embed_on_flash or not plan.embedding else (
+        " or keep the embedding table on flash (embed_on_flash=True, --embed-on-flash)")
+    breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
+                          if k in ("runtime", "resident", "embedding", "kv_cache", "scratch"))
+    raise ValueError(
+        f"dram_budget {plan.budget / 2**20:.0f} MiB is too small: the resident part alone needs "
+        f"{plan.minimum / 2**20:.0f} MiB ({breakdown}) and the neuron caches at least "
+        f"{min_capacity} neurons per layer (about {need / 2**20:.0f} MiB in all). Raise the "
+        f"budget, use a smaller compute dtype (dtype='bfloat16'), lower max_kv_tokens{hint}.")
+
+
+# ---------------------------------------------------------------- embeddings on flash
+
+
+class FlashEmbedding(nn.Module):
+    """An embedding table left in resident.safetensors: one row read per token."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int], storage: str,
+                 dtype: mx.Dtype):
+        super().__init__()
+        self._path, self._offset, self._shape = path, offset, shape
+        self._storage, self._dtype = storage, dtype
+        self._table = np.memmap(path, mode="r", offset=offset, shape=shape,
+                                dtype={"float16": np.float16, "bfloat16": np.uint16,
+                                       "float32": np.float32}[storage])
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        from .ffn import to_mx
+
+        rows = self._table[np.array(ids).reshape(-1)]  # np.array evaluates the ids: needed now
+        return to_mx(rows, self._storage, self._dtype).reshape(*ids.shape, self._shape[1])
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        raise ValueError("this model ties lm_head to the embedding table, which then must stay "
+                         "resident: load with embed_on_flash=False")
+
+
+def _flash_embedding(root: Path, manifest: Manifest, dtype: mx.Dtype) -> FlashEmbedding:
+    shape, offset, nbytes = tensor_sizes(root / RESIDENT)["model.embed_tokens.weight"]
+    storage = {2: manifest.ffn.dtype if manifest.ffn.dtype != "float32" else "float16",
+               4: "float32"}[nbytes // int(np.prod(shape))]
+    return FlashEmbedding(root / RESIDENT, offset, shape, storage, dtype)
+
+
+# ---------------------------------------------------------------- load
+
+
+def load(path: str | Path, dram_budget: str | float | int | None = None, *, window: int = 5,
+         selector: str = "oracle", oracle_rule: str = "all", keep: float = 1.0,
+         dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool = False,
+         store_mode: str = "pread", embed_on_flash: bool | None = None,
+         max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
+         min_capacity: int | None = None):
+    """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
+
+    dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
+    (no limit: every neuron may be cached). It covers the process's baseline, resident weights,
+    KV cache (reserved for max_kv_tokens) and the neuron caches. window: tokens whose neurons
+    stay cached. selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
+    `keep`) - predictors plug in here. Returns (model, tokenizer); the FlashRuntime with its
+    stats is `model.flash`.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    dtype = resolve_dtype(dtype, manifest)
+    settings = FlashSettings(window=window, compute_on=compute_on,
+                             max_sparse_tokens=max_sparse_tokens)
+    model_bytes = manifest.ffn_bytes + manifest.resident["size"]
+    budget = parse_budget(dram_budget, model_bytes)
+    tokenizer = load_tokenizer(root, manifest)
+    runtime_bytes = current_rss_bytes()
+    tied = manifest.config.get("tie_word_embeddings", True) and not any(
+        k == "lm_head.weight" for k in tensor_sizes(root / RESIDENT))
+    plan = plan_memory(root, manifest, budget, dtype, settings, bool(embed_on_flash),
+                       max_kv_tokens, runtime_bytes)
+    if embed_on_flash is None and budget is not None and not tied:
+        embed_on_flash = plan.capacity < manifest.layers[0].n_neurons
+        plan = plan_memory(root, manifest, budget, dtype, settings, embed_on_flash,
+                           max_kv_tokens, runtime_bytes)
+    if embed_on_flash and tied:
+        raise ValueError(f"{root}: embed_on_flash needs an untied lm_head; this model ties it "
+                         "to the embedding table")
+    needed = max(1, int(0.05 * plan.n_neurons)) if min_capacity is None else min_capacity
+    check_plan(plan, needed, bool(embed_on_flash))
+
+    store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode)
+    chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype)
+    runtime = FlashRuntime(manifest, store, chooser, settings, dtype)
+    runtime.stats.memory = asdict(plan)
+    runtime.stats.settings = {"window": window, "selector": selector, "rule": oracle_rule,
+                              "keep": keep, "dtype": str(dtype), "threads": threads,
+                              "direct": direct, "store_mode": store_mode,
+                              "embed_on_flash": bool(embed_on_flash), "compute_on": compute_on,
+                              "capacity": plan.capacity}
+    model = build_model(manifest)
+    skip = ("model.embed_tokens.weight",) if embed_on_flash else ()
+    weights = load_resident(root, model, dtype, skip)
+    _install_flash_layers(model, manifest, runtime, plan.capacity, weights, dtype)
+    if embed_on_flash:
+        model.model.embed_tokens = _flash_embedding(root, manifest, dtype)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    model.flash = runtime  # plain attribute (not a Module or array): stats and store
+    return model, tokenizer
+
+
+def _make_selector(name, store, manifest, rule, keep, dtype):
+    if name == "oracle":
+        return OracleSelector(store, manifest, rule=rule, keep=keep, dtype=dtype)
+    raise ValueError(f"selector {name!r} is not known; use 'oracle'")
+
+
+def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) -> None:
+    spec = ARCHITECTURES[manifest.config["model_type"]]
+    layout = manifest.ffn
+    n_parts = len([p for p in layout.parts if not p.name.endswith("_bias")])
+    n_bias = len(layout.parts) - n_parts
+    for i, layer in enumerate(model.layers):
+        cache = NeuronCache(manifest.layers[i].n_neurons, capacity, n_parts, layout.d_model,
+                            dtype, runtime.settings.window, n_bias)
+        out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
+        layer.mlp = FlashFFN(i, runtime, cache, out_bias)

@@ -1,0 +1,228 @@
+"""NeuronStore: reads neuron bundles of one layer from its bundle file.
+
+The only module that touches `ffn/layer_NNN.bin`. A read of a set of neuron ids:
+  1. sorts the ids and coalesces runs of adjacent ids into one span (one syscall),
+  2. splits spans larger than `max_read` so big requests still spread over the threads,
+  3. issues the spans as `os.preadv` calls on a private thread pool (the GIL is released in
+     the syscall, so the reads run in parallel),
+and returns the bundles as one `(len(ids), stride)` uint8 array in the order of the sorted ids.
+
+With `direct=True` the files are opened with O_DIRECT (page cache bypassed, what a cold SSD
+gives): each span is widened to 4096-byte boundaries and read into a page-aligned scratch buffer.
+With `mode="mmap"` the files are memory-mapped and rows are copied out (the page cache decides
+what stays; the benchmark compares the two).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .format import Manifest
+
+DIRECT_ALIGN = 4096
+
+
+class StoreReadError(OSError):
+    """A short read or an I/O error on a bundle file."""
+
+
+@dataclass
+class IOStats:
+    bytes: int = 0  # bytes read from the files (aligned spans included)
+    reads: int = 0  # syscalls (or mmap row runs)
+    seconds: float = 0.0  # wall time inside `read`
+    neurons: int = 0
+
+    def add(self, other: IOStats) -> None:
+        self.bytes += other.bytes
+        self.reads += other.reads
+        self.seconds += other.seconds
+        self.neurons += other.neurons
+
+
+def runs_of(ids: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
+    """Coalesce sorted unique ids into [start, stop) runs; ids at most max_gap apart merge.
+
+    ids: (k,) sorted ascending. Merging across a gap reads the neurons in it too (read
+    amplification traded for fewer syscalls).
+    """
+    if ids.size == 0:
+        return []
+    breaks = np.nonzero(np.diff(ids) > max_gap + 1)[0]
+    starts = np.concatenate(([ids[0]], ids[breaks + 1]))
+    stops = np.concatenate((ids[breaks], [ids[-1]])) + 1
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def split_runs(runs: list[tuple[int, int]], max_neurons: int) -> list[tuple[int, int]]:
+    out = []
+    for start, stop in runs:
+        for s in range(start, stop, max_neurons):
+            out.append((s, min(stop, s + max_neurons)))
+    return out
+
+
+class NeuronStore:
+    """Parallel reads of neuron bundles from a flash model dir.
+
+    Use as a context manager (or call close()): it owns file descriptors and a thread pool.
+    """
+
+    def __init__(self, root: str | Path, manifest: Manifest, *, threads: int = 8,
+                 direct: bool = False, mode: str = "pread", max_read: int = 1 << 20,
+                 max_gap: int = 0):
+        if mode not in ("pread", "mmap"):
+            raise ValueError(f"store mode must be 'pread' or 'mmap', got {mode!r}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if direct and not hasattr(os, "O_DIRECT"):
+            raise ValueError("direct=True needs O_DIRECT, which this OS does not have "
+                             "(on macOS use direct=False; F_NOCACHE is not wired up yet)")
+        self.root, self.manifest = Path(root), manifest
+        self.threads, self.direct, self.mode = threads, direct, mode
+        self.max_read, self.max_gap = max_read, max_gap
+        self.paths = [self.root / entry.file for entry in manifest.layers]
+        self.strides = [entry.stride for entry in manifest.layers]
+        self.sizes = [entry.size for entry in manifest.layers]
+        flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+        self._fds = [os.open(p, flags) for p in self.paths]
+        self._maps: list[mmap.mmap | None] = [None] * len(self.paths)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="neuron-read")
+        self._lock = threading.Lock()
+        self.stats = IOStats()
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for m in self._maps:
+            if m is not None:
+                m.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> NeuronStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reads
+
+    def read(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, IOStats]:
+        """Bundles of `ids` (any order, unique) of one layer.
+
+        Returns (rows, stats): rows is (k, stride) uint8 in ascending id order, stats the I/O
+        of this call (also added to `self.stats`).
+        """
+        t0 = time.perf_counter()
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        n = self.manifest.layers[layer].n_neurons
+        if ids.size and (ids[0] < 0 or ids[-1] >= n):
+            raise IndexError(f"neuron ids out of range [0, {n}) for layer {layer}")
+        stride = self.strides[layer]
+        rows = np.empty((ids.size, stride), dtype=np.uint8)
+        runs = split_runs(runs_of(ids, self.max_gap), max(1, self.max_read // stride))
+        if self.mode == "mmap":
+            nbytes = self._read_mmap(layer, ids, rows)
+        else:
+            nbytes = self._read_pread(layer, ids, rows, runs)
+        stats = IOStats(nbytes, len(runs), time.perf_counter() - t0, int(ids.size))
+        with self._lock:
+            self.stats.add(stats)
+        return rows, stats
+
+    def read_range(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, IOStats]:
+        """Bundles of neurons [start, stop) (dense streaming: prefill, oracle, naive flash)."""
+        return self.read(layer, np.arange(start, stop))
+
+    def _read_pread(self, layer, ids, rows, runs) -> int:
+        """Issue one preadv per run on the pool; rows are filled in place."""
+        # Row index of each run's first id within `ids` (ids sorted, runs cover ids in order,
+        # but a merged gap adds neurons that are read and then dropped).
+        if self.max_gap:
+            return self._read_with_gaps(layer, ids, rows, runs)
+        first_row = np.searchsorted(ids, [s for s, _ in runs]).tolist()
+        jobs = [(layer, s, e, rows[r:r + (e - s)]) for (s, e), r in zip(runs, first_row,
+                                                                         strict=True)]
+        return sum(self._pool.map(self._read_span_job, jobs))
+
+    def _read_with_gaps(self, layer, ids, rows, runs) -> int:
+        stride = self.strides[layer]
+        spans = [np.empty((e - s, stride), dtype=np.uint8) for s, e in runs]
+        jobs = [(layer, s, e, buf) for (s, e), buf in zip(runs, spans, strict=True)]
+        nbytes = sum(self._pool.map(self._read_span_job, jobs))
+        for (s, e), buf in zip(runs, spans, strict=True):
+            lo, hi = np.searchsorted(ids, [s, e])
+            rows[lo:hi] = buf[ids[lo:hi] - s]
+        return nbytes
+
+    def _read_span_job(self, job) -> int:
+        layer, start, stop, out = job
+        return self._read_span(layer, start, stop, out)
+
+    def _read_span(self, layer: int, start: int, stop: int, out: np.ndarray) -> int:
+        """Read neurons [start, stop) into out: (stop - start, stride) uint8. Returns bytes read."""
+        stride, fd = self.strides[layer], self._fds[layer]
+        offset, length = start * stride, (stop - start) * stride
+        if not self.direct:
+            self._preadv_exact(fd, out, offset, length, layer)
+            return length
+        lo = offset - offset % DIRECT_ALIGN
+        hi = min(-(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN,
+                 -(-self.sizes[layer] // DIRECT_ALIGN) * DIRECT_ALIGN)
+        scratch = mmap.mmap(-1, hi - lo)  # anonymous maps are page aligned, as O_DIRECT needs
+        try:
+            view = np.frombuffer(scratch, dtype=np.uint8)
+            want = min(hi, self.sizes[layer]) - lo  # the file's tail is not a full page
+            self._preadv_exact(fd, view, lo, want, layer, request=hi - lo)
+            out.reshape(-1)[:] = view[offset - lo:offset - lo + length]
+            del view
+        finally:
+            scratch.close()
+        return hi - lo
+
+    def _preadv_exact(self, fd, buf: np.ndarray, offset: int, want: int, layer: int,
+                      request: int | None = None) -> None:
+        """preadv until `want` bytes are in buf; raise naming file and offset otherwise."""
+        mv = memoryview(buf.reshape(-1))[: request or want]
+        done = 0
+        while done < want:
+            try:
+                got = os.preadv(fd, [mv[done:]], offset + done)
+            except OSError as e:
+                raise StoreReadError(e.errno, f"read of {self.paths[layer]} at offset "
+                                     f"{offset + done} failed: {e.strerror}") from e
+            if got <= 0:
+                raise StoreReadError(f"short read of {self.paths[layer]} at offset "
+                                     f"{offset + done}: wanted {want - done} more bytes, file "
+                                     "ended (truncated bundle file? re-convert the model)")
+            done += got
+
+    def _read_mmap(self, layer: int, ids: np.ndarray, rows: np.ndarray) -> int:
+        if self._maps[layer] is None:
+            self._maps[layer] = mmap.mmap(self._fds[layer], 0, prot=mmap.PROT_READ)
+        table = np.frombuffer(self._maps[layer], dtype=np.uint8).reshape(-1, self.strides[layer])
+        if table.shape[0] < self.manifest.layers[layer].n_neurons:
+            raise StoreReadError(f"{self.paths[layer]} is shorter than the manifest says "
+                                 "(truncated bundle file? re-convert the model)")
+        np.take(table, ids, axis=0, out=rows)
+        return int(ids.size) * self.strides[layer]
+
+
+def bundles_as(rows: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """View raw rows (k, stride) uint8 as (k, stride / itemsize) of the storage dtype.
+
+    bfloat16 comes back as uint16 bits (numpy has no bfloat16).
+    """
+    storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+    return rows.view(storage[manifest.ffn.dtype])
