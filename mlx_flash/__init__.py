@@ -1,0 +1,12 @@
+"""mlx-flash: run language models larger than your memory with MLX.
+
+    from mlx_flash import load          # instead of: from mlx_lm import load
+    from mlx_lm import generate
+    model, tokenizer = load("path/to/flash-model", dram_budget="1GB")
+    print(generate(model, tokenizer, prompt="hello", max_tokens=50))
+"""
+
+from .model import load, load_dense
+
+__all__ = ["load", "load_dense"]  # the converter: mlx_flash.convert.convert
+__version__ = "0.1.0"

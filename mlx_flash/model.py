@@ -21,7 +21,7 @@ import numpy as np
 from .cache import NeuronCache
 from .checkpoint import ARCHITECTURES, mlp_prefix
 from .ffn import FlashFFN, FlashRuntime, FlashSettings, OracleSelector, split_bundles
-from .format import DTYPE_BYTES, RESIDENT, Manifest, read_manifest
+from .format import RESIDENT, Manifest, read_manifest
 from .stats import current_rss_bytes
 from .store import NeuronStore
 

@@ -56,7 +56,7 @@ def random_weights(config: dict, seed: int = 0, scale: float = 0.2) -> dict[str,
 
 
 def write_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -1,0 +1,234 @@
+"""The `mlx-flash` command: pull, convert, info, generate (flags as in mlx_lm.generate)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
+
+
+def _progress_bar(desc: str, total: int | None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, disable=None)
+
+
+# ---------------------------------------------------------------- default model
+
+
+def default_model_dir(models_dir: str | None = None, name: str | None = None) -> Path:
+    """The flash dir of a known model, pulled and converted on first use (with progress)."""
+    from .pull import DEFAULT_MODEL, pull, resolve_models_dir
+
+    name = name or DEFAULT_MODEL
+    home = resolve_models_dir(Path(models_dir) if models_dir else None)
+    flash_dir = home / name / "flash"
+    if (flash_dir / "manifest.json").exists():
+        return flash_dir
+    print(f"First use of {name}: fetching it into {home / name} and converting it to a flash "
+          "model dir (once).", file=sys.stderr)
+    source = pull(name, models_dir=home, progress=True)
+    _convert(source, flash_dir, dtype=None, align=64, force=False)
+    return flash_dir
+
+
+def _convert(src, out, dtype, align, force) -> None:
+    from .checkpoint import open_checkpoint
+    from .convert import convert
+
+    ckpt = open_checkpoint(src)
+    total = sum(info_bytes(ckpt).values())
+    with _progress_bar(f"convert {Path(src).name}", total) as bar:
+        stats = convert(ckpt, out, dtype=dtype, align=align, force=force,
+                        progress=lambda stage, n: (bar.set_postfix_str(stage), bar.update(n)))
+    print(f"wrote {out}: resident {stats.resident_bytes / 2**20:.1f} MiB, FFN "
+          f"{stats.ffn_bytes / 2**20:.1f} MiB in {stats.n_layers} layers x {stats.n_neurons} "
+          f"neurons, bundle {stats.bundle_bytes} B (stride {stats.stride} B)", file=sys.stderr)
+
+
+def info_bytes(ckpt) -> dict[str, int]:
+    """Approximate bytes each convert stage writes (for the progress bar's total)."""
+    import numpy as np
+
+    ffn = sum(int(np.prod(i.shape)) * 2 for n, i in ckpt.tensors().items() if ckpt.is_ffn_tensor(n))
+    res = sum(int(np.prod(i.shape)) * 2 for n, i in ckpt.tensors().items()
+              if not ckpt.is_ffn_tensor(n))
+    return {"ffn": ffn, "resident": res}
+
+
+def _model_path(args) -> Path:
+    return Path(args.model) if args.model else default_model_dir(args.models_dir)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_pull(args) -> int:
+    from .pull import pull
+
+    path = pull(args.name, models_dir=Path(args.models_dir) if args.models_dir else None,
+                progress=True, force=args.force)
+    print(path)
+    if args.convert:
+        out = path.parent / "flash"
+        _convert(path, out, dtype=None, align=64, force=args.force)
+        print(out)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    _convert(args.src, args.out, args.dtype, args.align, args.force)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .format import read_manifest, verify_checksums
+
+    manifest = read_manifest(args.dir)
+    if args.verify:
+        verify_checksums(args.dir, manifest)
+    cfg, ffn = manifest.config, manifest.ffn
+    pred = manifest.predictors["size"] if manifest.predictors else 0
+    rows = [
+        ("format version", manifest.format_version),
+        ("architecture", f"{cfg.get('model_type')}: {cfg.get('num_hidden_layers')} layers, "
+                         f"d_model {cfg.get('hidden_size')}, {manifest.layers[0].n_neurons} FFN "
+                         f"neurons/layer, vocab {cfg.get('vocab_size')}"),
+        ("source", f"{manifest.source.get('kind')} {manifest.source.get('path')}"),
+        ("resident", f"{manifest.resident['size'] / 2**20:.1f} MiB"),
+        ("ffn (flash)", f"{manifest.ffn_bytes / 2**20:.1f} MiB"),
+        ("predictors", f"{pred / 2**20:.1f} MiB" if pred else "none (oracle fallback)"),
+        ("bundle", f"{ffn.kind} {ffn.activation}, {ffn.dtype}, "
+                   + " | ".join(f"{p.name}[{p.count}]" for p in ffn.parts)
+                   + f" = {ffn.bundle_bytes} B, stride {manifest.layers[0].stride} B"),
+        ("checksums", "verified" if args.verify else "not checked (pass --verify)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import LiveStats, format_prompt, generate_text
+    from .model import load, load_dense
+
+    path = _model_path(args)
+    if args.dense:
+        model, tokenizer = load_dense(path, dtype=args.dtype)
+        stats = None
+    else:
+        model, tokenizer = load(path, dram_budget=args.dram_budget, window=args.window,
+                                oracle_rule=args.rule, keep=args.keep, dtype=args.dtype,
+                                threads=args.threads, direct=args.direct,
+                                embed_on_flash=args.embed_on_flash or None,
+                                selector=args.selector)
+        stats = model.flash.stats
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    ids = format_prompt(tokenizer, prompt, args.system_prompt,
+                        use_chat_template=not args.ignore_chat_template)
+    live = LiveStats(stats) if args.verbose else None
+    result = generate_text(model, tokenizer, ids, args.max_tokens, args.temp, args.top_p,
+                           args.seed, on_token=_printer(live))
+    print()
+    print("=" * 10, file=sys.stderr)
+    print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.3f} tokens-per-sec\n"
+          f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} "
+          f"tokens-per-sec\nPeak RSS: {result.peak_rss_bytes / 2**30:.3f} GB", file=sys.stderr)
+    if stats is not None:
+        totals = stats.totals()
+        print(f"Flash: {totals['bytes_read_per_token'] / 2**20:.2f} MiB read/token, "
+              f"{totals['reads_per_token']:.0f} reads/token, hit rate {totals['hit_rate']:.1%}, "
+              f"cache capacity {stats.settings['capacity']} neurons/layer", file=sys.stderr)
+        if args.stats_json:
+            stats.write_json(args.stats_json)
+        model.flash.close()
+    return 0
+
+
+def _printer(live):
+    def on_token(response) -> None:
+        print(response.text, end="", flush=True)
+        if live is not None:
+            live(response)
+
+    return on_token
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
+    parser.add_argument("--models-dir", default=os.environ.get("MLX_FLASH_MODELS_DIR"),
+                        help="where pulled models live (default $MLX_FLASH_HOME/models or "
+                             "~/.cache/mlx_flash/models)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a known model (default: the default model)")
+    p.add_argument("name", nargs="?", default="default")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.add_argument("--convert", action="store_true", help="also convert it to a flash dir")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert", help="HF/mlx_lm safetensors dir or .gguf -> flash model dir")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="storage dtype (default: the source's FFN dtype; GGUF: float16)")
+    p.add_argument("--align", type=int, default=64, help="bundle stride alignment in bytes")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a flash model dir")
+    p.add_argument("dir")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text (flags as in mlx_lm.generate)")
+    p.add_argument("--model", default=None, help="flash model dir (default: the default model, "
+                                                 "pulled and converted on first use)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt, or - for stdin")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dram-budget", default=None,
+                   help="DRAM budget: bytes, '2GB', '700MiB' or a fraction of the model (0.5)")
+    p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
+    p.add_argument("--selector", default="oracle", help="how active neurons are chosen")
+    p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
+                   help="oracle rule (without predictors)")
+    p.add_argument("--keep", type=float, default=1.0, help="fraction kept by --rule top")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="compute dtype (default float32 on CPU)")
+    p.add_argument("--threads", type=int, default=8, help="parallel reads")
+    p.add_argument("--direct", action="store_true", help="O_DIRECT reads (bypass page cache)")
+    p.add_argument("--embed-on-flash", action="store_true",
+                   help="keep the embedding table on flash (one row read per token)")
+    p.add_argument("--dense", action="store_true", help="run the dense reference instead")
+    p.add_argument("--verbose", action="store_true", help="live per-token flash stats")
+    p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+        print(f"mlx-flash {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Text generation on a flash model with mlx_lm's own generate loop, plus live statistics."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .stats import RunStats, TokenStats, peak_rss_bytes
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_rss_bytes: int
+
+
+def format_prompt(tokenizer, prompt: str, system: str | None = None,
+                  use_chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt, through the chat template when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else [])
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tokenizer.encode(prompt)
+
+
+def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
+           top_p: float = 1.0, seed: int | None = None) -> Iterator:
+    """mlx_lm.stream_generate with a sampler for temp/top_p; yields its responses."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p)
+    yield from stream_generate(model, tokenizer, prompt_ids, max_tokens=max_tokens,
+                               sampler=sampler)
+
+
+def generate_text(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None, on_token=None
+                  ) -> GenerationResult:
+    """Generate and collect the text; `on_token(response)` is called per token."""
+    text, last = "", None
+    for response in stream(model, tokenizer, prompt_ids, max_tokens, temp, top_p, seed):
+        text += response.text
+        last = response
+        if on_token is not None:
+            on_token(response)
+    if last is None:
+        return GenerationResult("", len(prompt_ids), 0, 0.0, 0.0, peak_rss_bytes())
+    return GenerationResult(text, last.prompt_tokens, last.generation_tokens, last.prompt_tps,
+                            last.generation_tps, peak_rss_bytes())
+
+
+def token_line(step: TokenStats) -> str:
+    ms = {k: v * 1e3 for k, v in step.seconds.items()}
+    return (f"[{step.bytes_read / 2**20:6.2f} MiB in {step.reads:5d} reads | hit "
+            f"{step.hit_rate:5.1%} | active {step.neurons_active:6d} new {step.neurons_new:6d} "
+            f"cached {step.neurons_cached:6d} | ms pred {ms['predictor']:6.1f} io {ms['io']:6.1f} "
+            f"mem {ms['memory']:5.1f} compute {ms['compute']:6.1f}]")
+
+
+class LiveStats:
+    """Prints one stats line per decoded token to stderr (the CLI's --verbose)."""
+
+    def __init__(self, stats: RunStats | None, out=sys.stderr):
+        self.stats, self.out, self.t0 = stats, out, time.perf_counter()
+        self._seen = 0
+
+    def __call__(self, response) -> None:
+        if self.stats is None:
+            return
+        steps = self.stats.steps
+        while self._seen < len(steps) - 1:  # the newest step may still be filling
+            step = steps[self._seen]
+            kind = "prefill" if step.tokens > 1 else "token"
+            print(f"\n{kind:>7} {self._seen:4d} {token_line(step)}", file=self.out, end="")
+            self._seen += 1
+        self.out.flush()

@@ -1,0 +1,102 @@
+"""FlashFFN in mlx_lm models: exact against the dense reference, and the window saves reads."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import generate
+from tiny import ARCHS
+
+from mlx_flash.model import load, load_dense
+
+PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
+
+
+def greedy(model, tokenizer, n=12):
+    return generate(model, tokenizer, PROMPT, max_tokens=n, verbose=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_neurons_equals_dense(arch, tiny_dirs):
+    _, flash_dir = tiny_dirs(arch)
+    dense, tokenizer = load_dense(flash_dir)
+    flash, _ = load(flash_dir, window=3)
+    x = mx.array([PROMPT])
+    np.testing.assert_allclose(np.array(flash(x)), np.array(dense(x)), atol=1e-4)
+    assert greedy(flash, tokenizer) == greedy(dense, tokenizer)
+    flash.flash.close()
+
+
+def test_relu_family_nonzero_rule_is_exact(tiny_dirs):
+    """nemotron's relu^2 FFN: neurons with zero activation contribute nothing."""
+    _, flash_dir = tiny_dirs("nemotron")
+    dense, tokenizer = load_dense(flash_dir)
+    flash, _ = load(flash_dir, oracle_rule="nonzero", window=2)
+    assert greedy(flash, tokenizer) == greedy(dense, tokenizer)
+    steps = flash.flash.stats.decode_steps()
+    assert np.mean([s.neurons_active for s in steps]) < 0.8 * 2 * 128  # really sparse
+    flash.flash.close()
+
+
+def test_long_prompt_streams_dense_and_stays_exact(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    dense, _ = load_dense(flash_dir)
+    flash, _ = load(flash_dir, max_sparse_tokens=4, oracle_rule="top", keep=0.5)
+    x = mx.array([PROMPT])
+    np.testing.assert_allclose(np.array(flash(x)), np.array(dense(x)), atol=1e-4)
+    step = flash.flash.stats.steps[0]
+    assert step.tokens == len(PROMPT) and step.neurons_new > 0  # window seeded
+    flash.flash.close()
+
+
+def test_window_cuts_bytes_per_token(tiny_dirs):
+    _, flash_dir = tiny_dirs("llama")
+    per_window = {}
+    for window in (1, 4):
+        model, tokenizer = load(flash_dir, oracle_rule="top", keep=0.3, window=window)
+        greedy(model, tokenizer, n=16)
+        steps = model.flash.stats.decode_steps()[4:]
+        per_window[window] = np.mean([s.bytes_read for s in steps])
+        assert all(s.neurons_hit + s.neurons_new == s.neurons_active for s in steps)
+        model.flash.close()
+    assert per_window[4] < per_window[1]
+
+
+def test_budget_caps_capacity_and_refuses_too_small(tiny_dirs):
+    _, flash_dir = tiny_dirs("llama")
+    model, _ = load(flash_dir, dram_budget=10**10)
+    full = model.flash.stats.memory
+    assert model.flash.stats.settings["capacity"] == 128
+    tight = full["minimum"] if "minimum" in full else (
+        full["runtime"] + full["resident"] + full["embedding"] + full["kv_cache"]
+        + full["scratch"])
+    per_neuron = full["caches"] // (2 * 128)
+    model, tokenizer = load(flash_dir, dram_budget=tight + 2 * 40 * per_neuron,
+                            oracle_rule="top", keep=0.25, embed_on_flash=False)
+    assert model.flash.stats.settings["capacity"] == 40
+    greedy(model, tokenizer, n=4)  # runs within its capacity
+    with pytest.raises(ValueError, match="too small.*resident part alone needs"):
+        load(flash_dir, dram_budget=tight // 2)
+
+
+def test_embedding_on_flash_matches(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    dense, tokenizer = load_dense(flash_dir)
+    flash, _ = load(flash_dir, embed_on_flash=True)
+    assert type(flash.model.embed_tokens).__name__ == "FlashEmbedding"
+    assert greedy(flash, tokenizer) == greedy(dense, tokenizer)
+
+
+def test_stats_are_filled(tiny_dirs, tmp_path):
+    import json
+
+    _, flash_dir = tiny_dirs("gemma3_text")
+    model, tokenizer = load(flash_dir, oracle_rule="top", keep=0.5)
+    greedy(model, tokenizer, n=5)
+    path = tmp_path / "stats.json"
+    model.flash.stats.write_json(path)
+    data = json.loads(path.read_text())
+    assert data["totals"]["decode_tokens"] >= 4
+    assert data["totals"]["bytes_read_per_token"] > 0
+    assert set(data["steps"][1]["seconds"]) == {"predictor", "io", "memory", "compute"}
