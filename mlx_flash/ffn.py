@@ -121,6 +121,7 @@ class FlashSettings:
     compute_on: str = "active"  # "active": this token's neurons only; "cached": every cached row
     max_sparse_tokens: int = 16  # calls with more tokens stream the dense FFN (prefill)
     prefill_chunk: int = 1024  # neurons per read when streaming a layer
+    naive: bool = False  # the paper's baseline: stream every layer's whole FFN every token
 
     def __post_init__(self):
         if self.compute_on not in ("active", "cached"):
@@ -167,7 +168,7 @@ class FlashFFN(nn.Module):
         t0 = time.perf_counter()
         mx.eval(x2)  # the selector and the reads need this layer's input now
         step.seconds["compute"] += time.perf_counter() - t0
-        if tokens > rt.settings.max_sparse_tokens:
+        if rt.settings.naive or tokens > rt.settings.max_sparse_tokens:
             y = self._dense_stream(x2, step)
         else:
             y = self._sparse(x2, step)
@@ -239,7 +240,8 @@ class FlashFFN(nn.Module):
             step.seconds["compute"] += time.perf_counter() - t1
             step.bytes_read += io.bytes
             step.reads += io.reads
-        self._seed_window(x[-rt.settings.window:], step)
+        if not rt.settings.naive:
+            self._seed_window(x[-rt.settings.window:], step)
         return y
 
     def _seed_window(self, x: mx.array, step: TokenStats) -> None:

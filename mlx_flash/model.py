@@ -162,6 +162,7 @@ class MemoryPlan:
     caches: int  # all layers' neuron caches
     capacity: int
     n_neurons: int
+    per_neuron: int  # bytes one cached neuron costs, summed over the layers
 
     @property
     def minimum(self) -> int:
@@ -197,19 +198,18 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
     scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
                                             + manifest.layers[0].stride)
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed,
-                      kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n)
+                      kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n,
+                      per_neuron * manifest.n_layers)
     if budget is not None:
-        free = budget - plan.minimum
-        plan.capacity = min(n, max(0, free // (per_neuron * manifest.n_layers)))
-    plan.caches = plan.capacity * per_neuron * manifest.n_layers
+        plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
+    plan.caches = plan.capacity * plan.per_neuron
     return plan
 
 
 def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool) -> None:
     if plan.budget is None or plan.capacity >= min_capacity:
         return
-    per_neuron = plan.caches // max(1, plan.capacity) if plan.capacity else None
-    need = plan.minimum + min_capacity * (per_neuron or 0)
+    need = plan.minimum + min_capacity * plan.per_neuron
     hint = "" if embed_on_flash or not plan.embedding else (
         " or keep the embedding table on flash (embed_on_flash=True, --embed-on-flash)")
     breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
@@ -218,7 +218,8 @@ def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool) -> Non
         f"dram_budget {plan.budget / 2**20:.0f} MiB is too small: the resident part alone needs "
         f"{plan.minimum / 2**20:.0f} MiB ({breakdown}) and the neuron caches at least "
         f"{min_capacity} neurons per layer (about {need / 2**20:.0f} MiB in all). Raise the "
-        f"budget, use a smaller compute dtype (dtype='bfloat16'), lower max_kv_tokens{hint}.")
+        f"budget, use a smaller compute dtype (dtype='bfloat16', --dtype bfloat16), lower "
+        f"max_kv_tokens{hint}.")
 
 
 # ---------------------------------------------------------------- embeddings on flash
@@ -262,38 +263,53 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool = False,
          store_mode: str = "pread", embed_on_flash: bool | None = None,
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
-         min_capacity: int | None = None):
+         min_capacity: int | None = None, naive: bool = False):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
     (no limit: every neuron may be cached). It covers the process's baseline, resident weights,
     KV cache (reserved for max_kv_tokens) and the neuron caches. window: tokens whose neurons
     stay cached. selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
-    `keep`) - predictors plug in here. Returns (model, tokenizer); the FlashRuntime with its
+    `keep`) - predictors plug in here. naive: the paper's baseline, every layer's whole FFN
+    streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
     stats is `model.flash`.
     """
     root = Path(path)
     manifest = read_manifest(root)
-    dtype = resolve_dtype(dtype, manifest)
     settings = FlashSettings(window=window, compute_on=compute_on,
-                             max_sparse_tokens=max_sparse_tokens)
+                             max_sparse_tokens=max_sparse_tokens, naive=naive)
     model_bytes = manifest.ffn_bytes + manifest.resident["size"]
     budget = parse_budget(dram_budget, model_bytes)
     tokenizer = load_tokenizer(root, manifest)
     runtime_bytes = current_rss_bytes()
-    tied = manifest.config.get("tie_word_embeddings", True) and not any(
-        k == "lm_head.weight" for k in tensor_sizes(root / RESIDENT))
-    plan = plan_memory(root, manifest, budget, dtype, settings, bool(embed_on_flash),
-                       max_kv_tokens, runtime_bytes)
-    if embed_on_flash is None and budget is not None and not tied:
-        embed_on_flash = plan.capacity < manifest.layers[0].n_neurons
-        plan = plan_memory(root, manifest, budget, dtype, settings, embed_on_flash,
-                           max_kv_tokens, runtime_bytes)
+    tied = manifest.config.get("tie_word_embeddings", True) and "lm_head.weight" not in \
+        tensor_sizes(root / RESIDENT)
     if embed_on_flash and tied:
         raise ValueError(f"{root}: embed_on_flash needs an untied lm_head; this model ties it "
                          "to the embedding table")
-    needed = max(1, int(0.05 * plan.n_neurons)) if min_capacity is None else min_capacity
-    check_plan(plan, needed, bool(embed_on_flash))
+    needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if min_capacity is None \
+        else min_capacity
+
+    def planned(dtype, on_flash):
+        return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
+                           runtime_bytes)
+
+    # Without explicit choices, fit the budget: full caches first, then the embedding table
+    # on flash (untied models), then bf16 compute instead of f32 on CPU.
+    dtypes = [resolve_dtype(dtype, manifest)]
+    if dtype is None and dtypes[0] == mx.float32:
+        dtypes.append(mx.bfloat16)
+    flash_choices = [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False,
+                                                                                       True]
+    for dtype_choice in dtypes:
+        for on_flash in flash_choices:
+            plan = planned(dtype_choice, on_flash)
+            if budget is None or plan.capacity >= plan.n_neurons:
+                break
+        if budget is None or plan.capacity >= needed:
+            break
+    dtype, embed_on_flash = dtype_choice, on_flash
+    check_plan(plan, needed, embed_on_flash)
 
     store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode)
     chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype)
@@ -303,7 +319,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
                               "keep": keep, "dtype": str(dtype), "threads": threads,
                               "direct": direct, "store_mode": store_mode,
                               "embed_on_flash": bool(embed_on_flash), "compute_on": compute_on,
-                              "capacity": plan.capacity}
+                              "capacity": plan.capacity, "naive": naive}
     model = build_model(manifest)
     skip = ("model.embed_tokens.weight",) if embed_on_flash else ()
     weights = load_resident(root, model, dtype, skip)

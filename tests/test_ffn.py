@@ -100,3 +100,12 @@ def test_stats_are_filled(tiny_dirs, tmp_path):
     assert data["totals"]["decode_tokens"] >= 4
     assert data["totals"]["bytes_read_per_token"] > 0
     assert set(data["steps"][1]["seconds"]) == {"predictor", "io", "memory", "compute"}
+
+
+def test_naive_flash_reads_everything_every_token(tiny_dirs):
+    _, flash_dir = tiny_dirs("llama")
+    dense, tokenizer = load_dense(flash_dir)
+    model, _ = load(flash_dir, naive=True)
+    assert greedy(model, tokenizer, n=4) == greedy(dense, tokenizer, n=4)
+    ffn_bytes = model.flash.manifest.ffn_bytes
+    assert all(s.bytes_read == ffn_bytes for s in model.flash.stats.decode_steps())
