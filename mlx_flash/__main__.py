@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,10 +21,10 @@ def _progress_bar(desc: str, total: int | None):
 
 def default_model_dir(models_dir: str | None = None, name: str | None = None) -> Path:
     """The flash dir of a known model, pulled and converted on first use (with progress)."""
-    from .pull import DEFAULT_MODEL, pull, resolve_models_dir
+    from .pull import ALIASES, DEFAULT_MODEL, default_models_dir, pull
 
-    name = name or DEFAULT_MODEL
-    home = resolve_models_dir(Path(models_dir) if models_dir else None)
+    name = ALIASES.get(name, name) if name else DEFAULT_MODEL
+    home = Path(models_dir).expanduser() if models_dir else default_models_dir()
     flash_dir = home / name / "flash"
     if (flash_dir / "manifest.json").exists():
         return flash_dir
@@ -70,18 +69,22 @@ def _model_path(args) -> Path:
 def cmd_pull(args) -> int:
     from .pull import pull
 
-    path = pull(args.name, models_dir=Path(args.models_dir) if args.models_dir else None,
-                progress=True, force=args.force)
+    path = pull(args.name, models_dir=args.models_dir, progress=True, force=args.force)
     print(path)
     if args.convert:
-        out = path.parent / "flash"
-        _convert(path, out, dtype=None, align=64, force=args.force)
+        out = default_model_dir(args.models_dir, args.name) if not args.force else None
+        if out is None:
+            out = path.parent / "flash"
+            _convert(path, out, dtype=None, align=64, force=True)
         print(out)
     return 0
 
 
 def cmd_convert(args) -> int:
-    _convert(args.src, args.out, args.dtype, args.align, args.force)
+    from .pull import resolve_source
+
+    src = resolve_source(args.src, models_dir=args.models_dir)
+    _convert(src, args.out, args.dtype, args.align, args.force)
     return 0
 
 
@@ -164,7 +167,7 @@ def _printer(live):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
-    parser.add_argument("--models-dir", default=os.environ.get("MLX_FLASH_MODELS_DIR"),
+    parser.add_argument("--models-dir", default=None,
                         help="where pulled models live (default $MLX_FLASH_HOME/models or "
                              "~/.cache/mlx_flash/models)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("convert", help="HF/mlx_lm safetensors dir or .gguf -> flash model dir")
-    p.add_argument("src")
+    p.add_argument("src", help="HF/mlx_lm safetensors dir, .gguf file, known model name or "
+                               "hf:org/name")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="storage dtype (default: the source's FFN dtype; GGUF: float16)")

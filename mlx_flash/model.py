@@ -206,7 +206,8 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
     return plan
 
 
-def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool) -> None:
+def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
+               dtype: mx.Dtype) -> None:
     if plan.budget is None or plan.capacity >= min_capacity:
         return
     need = plan.minimum + min_capacity * plan.per_neuron
@@ -214,12 +215,12 @@ def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool) -> Non
         " or keep the embedding table on flash (embed_on_flash=True, --embed-on-flash)")
     breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
                           if k in ("runtime", "resident", "embedding", "kv_cache", "scratch"))
+    dtype_hint = "" if dtype.size <= 2 else ", use bf16 compute (--dtype bfloat16)"
     raise ValueError(
         f"dram_budget {plan.budget / 2**20:.0f} MiB is too small: the resident part alone needs "
         f"{plan.minimum / 2**20:.0f} MiB ({breakdown}) and the neuron caches at least "
-        f"{min_capacity} neurons per layer (about {need / 2**20:.0f} MiB in all). Raise the "
-        f"budget, use a smaller compute dtype (dtype='bfloat16', --dtype bfloat16), lower "
-        f"max_kv_tokens{hint}.")
+        f"{min_capacity} neurons per layer, {need / 2**20:.0f} MiB in all. Raise the budget to "
+        f"at least that{dtype_hint}, lower max_kv_tokens{hint}.")
 
 
 # ---------------------------------------------------------------- embeddings on flash
@@ -309,7 +310,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
         if budget is None or plan.capacity >= needed:
             break
     dtype, embed_on_flash = dtype_choice, on_flash
-    check_plan(plan, needed, embed_on_flash)
+    check_plan(plan, needed, embed_on_flash, dtype)
+    if budget is not None:
+        # MLX keeps freed buffers for reuse; under a budget that cache is RSS we did not plan.
+        mx.set_cache_limit(plan.scratch)
 
     store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode)
     chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype)
@@ -333,9 +337,17 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
 
 
 def _make_selector(name, store, manifest, rule, keep, dtype):
+    """"predictor": the dir's trained predictors; "oracle": true activations (`rule`, `keep`);
+    "auto": the predictor when the dir has one, else the oracle."""
+    if name == "auto":
+        name = "predictor" if manifest.predictors else "oracle"
+    if name == "predictor":
+        from .predictor import PredictorSelector
+
+        return PredictorSelector.from_dir(store.root, manifest)
     if name == "oracle":
         return OracleSelector(store, manifest, rule=rule, keep=keep, dtype=dtype)
-    raise ValueError(f"selector {name!r} is not known; use 'oracle'")
+    raise ValueError(f"selector {name!r} is not known; use 'auto', 'predictor' or 'oracle'")
 
 
 def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) -> None:
