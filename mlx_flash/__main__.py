@@ -147,6 +147,11 @@ def cmd_generate(args) -> int:
         print(f"Flash: {totals['bytes_read_per_token'] / 2**20:.2f} MiB read/token, "
               f"{totals['reads_per_token']:.0f} reads/token, hit rate {totals['hit_rate']:.1%}, "
               f"cache capacity {stats.settings['capacity']} neurons/layer", file=sys.stderr)
+        truncated = sum(s.truncated for s in stats.decode_steps())
+        if truncated:
+            print(f"warning: {truncated / max(1, totals['decode_tokens']):.0f} active neurons per "
+                  "token did not fit the neuron caches and were skipped (output quality drops): "
+                  "raise --dram-budget, lower --keep, or use a smaller --window", file=sys.stderr)
         if args.stats_json:
             stats.write_json(args.stats_json)
         model.flash.close()

@@ -158,7 +158,7 @@ class MemoryPlan:
     resident: int  # attention, norms, lm_head (and embeddings unless on flash)
     embedding: int  # the embedding table, 0 when it stays on flash
     kv_cache: int  # reserved for max_kv_tokens
-    scratch: int  # prefill / oracle chunks in flight
+    scratch: int  # prefill / oracle chunks in flight, and the page cache the code needs
     caches: int  # all layers' neuron caches
     capacity: int
     n_neurons: int
@@ -179,6 +179,29 @@ def tensor_sizes(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
                 v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
 
 
+CODE_PAGES = 64 << 20  # libmlx, Python and numpy code must stay in the page cache under a cgroup
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc give large freed buffers back to the OS (Linux only; no-op elsewhere).
+
+    glibc raises its mmap threshold each time a large block is freed, so the store's 5-25 MB
+    read buffers end up in the heap and stay there after free: ~120 MB of RSS that no budget
+    planned for. A fixed threshold keeps every block over 1 MiB in its own mapping.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc (musl): nothing to tune
+
+
 def kv_bytes(config: dict, tokens: int, itemsize: int) -> int:
     heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -196,7 +219,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
     per_neuron = layout.elements * itemsize
     scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
-                                            + manifest.layers[0].stride)
+                                            + manifest.layers[0].stride) + CODE_PAGES
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed,
                       kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n,
                       per_neuron * manifest.n_layers)
@@ -313,7 +336,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     check_plan(plan, needed, embed_on_flash, dtype)
     if budget is not None:
         # MLX keeps freed buffers for reuse; under a budget that cache is RSS we did not plan.
-        mx.set_cache_limit(plan.scratch)
+        mx.set_cache_limit(plan.scratch - CODE_PAGES)
+        return_freed_memory_to_os()
 
     store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode)
     chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype)
