@@ -35,14 +35,15 @@ def default_model_dir(models_dir: str | None = None, name: str | None = None) ->
     return flash_dir
 
 
-def _convert(src, out, dtype, align, force) -> None:
+def _convert(src, out, dtype, align, force, bits=16, group_size=64) -> None:
     from .checkpoint import open_checkpoint
     from .convert import convert
 
     ckpt = open_checkpoint(src)
     total = sum(info_bytes(ckpt).values())
     with _progress_bar(f"convert {Path(src).name}", total) as bar:
-        stats = convert(ckpt, out, dtype=dtype, align=align, force=force,
+        stats = convert(ckpt, out, dtype=dtype, bits=bits, group_size=group_size, align=align,
+                        force=force,
                         progress=lambda stage, n: (bar.set_postfix_str(stage), bar.update(n)))
     print(f"wrote {out}: resident {stats.resident_bytes / 2**20:.1f} MiB, FFN "
           f"{stats.ffn_bytes / 2**20:.1f} MiB in {stats.n_layers} layers x {stats.n_neurons} "
@@ -84,7 +85,7 @@ def cmd_convert(args) -> int:
     from .pull import resolve_source
 
     src = resolve_source(args.src, models_dir=args.models_dir)
-    _convert(src, args.out, args.dtype, args.align, args.force)
+    _convert(src, args.out, args.dtype, args.align, args.force, args.bits, args.group_size)
     return 0
 
 
@@ -105,7 +106,8 @@ def cmd_info(args) -> int:
         ("resident", f"{manifest.resident['size'] / 2**20:.1f} MiB"),
         ("ffn (flash)", f"{manifest.ffn_bytes / 2**20:.1f} MiB"),
         ("predictors", f"{pred / 2**20:.1f} MiB" if pred else "none (oracle fallback)"),
-        ("bundle", f"{ffn.kind} {ffn.activation}, {ffn.dtype}, "
+        ("bundle", f"{ffn.kind} {ffn.activation}, {ffn.dtype}"
+                   + (f", {ffn.bits}-bit groups of {ffn.group_size}, " if ffn.quantized else ", ")
                    + " | ".join(f"{p.name}[{p.count}]" for p in ffn.parts)
                    + f" = {ffn.bundle_bytes} B, stride {manifest.layers[0].stride} B"),
         ("checksums", "verified" if args.verify else "not checked (pass --verify)"),
@@ -129,7 +131,7 @@ def cmd_generate(args) -> int:
                                 oracle_rule=args.rule, keep=args.keep, dtype=args.dtype,
                                 threads=args.threads, direct=args.direct,
                                 embed_on_flash=args.embed_on_flash or None,
-                                selector=args.selector)
+                                selector=args.selector, resident_bits=args.resident_bits)
         stats = model.flash.stats
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = format_prompt(tokenizer, prompt, args.system_prompt,
@@ -189,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="storage dtype (default: the source's FFN dtype; GGUF: float16)")
+    p.add_argument("--bits", type=int, choices=[16, 8, 4], default=16,
+                   help="FFN bundle precision: 16 (the dtype) or 8/4-bit affine quantization")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64,
+                   help="quantization group size along d_model (with --bits 8/4)")
     p.add_argument("--align", type=int, default=64, help="bundle stride alignment in bytes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
@@ -221,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direct", action="store_true", help="O_DIRECT reads (bypass page cache)")
     p.add_argument("--embed-on-flash", action="store_true",
                    help="keep the embedding table on flash (one row read per token)")
+    p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
+                   help="quantize attention/lm_head at load (default: 16, or 8 if the budget "
+                        "needs it)")
     p.add_argument("--dense", action="store_true", help="run the dense reference instead")
     p.add_argument("--verbose", action="store_true", help="live per-token flash stats")
     p.add_argument("--stats-json", default=None, help="write per-token stats to this file")

@@ -1,8 +1,9 @@
 """NeuronCache: one layer's preallocated DRAM buffer of neuron rows, and the sliding window.
 
 State (all allocated once, at construction):
-  weights     (P, capacity, d_model) rows of the cached neurons, part-major (see kernels.py)
-  bias        (P - 1, capacity) input-projection biases, when the FFN has them
+  buffers     name -> (parts, capacity, width) arrays, slot s of each holding neuron_of[s]:
+              "w" (P, capacity, d_model) rows, part-major (see kernels.py), or for quantized
+              bundles "q" / "scales" / "biases"; "bias" (P - 1, capacity, 1) input biases
   slot_of     (n_neurons,) slot of each neuron, -1 when not cached
   neuron_of   (capacity,) neuron in each slot; only the first `n` slots are live
   last_step   (capacity,) the last token step at which the slot's neuron was active
@@ -40,14 +41,21 @@ class NeuronCache:
     """Per-layer cache of neuron rows with a sliding window of `window` tokens."""
 
     def __init__(self, n_neurons: int, capacity: int, n_parts: int, d_model: int,
-                 dtype: mx.Dtype, window: int, n_bias: int = 0):
+                 dtype: mx.Dtype, window: int, n_bias: int = 0,
+                 buffers: dict[str, tuple[int, int, mx.Dtype]] | None = None):
+        """buffers: name -> (parts, width, dtype); default one "w" buffer of d_model-wide
+        rows (and "bias" when n_bias)."""
         if not 1 <= capacity <= n_neurons:
             raise ValueError(f"cache capacity must be in [1, {n_neurons}], got {capacity}")
         if window < 1:
             raise ValueError(f"window must be >= 1 token, got {window}")
         self.n_neurons, self.capacity, self.window = n_neurons, capacity, window
-        self.weights = mx.zeros((n_parts, capacity, d_model), dtype=dtype)
-        self.bias = mx.zeros((n_bias, capacity), dtype=dtype) if n_bias else None
+        if buffers is None:
+            buffers = {"w": (n_parts, d_model, dtype)}
+            if n_bias:
+                buffers["bias"] = (n_bias, 1, dtype)
+        self.buffers = {name: mx.zeros((parts, capacity, width), dtype=dt)
+                        for name, (parts, width, dt) in buffers.items()}
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
         self.neuron_of = np.full(capacity, -1, dtype=np.int64)
         self.last_step = np.zeros(capacity, dtype=np.int64)
@@ -55,8 +63,21 @@ class NeuronCache:
         self.step = 0
 
     @property
+    def weights(self) -> mx.array:
+        return self.buffers["w"]
+
+    @weights.setter
+    def weights(self, value: mx.array) -> None:
+        self.buffers["w"] = value
+
+    @property
+    def bias(self) -> mx.array | None:
+        """(P - 1, capacity) input-projection biases, or None."""
+        return self.buffers["bias"][:, :, 0] if "bias" in self.buffers else None
+
+    @property
     def nbytes(self) -> int:
-        return self.weights.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+        return sum(b.nbytes for b in self.buffers.values())
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Slots of cached neurons `ids` (every id must be cached)."""

@@ -250,11 +250,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                      "config.json; pass one of those")
 
 
-def layout_for(checkpoint: Checkpoint, dtype: str) -> FFNLayout:
-    """The bundle layout for a checkpoint stored in `dtype`."""
+def layout_for(checkpoint: Checkpoint, dtype: str, bits: int = 16,
+               group_size: int = 64) -> FFNLayout:
+    """The bundle layout for a checkpoint stored in `dtype` (and `bits` per FFN weight)."""
     spec = checkpoint.spec()
     names = checkpoint.ffn_names(0)
     has_bias = any(role.endswith("_bias") for role in names)
     return FFNLayout(kind=spec.kind, activation=spec.activation,
                      d_model=int(checkpoint.config["hidden_size"]), dtype=dtype,
-                     has_bias=has_bias)
+                     has_bias=has_bias, bits=bits, group_size=group_size)

@@ -112,13 +112,19 @@ def bundle_rows(parts: dict[str, np.ndarray], layout: FFNLayout, start: int, sto
 def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, stride: int,
                 chunk: int = 1024) -> int:
     """Write one layer's bundle file; returns its size in bytes."""
+    from .quant import pack_bundles
+
     n = parts["down"].shape[1]
     itemsize = DTYPE_BYTES[layout.dtype]
     if stride % itemsize:
         raise ValueError(f"stride {stride} is not a multiple of the dtype size {itemsize}")
     with open(path, "wb") as f:
         for start in range(0, n, chunk):
-            rows = bundle_rows(parts, layout, start, min(n, start + chunk), stride // itemsize)
+            stop = min(n, start + chunk)
+            if layout.quantized:
+                rows = pack_bundles(parts, layout, start, stop, stride)
+            else:
+                rows = bundle_rows(parts, layout, start, stop, stride // itemsize)
             f.write(rows.tobytes())
         f.flush()
         os.fsync(f.fileno())
@@ -155,11 +161,13 @@ def resident_infos(ckpt: Checkpoint, dtype: str) -> list[TensorInfo]:
 
 
 def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None = None,
-            align: int = 64, force: bool = False, progress: Progress | None = None) -> ConvertStats:
+            bits: int = 16, group_size: int = 64, align: int = 64, force: bool = False,
+            progress: Progress | None = None) -> ConvertStats:
     """Convert a source checkpoint into a flash model dir at `out`.
 
     dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
-    dtype of the FFN weights. align: bundle stride alignment in bytes (the store reads aligned
+    dtype of the FFN weights. bits: 16 stores FFN rows in `dtype`; 8 or 4 quantizes each row
+    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). align: bundle stride alignment in bytes (the store reads aligned
     spans for O_DIRECT itself, so padding to 4096 is only worth it for huge bundles).
     """
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
@@ -173,7 +181,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     dtype = dtype or ckpt.tensors()[ckpt.ffn_names(0)["down"]].dtype
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
-    layout = layout_for(ckpt, dtype)
+    layout = layout_for(ckpt, dtype, bits, group_size)
     stride = round_up(layout.bundle_bytes, align)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -198,7 +206,8 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
 def _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report) -> list[LayerEntry]:
     entries = []
     for layer in range(n_layers):
-        parts = read_layer_parts(ckpt, layer, layout.dtype, d_model)
+        parts = read_layer_parts(ckpt, layer, "float32" if layout.quantized else layout.dtype,
+                                 d_model)
         rel = layer_file_name(layer)
         size = write_layer(tmp / rel, parts, layout, stride)
         entries.append(LayerEntry(rel, parts["down"].shape[1], stride, size,

@@ -27,25 +27,68 @@ import numpy as np
 from .cache import NeuronCache, WindowPlan
 from .format import FFNLayout, Manifest
 from .kernels import ffn_over_rows, neuron_activations, window_update
+from .quant import dequantize, ffn_over_qrows, storage_to_mx, unpack_bundles
 from .stats import RunStats, TokenStats
 from .store import IOStats, NeuronStore, bundles_as
 
 
 def split_bundles(rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype
                   ) -> tuple[mx.array, mx.array | None]:
-    """Raw bundle rows -> part-major weights and biases in the compute dtype.
+    """Raw bundle rows -> dense part-major weights and biases in the compute dtype.
 
     rows: (k, stride) uint8. Returns weights (P, k, d) and biases (P - 1, k) or None.
+    Quantized bundles are dequantized (the oracle, prefill streaming and load_dense use this).
     """
     layout = manifest.ffn
+    if layout.quantized:
+        parts = cache_rows(rows, manifest, mx.float32)
+        weights = dequantize(parts["q"], parts["scales"], parts["biases"], layout)
+        bias = parts["bias"][:, :, 0] if "bias" in parts else None
+        return weights.astype(dtype), None if bias is None else bias.astype(dtype)
     elems = bundles_as(rows, manifest)  # (k, stride / itemsize), storage dtype
-    matrix_parts = [p for p in layout.parts if not p.name.endswith("_bias")]
-    d, n_parts = layout.d_model, len(matrix_parts)
+    d, n_parts = layout.d_model, len(layout.matrix_names)
     weights = elems[:, : n_parts * d].reshape(-1, n_parts, d).transpose(1, 0, 2)
     bias_parts = [p for p in layout.parts if p.name.endswith("_bias")]
     biases = elems[:, [p.offset for p in bias_parts]].T if bias_parts else None
     return to_mx(weights, layout.dtype, dtype), (to_mx(biases, layout.dtype, dtype)
                                                  if biases is not None else None)
+
+
+def cache_rows(rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Raw bundle rows -> the arrays the neuron cache keeps, keyed like its buffers.
+
+    16-bit: {"w": (P, k, d)}; quantized: {"q": (P, k, w) uint32, "scales"/"biases": (P, k, g)};
+    plus {"bias": (P - 1, k, 1)} when the FFN has input biases. Floats are in `dtype`.
+    """
+    layout = manifest.ffn
+    if not layout.quantized:
+        weights, bias = split_bundles(rows, manifest, dtype)
+        out = {"w": weights}
+        if bias is not None:
+            out["bias"] = bias[:, :, None]
+        return out
+    parts = unpack_bundles(rows, layout)
+    out = {"q": mx.array(parts["q"])}
+    for kind in ("scales", "biases", "bias"):
+        if kind in parts:
+            out[kind] = storage_to_mx(parts[kind], layout.dtype).astype(dtype)
+    if "bias" in out:
+        out["bias"] = out["bias"][:, :, None]
+    return out
+
+
+def cache_buffers(layout: FFNLayout, dtype: mx.Dtype) -> dict[str, tuple[int, int, mx.Dtype]]:
+    """The neuron cache's buffers for this layout: name -> (parts, width, dtype)."""
+    n_parts, n_bias = len(layout.matrix_names), len(layout.bias_names)
+    if layout.quantized:
+        groups = layout.d_model // layout.group_size
+        out = {"q": (n_parts, layout.d_model * layout.bits // 32, mx.uint32),
+               "scales": (n_parts, groups, dtype), "biases": (n_parts, groups, dtype)}
+    else:
+        out = {"w": (n_parts, layout.d_model, dtype)}
+    if n_bias:
+        out["bias"] = (n_bias, 1, dtype)
+    return out
 
 
 def to_mx(arr: np.ndarray, storage: str, dtype: mx.Dtype) -> mx.array:
@@ -188,6 +231,10 @@ class FlashFFN(nn.Module):
         mask = None
         if self._rt.settings.compute_on == "active":
             mask = mx.array(np.stack([cache.mask(ids) for ids in selection.ids]))  # (T, n)
+        if self._layout.quantized:
+            b = cache.buffers
+            return ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
+                                  mask, cache.bias)
         return ffn_over_rows(x, cache.weights, cache.n, self._layout.activation, mask,
                              cache.bias)
 
@@ -206,13 +253,11 @@ class FlashFFN(nn.Module):
         t1 = time.perf_counter()
         rows, io = rt.store.read(self._layer, plan.new_ids)
         t2 = time.perf_counter()
-        weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
+        new = cache_rows(rows, rt.manifest, rt.dtype)
         dst, src, slots = (mx.array(a.astype(np.int32)) for a in (plan.dst, plan.src, plan.slots))
-        cache.weights = window_update(cache.weights, dst, src, slots, weights)
-        if cache.bias is not None:
-            cache.bias = window_update(cache.bias[:, :, None], dst, src, slots,
-                                       bias[:, :, None])[:, :, 0]
-        mx.eval(cache.weights, cache.bias)  # time the row moves here, not in the next compute
+        for name, buffer in cache.buffers.items():
+            cache.buffers[name] = window_update(buffer, dst, src, slots, new[name])
+        mx.eval(*cache.buffers.values())  # time the row moves here, not in the next compute
         t3 = time.perf_counter()
         step.seconds["memory"] += (t1 - t0) + (t3 - t2)
         step.seconds["io"] += t2 - t1

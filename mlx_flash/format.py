@@ -13,6 +13,11 @@ A bundle is one neuron's rows stored together ("row-column bundling"): for a gat
 FFN `[up_i | down_i]`, followed by the neuron's input-bias entries when the FFN has biases. The
 output bias is not per neuron and lives in resident.safetensors.
 
+Quantized bundles (bits 8 or 4) hold the same rows in MLX's affine quantization, each row
+quantized along d_model in groups of `group_size`: `[gate.q | up.q | down.q | gate.scales | ...
+| down.biases | *_bias]` - packed uint32 words, then scales and biases in `dtype`, so one read
+still gets everything a neuron needs (`FFNLayout.segments`).
+
 The stride is the bundle size rounded up to `align` bytes. We do not pad each bundle to 4096: the
 default model's f16 bundle is 5376 bytes and padding it would read 52% more. The store reads
 the 4096-aligned span around a run of neurons instead when it uses O_DIRECT.
@@ -68,6 +73,8 @@ class FFNLayout:
     dtype: str  # storage dtype of the bundles
     has_bias: bool
     parts: list[Part] = field(default_factory=list)
+    bits: int = 16  # 16: rows stored in `dtype`; 8 or 4: affine-quantized rows
+    group_size: int = 64  # quantization group along d_model (bits < 16)
 
     def __post_init__(self):
         if self.kind not in ("gated", "plain"):
@@ -79,6 +86,33 @@ class FFNLayout:
         self.parts = [p if isinstance(p, Part) else Part(**p) for p in self.parts]
         if not self.parts:
             self.parts = self.default_parts()
+        if self.bits not in (16, 8, 4):
+            raise FormatError(f"bits must be 16, 8 or 4, got {self.bits}")
+        if self.quantized and (self.group_size not in (32, 64, 128)
+                               or self.d_model % self.group_size):
+            raise FormatError(f"group_size {self.group_size} must be 32, 64 or 128 and divide "
+                              f"d_model {self.d_model}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def matrix_names(self) -> list[str]:
+        return [p.name for p in self.parts if not p.name.endswith("_bias")]
+
+    @property
+    def bias_names(self) -> list[str]:
+        return [p.name for p in self.parts if p.name.endswith("_bias")]
+
+    def segments(self) -> list[tuple[str, str, int]]:
+        """(name, dtype, count) of each piece of a quantized bundle, in file order."""
+        d, g = self.d_model, self.d_model // self.group_size
+        names = self.matrix_names
+        return ([(f"{m}.q", "uint32", d * self.bits // 32) for m in names]
+                + [(f"{m}.scales", self.dtype, g) for m in names]
+                + [(f"{m}.biases", self.dtype, g) for m in names]
+                + [(b, self.dtype, 1) for b in self.bias_names])
 
     def default_parts(self) -> list[Part]:
         names = ["gate", "up", "down"] if self.kind == "gated" else ["up", "down"]
@@ -95,6 +129,9 @@ class FFNLayout:
 
     @property
     def bundle_bytes(self) -> int:
+        if self.quantized:
+            return sum(count * (4 if dt == "uint32" else DTYPE_BYTES[dt])
+                       for _, dt, count in self.segments())
         return self.elements * DTYPE_BYTES[self.dtype]
 
     def part(self, name: str) -> Part:

@@ -20,7 +20,14 @@ import numpy as np
 
 from .cache import NeuronCache
 from .checkpoint import ARCHITECTURES, mlp_prefix
-from .ffn import FlashFFN, FlashRuntime, FlashSettings, OracleSelector, split_bundles
+from .ffn import (
+    FlashFFN,
+    FlashRuntime,
+    FlashSettings,
+    OracleSelector,
+    cache_buffers,
+    split_bundles,
+)
 from .format import RESIDENT, Manifest, read_manifest
 from .stats import current_rss_bytes
 from .store import NeuronStore
@@ -60,23 +67,41 @@ def build_model(manifest: Manifest) -> nn.Module:
     return model_class(args_class.from_dict(manifest.config))
 
 
-def load_resident(root: Path, model: nn.Module, dtype: mx.Dtype,
-                  skip: tuple[str, ...] = ()) -> dict[str, mx.array]:
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Resident tensors that load-time quantization applies to: 2-D weights of Linear and
+    Embedding modules whose rows split into whole groups."""
+    return len(shape) == 2 and name.endswith(".weight") and shape[-1] % group_size == 0
+
+
+def load_resident(root: Path, model: nn.Module, dtype: mx.Dtype, skip: tuple[str, ...] = (),
+                  bits: int = 16, group_size: int = 64) -> dict[str, mx.array]:
     """resident.safetensors as a dict in `dtype`, sanitized by the model, without `skip` keys.
 
-    Tensors are converted one at a time so the storage and compute copies of the whole
-    resident part are never in memory together.
+    bits 8 or 4 quantizes every `quantizable` tensor the mlx_lm way (weight, scales, biases)
+    and turns the matching modules of `model` into their quantized versions. Tensors are
+    converted one at a time so the storage and compute copies of the whole resident part are
+    never in memory together.
     """
-    weights = mx.load(str(root / RESIDENT))  # lazy: each tensor is read when evaluated
+    weights = mx.load(str(root / RESIDENT))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     out = {}
     for name in list(weights):
+        tensor = weights.pop(name)
         if name in skip:
-            del weights[name]
             continue
-        out[name] = weights.pop(name).astype(dtype)
-        mx.eval(out[name])  # materialize now, freeing the storage-dtype copy
+        tensor = tensor.astype(dtype)
+        if bits < 16 and quantizable(name, tensor.shape, group_size):
+            base = name[: -len(".weight")]
+            q = mx.quantize(tensor, group_size=group_size, bits=bits)
+            out.update(zip([name, f"{base}.scales", f"{base}.biases"], q, strict=True))
+            mx.eval(*q)  # materialize now, freeing the unquantized copy
+        else:
+            out[name] = tensor
+            mx.eval(tensor)  # materialize now, freeing the storage-dtype copy
+    if bits < 16:
+        nn.quantize(model, group_size=group_size, bits=bits,
+                    class_predicate=lambda path, module: f"{path}.scales" in out)
     return out
 
 
@@ -208,16 +233,26 @@ def kv_bytes(config: dict, tokens: int, itemsize: int) -> int:
     return 2 * config["num_hidden_layers"] * heads * head_dim * tokens * itemsize
 
 
+def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
+                   group_size: int) -> int:
+    count = int(np.prod(shape))
+    if bits < 16 and quantizable(name, shape, group_size):
+        return count * bits // 8 + 2 * (count // group_size) * itemsize
+    return count * itemsize
+
+
 def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dtype,
                 settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
-                runtime_bytes: int) -> MemoryPlan:
+                runtime_bytes: int, resident_bits: int = 16,
+                resident_group_size: int = 64) -> MemoryPlan:
     itemsize = dtype.size
-    sizes = tensor_sizes(root / RESIDENT)
-    elements = {k: int(np.prod(shape)) for k, (shape, _, _) in sizes.items()}
-    embed = elements.get("model.embed_tokens.weight", 0) * itemsize
-    resident = sum(elements.values()) * itemsize - embed
+    sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
+             for k, (shape, _, _) in tensor_sizes(root / RESIDENT).items()}
+    embed = sizes.get("model.embed_tokens.weight", 0)
+    resident = sum(sizes.values()) - embed
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
-    per_neuron = layout.elements * itemsize
+    per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
+                     for parts, width, dt in cache_buffers(layout, dtype).values())
     scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
                                             + manifest.layers[0].stride) + CODE_PAGES
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed,
@@ -230,7 +265,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
 
 
 def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
-               dtype: mx.Dtype) -> None:
+               dtype: mx.Dtype, resident_bits: int = 16) -> None:
     if plan.budget is None or plan.capacity >= min_capacity:
         return
     need = plan.minimum + min_capacity * plan.per_neuron
@@ -239,6 +274,8 @@ def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
     breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
                           if k in ("runtime", "resident", "embedding", "kv_cache", "scratch"))
     dtype_hint = "" if dtype.size <= 2 else ", use bf16 compute (--dtype bfloat16)"
+    if resident_bits > 4:
+        dtype_hint += f", quantize the resident part (--resident-bits {resident_bits // 2})"
     raise ValueError(
         f"dram_budget {plan.budget / 2**20:.0f} MiB is too small: the resident part alone needs "
         f"{plan.minimum / 2**20:.0f} MiB ({breakdown}) and the neuron caches at least "
@@ -287,13 +324,16 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool = False,
          store_mode: str = "pread", embed_on_flash: bool | None = None,
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
-         min_capacity: int | None = None, naive: bool = False):
+         min_capacity: int | None = None, naive: bool = False,
+         resident_bits: int | None = None, resident_group_size: int = 64):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
     (no limit: every neuron may be cached). It covers the process's baseline, resident weights,
     KV cache (reserved for max_kv_tokens) and the neuron caches. window: tokens whose neurons
-    stay cached. selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
+    stay cached. resident_bits: 16 keeps attention and lm_head in the compute dtype, 8 or 4
+    quantizes them at load (mlx_lm's way); None picks 16, or 8 when the budget needs it.
+    selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
     `keep`) - predictors plug in here. naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
     stats is `model.flash`.
@@ -314,26 +354,27 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if min_capacity is None \
         else min_capacity
 
-    def planned(dtype, on_flash):
+    def planned(dtype, on_flash, rbits):
         return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
-                           runtime_bytes)
+                           runtime_bytes, rbits, resident_group_size)
 
     # Without explicit choices, fit the budget: full caches first, then the embedding table
-    # on flash (untied models), then bf16 compute instead of f32 on CPU.
+    # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.
     dtypes = [resolve_dtype(dtype, manifest)]
     if dtype is None and dtypes[0] == mx.float32:
         dtypes.append(mx.bfloat16)
     flash_choices = [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False,
                                                                                        True]
-    for dtype_choice in dtypes:
+    rbits_choices = [resident_bits] if resident_bits is not None else [16, 8]
+    for rbits, dtype_choice in ((r, d) for r in rbits_choices for d in dtypes):
         for on_flash in flash_choices:
-            plan = planned(dtype_choice, on_flash)
+            plan = planned(dtype_choice, on_flash, rbits)
             if budget is None or plan.capacity >= plan.n_neurons:
                 break
         if budget is None or plan.capacity >= needed:
             break
-    dtype, embed_on_flash = dtype_choice, on_flash
-    check_plan(plan, needed, embed_on_flash, dtype)
+    dtype, embed_on_flash, resident_bits = dtype_choice, on_flash, rbits
+    check_plan(plan, needed, embed_on_flash, dtype, resident_bits)
     if budget is not None:
         # MLX keeps freed buffers for reuse; under a budget that cache is RSS we did not plan.
         mx.set_cache_limit(plan.scratch - CODE_PAGES)
@@ -347,10 +388,11 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
                               "keep": keep, "dtype": str(dtype), "threads": threads,
                               "direct": direct, "store_mode": store_mode,
                               "embed_on_flash": bool(embed_on_flash), "compute_on": compute_on,
-                              "capacity": plan.capacity, "naive": naive}
+                              "capacity": plan.capacity, "naive": naive,
+                              "resident_bits": resident_bits}
     model = build_model(manifest)
     skip = ("model.embed_tokens.weight",) if embed_on_flash else ()
-    weights = load_resident(root, model, dtype, skip)
+    weights = load_resident(root, model, dtype, skip, resident_bits, resident_group_size)
     _install_flash_layers(model, manifest, runtime, plan.capacity, weights, dtype)
     if embed_on_flash:
         model.model.embed_tokens = _flash_embedding(root, manifest, dtype)
@@ -377,10 +419,9 @@ def _make_selector(name, store, manifest, rule, keep, dtype):
 def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) -> None:
     spec = ARCHITECTURES[manifest.config["model_type"]]
     layout = manifest.ffn
-    n_parts = len([p for p in layout.parts if not p.name.endswith("_bias")])
-    n_bias = len(layout.parts) - n_parts
+    buffers = cache_buffers(layout, dtype)
     for i, layer in enumerate(model.layers):
-        cache = NeuronCache(manifest.layers[i].n_neurons, capacity, n_parts, layout.d_model,
-                            dtype, runtime.settings.window, n_bias)
+        cache = NeuronCache(manifest.layers[i].n_neurons, capacity, 0, layout.d_model, dtype,
+                            runtime.settings.window, buffers=buffers)
         out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)
