@@ -131,7 +131,8 @@ def cmd_generate(args) -> int:
                                 oracle_rule=args.rule, keep=args.keep, dtype=args.dtype,
                                 threads=args.threads, direct=args.direct,
                                 embed_on_flash=args.embed_on_flash or None,
-                                selector=args.selector, resident_bits=args.resident_bits)
+                                selector=args.selector, resident_bits=args.resident_bits,
+                                max_kv_tokens=args.max_kv_tokens)
         stats = model.flash.stats
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = format_prompt(tokenizer, prompt, args.system_prompt,
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
                    help="quantize attention/lm_head at load (default: 16, or 8 if the budget "
                         "needs it)")
+    p.add_argument("--max-kv-tokens", type=int, default=2048,
+                   help="context length the KV cache is budgeted for")
     p.add_argument("--dense", action="store_true", help="run the dense reference instead")
     p.add_argument("--verbose", action="store_true", help="live per-token flash stats")
     p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
