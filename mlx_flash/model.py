@@ -356,7 +356,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          store_mode: str = "pread", embed_on_flash: bool | None = None,
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
          min_capacity: int | None = None, naive: bool = False,
-         resident_bits: int | None = None, resident_group_size: int = 64):
+         resident_bits: int | None = None, resident_group_size: int = 64,
+         numpy_lm_head: bool = False):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
@@ -364,6 +365,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     KV cache (reserved for max_kv_tokens) and the neuron caches. window: tokens whose neurons
     stay cached. resident_bits: 16 keeps attention and lm_head in the compute dtype, 8 or 4
     quantizes them at load (mlx_lm's way); None picks 16, or 8 when the budget needs it.
+    numpy_lm_head: on CPU, compute an f32 lm_head with numpy/OpenBLAS (see cpu.py).
     selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
     `keep`) - predictors plug in here. naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
@@ -429,6 +431,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
         model.model.embed_tokens = _flash_embedding(root, manifest, dtype)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    if numpy_lm_head:
+        from .cpu import use_numpy_lm_head
+
+        runtime.stats.settings["numpy_lm_head"] = use_numpy_lm_head(model)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
     return model, tokenizer
 
