@@ -26,7 +26,7 @@ import numpy as np
 
 from .cache import NeuronCache, WindowPlan
 from .format import FFNLayout, Manifest
-from .kernels import ffn_over_rows, neuron_activations, window_update
+from .kernels import apply_window_update, compute_ffn, neuron_activations
 from .quant import dequantize, ffn_over_qrows, storage_to_mx, unpack_bundles
 from .stats import RunStats, TokenStats
 from .store import IOStats, NeuronStore, bundles_as
@@ -235,8 +235,7 @@ class FlashFFN(nn.Module):
             b = cache.buffers
             return ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
                                   mask, cache.bias)
-        return ffn_over_rows(x, cache.weights, cache.n, self._layout.activation, mask,
-                             cache.bias)
+        return compute_ffn(x, cache.weights, cache.n, self._layout.activation, mask, cache.bias)
 
     def _select(self, x: mx.array, step: TokenStats) -> Selection:
         t0 = time.perf_counter()
@@ -256,7 +255,7 @@ class FlashFFN(nn.Module):
         new = cache_rows(rows, rt.manifest, rt.dtype)
         dst, src, slots = (mx.array(a.astype(np.int32)) for a in (plan.dst, plan.src, plan.slots))
         for name, buffer in cache.buffers.items():
-            cache.buffers[name] = window_update(buffer, dst, src, slots, new[name])
+            cache.buffers[name] = apply_window_update(buffer, dst, src, slots, new[name])
         mx.eval(*cache.buffers.values())  # time the row moves here, not in the next compute
         t3 = time.perf_counter()
         step.seconds["memory"] += (t1 - t0) + (t3 - t2)
@@ -278,7 +277,7 @@ class FlashFFN(nn.Module):
             rows, io = rt.store.read_range(self._layer, start, min(n, start + rt.settings.prefill_chunk))
             t1 = time.perf_counter()
             weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
-            y = y + ffn_over_rows(x, weights, weights.shape[1], self._layout.activation, None,
+            y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation, None,
                                   bias)
             mx.eval(y)  # bound memory: one chunk of rows alive at a time
             step.seconds["io"] += t1 - t0
