@@ -60,10 +60,6 @@ def info_bytes(ckpt) -> dict[str, int]:
     return {"ffn": ffn, "resident": res}
 
 
-def _model_path(args) -> Path:
-    return Path(args.model) if args.model else default_model_dir(args.models_dir)
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -119,21 +115,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import LiveStats, format_prompt, generate_text
-    from .model import load, load_dense
+    from .generate import LiveStats, format_prompt, generate_text, load_model
 
-    path = _model_path(args)
-    if args.dense:
-        model, tokenizer = load_dense(path, dtype=args.dtype)
-        stats = None
-    else:
-        model, tokenizer = load(path, dram_budget=args.dram_budget, window=args.window,
-                                oracle_rule=args.rule, keep=args.keep, dtype=args.dtype,
-                                threads=args.threads, direct=args.direct,
-                                embed_on_flash=args.embed_on_flash or None,
-                                selector=args.selector, resident_bits=args.resident_bits,
-                                max_kv_tokens=args.max_kv_tokens)
-        stats = model.flash.stats
+    model, tokenizer = load_model(args)
+    stats = None if args.dense else model.flash.stats
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = format_prompt(tokenizer, prompt, args.system_prompt,
                         use_chat_template=not args.ignore_chat_template)
@@ -174,6 +159,8 @@ def _printer(live):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import add_model_arguments
+
     parser = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
     parser.add_argument("--models-dir", default=None,
                         help="where pulled models live (default $MLX_FLASH_HOME/models or "
@@ -206,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text (flags as in mlx_lm.generate)")
-    p.add_argument("--model", default=None, help="flash model dir (default: the default model, "
-                                                 "pulled and converted on first use)")
+    add_model_arguments(p)
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt, or - for stdin")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true")
@@ -215,29 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dram-budget", default=None,
-                   help="DRAM budget: bytes, '2GB', '700MiB' or a fraction of the model (0.5)")
-    p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
-    p.add_argument("--selector", default="oracle", help="how active neurons are chosen")
-    p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
-                   help="oracle rule (without predictors)")
-    p.add_argument("--keep", type=float, default=1.0, help="fraction kept by --rule top")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="compute dtype (default float32 on CPU)")
-    p.add_argument("--threads", type=int, default=8, help="parallel reads")
-    p.add_argument("--direct", action="store_true", help="O_DIRECT reads (bypass page cache)")
-    p.add_argument("--embed-on-flash", action="store_true",
-                   help="keep the embedding table on flash (one row read per token)")
-    p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
-                   help="quantize attention/lm_head at load (default: 16, or 8 if the budget "
-                        "needs it)")
-    p.add_argument("--max-kv-tokens", type=int, default=2048,
-                   help="context length the KV cache is budgeted for")
-    p.add_argument("--dense", action="store_true", help="run the dense reference instead")
     p.add_argument("--verbose", action="store_true", help="live per-token flash stats")
     p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
     p.set_defaults(func=cmd_generate)
+
+    from . import chat
+
+    chat.add_arguments(sub)
+    try:
+        from . import server
+    except ImportError as e:  # the serve extra is not installed
+        p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
+        p.set_defaults(func=lambda args, e=e: _missing_extra("serve", e))
+    else:
+        server.add_arguments(sub)
     return parser
+
+
+def _missing_extra(extra: str, error: ImportError) -> int:
+    print(f"mlx-flash {extra}: {error}; install it with: pip install 'mlx-flash[{extra}]'",
+          file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from .stats import RunStats, TokenStats, peak_rss_bytes
 
@@ -85,3 +87,54 @@ class LiveStats:
             print(f"\n{kind:>7} {self._seen:4d} {token_line(step)}", file=self.out, end="")
             self._seen += 1
         self.out.flush()
+
+
+# ---------------------------------------------------------------- model flags and loading (CLI)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that choose and load a model, as `mlx-flash generate` names them."""
+    p.add_argument("--model", default=None, help="flash model dir (default: the default model, "
+                                                 "pulled and converted on first use)")
+    p.add_argument("--dram-budget", default=None,
+                   help="DRAM budget: bytes, '2GB', '700MiB' or a fraction of the model (0.5)")
+    p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
+    p.add_argument("--selector", default="auto",
+                   help="how active neurons are chosen: auto (predictors when the dir has "
+                        "them, else the oracle), predictor or oracle")
+    p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
+                   help="oracle rule (without predictors)")
+    p.add_argument("--keep", type=float, default=1.0, help="fraction kept by --rule top")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="compute dtype (default float32 on CPU)")
+    p.add_argument("--threads", type=int, default=8, help="parallel reads")
+    p.add_argument("--direct", action="store_true", help="O_DIRECT reads (bypass page cache)")
+    p.add_argument("--embed-on-flash", action="store_true",
+                   help="keep the embedding table on flash (one row read per token)")
+    p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
+                   help="quantize the resident weights to fit a small budget")
+    p.add_argument("--max-kv-tokens", type=int, default=2048,
+                   help="context length the budget reserves KV cache for")
+    p.add_argument("--dense", action="store_true", help="run the dense reference instead")
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    """--model, or the default model (pulled and converted on first use)."""
+    if args.model:
+        return Path(args.model).expanduser()
+    from .__main__ import default_model_dir
+
+    return default_model_dir(getattr(args, "models_dir", None))
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) for the flags of `add_model_arguments`."""
+    from .model import load, load_dense
+
+    path = model_dir(args)
+    if args.dense:
+        return load_dense(path, dtype=args.dtype)
+    return load(path, dram_budget=args.dram_budget, window=args.window, selector=args.selector,
+                oracle_rule=args.rule, keep=args.keep, dtype=args.dtype, threads=args.threads,
+                direct=args.direct, embed_on_flash=args.embed_on_flash or None,
+                resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens)

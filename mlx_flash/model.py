@@ -461,4 +461,5 @@ def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) ->
         cache = NeuronCache(manifest.layers[i].n_neurons, capacity, 0, layout.d_model, dtype,
                             runtime.settings.window, buffers=buffers)
         out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
+        mx.eval(*cache.buffers.values())  # allocate now: the budget counts them from load on
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)

@@ -29,7 +29,14 @@ def test_dense_from_flash_matches_source(arch, tiny_dirs):
     ref, _ = mlx_lm.load(str(src))
     dense, tokenizer = load_dense(flash)
     np.testing.assert_allclose(np.array(dense(TOKENS)), np.array(ref(TOKENS)), atol=1e-4)
-    assert tokenizer.encode("w1 w2") == ref_tokens(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (flash / name).read_bytes() == (src / name).read_bytes()
+    ids = tokenizer.encode("w1 w2")
+    assert ids == ref_tokens(src)
+    # transformers 5 maps model_type qwen2 to Qwen2Tokenizer whatever tokenizer.json holds, and
+    # that class cannot read the tests' word-level vocab (it encodes to []): the files above are
+    # the check for qwen2; the real Qwen2 BPE is checked in test_gguf / test_real_model.
+    assert ids or arch == "qwen2"
 
 
 def ref_tokens(src):

@@ -1,0 +1,231 @@
+"""`mlx-flash serve` on a tiny model, on a free loopback port, driven by real HTTP clients.
+
+The `openai` client for the API as users call it; the standard library's http.client for
+malformed bodies and for hanging up mid-stream.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")  # the test client; the server's own deps must import
+
+import uvicorn  # noqa: E402
+from mlx_lm import generate  # noqa: E402
+
+import mlx_flash  # noqa: E402
+from mlx_flash.server import ServeSettings, StopStrings, create_app  # noqa: E402
+
+PROMPT = "w1 w2 w3"
+
+
+@pytest.fixture(scope="module")
+def flash_dir(tiny_dirs):
+    return tiny_dirs("llama")[1]  # llama: its tiny word-level tokenizer round-trips
+
+
+@pytest.fixture(scope="module")
+def reference(flash_dir):
+    """The library's greedy output: mlx_lm.generate on a separately loaded flash model."""
+    model, tokenizer = mlx_flash.load(flash_dir)
+
+    def greedy(prompt: str, max_tokens: int) -> str:
+        return generate(model, tokenizer, prompt=tokenizer.encode(prompt), max_tokens=max_tokens)
+
+    return greedy
+
+
+@pytest.fixture(scope="module")
+def server(flash_dir):
+    """(base url, app state) of a server running in a thread; stopped after the module."""
+    model, tokenizer = mlx_flash.load(flash_dir)
+    app = create_app(model, tokenizer, ServeSettings("tiny", max_queue=1, max_body_bytes=4096))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "the server did not start within 30 s"
+    yield f"127.0.0.1:{port}", app.state.flash
+    srv.should_exit = True
+    thread.join(10)
+    model.flash.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"http://{server[0]}/v1", api_key="unused", max_retries=0,
+                         timeout=30)
+
+
+def post(server, path: str, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(*server[0].split(":"), timeout=30)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    out = response.status, json.loads(response.read())
+    conn.close()
+    return out
+
+
+def health(server) -> dict:
+    conn = http.client.HTTPConnection(*server[0].split(":"), timeout=10)
+    conn.request("GET", "/health")
+    out = json.loads(conn.getresponse().read())
+    conn.close()
+    return out
+
+
+def wait_idle(server, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while (state := health(server))["running"] or state["waiting"]:
+        assert time.monotonic() < deadline, f"the server is still busy: {state}"
+        time.sleep(0.05)
+    return state
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_completion_equals_library_greedy(client, reference):
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)
+    assert out.choices[0].text == reference(PROMPT, 24)
+    assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 24
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_completion_stream_equals_library_greedy(client, reference):
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == reference(PROMPT, 24)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_library_greedy(client, reference, stream):
+    # The tiny tokenizer has no chat template: the conversation is the user's text itself.
+    messages = [{"role": "user", "content": PROMPT}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24,
+                                         stream=stream, temperature=0,
+                                         **({"stream_options": {"include_usage": True}}
+                                            if stream else {}))
+    if stream:
+        chunks = list(out)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage.completion_tokens == 24
+    else:
+        text = out.choices[0].message.content
+        assert out.model_extra["flash"]["decode_tokens"] >= 24  # flash stats ride along
+    assert text == reference(PROMPT, 24)
+
+
+def test_stop_string_ends_the_answer_before_it(client, reference):
+    full = reference(PROMPT, 24)
+    stop = full.split()[3]
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, stop=[stop])
+    assert out.choices[0].text == full[: full.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_hold_back_a_possible_start():
+    stops = StopStrings(["END"])
+    assert stops.feed("abc E") == ("abc ", False)
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("X") == ("ENX", False)
+    assert stops.feed("yE") == ("y", False)
+    assert stops.feed("ND more") == ("", True)
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"messages": [{"role": "user", "content": "w1"}], "bogus": 1}', "unknown field 'bogus'"),
+    (b'{"messages": [{"role": "user", "content": "w1"}], "temperature": "hot"}', "temperature"),
+    (b'{"messages": [{"role": "user", "content": "w1"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "w1"}], "n": 2}', "'n'"),
+    (b'{"messages": [{"role": "robot", "content": "w1"}]}', "role"),
+    (b'{"messages": []}', "messages"),
+    (b'{"messages": [{"role": "user", "content": "w1"}], "max_tokens": 999999}',
+     "context"),
+])
+def test_malformed_requests_get_400(server, body, says):
+    status, out = post(server, "/v1/chat/completions", body)
+    assert status == 400, out
+    assert says in out["error"]["message"]
+
+
+def test_the_openai_client_sees_400_for_an_unknown_field(client):
+    with pytest.raises(openai.BadRequestError, match="unknown field 'frobnicate'"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w1"}],
+                                       extra_body={"frobnicate": True})
+
+
+def test_oversized_body_gets_413(server):
+    status, out = post(server, "/v1/completions",
+                       json.dumps({"prompt": "w1 " * 3000}).encode())
+    assert status == 413 and "--max-body-bytes" in out["error"]["message"]
+
+
+# ---------------------------------------------------------------- the queue and disconnects
+
+
+def test_queue_bound_gets_503_and_the_queued_request_is_served(server, client, reference):
+    _, state = server
+    gate = threading.Event()
+    blocker = state.worker.submit(lambda: gate.wait(30))  # the model is now busy
+    queued: dict = {}
+
+    def ask():
+        queued["out"] = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while health(server)["waiting"] < 1:  # max_queue=1: the queue is now full
+            assert time.monotonic() < deadline, "the request was never queued"
+            time.sleep(0.02)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+        assert err.value.status_code == 503
+        assert err.value.response.headers["retry-after"] == "1"
+    finally:
+        gate.set()
+        blocker.result(10)
+        thread.join(30)
+    assert queued["out"].choices[0].text == reference(PROMPT, 8)
+    wait_idle(server)
+
+
+def test_client_gone_mid_stream_does_not_wedge_the_server(server, client, reference):
+    before = wait_idle(server)
+    host, port = server[0].split(":")
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"prompt": PROMPT, "max_tokens": 1500, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.read(6) == b"data: "  # the first event: generation is under way
+    conn.sock.shutdown(socket.SHUT_RDWR)  # hang up without reading the rest
+    conn.close()
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 1  # stopped, not run to 1500 tokens
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+    assert out.choices[0].text == reference(PROMPT, 8)
