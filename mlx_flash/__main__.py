@@ -146,6 +146,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def run_bench(argv: list[str]) -> int:
+    """Run scripts/benchmark.py (it lives in the source checkout, beside the package)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: `mlx-flash bench` runs the benchmark "
+                                "script of a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("mlx_flash_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def _printer(live):
     def on_token(response) -> None:
         print(response.text, end="", flush=True)
@@ -205,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("bench", help="benchmark under DRAM caps (scripts/benchmark.py; "
+                                     "--help for its flags)", add_help=False)
+    p.set_defaults(func=lambda args: run_bench([]))
+
     from . import chat
 
     chat.add_arguments(sub)
@@ -225,6 +244,9 @@ def _missing_extra(extra: str, error: ImportError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every flag after `bench` belongs to the benchmark script
+        return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
