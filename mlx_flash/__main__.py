@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--help for its flags)", add_help=False)
     p.set_defaults(func=lambda args: run_bench([]))
 
-    from . import chat
+    from . import chat, evaluate, predictor
 
+    predictor.add_arguments(sub)
+    evaluate.add_arguments(sub)
     chat.add_arguments(sub)
     try:
         from . import server

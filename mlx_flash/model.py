@@ -213,6 +213,7 @@ class MemoryPlan:
     runtime: int  # the process before any weight is loaded (Python, MLX, tokenizer)
     resident: int  # attention, norms, lm_head (and embeddings unless on flash)
     embedding: int  # the embedding table, 0 when it stays on flash
+    predictors: int  # the low-rank predictors, held as float32
     kv_cache: int  # reserved for max_kv_tokens
     scratch: int  # prefill / oracle chunks in flight, and the page cache the code needs
     caches: int  # all layers' neuron caches
@@ -222,7 +223,8 @@ class MemoryPlan:
 
     @property
     def minimum(self) -> int:
-        return self.runtime + self.resident + self.embedding + self.kv_cache + self.scratch
+        return (self.runtime + self.resident + self.embedding + self.predictors + self.kv_cache
+                + self.scratch)
 
 
 def tensor_sizes(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
@@ -286,7 +288,11 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                      for parts, width, dt in cache_buffers(layout, dtype).values())
     scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
                                             + manifest.layers[0].stride) + CODE_PAGES
-    plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed,
+    predictors = 0
+    if manifest.predictors:
+        predictors = 4 * sum(int(np.prod(shape)) for shape, _, _ in
+                             tensor_sizes(root / manifest.predictors["file"]).values())
+    plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
                       kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n,
                       per_neuron * manifest.n_layers)
     if budget is not None:
@@ -303,7 +309,8 @@ def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
     hint = "" if embed_on_flash or not plan.embedding else (
         " or keep the embedding table on flash (embed_on_flash=True, --embed-on-flash)")
     breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
-                          if k in ("runtime", "resident", "embedding", "kv_cache", "scratch"))
+                          if k in ("runtime", "resident", "embedding", "predictors", "kv_cache",
+                                   "scratch"))
     dtype_hint = "" if dtype.size <= 2 else ", use bf16 compute (--dtype bfloat16)"
     if resident_bits > 4:
         dtype_hint += f", quantize the resident part (--resident-bits {resident_bits // 2})"
@@ -357,7 +364,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
          min_capacity: int | None = None, naive: bool = False,
          resident_bits: int | None = None, resident_group_size: int = 64,
-         numpy_lm_head: bool = False):
+         numpy_lm_head: bool = False, predictor_recall: float | None = None):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
@@ -367,7 +374,9 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     quantizes them at load (mlx_lm's way); None picks 16, or 8 when the budget needs it.
     numpy_lm_head: on CPU, compute an f32 lm_head with numpy/OpenBLAS (see cpu.py).
     selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
-    `keep`) - predictors plug in here. naive: the paper's baseline, every layer's whole FFN
+    `keep`), "predictor" (the dir's trained predictors; predictor_recall picks one of their
+    calibrated operating points, None = their default) or "auto" (predictor when the dir has
+    them, else oracle). naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
     stats is `model.flash`.
     """
@@ -414,7 +423,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
         return_freed_memory_to_os()
 
     store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode)
-    chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype)
+    chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype,
+                             predictor_recall)
     runtime = FlashRuntime(manifest, store, chooser, settings, dtype)
     runtime.stats.memory = asdict(plan)
     runtime.stats.settings = {"window": window, "selector": selector, "rule": oracle_rule,
@@ -439,15 +449,15 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     return model, tokenizer
 
 
-def _make_selector(name, store, manifest, rule, keep, dtype):
-    """"predictor": the dir's trained predictors; "oracle": true activations (`rule`, `keep`);
-    "auto": the predictor when the dir has one, else the oracle."""
+def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None):
+    """"predictor": the dir's trained predictors at `predictor_recall` (None: their default);
+    "oracle": true activations (`rule`, `keep`); "auto": predictor when the dir has them."""
     if name == "auto":
         name = "predictor" if manifest.predictors else "oracle"
     if name == "predictor":
         from .predictor import PredictorSelector
 
-        return PredictorSelector.from_dir(store.root, manifest)
+        return PredictorSelector.from_dir(store.root, manifest, predictor_recall)
     if name == "oracle":
         return OracleSelector(store, manifest, rule=rule, keep=keep, dtype=dtype)
     raise ValueError(f"selector {name!r} is not known; use 'auto', 'predictor' or 'oracle'")
