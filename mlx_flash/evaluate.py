@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .chat import common_prefix
 from .format import read_manifest
 from .predictor import (
     Predictors,
@@ -156,15 +157,6 @@ def teacher_forced_agreement(model, prompt: np.ndarray, continuation: list[int],
         logits = model(mx.array(seq[None, start:stop]), cache=cache)
         hits.append(np.array(mx.argmax(logits[0], axis=-1)) == seq[start + 1:stop + 1])
     return float(np.mean(np.concatenate(hits)))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class QualitySink:
