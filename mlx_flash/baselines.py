@@ -26,8 +26,8 @@ from .checkpoint import ARCHITECTURES, mlp_prefix
 from .format import DTYPE_BYTES, RESIDENT, FFNLayout, LayerEntry, Manifest, read_manifest
 from .kernels import ACTIVATION_FNS
 from .model import (
-    FlashEmbedding,
     build_model,
+    flash_embedding,
     load_resident,
     load_tokenizer,
     resolve_dtype,
@@ -107,15 +107,6 @@ class MmapFFN(nn.Module):
         return y.reshape(shape)
 
 
-def mmap_embedding(root: Path, manifest: Manifest, dtype: mx.Dtype) -> FlashEmbedding:
-    """The embedding table memory-mapped from resident.safetensors (rows paged in on use)."""
-    shape, offset, nbytes = tensor_sizes(root / RESIDENT)["model.embed_tokens.weight"]
-    itemsize = nbytes // int(np.prod(shape))
-    storage = "float32" if itemsize == 4 else (
-        manifest.ffn.dtype if manifest.ffn.dtype != "float32" else "float16")
-    return FlashEmbedding(root / RESIDENT, offset, shape, storage, dtype)
-
-
 def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int = 1024):
     """The mmap baseline: resident weights in DRAM, FFNs (and an untied embedding) mmap'd.
 
@@ -134,7 +125,7 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
         out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
         layer.mlp = MmapFFN(root / entry.file, entry, manifest.ffn, out_bias, chunk, dtype)
     if untied:
-        model.model.embed_tokens = mmap_embedding(root, manifest, dtype)
+        model.model.embed_tokens = flash_embedding(root, dtype)  # memory-mapped rows
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return model, load_tokenizer(root, manifest)

@@ -13,6 +13,7 @@ import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,14 +79,13 @@ def quantize_rows_chunked(path: Path, name: str, dtype: mx.Dtype, bits: int, gro
     """mx.quantize of one safetensors tensor, reading and quantizing it a block of rows at a
     time into preallocated outputs: the unquantized tensor (272 MB for the default model's
     lm_head in f16) is never in memory whole. Scales and biases come back in `dtype`."""
-    shape, offset, nbytes = tensor_sizes(path)[name]
-    storage = {2: np.uint16, 4: np.float32}[nbytes // int(np.prod(shape))]
+    shape, offset, _, stored_as = tensor_sizes(path)[name]
+    storage = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.float32}[stored_as]
     table = np.memmap(path, mode="r", dtype=storage, offset=offset, shape=shape)
     rows, cols = shape
     q = mx.zeros((rows, cols * bits // 32), dtype=mx.uint32)
     scales = mx.zeros((rows, cols // group_size), dtype=dtype)
     biases = mx.zeros_like(scales)
-    stored_as = _safetensors_dtype(path, name)
     for start in range(0, rows, rows_per_chunk):
         stop = min(rows, start + rows_per_chunk)
         block = mx.array(np.ascontiguousarray(table[start:stop]))
@@ -96,13 +96,6 @@ def quantize_rows_chunked(path: Path, name: str, dtype: mx.Dtype, bits: int, gro
         mx.eval(q, scales, biases)  # write this block now so only one block is alive
     del table
     return q, scales, biases
-
-
-def _safetensors_dtype(path: Path, name: str) -> str:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[header[name]["dtype"]]
 
 
 def load_resident(root: Path, model: nn.Module, dtype: mx.Dtype, skip: tuple[str, ...] = (),
@@ -227,14 +220,25 @@ class MemoryPlan:
                 + self.scratch)
 
 
-def tensor_sizes(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """name -> (shape, data offset, nbytes) from a safetensors header, without loading."""
+class TensorEntry(NamedTuple):
+    shape: tuple[int, ...]
+    offset: int  # of the data, from the start of the file
+    nbytes: int
+    dtype: str  # "float16" | "bfloat16" | "float32"
+
+
+_ST_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def tensor_sizes(path: Path) -> dict[str, TensorEntry]:
+    """name -> TensorEntry from a safetensors header, without loading the data."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return {k: (tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+    return {k: TensorEntry(tuple(v["shape"]), 8 + n + v["data_offsets"][0],
+                           v["data_offsets"][1] - v["data_offsets"][0], _ST_NAMES[v["dtype"]])
+            for k, v in header.items()}
 
 
 CODE_PAGES = 64 << 20  # libmlx, Python and numpy code must stay in the page cache under a cgroup
@@ -280,7 +284,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                 resident_group_size: int = 64) -> MemoryPlan:
     itemsize = dtype.size
     sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
-             for k, (shape, _, _) in tensor_sizes(root / RESIDENT).items()}
+             for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
     embed = sizes.get("model.embed_tokens.weight", 0)
     resident = sum(sizes.values()) - embed
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
@@ -290,7 +294,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                                             + manifest.layers[0].stride) + CODE_PAGES
     predictors = 0
     if manifest.predictors:
-        predictors = 4 * sum(int(np.prod(shape)) for shape, _, _ in
+        predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
                              tensor_sizes(root / manifest.predictors["file"]).values())
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
                       kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n,
@@ -347,10 +351,9 @@ class FlashEmbedding(nn.Module):
                          "resident: load with embed_on_flash=False")
 
 
-def _flash_embedding(root: Path, manifest: Manifest, dtype: mx.Dtype) -> FlashEmbedding:
-    shape, offset, nbytes = tensor_sizes(root / RESIDENT)["model.embed_tokens.weight"]
-    storage = {2: manifest.ffn.dtype if manifest.ffn.dtype != "float32" else "float16",
-               4: "float32"}[nbytes // int(np.prod(shape))]
+def flash_embedding(root: Path, dtype: mx.Dtype) -> FlashEmbedding:
+    """The embedding table left in resident.safetensors, read (or paged in) row by row."""
+    shape, offset, _, storage = tensor_sizes(root / RESIDENT)["model.embed_tokens.weight"]
     return FlashEmbedding(root / RESIDENT, offset, shape, storage, dtype)
 
 
@@ -438,7 +441,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     weights = load_resident(root, model, dtype, skip, resident_bits, resident_group_size)
     _install_flash_layers(model, manifest, runtime, plan.capacity, weights, dtype)
     if embed_on_flash:
-        model.model.embed_tokens = _flash_embedding(root, manifest, dtype)
+        model.model.embed_tokens = flash_embedding(root, dtype)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if numpy_lm_head:
