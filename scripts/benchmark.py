@@ -880,6 +880,14 @@ def markdown_report(report: dict) -> str:
 # ---------------------------------------------------------------- plots
 
 
+def save_figure(fig, path: Path, plt) -> Path:
+    """Lay out, write and close a figure (every plot ends here)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_all(report: dict, out: Path) -> list[str]:
     """PNG plots under out; returns their paths ([] without matplotlib)."""
     try:
@@ -913,10 +921,7 @@ def plot_latency(report: dict, path: Path, plt) -> Path:
     ax.invert_yaxis()
     ax.legend(fontsize=8)
     ax.set_title("Latency breakdown per token")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 def plot_caps(report: dict, path: Path, plt) -> Path:
@@ -934,10 +939,7 @@ def plot_caps(report: dict, path: Path, plt) -> Path:
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 def plot_window(report: dict, path: Path, plt) -> Path:
@@ -951,10 +953,7 @@ def plot_window(report: dict, path: Path, plt) -> Path:
     ax.set_xlabel("window (tokens)")
     ax.set_ylabel("MiB read per token (x: measured)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 def plot_disk(disk: dict, path: Path, plt) -> Path:
@@ -970,10 +969,7 @@ def plot_disk(disk: dict, path: Path, plt) -> Path:
     ax.set_ylabel("MB/s (O_DIRECT)")
     ax.legend(fontsize=7)
     ax.set_title("Read throughput vs read size and threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 # ---------------------------------------------------------------- orchestration
