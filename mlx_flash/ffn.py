@@ -136,15 +136,15 @@ class OracleSelector:
 
     def activations(self, layer: int, x: mx.array) -> tuple[np.ndarray, IOStats]:
         """True activations of every neuron: (T, n) float32, and the I/O it took."""
-        n, io, out = self.manifest.layers[layer].n_neurons, IOStats(), []
-        for start in range(0, n, self.chunk):
-            rows, stats = self.store.read_range(layer, start, min(n, start + self.chunk))
+        n, io = self.manifest.layers[layer].n_neurons, IOStats()
+        out = np.empty((x.shape[0], n), dtype=np.float32)
+        for ids, rows, stats in self.store.iter_layer(layer, self.chunk):  # file order
             io.add(stats)
             weights, bias = split_bundles(rows, self.manifest, self.dtype)
             h = neuron_activations(x, weights, weights.shape[1], self.manifest.ffn.activation,
                                    bias)
-            out.append(np.array(h.astype(mx.float32)))  # np.array evaluates: needed now
-        return np.concatenate(out, axis=1), io
+            out[:, ids] = np.array(h.astype(mx.float32))  # np.array evaluates: needed now
+        return out, io
 
     def _pick(self, magnitude: np.ndarray) -> np.ndarray:
         if self.rule == "nonzero":
@@ -270,17 +270,15 @@ class FlashFFN(nn.Module):
     # -- prefill: stream the whole layer once for all tokens
 
     def _dense_stream(self, x: mx.array, step: TokenStats) -> mx.array:
-        rt, n = self._rt, self._cache.n_neurons
+        rt = self._rt
         y = mx.zeros_like(x)
-        for start in range(0, n, rt.settings.prefill_chunk):
-            t0 = time.perf_counter()
-            rows, io = rt.store.read_range(self._layer, start, min(n, start + rt.settings.prefill_chunk))
-            t1 = time.perf_counter()
+        for _, rows, io in rt.store.iter_layer(self._layer, rt.settings.prefill_chunk):
+            t1 = time.perf_counter()  # io.seconds is the read's own time (file order)
             weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
             y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation, None,
                                   bias)
             mx.eval(y)  # bound memory: one chunk of rows alive at a time
-            step.seconds["io"] += t1 - t0
+            step.seconds["io"] += io.seconds
             step.seconds["compute"] += time.perf_counter() - t1
             step.bytes_read += io.bytes
             step.reads += io.reads

@@ -31,7 +31,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 1
+import numpy as np
+
+FORMAT_VERSION = 1  # what `convert` writes
+PLACED_FORMAT_VERSION = 2  # a dir whose bundles `mlx-flash place` reordered (LayerEntry.order)
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PLACED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 PREDICTORS = "predictors.safetensors"
@@ -152,6 +156,10 @@ class LayerEntry:
     stride: int
     size: int
     sha256: str
+    # Placement (format version 2, `placement.py`): order[p] is the original id of the neuron
+    # stored at position p (None: position = id); hot is original ids, most often active first.
+    order: list[int] | None = None
+    hot: list[int] | None = None
 
 
 @dataclass
@@ -164,6 +172,7 @@ class Manifest:
     resident: dict  # {"file", "size", "sha256"}
     align: int = 64
     predictors: dict | None = None  # {"file", "size", "sha256", ...} when trained
+    placement: dict | None = None  # how the bundles were ordered (method, calibration, ...)
 
     @property
     def n_layers(self) -> int:
@@ -174,18 +183,34 @@ class Manifest:
         return sum(entry.size for entry in self.layers)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """Indented JSON; permutations on one line each; absent placement keys left out (so an
+        unplaced dir's manifest is exactly what format version 1 always was)."""
+        data, compact = asdict(self), {}
+        if data["placement"] is None:
+            del data["placement"]
+        for i, layer in enumerate(data["layers"]):
+            for key in ("order", "hot"):
+                if layer[key] is None:
+                    del layer[key]
+                else:
+                    token = f"@{key}-{i}@"
+                    compact[f'"{token}"'] = json.dumps(layer[key], separators=(",", ":"))
+                    layer[key] = token
+        text = json.dumps(data, indent=2)
+        for token, value in compact.items():
+            text = text.replace(token, value, 1)
+        return text
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST) -> Manifest:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in SUPPORTED_VERSIONS:
             raise FormatError(
                 f"{where}: format_version {version!r} is not supported (this mlx-flash reads "
-                f"version {FORMAT_VERSION}); re-convert the model with `mlx-flash convert`"
+                f"versions {SUPPORTED_VERSIONS}); re-convert the model with `mlx-flash convert`"
             )
         try:
-            return cls(
+            manifest = cls(
                 format_version=version,
                 source=data["source"],
                 config=data["config"],
@@ -194,9 +219,53 @@ class Manifest:
                 resident=data["resident"],
                 align=data.get("align", 64),
                 predictors=data.get("predictors"),
+                placement=data.get("placement"),
             )
         except (KeyError, TypeError) as e:
             raise FormatError(f"{where}: malformed manifest ({e}); re-convert the model") from e
+        check_placement(manifest, where)
+        return manifest
+
+    def order(self, layer: int) -> np.ndarray | None:
+        """(n,) original id of the neuron at each file position, or None (position = id)."""
+        order = self.layers[layer].order
+        return None if order is None else np.asarray(order, dtype=np.int64)
+
+    def to_original(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """A whole layer's rows in file order -> the same rows in original id order."""
+        order = self.order(layer)
+        if order is None:
+            return rows
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
+
+
+def check_placement(manifest: Manifest, where: str) -> None:
+    """Each layer's order is a permutation of its ids; hot ids are unique and in range."""
+    placed = [i for i, e in enumerate(manifest.layers) if e.order is not None]
+    if placed and manifest.format_version != PLACED_FORMAT_VERSION:
+        raise FormatError(f"{where}: layer {placed[0]} has a neuron order but format_version is "
+                          f"{manifest.format_version}, not {PLACED_FORMAT_VERSION}; the manifest "
+                          "was edited or damaged - re-run `mlx-flash place` or re-convert")
+    for i, entry in enumerate(manifest.layers):
+        for key in ("order", "hot"):
+            ids = getattr(entry, key)
+            if ids is not None:
+                _check_ids(np.asarray(ids), entry.n_neurons, key == "order",
+                           f"{where}: layer {i} {key}")
+
+
+def _check_ids(ids: np.ndarray, n: int, whole: bool, what: str) -> None:
+    fix = "re-run `mlx-flash place` on the dir (or re-convert it)"
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise FormatError(f"{what} must be a list of integer neuron ids; {fix}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise FormatError(f"{what} has ids outside [0, {n}); {fix}")
+    if np.unique(ids).size != ids.size:
+        raise FormatError(f"{what} repeats neuron ids; {fix}")
+    if whole and ids.size != n:
+        raise FormatError(f"{what} has {ids.size} ids, not a permutation of all {n}; {fix}")
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

@@ -1,9 +1,13 @@
 """NeuronStore: reads neuron bundles of one layer from its bundle file.
 
 The only module that touches `ffn/layer_NNN.bin`. A read of a set of neuron ids:
-  1. sorts the ids and coalesces runs of adjacent ids into one span (one syscall),
-  2. splits spans larger than `max_read` so big requests still spread over the threads,
-  3. issues the spans as `os.preadv` calls on a private thread pool (the GIL is released in
+  1. maps the ids to their positions in the file (a placed dir stores neurons in another order,
+     `LayerEntry.order`; callers always speak original ids) and sorts them,
+  2. plans the spans to read (`planner.py`): adjacent positions coalesce into one span, and with
+     the "cost" planner small gaps are crossed when the disk's cost model says one larger read
+     is cheaper than several small ones,
+  3. splits spans larger than `max_read` so big requests still spread over the threads,
+  4. issues the spans as `os.preadv` calls on a private thread pool (the GIL is released in
      the syscall, so the reads run in parallel),
 and returns the bundles as one `(len(ids), stride)` uint8 array in the order of the sorted ids.
 
@@ -25,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .disk import CostModel
 from .format import Manifest
+from .planner import PLANNERS, plan_reads, spans_across, split_spans
 
 DIRECT_ALIGN = 4096
 
@@ -36,16 +42,23 @@ class StoreReadError(OSError):
 
 @dataclass
 class IOStats:
-    bytes: int = 0  # bytes read from the files (aligned spans included)
+    bytes: int = 0  # bytes read from the files (aligned spans and crossed gaps included)
     reads: int = 0  # syscalls (or mmap row runs)
     seconds: float = 0.0  # wall time inside `read`
     neurons: int = 0
+    needed: int = 0  # bytes of the neurons asked for (neurons x stride)
 
     def add(self, other: IOStats) -> None:
         self.bytes += other.bytes
         self.reads += other.reads
         self.seconds += other.seconds
         self.neurons += other.neurons
+        self.needed += other.needed
+
+    @property
+    def amplification(self) -> float:
+        """Bytes read / bytes needed (1.0 when nothing was read)."""
+        return self.bytes / self.needed if self.needed else 1.0
 
 
 def runs_of(ids: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
@@ -54,20 +67,11 @@ def runs_of(ids: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
     ids: (k,) sorted ascending. Merging across a gap reads the neurons in it too (read
     amplification traded for fewer syscalls).
     """
-    if ids.size == 0:
-        return []
-    breaks = np.nonzero(np.diff(ids) > max_gap + 1)[0]
-    starts = np.concatenate(([ids[0]], ids[breaks + 1]))
-    stops = np.concatenate((ids[breaks], [ids[-1]])) + 1
+    starts, stops = spans_across(np.asarray(ids), max_gap)
     return list(zip(starts.tolist(), stops.tolist(), strict=True))
 
 
-def split_runs(runs: list[tuple[int, int]], max_neurons: int) -> list[tuple[int, int]]:
-    out = []
-    for start, stop in runs:
-        for s in range(start, stop, max_neurons):
-            out.append((s, min(stop, s + max_neurons)))
-    return out
+split_runs = split_spans
 
 
 class NeuronStore:
@@ -78,9 +82,15 @@ class NeuronStore:
 
     def __init__(self, root: str | Path, manifest: Manifest, *, threads: int = 8,
                  direct: bool = False, mode: str = "pread", max_read: int = 1 << 20,
-                 max_gap: int = 0):
+                 max_gap: int = 0, planner: str = "runs", cost: CostModel | None = None):
+        """planner: "neuron", "runs" (crossing gaps of up to max_gap) or "cost" (gaps chosen by
+        the disk cost model `cost`, see planner.py)."""
         if mode not in ("pread", "mmap"):
             raise ValueError(f"store mode must be 'pread' or 'mmap', got {mode!r}")
+        if planner not in PLANNERS:
+            raise ValueError(f"read planner must be one of {PLANNERS}, got {planner!r}")
+        if planner == "cost" and cost is None:
+            raise ValueError("the 'cost' read planner needs a disk cost model (cost=...)")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if direct and not hasattr(os, "O_DIRECT"):
@@ -89,6 +99,9 @@ class NeuronStore:
         self.root, self.manifest = Path(root), manifest
         self.threads, self.direct, self.mode = threads, direct, mode
         self.max_read, self.max_gap = max_read, max_gap
+        self.planner, self.cost = planner, cost
+        self.orders = [manifest.order(i) for i in range(manifest.n_layers)]
+        self.positions = [None if o is None else np.argsort(o) for o in self.orders]
         self.paths = [self.root / entry.file for entry in manifest.layers]
         self.strides = [entry.stride for entry in manifest.layers]
         self.sizes = [entry.size for entry in manifest.layers]
@@ -119,7 +132,7 @@ class NeuronStore:
     # -- reads
 
     def read(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, IOStats]:
-        """Bundles of `ids` (any order, unique) of one layer.
+        """Bundles of `ids` (original ids, any order, unique) of one layer.
 
         Returns (rows, stats): rows is (k, stride) uint8 in ascending id order, stats the I/O
         of this call (also added to `self.stats`).
@@ -129,41 +142,74 @@ class NeuronStore:
         n = self.manifest.layers[layer].n_neurons
         if ids.size and (ids[0] < 0 or ids[-1] >= n):
             raise IndexError(f"neuron ids out of range [0, {n}) for layer {layer}")
-        stride = self.strides[layer]
-        rows = np.empty((ids.size, stride), dtype=np.uint8)
-        runs = split_runs(runs_of(ids, self.max_gap), max(1, self.max_read // stride))
-        if self.mode == "mmap":
-            nbytes = self._read_mmap(layer, ids, rows)
+        if self.positions[layer] is None:
+            rows, stats = self._read_positions(layer, ids)
         else:
-            nbytes = self._read_pread(layer, ids, rows, runs)
-        stats = IOStats(nbytes, len(runs), time.perf_counter() - t0, int(ids.size))
+            pos = self.positions[layer][ids]
+            by_pos = np.argsort(pos)
+            got, stats = self._read_positions(layer, pos[by_pos])
+            rows = np.empty_like(got)
+            rows[by_pos] = got
+        stats.seconds = time.perf_counter() - t0
         with self._lock:
             self.stats.add(stats)
         return rows, stats
 
     def read_range(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, IOStats]:
-        """Bundles of neurons [start, stop) (dense streaming: prefill, oracle, naive flash)."""
+        """Bundles of neurons [start, stop) (original ids; scattered reads in a placed dir)."""
         return self.read(layer, np.arange(start, stop))
 
-    def _read_pread(self, layer, ids, rows, runs) -> int:
-        """Issue one preadv per run on the pool; rows are filled in place."""
-        # Row index of each run's first id within `ids` (ids sorted, runs cover ids in order,
-        # but a merged gap adds neurons that are read and then dropped).
-        if self.max_gap:
-            return self._read_with_gaps(layer, ids, rows, runs)
-        first_row = np.searchsorted(ids, [s for s, _ in runs]).tolist()
-        jobs = [(layer, s, e, rows[r:r + (e - s)]) for (s, e), r in zip(runs, first_row,
+    def iter_layer(self, layer: int, chunk: int):
+        """Stream a whole layer in file order, `chunk` neurons per step (prefill, the oracle).
+
+        Yields (ids, rows, stats): ids (k,) the original ids of rows (k, stride).
+        """
+        n = self.manifest.layers[layer].n_neurons
+        for start in range(0, n, chunk):
+            t0 = time.perf_counter()
+            pos = np.arange(start, min(n, start + chunk))
+            rows, stats = self._read_positions(layer, pos)
+            stats.seconds = time.perf_counter() - t0
+            with self._lock:
+                self.stats.add(stats)
+            order = self.orders[layer]
+            yield (pos if order is None else order[pos]), rows, stats
+
+    def plan(self, layer: int, pos: np.ndarray):
+        """The spans this store reads for sorted unique file positions (see planner.py)."""
+        return plan_reads(pos, self.strides[layer], self.planner, self.cost,
+                          threads=self.threads, direct=self.direct, max_read=self.max_read,
+                          max_gap=self.max_gap)
+
+    def _read_positions(self, layer: int, pos: np.ndarray) -> tuple[np.ndarray, IOStats]:
+        """Rows at sorted unique file positions `pos`, in that order (seconds left 0)."""
+        stride = self.strides[layer]
+        rows = np.empty((pos.size, stride), dtype=np.uint8)
+        spans = split_spans(self.plan(layer, pos).spans, max(1, self.max_read // stride))
+        if self.mode == "mmap":
+            nbytes = self._read_mmap(layer, pos, rows)
+        else:
+            nbytes = self._read_pread(layer, pos, rows, spans)
+        return rows, IOStats(nbytes, len(spans), 0.0, int(pos.size), int(pos.size) * stride)
+
+    def _read_pread(self, layer, pos, rows, spans) -> int:
+        """Issue one preadv per span on the pool; rows are filled in place."""
+        if sum(e - s for s, e in spans) != pos.size:  # gaps crossed: read, then pick rows
+            return self._read_with_gaps(layer, pos, rows, spans)
+        # Spans cover exactly the sorted positions: each reads straight into its rows.
+        first_row = np.searchsorted(pos, [s for s, _ in spans]).tolist()
+        jobs = [(layer, s, e, rows[r:r + (e - s)]) for (s, e), r in zip(spans, first_row,
                                                                          strict=True)]
         return sum(self._pool.map(self._read_span_job, jobs))
 
-    def _read_with_gaps(self, layer, ids, rows, runs) -> int:
+    def _read_with_gaps(self, layer, pos, rows, spans) -> int:
         stride = self.strides[layer]
-        spans = [np.empty((e - s, stride), dtype=np.uint8) for s, e in runs]
-        jobs = [(layer, s, e, buf) for (s, e), buf in zip(runs, spans, strict=True)]
+        bufs = [np.empty((e - s, stride), dtype=np.uint8) for s, e in spans]
+        jobs = [(layer, s, e, buf) for (s, e), buf in zip(spans, bufs, strict=True)]
         nbytes = sum(self._pool.map(self._read_span_job, jobs))
-        for (s, e), buf in zip(runs, spans, strict=True):
-            lo, hi = np.searchsorted(ids, [s, e])
-            rows[lo:hi] = buf[ids[lo:hi] - s]
+        for (s, e), buf in zip(spans, bufs, strict=True):
+            lo, hi = np.searchsorted(pos, [s, e])
+            rows[lo:hi] = buf[pos[lo:hi] - s]
         return nbytes
 
     def _read_span_job(self, job) -> int:

@@ -30,19 +30,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import mmap
 import os
-import random
 import resource
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,12 +46,13 @@ REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("mlx_flash") is None:
     sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 
+from mlx_flash import disk as disk_model  # noqa: E402  (after the path fix above)
+from mlx_flash.disk import drop_page_cache  # noqa: E402
+
 DEFAULT_CAPS = ("0.4", "0.5", "0.7", "1.0")
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 TIME_SPLIT = ("predictor", "io", "memory", "compute", "ffn_unsplit", "rest")
-READ_SIZES_KIB = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
-READ_THREADS = (1, 4, 8, 16)
 MIB = 2**20
 
 
@@ -241,89 +238,6 @@ class MemoryGroup:
                 return
             except OSError:
                 time.sleep(0.1)
-
-
-def drop_page_cache() -> bool:
-    """sync and drop the page cache (root only). Returns whether it was dropped."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-        return True
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------- disk (Figure 2b)
-
-
-def _direct_fds(files: list[Path]) -> list[int]:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
-    return [os.open(f, flags) for f in files]
-
-
-def _reader(fds: list[int], sizes: list[int], size: int, deadline: float, seed: int,
-            min_reads: int = 8) -> int:
-    """Random aligned reads of `size` bytes until the deadline; returns bytes read."""
-    rng, buf = random.Random(seed), mmap.mmap(-1, size)  # page aligned for O_DIRECT
-    done = reads = 0
-    try:
-        while reads < min_reads or time.perf_counter() < deadline:
-            reads += 1
-            i = rng.randrange(len(fds))
-            offset = rng.randrange(max(1, (sizes[i] - size) // 4096)) * 4096
-            done += os.preadv(fds[i], [buf], offset)
-    finally:
-        buf.close()
-    return done
-
-
-def random_read_throughput(files: list[Path], size: int, threads: int, seconds: float) -> float:
-    """Bytes/s of random direct reads of `size` bytes on `threads` threads."""
-    fds, sizes = _direct_fds(files), [f.stat().st_size for f in files]
-    try:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            got = sum(pool.map(lambda s: _reader(fds, sizes, size, t0 + seconds, s),
-                               range(threads)))
-        return got / (time.perf_counter() - t0)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def sequential_read_throughput(files: list[Path], threads: int, limit: int,
-                               chunk: int = MIB) -> float:
-    """Bytes/s reading the files in order with `chunk` direct reads, `threads` in flight."""
-    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, chunk)]
-    jobs = jobs[: max(1, limit // chunk)]
-    fds = {f: fd for f, fd in zip(files, _direct_fds(files), strict=True)}
-    local = threading.local()
-
-    def read(job) -> int:
-        if not hasattr(local, "buf"):
-            local.buf = mmap.mmap(-1, chunk)
-        return os.preadv(fds[job[0]], [local.buf], job[1])
-
-    try:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            got = sum(pool.map(read, jobs))
-        return got / (time.perf_counter() - t0)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def measure_disk(files: list[Path], seconds: float, seq_limit: int = 512 * MIB,
-                 sizes_kib=READ_SIZES_KIB, threads=READ_THREADS) -> dict:
-    """Sequential and random direct-read throughput (bytes/s) on the model's own files."""
-    drop_page_cache()
-    seq = {str(t): sequential_read_throughput(files, t, seq_limit) for t in (1, 4)}
-    rand = {str(t): {str(k): random_read_throughput(files, k * 1024, t, seconds)
-                     for k in sizes_kib} for t in threads}
-    return {"sequential_1mib": seq, "sequential_best": max(seq.values()), "random": rand,
-            "seconds_per_point": seconds, "files": len(files),
-            "note": "O_DIRECT reads, Python thread pool of preadv, random 4 KiB-aligned offsets"}
 
 
 # ---------------------------------------------------------------- the worker (child process)
@@ -1111,10 +1025,7 @@ def run(args: argparse.Namespace) -> int:
 
         print("[bench] writing the unbundled copy for flash-no-bundling ...", file=sys.stderr)
         setup.unbundled_dir = write_unbundled(model, Path(args.out) / "unbundled")
-    disk = None
-    if not args.skip_disk:
-        print("[bench] measuring the disk ...", file=sys.stderr)
-        disk = measure_disk([model / e.file for e in manifest.layers], args.disk_seconds)
+    disk = None if args.skip_disk else disk_report(model, manifest, args)
     stamp = source_stamp()
     rows = run_all(setup, contenders, caps)
     if source_stamp()["sources_sha256"] != stamp["sources_sha256"]:
@@ -1136,6 +1047,18 @@ def run(args: argparse.Namespace) -> int:
               "window_sweep": sweeps(rows, model)}
     write_report(report, Path(args.out))
     return 0
+
+
+def disk_report(model: Path, manifest, args) -> dict:
+    """The disk table: this device's stored cost model (`mlx-flash calibrate-disk`), else
+    measured now on the model's bundle files and stored for next time."""
+    stored = None if args.measure_disk else disk_model.cost_model_for(model)
+    if stored is None:
+        print("[bench] measuring the disk (stored for later runs) ...", file=sys.stderr)
+        stored = disk_model.calibrate(model, [model / e.file for e in manifest.layers],
+                                      args.disk_seconds)
+        disk_model.save(stored, disk_model.model_path(model))
+    return disk_model.as_report(stored)
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -1181,7 +1104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first copy the model dir and GGUF here and benchmark the copies "
                              "(on a shared machine: pages others cache are not charged to the "
                              "cap)")
-    parser.add_argument("--skip-disk", action="store_true", help="skip the disk measurement")
+    parser.add_argument("--skip-disk", action="store_true", help="no disk table in the report")
+    parser.add_argument("--measure-disk", action="store_true",
+                        help="measure the disk again even if its cost model is stored")
     parser.add_argument("--disk-seconds", type=float, default=0.5,
                         help="seconds per random-read point")
 
