@@ -146,6 +146,14 @@ class NeuronCache:
         assert (live >= 0).all() and (self.slot_of[live] == np.arange(self.n)).all()
         assert int((self.slot_of >= 0).sum()) == self.n
 
+    def expire(self, ids: np.ndarray) -> int:
+        """Mark the cached ones of `ids` out of the window: the next `advance` evicts them
+        first. Returns how many were cached."""
+        slots = self.slot_of[np.asarray(ids, dtype=np.int64)]
+        slots = slots[slots >= 0]
+        self.last_step[slots] = self.step - self.window
+        return int(slots.size)
+
     def mask(self, ids: np.ndarray) -> np.ndarray:
         """(n,) float32 0/1 mask of the live slots holding `ids` (those cached)."""
         out = np.zeros(self.n, dtype=np.float32)

@@ -195,10 +195,16 @@ class FlashFFN(nn.Module):
         # Underscored attributes are not parameters: nothing here is loaded or saved as weights.
         self._layer, self._rt, self._cache, self._out_bias = layer, runtime, cache, out_bias
         self._layout: FFNLayout = runtime.manifest.ffn
+        self._last_ids: list[np.ndarray] | None = None  # per token, of the last window-path call
 
     @property
     def cache(self) -> NeuronCache:
         return self._cache
+
+    @property
+    def last_ids(self) -> list[np.ndarray] | None:
+        """Each token's selected ids in the last window-path call (speculative.py reads them)."""
+        return self._last_ids
 
     def __call__(self, x: mx.array) -> mx.array:
         """x: (B, L, d) -> (B, L, d)."""
@@ -223,6 +229,7 @@ class FlashFFN(nn.Module):
 
     def _sparse(self, x: mx.array, step: TokenStats) -> mx.array:
         selection = self._select(x, step)
+        self._last_ids = selection.ids
         union = ordered_union(selection.ids)
         self._advance(union, step)
         cache = self._cache
@@ -261,6 +268,7 @@ class FlashFFN(nn.Module):
         step.seconds["memory"] += (t1 - t0) + (t3 - t2)
         step.seconds["io"] += t2 - t1
         step.bytes_read += io.bytes
+        step.bytes_needed += io.needed
         step.reads += io.reads
         step.neurons_new += int(plan.new_ids.size)
         step.neurons_hit += plan.hits

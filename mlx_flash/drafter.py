@@ -1,0 +1,609 @@
+"""The recurrent drafter (ReDrafter, arXiv 2403.09919): a small head that guesses the next tokens.
+
+For the model's last hidden state h (after the final norm, the lm_head's input) and the token y
+the model just chose, the drafter unrolls a one-layer RNN over the tokens it drafts:
+
+    s_1 = silu(W e(y) + b)              e: the model's own (frozen) embedding table
+    s_k = silu(U s_{k-1} + W e(t_k) + b)
+    x_k = [s_k, h]                      (2d,)
+    x_k = x_k + silu(R_i x_k + c_i)     ResBlocks, i = 1..n_res
+    logits_k = (P x_k + p) @ E_V^T      E_V: rows `vocab` of the model's frozen lm_head
+
+so its only weights are W, U (d x d), the ResBlocks (2d x 2d) and P (d x 2d): 6.4 M parameters
+for the default model. The vocabulary projection is restricted to `vocab`, a subset of the
+model's tokens (the tokens the model predicted on the calibration text, then the lowest ids,
+which byte-level BPE vocabularies give to their most frequent merges): drafting a token outside
+it is impossible, which costs acceptance and never exactness (verification decides).
+
+Training (`train_drafter`) is distillation from the model's own greedy predictions, teacher
+forced: one forward pass of the dense model over calibration text gives, at every position i,
+the hidden state h_i and the model's argmax g_i; the drafter learns to predict g_{i+k} from h_i
+after reading g_i..g_{i+k-1}. Both the forward and the backward pass are numpy (OpenBLAS is ~30x
+faster than the `mlx[cpu]` wheel's reference BLAS for these matmuls, see predictor.py); the
+gradients are checked against finite differences in tests/test_drafter.py.
+
+On disk, in the model dir: `drafter.safetensors` (the weights and `vocab`, header metadata with
+the format and the config) and `drafter.json` (file size, sha256, model identity, training
+report). A file whose checksum, format or shapes disagree is rejected with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .format import FormatError, fsync_dir, read_manifest, sha256_file
+
+DRAFTER = "drafter.safetensors"
+FILE_FORMAT = "mlx-flash-drafter"
+FILE_VERSION = "1"
+
+
+# ---------------------------------------------------------------- the model's frozen parts
+
+
+def head_weight_rows(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of the model's output projection (lm_head, or the tied embedding): (k, d) f32."""
+    head = model["lm_head"] if "lm_head" in model else model.model.embed_tokens
+    return np.array(_linear_rows(head, mx.array(ids.astype(np.int32))).astype(mx.float32))
+
+
+def _linear_rows(module: nn.Module, ids: mx.array) -> mx.array:
+    if "scales" in module:  # QuantizedLinear / QuantizedEmbedding: dequantize only these rows
+        return mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
+                             group_size=module.group_size, bits=module.bits)
+    if hasattr(module, "_table"):  # FlashEmbedding: rows read from the file
+        return module(ids)
+    return module.weight[ids]
+
+
+def embed_tokens(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    """The model's input embeddings of `ids`: (k,) -> (k, d) float32 (evaluated)."""
+    out = model.model.embed_tokens(mx.array(np.asarray(ids, dtype=np.int32)))
+    return np.array(out.astype(mx.float32))
+
+
+def hidden_and_logits(model: nn.Module, inputs: mx.array, cache=None
+                      ) -> tuple[mx.array, mx.array]:
+    """The transformer stack and the output head apart: inputs (1, L) -> h (1, L, d), logits.
+
+    h is the lm_head's input (after the final norm), what the drafter reads.
+    """
+    h = model.model(inputs, cache)
+    head = model["lm_head"] if "lm_head" in model else model.model.embed_tokens.as_linear
+    return h, head(h)
+
+
+# ---------------------------------------------------------------- the drafter's math (numpy)
+
+
+def silu(a: np.ndarray) -> np.ndarray:
+    return a / (1.0 + np.exp(-a))
+
+
+def silu_grad(a: np.ndarray) -> np.ndarray:
+    sig = 1.0 / (1.0 + np.exp(-a))
+    return sig * (1.0 + a * (1.0 - sig))
+
+
+def param_shapes(d: int, n_res: int) -> dict[str, tuple[int, ...]]:
+    """W, U (d, d), b (d,), P (d, 2d), p (d,), and per ResBlock R{i} (2d, 2d), c{i} (2d,)."""
+    shapes = {"W": (d, d), "U": (d, d), "b": (d,), "P": (d, 2 * d), "p": (d,)}
+    for i in range(n_res):
+        shapes.update({f"R{i}": (2 * d, 2 * d), f"c{i}": (2 * d,)})
+    return shapes
+
+
+INIT_GAIN = {"U": 0.5, "R": 0.1}  # a contracting recurrence, ResBlocks near the identity
+
+
+def init_params(d: int, n_res: int, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random weights (matrices ~ N(0, 1/fan_in) times INIT_GAIN), zero biases."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(d, n_res).items():
+        if len(shape) == 1:
+            params[name] = np.zeros(shape, dtype)
+        else:
+            gain = INIT_GAIN.get(name[0], 1.0)
+            params[name] = (rng.standard_normal(shape) * gain / np.sqrt(shape[1])).astype(dtype)
+    return params
+
+
+def n_resblocks(params: dict[str, np.ndarray]) -> int:
+    return sum(1 for k in params if k.startswith("R"))
+
+
+def rnn_step(params: dict, s: np.ndarray | None, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """s: (B, d) or None (first step), e: (B, d) -> (pre-activation a, new state s)."""
+    a = e @ params["W"].T + params["b"]
+    if s is not None:
+        a = a + s @ params["U"].T
+    return a, silu(a)
+
+
+def head_forward(params: dict, s: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, list]:
+    """s, h: (B, d) -> z (B, d), the lm_head input; and what the backward pass needs."""
+    x = np.concatenate([s, h], axis=1)  # (B, 2d)
+    saved = []
+    for i in range(n_resblocks(params)):
+        r = x @ params[f"R{i}"].T + params[f"c{i}"]
+        saved.append((x, r))
+        x = x + silu(r)
+    return x @ params["P"].T + params["p"], saved + [x]
+
+
+def head_backward(params: dict, saved: list, dz: np.ndarray, grads: dict) -> np.ndarray:
+    """Accumulate the head's gradients for dz (B, d); returns d loss / d s (B, d)."""
+    x = saved[-1]
+    grads["P"] += dz.T @ x
+    grads["p"] += dz.sum(0)
+    dx = dz @ params["P"]
+    for i in reversed(range(n_resblocks(params))):
+        x_in, r = saved[i]
+        dr = dx * silu_grad(r)
+        grads[f"R{i}"] += dr.T @ x_in
+        grads[f"c{i}"] += dr.sum(0)
+        dx = dx + dr @ params[f"R{i}"]
+    return dx[:, : params["W"].shape[0]]
+
+
+def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray, int]:
+    """Summed cross-entropy over rows with a target >= 0 (-1: ignored), and d loss/d logits."""
+    valid = targets >= 0
+    shifted = logits - logits.max(1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(1, keepdims=True)
+    rows = np.nonzero(valid)[0]
+    loss = -float(np.log(probs[rows, targets[rows]] + 1e-30).sum())
+    probs[rows, targets[rows]] -= 1.0
+    probs[~valid] = 0.0
+    return loss, probs, rows.size
+
+
+def loss_and_grads(params: dict, head: np.ndarray, h: np.ndarray, emb: np.ndarray,
+                   targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean cross-entropy of an unrolled draft, and its gradients (BPTT).
+
+    head: (V, d) frozen projection rows; h: (B, d); emb: (B, L, d) embeddings of the tokens
+    read at each step; targets: (B, L) indices into the V rows (-1: no loss).
+    """
+    grads = {k: np.zeros_like(v) for k, v in params.items()}
+    steps, s, total, count = [], None, 0.0, 0
+    for k in range(emb.shape[1]):
+        a, s_new = rnn_step(params, s, emb[:, k])
+        z, saved = head_forward(params, s_new, h)
+        loss, dlogits, n = softmax_xent(z @ head.T, targets[:, k])
+        steps.append((s, a, saved, dlogits))
+        total, count, s = total + loss, count + n, s_new
+    scale = 1.0 / max(1, count)
+    ds_next = None
+    for k in reversed(range(emb.shape[1])):
+        s_prev, a, saved, dlogits = steps[k]
+        ds = head_backward(params, saved, (dlogits @ head) * scale, grads)
+        if ds_next is not None:
+            ds = ds + ds_next
+        da = ds * silu_grad(a)
+        grads["W"] += da.T @ emb[:, k]
+        grads["b"] += da.sum(0)
+        if s_prev is not None:
+            grads["U"] += da.T @ s_prev
+        ds_next = da @ params["U"]
+    return total * scale, grads
+
+
+# ---------------------------------------------------------------- the drafter
+
+
+@dataclass
+class Drafter:
+    """Drafter weights plus the model's frozen parts it reads (attached by `attach`)."""
+
+    params: dict[str, np.ndarray]
+    vocab: np.ndarray  # (V,) model token ids the drafter can propose
+    meta: dict = field(default_factory=dict)
+    head: np.ndarray | None = None  # (V, d) float32: lm_head rows `vocab`
+    embed: Callable[[np.ndarray], np.ndarray] | None = None  # ids (k,) -> (k, d) float32
+
+    @property
+    def d_model(self) -> int:
+        return self.params["W"].shape[1]
+
+    def attach(self, model: nn.Module) -> Drafter:
+        """Read the model's frozen head rows and use its embedding table; returns self."""
+        self.head = head_weight_rows(model, self.vocab)
+        self.embed = lambda ids: embed_tokens(model, ids)
+        return self
+
+    def log_probs(self, s: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """s, h: (B, d) -> (B, V) log-probabilities over `vocab`."""
+        z, _ = head_forward(self.params, s, h)
+        logits = z @ self.head.T
+        logits -= logits.max(1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+    def beam_search(self, h: np.ndarray, token: int, width: int, length: int) -> np.ndarray:
+        """Drafts after `token`: h (d,) -> (beams, length) model token ids, best beam first.
+
+        Plain beam search on the summed log-probabilities; beams <= width (fewer when the
+        vocabulary is smaller than the width).
+        """
+        assert self.head is not None, "attach(model) first"
+        hh = h.reshape(1, -1).astype(np.float32)
+        seqs, scores = np.zeros((1, 0), dtype=np.int64), np.zeros(1)
+        s, last = None, np.array([token])
+        for _ in range(length):
+            _, s = rnn_step(self.params, s, self.embed(last))
+            total = scores[:, None] + self.log_probs(s, np.repeat(hh, s.shape[0], 0))
+            flat = total.ravel()
+            k = min(width, flat.size)
+            best = np.argpartition(-flat, k - 1)[:k]
+            best = best[np.argsort(-flat[best], kind="stable")]
+            beam, col = np.divmod(best, total.shape[1])
+            last = self.vocab[col]
+            seqs = np.concatenate([seqs[beam], last[:, None]], axis=1)
+            s, scores = s[beam], flat[best]
+        return seqs
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def drafter_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights file, sidecar json) for a model dir or a `.safetensors` file."""
+    path = Path(path).expanduser()
+    weights = path / DRAFTER if path.is_dir() else path
+    return weights, weights.with_suffix(".json")
+
+
+def model_identity(flash_dir: Path) -> dict:
+    """What ties a drafter to a model: the architecture numbers and the resident file's hash."""
+    manifest = read_manifest(flash_dir)
+    cfg = manifest.config
+    return {"d_model": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
+            "resident_sha256": manifest.resident["sha256"]}
+
+
+def save_drafter(drafter: Drafter, flash_dir: str | Path, path: str | Path | None = None
+                 ) -> Path:
+    """Write the drafter (temp file, fsync, rename; then the sidecar). Returns the file."""
+    root = Path(flash_dir)
+    weights, sidecar = drafter_paths(path or root)
+    arrays = {k: mx.array(v.astype(np.float32)) for k, v in drafter.params.items()}
+    arrays["vocab"] = mx.array(drafter.vocab.astype(np.int32))
+    tmp = weights.with_name(".drafter-tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata={
+        "format": FILE_FORMAT, "version": FILE_VERSION, "n_res": str(n_resblocks(drafter.params)),
+        "meta": json.dumps(drafter.meta)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    sidecar.unlink(missing_ok=True)  # no sidecar = no drafter while the file is replaced
+    os.replace(tmp, weights)
+    entry = {"file": weights.name, "size": weights.stat().st_size,
+             "sha256": sha256_file(weights), "format": FILE_FORMAT, "version": FILE_VERSION,
+             "model": model_identity(root), **drafter.meta}
+    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
+    tmp_json.write_text(json.dumps(entry, indent=1))
+    os.replace(tmp_json, sidecar)
+    fsync_dir(weights.parent)
+    return weights
+
+
+def load_drafter(path: str | Path, flash_dir: str | Path | None = None) -> Drafter:
+    """Read and check a drafter: sha256 against its sidecar, format, shapes, and (with
+    flash_dir) that it was trained for this model. Raises FormatError naming the file."""
+    weights, sidecar = drafter_paths(path)
+    fix = f"train one with `mlx-flash train-drafter {flash_dir or weights.parent}`"
+    if not sidecar.exists() or not weights.exists():
+        raise FormatError(f"no drafter at {weights} (needs it and {sidecar.name}); {fix}")
+    try:
+        entry = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{sidecar}: not valid JSON ({e}); {fix}") from e
+    if sha256_file(weights) != entry.get("sha256"):
+        raise FormatError(f"{weights}: checksum mismatch with {sidecar.name}, the file is "
+                          f"corrupted or was replaced; {fix}")
+    try:
+        arrays, metadata = mx.load(str(weights), format="safetensors", return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError for a bad header
+        raise FormatError(f"{weights}: not a readable safetensors file ({e}); {fix}") from e
+    if metadata.get("format") != FILE_FORMAT or metadata.get("version") != FILE_VERSION:
+        raise FormatError(f"{weights}: not an mlx-flash drafter of version {FILE_VERSION}; {fix}")
+    drafter = _from_arrays(arrays, weights, fix)
+    drafter.meta = json.loads(metadata.get("meta", "{}"))
+    if flash_dir is not None:
+        _check_identity(entry.get("model", {}), model_identity(Path(flash_dir)), weights, fix)
+    return drafter
+
+
+def _from_arrays(arrays: dict[str, mx.array], where: Path, fix: str) -> Drafter:
+    if "W" not in arrays or "vocab" not in arrays:
+        raise FormatError(f"{where}: missing tensors W/vocab; {fix}")
+    d = arrays["W"].shape[1]
+    params = {k: np.array(v.astype(mx.float32)) for k, v in arrays.items() if k != "vocab"}
+    got = {k: v.shape for k, v in params.items()}
+    if got != param_shapes(d, n_resblocks(params)):
+        raise FormatError(f"{where}: tensor shapes {got} are not a drafter for d_model {d}; "
+                          f"{fix}")
+    return Drafter(params, np.array(arrays["vocab"]).astype(np.int64))
+
+
+def _check_identity(saved: dict, current: dict, where: Path, fix: str) -> None:
+    for key in ("d_model", "vocab_size", "resident_sha256"):
+        if saved.get(key) != current[key]:
+            raise FormatError(f"{where} was trained for another model ({key} "
+                              f"{saved.get(key)!r}, this model {current[key]!r}); {fix}")
+
+
+# ---------------------------------------------------------------- training data
+
+
+@dataclass
+class DrafterConfig:
+    """Training settings of `train_drafter`."""
+
+    length: int = 4  # draft steps unrolled in training (the draft length it is made for)
+    n_res: int = 1  # ResBlocks
+    vocab: int = 8192  # size of the drafter's vocabulary subset (capped at the model's)
+    steps: int = 300
+    batch_size: int = 256
+    lr: float = 1e-3
+    holdout: float = 0.1  # last fraction of the sequences, for the acceptance report
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("length", "vocab", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"drafter {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_res < 0 or not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"need n_res >= 0 and 0 < holdout < 1, got {self.n_res}, "
+                             f"{self.holdout}")
+
+
+def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One forward pass per sequence: tokens (S, T) -> hidden (S, T, d) f32, argmax (S, T).
+
+    The linears run in numpy on CPU (big matmuls, see predictor.numpy_linears)."""
+    from .predictor import numpy_linears
+
+    hs, gs = [], []
+    with numpy_linears(model):
+        for row in tokens:
+            h, logits = hidden_and_logits(model, mx.array(row[None]))
+            hs.append(np.array(h[0].astype(mx.float32)))  # evaluates: one sequence at a time
+            gs.append(np.array(mx.argmax(logits[0], axis=-1)).astype(np.int64))
+            if progress is not None:
+                progress(row.size)
+    return np.stack(hs), np.stack(gs)
+
+
+def choose_vocab(targets: np.ndarray, vocab_size: int, size: int) -> np.ndarray:
+    """The drafter's tokens: the most frequent targets, then the lowest ids; (V,) sorted."""
+    size = min(size, vocab_size)
+    counts = np.bincount(targets.ravel(), minlength=vocab_size)
+    seen = np.argsort(-counts, kind="stable")[: min(size, int((counts > 0).sum()))]
+    rest = np.setdiff1d(np.arange(vocab_size), seen)[: size - seen.size]
+    return np.sort(np.concatenate([seen, rest]))
+
+
+def make_examples(hidden: np.ndarray, argmax: np.ndarray, length: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher-forced drafts: h_i (N, d), tokens read g_i..g_{i+L-1} (N, L), targets
+    g_{i+1}..g_{i+L} (N, L), for every position i of every sequence with L tokens after it."""
+    S, T, _ = hidden.shape
+    if T <= length:
+        raise ValueError(f"calibration sequences of {T} tokens are too short for drafts of "
+                         f"{length}; raise --seq-len")
+    idx = np.arange(T - length)
+    offs = idx[:, None] + np.arange(length + 1)[None]  # (T - L, L + 1)
+    h = hidden[:, idx].reshape(-1, hidden.shape[2])
+    windows = argmax[:, offs].reshape(-1, length + 1)
+    return h, windows[:, :-1], windows[:, 1:]
+
+
+# ---------------------------------------------------------------- training
+
+
+class Adam:
+    """Adam on a dict of numpy arrays (the drafter is small: no need for mlx.optimizers)."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float, betas=(0.9, 0.999),
+                 eps: float = 1e-8):
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def update(self, params: dict, grads: dict, lr: float | None = None) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        step = (lr or self.lr) * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        for k, g in grads.items():
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
+            params[k] -= (step * self.m[k] / (np.sqrt(self.v[k]) + self.eps)).astype(
+                params[k].dtype)
+
+
+def to_subset(tokens: np.ndarray, vocab: np.ndarray) -> np.ndarray:
+    """Model token ids -> indices into `vocab` (-1 where the token is not in it)."""
+    pos = np.searchsorted(vocab, tokens)
+    pos = np.minimum(pos, vocab.size - 1)
+    return np.where(vocab[pos] == tokens, pos, -1)
+
+
+def fit(drafter: Drafter, h: np.ndarray, read: np.ndarray, targets: np.ndarray,
+        cfg: DrafterConfig, on_step=None) -> list[float]:
+    """Adam on random batches for cfg.steps steps (cosine-decayed lr); returns the losses."""
+    rng = np.random.default_rng(cfg.seed)
+    opt = Adam(drafter.params, cfg.lr)
+    sub = to_subset(targets, drafter.vocab)
+    losses = []
+    for step in range(cfg.steps):
+        rows = rng.choice(h.shape[0], size=min(cfg.batch_size, h.shape[0]), replace=False)
+        emb = drafter.embed(read[rows].ravel()).reshape(rows.size, read.shape[1], -1)
+        loss, grads = loss_and_grads(drafter.params, drafter.head, h[rows], emb, sub[rows])
+        opt.update(drafter.params, grads, cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss)
+    return losses
+
+
+def chain_acceptance(drafter: Drafter, h: np.ndarray, read: np.ndarray, targets: np.ndarray,
+                     batch: int = 512) -> dict:
+    """Teacher-forced greedy drafts on held-out positions: per-step top-1 accuracy and the mean
+    accepted length of a greedy chain (the drafts before the first miss)."""
+    L = read.shape[1]
+    hits = np.zeros((0, L), dtype=bool)
+    for start in range(0, h.shape[0], batch):
+        sl = slice(start, start + batch)
+        s, tok, out = None, read[sl, 0], []
+        for k in range(L):
+            _, s = rnn_step(drafter.params, s, drafter.embed(tok))
+            tok = drafter.vocab[np.argmax(drafter.log_probs(s, h[sl]), axis=1)]
+            out.append(tok == targets[sl, k])
+        hits = np.concatenate([hits, np.stack(out, 1)])
+    accepted = np.cumprod(hits, axis=1).sum(1)
+    return {"top1_per_step": [round(float(x), 4) for x in hits.mean(0)],
+            "mean_accepted": round(float(accepted.mean()), 4), "positions": int(h.shape[0])}
+
+
+@dataclass
+class TrainReport:
+    teacher_seconds: float
+    train_seconds: float
+    tokens: int
+    vocab_coverage: float  # fraction of the targets the drafter's vocabulary holds
+    holdout: dict
+    losses: list[float] = field(default_factory=list)
+
+
+def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
+                  progress: Callable[[str, int, float], None] | None = None
+                  ) -> tuple[Drafter, TrainReport]:
+    """Distil a drafter from `model` on calibration tokens (S, T). progress(stage, n, value)."""
+    t0 = time.perf_counter()
+    tick = (lambda n: progress("teacher", n, 0.0)) if progress else None
+    hidden, argmax = teacher_outputs(model, tokens, tick)
+    t1 = time.perf_counter()
+    n_hold = max(1, int(round(cfg.holdout * tokens.shape[0])))
+    if n_hold >= tokens.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} calibration sequences cannot hold out "
+                         f"{cfg.holdout:.0%}; give more text (--tokens)")
+    train = make_examples(hidden[:-n_hold], argmax[:-n_hold], cfg.length)
+    hold = make_examples(hidden[-n_hold:], argmax[-n_hold:], cfg.length)
+    d, vocab_size = hidden.shape[2], int(model.args.vocab_size)
+    vocab = choose_vocab(train[2], vocab_size, cfg.vocab)
+    drafter = Drafter(init_params(d, cfg.n_res, cfg.seed), vocab).attach(model)
+    step_cb = (lambda i, loss: progress("train", 1, loss)) if progress else None
+    losses = fit(drafter, *train, cfg, step_cb)
+    report = TrainReport(t1 - t0, time.perf_counter() - t1, int(tokens.size),
+                         float((to_subset(train[2], vocab) >= 0).mean()),
+                         chain_acceptance(drafter, *hold), losses)
+    drafter.meta = {"config": asdict(cfg), "teacher_seconds": round(report.teacher_seconds, 1),
+                    "train_seconds": round(report.train_seconds, 1), "tokens": report.tokens,
+                    "vocab_coverage": round(report.vocab_coverage, 4),
+                    "holdout": report.holdout, "final_loss": round(float(np.mean(losses[-20:])), 4)}
+    return drafter, report
+
+
+# ---------------------------------------------------------------- command line
+
+
+def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | None = None,
+                 n_tokens: int = 4096, seq_len: int = 256, out: str | Path | None = None,
+                 progress=None) -> tuple[Path, TrainReport]:
+    """Calibration text -> teacher pass of the dense model -> drafter saved in the dir."""
+    from .model import load_dense
+    from .predictor import (
+        DEFAULT_DOC_CHARS,
+        DEFAULT_TEXT,
+        calibration_sequences,
+        default_documents,
+        read_documents,
+    )
+
+    root = Path(flash_dir)
+    model, tokenizer = load_dense(root, dtype="float32")
+    docs = default_documents() if text is None else read_documents(text)
+    tokens = calibration_sequences(tokenizer, docs, n_tokens, seq_len)
+    drafter, report = train_drafter(model, tokens, cfg, progress)
+    drafter.meta["text"] = (DEFAULT_TEXT.format(chars=DEFAULT_DOC_CHARS) if text is None
+                            else str(Path(text).resolve()))
+    return save_drafter(drafter, root, out), report
+
+
+class _Progress:
+    """tqdm bars for the teacher pass and the training steps (the CLI's progress)."""
+
+    def __init__(self, n_tokens: int, steps: int):
+        import sys
+
+        from tqdm import tqdm
+
+        self.teacher = tqdm(total=n_tokens, desc="teacher pass", unit="tok", file=sys.stderr)
+        self.train = tqdm(total=steps, desc="training", unit="step", file=sys.stderr)
+
+    def __call__(self, stage: str, n: int, loss: float) -> None:
+        bar = self.teacher if stage == "teacher" else self.train
+        bar.update(n)
+        if stage == "train":
+            bar.set_postfix_str(f"loss {loss:.3f}")
+
+    def close(self) -> None:
+        self.teacher.close()
+        self.train.close()
+
+
+def train_drafter_cli(args) -> int:
+    """`mlx-flash train-drafter DIR ...`: trains, saves, prints time and acceptance."""
+    cfg = DrafterConfig(length=args.length, n_res=args.resblocks, vocab=args.vocab,
+                        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.seed)
+    n_tokens = (args.tokens // args.seq_len) * args.seq_len
+    bars = _Progress(n_tokens, cfg.steps)
+    try:
+        path, report = make_drafter(args.dir, cfg, args.text, args.tokens, args.seq_len,
+                                    args.out, progress=bars)
+    finally:
+        bars.close()
+    hold = report.holdout
+    print(f"teacher pass {report.teacher_seconds:.0f} s over {report.tokens} tokens, training "
+          f"{report.train_seconds:.0f} s ({cfg.steps} steps); vocabulary {cfg.vocab} tokens "
+          f"cover {report.vocab_coverage:.1%} of the targets\nheld-out ({hold['positions']} "
+          f"positions, teacher forced): top-1 per draft step {hold['top1_per_step']}, mean "
+          f"accepted greedy chain {hold['mean_accepted']:.2f} of {cfg.length}\nwrote {path}")
+    return 0
+
+
+def add_arguments(subparsers) -> None:
+    """Register `train-drafter` on the CLI's subparsers."""
+    p = subparsers.add_parser("train-drafter",
+                              help="train the recurrent drafter for speculative decoding")
+    p.add_argument("dir", help="flash model dir (the drafter is written into it)")
+    p.add_argument("--text", default=None,
+                   help="calibration text: a file or a folder of text files (default: Python's "
+                        "pydoc topics and stdlib sources, nothing downloaded)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens in all")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--steps", type=int, default=DrafterConfig.steps, help="training steps")
+    p.add_argument("--batch-size", type=int, default=DrafterConfig.batch_size)
+    p.add_argument("--lr", type=float, default=DrafterConfig.lr)
+    p.add_argument("--length", type=int, default=DrafterConfig.length,
+                   help="draft steps unrolled in training")
+    p.add_argument("--resblocks", type=int, default=DrafterConfig.n_res)
+    p.add_argument("--vocab", type=int, default=DrafterConfig.vocab,
+                   help="tokens the drafter can propose (most frequent targets, then the "
+                        "lowest ids)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write here instead of DIR/drafter.safetensors")
+    p.set_defaults(func=train_drafter_cli)
