@@ -146,6 +146,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_calibrate_disk(args) -> int:
+    from tqdm import tqdm
+
+    from . import disk
+    from .format import MANIFEST, read_manifest
+
+    where = Path(args.dir).expanduser()
+    files = None
+    if (where / MANIFEST).exists():  # a flash model dir: read its own bundle files
+        files = [where / e.file for e in read_manifest(where).layers]
+    with tqdm(total=disk.points(), desc="calibrate-disk", unit="point", file=sys.stderr,
+              disable=None) as bar:
+        model = disk.calibrate(where, files, args.seconds, args.scratch_mib * 2**20,
+                               progress=lambda what: (bar.set_postfix_str(what), bar.update()))
+    dest = disk.save(model, disk.model_path(where))
+    print(f"device {model.device}: {model.latency() * 1e6:.0f} us per 4 KiB read, "
+          f"{model.bandwidth() / 1e9:.2f} GB/s for 1 MiB reads (8 threads, O_DIRECT); "
+          f"page cache {'dropped' if model.extra['page_cache_dropped'] else 'NOT dropped (not root)'}"
+          f"\nwrote {dest}")
+    return 0
+
+
 def run_bench(argv: list[str]) -> int:
     """Run scripts/benchmark.py (it lives in the source checkout, beside the package)."""
     import importlib.util
@@ -220,13 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("calibrate-disk", help="measure the disk's read cost (once per device; "
+                                              "the read planner and the benchmark use it)")
+    p.add_argument("dir", nargs="?", default=str(Path.home()),
+                   help="a directory on the disk to measure (a flash model dir: its bundle files "
+                        "are read; else a temporary scratch file is written there)")
+    p.add_argument("--seconds", type=float, default=0.5, help="seconds per measured point")
+    p.add_argument("--scratch-mib", type=int, default=512, help="size of the scratch file")
+    p.set_defaults(func=cmd_calibrate_disk)
+
     p = sub.add_parser("bench", help="benchmark under DRAM caps (scripts/benchmark.py; "
                                      "--help for its flags)", add_help=False)
     p.set_defaults(func=lambda args: run_bench([]))
 
-    from . import chat, evaluate, predictor
+    from . import chat, evaluate, placement, predictor
 
     predictor.add_arguments(sub)
+    placement.add_arguments(sub)
     evaluate.add_arguments(sub)
     chat.add_arguments(sub)
     try:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+PINNED_STEP = np.iinfo(np.int64).max // 2  # last_step of a pinned slot: never leaves the window
+
 
 @dataclass
 class WindowPlan:
@@ -61,6 +63,7 @@ class NeuronCache:
         self.last_step = np.zeros(capacity, dtype=np.int64)
         self.n = 0
         self.step = 0
+        self.pinned = 0  # slots [0, pinned) hold pinned neurons, never evicted
 
     @property
     def weights(self) -> mx.array:
@@ -93,10 +96,14 @@ class NeuronCache:
         """
         self.step += 1
         ids = np.asarray(ids, dtype=np.int64)
-        truncated = max(0, ids.size - self.capacity)
-        ids = ids[: self.capacity]
-        cached = self.slot_of[ids] >= 0
-        self.last_step[self.slot_of[ids[cached]]] = self.step
+        slots = self.slot_of[ids]
+        pinned = (slots >= 0) & (slots < self.pinned)
+        # Pinned ids are free; the others share what the pinned slots leave, best first.
+        fits = pinned | (np.cumsum(~pinned) <= self.capacity - self.pinned)
+        truncated = int(ids.size - fits.sum())
+        ids, slots = ids[fits], slots[fits]
+        cached = slots >= 0
+        self.last_step[slots[cached & (slots >= self.pinned)]] = self.step
         missing = np.sort(ids[~cached])
         evict = self._choose_evictions(missing.size)
         dst, src = self._evict(evict)
@@ -161,9 +168,29 @@ class NeuronCache:
         out[slots[slots >= 0]] = 1.0
         return out
 
+    def pin(self, ids: np.ndarray) -> np.ndarray:
+        """Cache `ids` (unique) for good in slots [0, k), before the first token; returns
+        those slots (the caller writes the rows). At most half the capacity may be pinned."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.n:
+            raise ValueError("pin neurons before the first token: the cache is not empty")
+        if ids.size > self.capacity // 2:
+            raise ValueError(f"cannot pin {ids.size} neurons in a cache of {self.capacity}: "
+                             "at most half of it (raise the DRAM budget or pin fewer)")
+        slots = np.arange(ids.size)
+        self.neuron_of[slots] = ids
+        self.slot_of[ids] = slots
+        self.last_step[slots] = PINNED_STEP
+        self.n = self.pinned = int(ids.size)
+        self._check()
+        return slots
+
     def reset(self) -> None:
+        """Forget every neuron but the pinned ones (their rows stay in slots [0, pinned))."""
+        p = self.pinned
         self.slot_of[:] = -1
-        self.neuron_of[:] = -1
-        self.last_step[:] = 0
-        self.n = 0
+        self.neuron_of[p:] = -1
+        self.slot_of[self.neuron_of[:p]] = np.arange(p)
+        self.last_step[p:] = 0
+        self.n = p
         self.step = 0

@@ -176,7 +176,8 @@ class CostModel:
         t = min(self.random, key=lambda k: (abs(int(k) - threads), -int(k)))
         by_size = sorted((int(k) * 1024, float(v)) for k, v in self.random[t].items())
         sizes = np.array([s for s, _ in by_size], dtype=np.float64)
-        return sizes, sizes / np.array([r for _, r in by_size])
+        # A larger read never costs less than a smaller one (noise can make it look so).
+        return sizes, np.maximum.accumulate(sizes / np.array([r for _, r in by_size]))
 
     def read_seconds(self, nbytes: np.ndarray, threads: int = 8) -> np.ndarray:
         """Device time of each read of nbytes (array) when `threads` reads are in flight."""

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import disk
 from .cache import NeuronCache
 from .checkpoint import ARCHITECTURES, mlp_prefix
 from .ffn import (
@@ -144,7 +145,8 @@ def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
     raw = np.fromfile(root / entry.file, dtype=np.uint8)
     if raw.size != entry.size:
         raise ValueError(f"{root / entry.file}: {raw.size} bytes, manifest says {entry.size}")
-    weights, bias = split_bundles(raw.reshape(entry.n_neurons, entry.stride), manifest, dtype)
+    rows = manifest.to_original(layer, raw.reshape(entry.n_neurons, entry.stride))
+    weights, bias = split_bundles(rows, manifest, dtype)
     spec, prefix = ARCHITECTURES[manifest.config["model_type"]], mlp_prefix(layer)
     ins = [spec.gate, spec.up] if spec.kind == "gated" else [spec.up]
     out = {f"{prefix}.{name}.weight": weights[i] for i, name in enumerate(ins)}
@@ -367,7 +369,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
          min_capacity: int | None = None, naive: bool = False,
          resident_bits: int | None = None, resident_group_size: int = 64,
-         numpy_lm_head: bool = False, predictor_recall: float | None = None):
+         numpy_lm_head: bool = False, predictor_recall: float | None = None,
+         read_planner: str = "cost", pin_hot: float = 0.0):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
@@ -379,7 +382,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
     `keep`), "predictor" (the dir's trained predictors; predictor_recall picks one of their
     calibrated operating points, None = their default) or "auto" (predictor when the dir has
-    them, else oracle). naive: the paper's baseline, every layer's whole FFN
+    them, else oracle). read_planner: "cost" (spans chosen by this disk's cost model, see
+    planner.py), "runs" or "neuron". pin_hot: fraction of each neuron cache given to the
+    layer's most often active neurons for the whole run (needs a placed dir; 0: none).
+    naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
     stats is `model.flash`.
     """
@@ -425,7 +431,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
         mx.set_cache_limit(plan.scratch - CODE_PAGES)
         return_freed_memory_to_os()
 
-    store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode)
+    store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode,
+                        planner=read_planner, cost=disk.cost_model_for(root) or disk.FALLBACK)
     chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype,
                              predictor_recall)
     runtime = FlashRuntime(manifest, store, chooser, settings, dtype)
@@ -435,7 +442,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
                               "direct": direct, "store_mode": store_mode,
                               "embed_on_flash": bool(embed_on_flash), "compute_on": compute_on,
                               "capacity": plan.capacity, "naive": naive,
-                              "resident_bits": resident_bits}
+                              "resident_bits": resident_bits, "read_planner": read_planner,
+                              "pinned": 0}
     model = build_model(manifest)
     skip = ("model.embed_tokens.weight",) if embed_on_flash else ()
     weights = load_resident(root, model, dtype, skip, resident_bits, resident_group_size)
@@ -449,6 +457,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
 
         runtime.stats.settings["numpy_lm_head"] = use_numpy_lm_head(model)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
+    if pin_hot:
+        from .placement import pin_hot as pin
+
+        runtime.stats.settings["pinned"] = pin(model, int(pin_hot * plan.capacity))
     return model, tokenizer
 
 

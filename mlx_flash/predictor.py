@@ -868,7 +868,7 @@ def layer_weights(root: Path, manifest: Manifest, layer: int
 
     entry = manifest.layers[layer]
     raw = np.fromfile(root / entry.file, dtype=np.uint8).reshape(entry.n_neurons, entry.stride)
-    weights, biases = split_bundles(raw, manifest, mx.float32)
+    weights, biases = split_bundles(manifest.to_original(layer, raw), manifest, mx.float32)
     return np.array(weights), None if biases is None else np.array(biases)
 
 

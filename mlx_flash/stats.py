@@ -23,6 +23,7 @@ class TokenStats:
     tokens: int = 1  # tokens in this forward call (1 when decoding, the prompt when prefilling)
     bytes_read: int = 0
     reads: int = 0
+    bytes_needed: int = 0  # new neurons x stride: bytes_read / bytes_needed = read amplification
     predictor_bytes: int = 0  # bytes the no-predictor oracle read to find the active neurons
     neurons_active: int = 0  # sum over layers of this token's active neurons
     neurons_new: int = 0  # read from flash for this token
@@ -76,6 +77,8 @@ class RunStats:
             "bytes_read": sum(s.bytes_read for s in self.steps),
             "bytes_read_per_token": (sum(s.bytes_read for s in decode) / n) if n else 0.0,
             "reads_per_token": (sum(s.reads for s in decode) / n) if n else 0.0,
+            "read_amplification": (sum(s.bytes_read for s in decode)
+                                   / max(1, sum(s.bytes_needed for s in decode))),
             "hit_rate": (sum(s.neurons_hit for s in decode)
                          / max(1, sum(s.neurons_active for s in decode))),
             "ffn_seconds_per_token": {k: v / n if n else 0.0 for k, v in seconds.items()},

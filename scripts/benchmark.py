@@ -359,6 +359,9 @@ def flash_result(model) -> dict:
                                                                  "compute")}
     return {"flash_seconds_per_token": seconds,
             "bytes_read_per_token": sum(s.bytes_read for s in steps) / n,
+            "bytes_needed_per_token": sum(s.bytes_needed for s in steps) / n,
+            "read_amplification": (sum(s.bytes_read for s in steps)
+                                   / max(1, sum(s.bytes_needed for s in steps))),
             "predictor_bytes_per_token": sum(s.predictor_bytes for s in steps) / n,
             "reads_per_token": sum(s.reads for s in steps) / n,
             "hit_rate": sum(s.neurons_hit for s in steps) / max(1, sum(s.neurons_active
