@@ -115,21 +115,30 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import LiveStats, format_prompt, generate_text, load_model
+    from .generate import LiveStats, format_prompt, generate_text, load_model, load_speculation
 
     model, tokenizer = load_model(args)
     stats = None if args.dense else model.flash.stats
+    spec = load_speculation(args, model)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = format_prompt(tokenizer, prompt, args.system_prompt,
                         use_chat_template=not args.ignore_chat_template)
     live = LiveStats(stats) if args.verbose else None
     result = generate_text(model, tokenizer, ids, args.max_tokens, args.temp, args.top_p,
-                           args.seed, on_token=_printer(live))
+                           args.seed, on_token=_printer(live), speculative=spec)
     print()
     print("=" * 10, file=sys.stderr)
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.3f} tokens-per-sec\n"
           f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} "
           f"tokens-per-sec\nPeak RSS: {result.peak_rss_bytes / 2**30:.3f} GB", file=sys.stderr)
+    if spec is not None:
+        t = spec.stats.totals()
+        print(f"Speculative: {t['tokens_per_step']:.2f} tokens per verification step "
+              f"({t['verify_steps']} steps, {t['candidates_per_step']:.1f} candidates each), "
+              f"acceptance {t['acceptance_rate']:.1%} of {t['draft_length']} drafted, draft "
+              f"{t['draft_seconds']:.2f} s, verify {t['verify_seconds']:.2f} s", file=sys.stderr)
+        if stats is not None:
+            stats.speculative = t
     if stats is not None:
         totals = stats.totals()
         print(f"Flash: {totals['bytes_read_per_token'] / 2**20:.2f} MiB read/token, "
@@ -196,7 +205,7 @@ def _printer(live):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_arguments
+    from .generate import add_drafter_arguments, add_model_arguments
 
     parser = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
     parser.add_argument("--models-dir", default=None,
@@ -240,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--verbose", action="store_true", help="live per-token flash stats")
     p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
+    add_drafter_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("calibrate-disk", help="measure the disk's read cost (once per device; "
@@ -255,10 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--help for its flags)", add_help=False)
     p.set_defaults(func=lambda args: run_bench([]))
 
-    from . import chat, evaluate, placement, predictor
+    from . import chat, drafter, evaluate, placement, predictor
 
     predictor.add_arguments(sub)
     placement.add_arguments(sub)
+    drafter.add_arguments(sub)
     evaluate.add_arguments(sub)
     chat.add_arguments(sub)
     try:

@@ -33,12 +33,17 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None,
 
 
 def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
-           top_p: float = 1.0, seed: int | None = None) -> Iterator:
-    """mlx_lm.stream_generate with a sampler for temp/top_p; yields its responses."""
+           top_p: float = 1.0, seed: int | None = None, speculative=None) -> Iterator:
+    """mlx_lm.stream_generate with a sampler for temp/top_p; yields its responses.
+
+    speculative: a `Speculation` (drafter, settings, stats): greedy speculative decoding."""
     import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    if speculative is not None:
+        yield from speculative.stream(model, tokenizer, prompt_ids, max_tokens, temp)
+        return
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p)
@@ -47,11 +52,12 @@ def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float
 
 
 def generate_text(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
-                  top_p: float = 1.0, seed: int | None = None, on_token=None
-                  ) -> GenerationResult:
+                  top_p: float = 1.0, seed: int | None = None, on_token=None,
+                  speculative=None) -> GenerationResult:
     """Generate and collect the text; `on_token(response)` is called per token."""
     text, last = "", None
-    for response in stream(model, tokenizer, prompt_ids, max_tokens, temp, top_p, seed):
+    for response in stream(model, tokenizer, prompt_ids, max_tokens, temp, top_p, seed,
+                           speculative):
         text += response.text
         last = response
         if on_token is not None:
@@ -116,6 +122,31 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=2048,
                    help="context length the budget reserves KV cache for")
     p.add_argument("--dense", action="store_true", help="run the dense reference instead")
+
+
+def add_drafter_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of speculative decoding with the recurrent drafter."""
+    p.add_argument("--drafter", nargs="?", const="", default=None, metavar="PATH",
+                   help="speculative decoding (greedy only) with a drafter: the model dir's "
+                        "(made by `mlx-flash train-drafter`) or PATH (a dir or .safetensors)")
+    p.add_argument("--beam-width", type=int, default=2, help="drafter beams per step")
+    p.add_argument("--draft-length", type=int, default=4, help="tokens drafted per beam")
+    p.add_argument("--window-policy", default="keep", choices=["keep", "drop"],
+                   help="flash: neurons read only for rejected drafts stay in the window "
+                        "(keep) or are evicted first (drop)")
+
+
+def load_speculation(args: argparse.Namespace, model):
+    """A Speculation for --drafter, or None without it."""
+    if args.drafter is None:
+        return None
+    from .drafter import load_drafter
+    from .speculative import SpecSettings, Speculation
+
+    root = model_dir(args)
+    drafter = load_drafter(args.drafter or root, root).attach(model)
+    return Speculation(drafter, SpecSettings(args.beam_width, args.draft_length,
+                                             args.window_policy))
 
 
 def model_dir(args: argparse.Namespace) -> Path:

@@ -30,6 +30,7 @@ class TokenStats:
     neurons_hit: int = 0  # active and already cached
     neurons_cached: int = 0  # live rows over all layers after the update
     truncated: int = 0  # active neurons dropped for lack of capacity
+    emitted: int = 0  # tokens a speculative verification call produced (0: not one)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(TIME_KEYS, 0.0))
 
     @property
@@ -54,6 +55,7 @@ class RunStats:
     steps: list[TokenStats] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)  # planned budget breakdown, bytes
+    speculative: dict = field(default_factory=dict)  # SpecStats.totals() with a drafter
 
     def new_step(self, tokens: int) -> TokenStats:
         self.steps.append(TokenStats(tokens=tokens))
@@ -64,16 +66,17 @@ class RunStats:
         return self.steps[-1]
 
     def decode_steps(self) -> list[TokenStats]:
-        return [s for s in self.steps if s.tokens == 1]
+        """Calls that produced tokens: one-token decodes and speculative verifications."""
+        return [s for s in self.steps if s.tokens == 1 or s.emitted]
 
     def totals(self) -> dict:
         decode = self.decode_steps()
-        n = len(decode)
+        n = sum(s.emitted or 1 for s in decode)  # tokens produced: per-token figures divide
         seconds = {k: sum(s.seconds[k] for s in decode) for k in TIME_KEYS}
         wall = sum(seconds.values())
         return {
             "decode_tokens": n,
-            "prefill_tokens": sum(s.tokens for s in self.steps if s.tokens > 1),
+            "prefill_tokens": sum(s.tokens for s in self.steps if s.tokens > 1 and not s.emitted),
             "bytes_read": sum(s.bytes_read for s in self.steps),
             "bytes_read_per_token": (sum(s.bytes_read for s in decode) / n) if n else 0.0,
             "reads_per_token": (sum(s.reads for s in decode) / n) if n else 0.0,
@@ -87,8 +90,11 @@ class RunStats:
         }
 
     def to_dict(self) -> dict:
-        return {"settings": self.settings, "memory": self.memory, "totals": self.totals(),
-                "steps": [s.to_dict() for s in self.steps]}
+        out = {"settings": self.settings, "memory": self.memory, "totals": self.totals(),
+               "steps": [s.to_dict() for s in self.steps]}
+        if self.speculative:
+            out["speculative"] = self.speculative
+        return out
 
     def write_json(self, path: str | Path) -> None:
         path = Path(path)

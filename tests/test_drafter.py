@@ -1,0 +1,279 @@
+"""The recurrent drafter and speculative decoding: exact greedy output, tree attention, rollback."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache
+
+from mlx_flash.drafter import (
+    Drafter,
+    DrafterConfig,
+    hidden_and_logits,
+    init_params,
+    load_drafter,
+    loss_and_grads,
+    save_drafter,
+    train_drafter,
+)
+from mlx_flash.format import FormatError
+from mlx_flash.model import load, load_dense
+from mlx_flash.speculative import (
+    SpecSettings,
+    SpecStats,
+    TokenTree,
+    accept,
+    make_cache,
+    rollback,
+    speculative_tokens,
+    token_tree,
+    verify_tree,
+)
+
+PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
+N_TOKENS = 24
+
+
+def reference(model, n=N_TOKENS) -> list[int]:
+    """mlx_lm's own greedy tokens (what `mlx_lm.generate` emits)."""
+    steps = generate_step(mx.array(PROMPT), model, max_tokens=n)
+    return [int(t) for t, _ in steps]
+
+
+def random_drafter(model, d=64, seed=1) -> Drafter:
+    return Drafter(init_params(d, 1, seed=seed), np.arange(256)).attach(model)
+
+
+class PeekingDrafter:
+    """Drafts that hold the true continuation in a beam that is not the first, plus decoys
+    sharing its prefix: acceptance paths are then long and non-contiguous in the tree."""
+
+    def __init__(self, truth: list[int], emitted: list[int]):
+        self.truth, self.emitted = truth, emitted
+
+    def beam_search(self, h, token, width, length):
+        pos = len(self.emitted)
+        true = list(self.truth[pos:pos + length])
+        true += [3] * (length - len(true))
+        decoy = [true[0]] + [(t + 1) % 256 for t in true[1:]]
+        other = [(true[0] + 7) % 256] * length
+        return np.array([decoy, true, other][:max(2, width)])
+
+
+def run(model, drafter, settings, n=N_TOKENS) -> tuple[list[int], SpecStats]:
+    stats, out = SpecStats(draft_length=settings.draft_length), []
+    if isinstance(drafter, PeekingDrafter):
+        drafter.emitted = out
+    for token in speculative_tokens(model, drafter, PROMPT, settings, stats):
+        out.append(token)
+        if len(out) == n:
+            break
+    return out, stats
+
+
+# ---------------------------------------------------------------- the drafter's math
+
+
+def test_gradients_match_finite_differences():
+    rng = np.random.default_rng(1)
+    d, vocab, batch, length = 6, 11, 5, 3
+    params = {k: v + rng.normal(0, 0.1, v.shape)
+              for k, v in init_params(d, 2, seed=3, dtype=np.float64).items()}
+    head, h = rng.normal(0, 1, (vocab, d)), rng.normal(0, 1, (batch, d))
+    emb = rng.normal(0, 1, (batch, length, d))
+    targets = rng.integers(-1, vocab, (batch, length))
+    _, grads = loss_and_grads(params, head, h, emb, targets)
+    for name, value in params.items():
+        idx = tuple(rng.integers(0, s) for s in value.shape)  # one entry per tensor
+        old = value[idx]
+        value[idx] = old + 1e-6
+        up, _ = loss_and_grads(params, head, h, emb, targets)
+        value[idx] = old - 1e-6
+        down, _ = loss_and_grads(params, head, h, emb, targets)
+        value[idx] = old
+        assert abs((up - down) / 2e-6 - grads[name][idx]) < 1e-6, name
+
+
+def test_training_lowers_the_loss_and_reports(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load_dense(flash_dir)
+    tokens = np.random.default_rng(0).integers(3, 256, (6, 24)).astype(np.int32)
+    cfg = DrafterConfig(length=3, steps=30, batch_size=64, lr=3e-3, vocab=128, holdout=0.2)
+    drafter, report = train_drafter(model, tokens, cfg)
+    assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
+    assert drafter.vocab.size == 128 and 0 < report.vocab_coverage <= 1
+    assert len(report.holdout["top1_per_step"]) == 3
+    assert drafter.meta["train_seconds"] >= 0
+
+
+# ---------------------------------------------------------------- tree, mask, acceptance
+
+
+def test_token_tree_merges_shared_prefixes():
+    tree = token_tree(7, np.array([[1, 2, 3], [1, 2, 4], [5, 2, 3]]))
+    assert tree.tokens.tolist() == [7, 1, 5, 2, 2, 3, 4, 3]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 3, 3, 4]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3, 3, 3]
+    anc = tree.ancestors()
+    assert anc[6].nonzero()[0].tolist() == [0, 1, 3, 6]
+    assert anc[7].nonzero()[0].tolist() == [0, 2, 4, 7]
+
+
+def test_accept_follows_the_models_argmax():
+    tree = token_tree(7, np.array([[1, 2, 3], [1, 2, 4], [5, 2, 3]]))
+    argmax = np.zeros(tree.size, dtype=int)
+    argmax[[0, 1, 3, 6]] = [1, 2, 4, 9]  # root->1->2->4, then the model says 9
+    assert accept(tree, argmax) == ([0, 1, 3, 6], 9)
+    argmax[0] = 8  # the first draft token is already wrong
+    assert accept(tree, argmax) == ([0], 8)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3_text", "nemotron"])
+def test_tree_logits_equal_sequential_decoding(arch, tiny_dirs):
+    """Every node's logits from one tree pass = decoding its path token by token."""
+    _, flash_dir = tiny_dirs(arch)
+    model, _ = load_dense(flash_dir)
+    tree = token_tree(11, np.array([[20, 21, 22, 23], [20, 30, 31, 32], [40, 41, 42, 43]]))
+    cache = make_cache(model)
+    hidden_and_logits(model, mx.array([PROMPT]), cache)
+    _, logits = verify_tree(model, cache, tree)
+    for leaf in range(tree.size - 3, tree.size):
+        path = tree.ancestors()[leaf].nonzero()[0]
+        ref_cache = make_cache(model)
+        _, ref = hidden_and_logits(model, mx.array([PROMPT + tree.tokens[path].tolist()]),
+                                   ref_cache)
+        np.testing.assert_allclose(np.array(logits)[path], np.array(ref[0, len(PROMPT):]),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_rollback_keeps_the_accepted_path_in_place(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load_dense(flash_dir)
+    tree = TokenTree(np.array([11, 20, 40, 21, 41]), np.array([-1, 0, 0, 1, 2]),
+                     np.array([0, 1, 1, 2, 2]))
+    cache = make_cache(model)
+    hidden_and_logits(model, mx.array([PROMPT]), cache)
+    verify_tree(model, cache, tree)
+    rollback(cache, len(PROMPT), [0, 2, 4])  # 11 -> 40 -> 41: packed 0, 2, 4
+    ref = make_cache(model)
+    mx.eval(hidden_and_logits(model, mx.array([PROMPT + [11, 40, 41]]), ref))
+    for c, r in zip(cache, ref, strict=True):
+        assert isinstance(c, KVCache) and c.offset == r.offset == len(PROMPT) + 3
+        for got, want in zip(c.state[:2], r.state[:2], strict=True):
+            np.testing.assert_allclose(np.array(got[..., :c.offset, :]),
+                                       np.array(want[..., :r.offset, :]), atol=1e-5)
+
+
+# ---------------------------------------------------------------- greedy output is unchanged
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text", "starcoder2"])
+def test_dense_greedy_identical_with_a_random_drafter(arch, tiny_dirs):
+    _, flash_dir = tiny_dirs(arch)
+    model, _ = load_dense(flash_dir)
+    want = reference(model)
+    for width, length in [(1, 1), (2, 4), (4, 3)]:
+        out, stats = run(model, random_drafter(model), SpecSettings(width, length))
+        assert out == want, (width, length)
+        assert stats.totals()["verify_steps"] >= 1
+
+
+def test_dense_greedy_identical_when_drafts_are_accepted(tiny_dirs):
+    _, flash_dir = tiny_dirs("llama")
+    model, _ = load_dense(flash_dir)
+    want = reference(model)
+    out, stats = run(model, PeekingDrafter(want, []), SpecSettings(3, 4))
+    assert out == want
+    totals = stats.totals()
+    assert totals["tokens_per_step"] > 3 and totals["acceptance_rate"] > 0.7
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop"])
+def test_flash_greedy_identical_and_stats_count_tokens(policy, tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    settings = SpecSettings(3, 4, policy)
+
+    def flash():
+        return load(flash_dir, window=2, oracle_rule="top", keep=0.4)[0]
+
+    baseline = flash()
+    want = reference(baseline)
+    for drafter in (random_drafter(baseline), PeekingDrafter(want, [])):
+        model = flash()
+        if isinstance(drafter, Drafter):
+            drafter.attach(model)
+        out, stats = run(model, drafter, settings)
+        assert out == want
+        totals = model.flash.stats.totals()
+        assert totals["decode_tokens"] >= N_TOKENS - 1  # verification calls count their tokens
+        assert model.flash.stats.steps[-1].tokens == stats.steps[-1].candidates
+        model.flash.close()
+    baseline.flash.close()
+
+
+def test_tree_too_big_for_the_sparse_path_is_refused(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load(flash_dir)
+    with pytest.raises(ValueError, match="lower --beam-width"):
+        next(speculative_tokens(model, random_drafter(model), PROMPT, SpecSettings(4, 4)))
+    model.flash.close()
+
+
+# ---------------------------------------------------------------- on disk
+
+
+def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load_dense(flash_dir)
+    drafter = random_drafter(model)
+    drafter.meta = {"note": "x"}
+    path = save_drafter(drafter, flash_dir, tmp_path / "d.safetensors")
+    back = load_drafter(path, flash_dir)
+    assert back.meta == {"note": "x"} and np.array_equal(back.vocab, drafter.vocab)
+    for k, v in drafter.params.items():
+        np.testing.assert_array_equal(back.params[k], v)
+    _, other_dir = tiny_dirs("llama")
+    with pytest.raises(FormatError, match="trained for another model"):
+        load_drafter(path, other_dir)
+
+
+def test_corrupt_or_missing_drafter_is_rejected(tiny_dirs, tmp_path):
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load_dense(flash_dir)
+    path = save_drafter(random_drafter(model), flash_dir, tmp_path / "d.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="checksum mismatch.*train-drafter"):
+        load_drafter(path, flash_dir)
+    entry = json.loads(path.with_suffix(".json").read_text())
+    entry["sha256"] = __import__("hashlib").sha256(b"junk").hexdigest()
+    path.write_bytes(b"junk")
+    path.with_suffix(".json").write_text(json.dumps(entry))
+    with pytest.raises(FormatError, match="not a readable safetensors"):
+        load_drafter(path, flash_dir)
+    with pytest.raises(FormatError, match="no drafter at"):
+        load_drafter(tmp_path / "none.safetensors", flash_dir)
+
+
+def test_cli_generate_with_drafter_matches_plain(tiny_dirs, tmp_path, capsys):
+    from mlx_flash.__main__ import main
+
+    _, flash_dir = tiny_dirs("mistral")  # its tiny tokenizer encodes "w1 w2 w3"
+    model, _ = load_dense(flash_dir)
+    save_drafter(random_drafter(model), flash_dir, tmp_path / "drafter.safetensors")
+    args = ["generate", "--model", str(flash_dir), "--prompt", "w1 w2 w3", "-m", "12",
+            "--ignore-chat-template"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    stats = tmp_path / "stats.json"
+    assert main(args + ["--drafter", str(tmp_path), "--stats-json", str(stats)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "tokens per verification step" in captured.err
+    assert json.loads(stats.read_text())["speculative"]["verify_steps"] >= 1
+    assert main(args + ["--drafter", str(tmp_path), "--temp", "0.5"]) == 2
+    assert "greedy only" in capsys.readouterr().err
