@@ -106,12 +106,21 @@ def cmd_info(args) -> int:
                    + (f", {ffn.bits}-bit groups of {ffn.group_size}, " if ffn.quantized else ", ")
                    + " | ".join(f"{p.name}[{p.count}]" for p in ffn.parts)
                    + f" = {ffn.bundle_bytes} B, stride {manifest.layers[0].stride} B"),
+        ("placement", _placement_line(manifest)),
         ("checksums", "verified" if args.verify else "not checked (pass --verify)"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _placement_line(manifest) -> str:
+    placed = manifest.placement
+    if not placed:
+        return "neuron id order (not placed; `mlx-flash place` reorders by co-activation)"
+    return (f"{placed['method']} order from {placed['calibration']} (top {placed['keep']:.0%}, "
+            f"{placed['train_tokens']} tokens); hot-neuron lists for pinning")
 
 
 def cmd_generate(args) -> int:

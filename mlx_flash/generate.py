@@ -115,6 +115,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32 on CPU)")
     p.add_argument("--threads", type=int, default=8, help="parallel reads")
     p.add_argument("--direct", action="store_true", help="O_DIRECT reads (bypass page cache)")
+    p.add_argument("--read-planner", default="cost", choices=["cost", "runs", "neuron"],
+                   help="cost: merge reads across gaps by the disk's cost model (calibrate-disk)")
+    p.add_argument("--pin-hot", type=float, default=0.0,
+                   help="fraction of each neuron cache pinned to hot neurons (placed dirs)")
     p.add_argument("--embed-on-flash", action="store_true",
                    help="keep the embedding table on flash (one row read per token)")
     p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
@@ -168,4 +172,5 @@ def load_model(args: argparse.Namespace):
     return load(path, dram_budget=args.dram_budget, window=args.window, selector=args.selector,
                 oracle_rule=args.rule, keep=args.keep, dtype=args.dtype, threads=args.threads,
                 direct=args.direct, embed_on_flash=args.embed_on_flash or None,
-                resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens)
+                resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens,
+                read_planner=args.read_planner, pin_hot=args.pin_hot)

@@ -119,7 +119,9 @@ class Contender:
 
 
 ABLATIONS = ("flash-window1", "flash-no-predictor", "flash-no-bundling", "flash-threads1")
-ALL_CONTENDERS = ("dense", "naive", "mmap", "llama.cpp", "flash") + ABLATIONS
+# Issue 9: the read planner, placement and pinning (the placed ones need --placed DIR).
+IO_ABLATIONS = ("flash-per-neuron", "flash-runs", "flash-placed", "flash-placed-pinned")
+ALL_CONTENDERS = ("dense", "naive", "mmap", "llama.cpp", "flash") + ABLATIONS + IO_ABLATIONS
 
 
 def flash_defaults(has_predictors: bool, keep: float) -> tuple[dict, str]:
@@ -132,7 +134,8 @@ def flash_defaults(has_predictors: bool, keep: float) -> tuple[dict, str]:
 
 
 def build_contenders(names: list[str], has_predictors: bool, keep: float,
-                     gguf: Path | None, llama_ok: str | None) -> list[Contender]:
+                     gguf: Path | None, llama_ok: str | None, placed: Path | None = None,
+                     pin_hot: float = 0.25) -> list[Contender]:
     """The contenders to run, in order. llama_ok: None if llama_cpp imports, else why not."""
     unknown = sorted(set(names) - set(ALL_CONTENDERS))
     if unknown:
@@ -159,6 +162,7 @@ def build_contenders(names: list[str], has_predictors: bool, keep: float,
         "flash-threads1": Contender("flash-threads1", "flash", "mlx-flash, threads=1",
                                     dict(base, threads=1)),
     }
+    table.update(io_contenders(base, placed, pin_hot))
     if not has_predictors:
         table["flash-no-predictor"].skip = "the default already runs without predictors"
     if llama_ok is not None:
@@ -166,6 +170,26 @@ def build_contenders(names: list[str], has_predictors: bool, keep: float,
     elif gguf is None or not gguf.exists():
         table["llama.cpp"].skip = f"no GGUF file ({gguf}); pass --gguf"
     return [table[n] for n in names]
+
+
+def io_contenders(base: dict, placed: Path | None, pin_hot: float) -> dict[str, Contender]:
+    """Issue 9's ablations: one read per neuron, adjacent runs only, a placed copy, pinning."""
+    at = {"model_dir": str(placed)} if placed else {}
+    out = {
+        "flash-per-neuron": Contender("flash-per-neuron", "flash", "mlx-flash, one read per "
+                                      "neuron (no coalescing)", dict(base, read_planner="neuron")),
+        "flash-runs": Contender("flash-runs", "flash", "mlx-flash, adjacent neurons coalesced, "
+                                "no cost-model gaps", dict(base, read_planner="runs")),
+        "flash-placed": Contender("flash-placed", "flash", f"mlx-flash on the placed copy {placed}",
+                                  dict(base, **at)),
+        "flash-placed-pinned": Contender("flash-placed-pinned", "flash", f"mlx-flash on the "
+                                         f"placed copy, {pin_hot:.0%} of the cache pinned hot",
+                                         dict(base, pin_hot=pin_hot, **at)),
+    }
+    if placed is None:
+        for name in ("flash-placed", "flash-placed-pinned"):
+            out[name].skip = "no --placed dir given"
+    return out
 
 
 def llama_cpp_available() -> str | None:
@@ -377,9 +401,10 @@ def load_flash(spec: dict):
 
     opts = dict(spec["options"])
     unbundled = opts.pop("unbundled", False)
+    model_dir = opts.pop("model_dir", spec["model"])  # a placed copy (issue 9)
     if spec.get("force_direct"):
         opts["direct"] = True
-    model, _ = load(spec["model"], dram_budget=spec["cap"], dtype=spec["dtype"], **opts)
+    model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"], **opts)
     if unbundled:
         from mlx_flash.baselines import use_unbundled
 
@@ -692,7 +717,8 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 
 
 TABLE_COLUMNS = ("cap", "contender", "status", "tok/s", "ms/tok", "pred", "io", "mem", "comp",
-                 "ffn(io+comp)", "rest", "MiB/tok cache", "MiB/tok select", "disk MiB/tok",
+                 "ffn(io+comp)", "rest", "MiB/tok cache", "reads/tok", "ampl",
+                 "MiB/tok select", "disk MiB/tok",
                  "read MB/s",
                  "io/ideal", "cgroup peak MiB", "peak RSS MiB", "base RSS MiB", "hit",
                  "same tok")
@@ -703,7 +729,8 @@ Columns. tok/s and ms/tok: decode, tokens 2..N (the first token carries the prom
 pred/io/mem/comp: ms/token from mlx-flash's per-token stats (comp includes the attention that
 each FlashFFN's input evaluation forces); ffn(io+comp): the mmap FFN, page faults inside;
 rest: everything else (lm_head, sampling, Python; attention for mmap). MiB/tok cache: bytes
-read into the neuron caches; MiB/tok select: bytes the no-predictor oracle read to choose
+read into the neuron caches; reads/tok: their syscalls; ampl: read amplification (bytes read /
+bytes of the neurons needed: O_DIRECT pages and gaps the read planner crossed); MiB/tok select: bytes the no-predictor oracle read to choose
 neurons; disk MiB/tok: /proc/self/io read_bytes (what reached the block device, page-cache hits
 excluded). read MB/s: cache bytes / io time; io/ideal: io time / (cache bytes / best sequential
 throughput), target <= 1.3. cgroup peak: memory.max_usage_in_bytes (page cache included);
@@ -718,7 +745,8 @@ def table_row(r: dict, size: int) -> list[str]:
     return [cap_label(r["cap_bytes"], size) if r["name"] != "dense" else "none", r["name"],
             status, _fmt(r.get("decode_tps"), digits=2), _fmt(r.get("ms_per_token"), digits=0),
             *[_fmt(split.get(k), digits=0) if split else "-" for k in TIME_SPLIT],
-            _fmt(r.get("bytes_read_per_token"), MIB),
+            _fmt(r.get("bytes_read_per_token"), MIB), _fmt(r.get("reads_per_token"), digits=0),
+            _fmt(r.get("read_amplification"), digits=2),
             _fmt(r.get("predictor_bytes_per_token"), MIB),
             _fmt(r.get("disk_bytes_per_token"), MIB),
             _fmt(r.get("read_throughput"), 1e6, 0), _fmt(r.get("io_vs_ideal"), digits=2),
@@ -889,6 +917,108 @@ def plot_disk(disk: dict, path: Path, plt) -> Path:
     return save_figure(fig, path, plt)
 
 
+# ---------------------------------------------------------------- I/O replay (issue 9)
+
+
+REPLAY_PLANNERS = ("neuron", "runs", "cost")
+
+
+def replay_sets(calibration: Path, manifest, keep: float, tokens: int,
+                holdout: float = 0.2) -> list[list]:
+    """Per layer, per held-out calibration token: its top-`keep` ids, largest |h| first."""
+    import numpy as np
+
+    from mlx_flash.placement import calibration_mags, split_holdout
+
+    info = json.loads((calibration / "calibration.json").read_text())
+    out = []
+    for layer in range(manifest.n_layers):
+        mag = calibration_mags(calibration, manifest, layer)
+        start = split_holdout(len(mag), holdout, int(info.get("seq_len", 1)))
+        block = np.asarray(mag[start:start + tokens], dtype=np.float32)
+        k = max(1, int(np.ceil(keep * block.shape[1])))
+        out.append([np.argsort(-row, kind="stable")[:k] for row in block])
+    return out
+
+
+def replay_io(model: Path, sets: list[list], planner: str, window: int, capacity: int,
+              pin: int = 0) -> dict:
+    """Real O_DIRECT reads of what a window cache of `capacity` neurons/layer misses, token by
+    token over `sets` (page cache dropped first); per-token reads, bytes, amplification, ms."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_flash.cache import NeuronCache
+    from mlx_flash.format import read_manifest
+    from mlx_flash.store import IOStats, NeuronStore
+
+    manifest = read_manifest(model)
+    cost = disk_model.cost_model_for(model) or disk_model.FALLBACK
+    caches = [NeuronCache(e.n_neurons, capacity, 1, 1, mx.float32, window)
+              for e in manifest.layers]
+    if pin:
+        for cache, entry in zip(caches, manifest.layers, strict=True):
+            cache.pin(np.asarray(entry.hot[:pin]))
+    total, tokens = IOStats(), len(sets[0])
+    drop_page_cache()
+    with NeuronStore(model, manifest, direct=True, threads=8, planner=planner,
+                     cost=cost) as store:
+        for t in range(tokens):
+            for layer, cache in enumerate(caches):
+                _, stats = store.read(layer, cache.advance(sets[layer][t]).new_ids)
+                if t:  # the first token fills the cache: not a steady-state token
+                    total.add(stats)
+    n = max(1, tokens - 1)
+    return {"reads": total.reads / n, "bytes": total.bytes / n, "needed": total.needed / n,
+            "amplification": total.amplification, "io_ms": 1e3 * total.seconds / n}
+
+
+def io_replay(args) -> int:
+    """The --io-replay mode: every (dir, planner, pin) combination, one table."""
+    from mlx_flash.format import read_manifest
+
+    dirs = [Path(args.model)] + [Path(d) for d in filter(None, (args.placed or "").split(","))]
+    manifest = read_manifest(dirs[0])
+    sets = replay_sets(Path(args.io_replay), manifest, args.keep, args.replay_tokens + 1)
+    rows = []
+    for d in dirs:
+        placed = read_manifest(d).placement
+        label = placed["method"] if placed else "original"
+        runs = [(p, 0) for p in REPLAY_PLANNERS] if not placed else [("cost", 0)]
+        if placed and args.pin:
+            runs.append(("cost", args.pin))
+        for planner, pin in runs:
+            print(f"[replay] {label} {planner} pin={pin} ...", file=sys.stderr, flush=True)
+            rows.append({"dir": str(d), "placement": label, "planner": planner, "pin": pin,
+                         **replay_io(d, sets, planner, args.window, args.capacity, pin)})
+    base = next(r["io_ms"] for r in rows if r["planner"] == "neuron")
+    for r in rows:
+        r["io_speedup_vs_neuron"] = base / r["io_ms"] if r["io_ms"] else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"command": " ".join(shlex.quote(a) for a in sys.argv), "keep": args.keep,
+              "window": args.window, "capacity": args.capacity,
+              "tokens": args.replay_tokens, "machine": machine_description(dirs[0]),
+              "rows": rows}
+    (out / "io_replay.json").write_text(json.dumps(report, indent=1))
+    print(replay_table(report))
+    return 0
+
+
+def replay_table(report: dict) -> str:
+    lines = [f"keep {report['keep']}, window {report['window']}, capacity "
+             f"{report['capacity']} neurons/layer, {report['tokens']} held-out tokens",
+             "", "| placement | planner | pinned/layer | reads/tok | MiB read/tok | "
+             "MiB needed/tok | amplification | I/O ms/tok | vs one read per neuron |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['placement']} | {r['planner']} | {r['pin']} | {r['reads']:.0f} | "
+                     f"{r['bytes'] / MIB:.1f} | {r['needed'] / MIB:.1f} | "
+                     f"{r['amplification']:.2f} | {r['io_ms']:.0f} | "
+                     f"{r['io_speedup_vs_neuron']:.2f}x |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- orchestration
 
 
@@ -1022,7 +1152,9 @@ def run(args: argparse.Namespace) -> int:
     setup = make_setup(args, size)
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     contenders = build_contenders(names, (model / "predictors.safetensors").exists(),
-                                  args.keep, gguf, llama_cpp_available())
+                                  args.keep, gguf, llama_cpp_available(),
+                                  Path(args.placed.split(",")[0]) if args.placed else None,
+                                  args.pin_hot)
     if any(c.name == "flash-no-bundling" and not c.skip for c in contenders):
         from mlx_flash.baselines import write_unbundled
 
@@ -1107,6 +1239,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first copy the model dir and GGUF here and benchmark the copies "
                              "(on a shared machine: pages others cache are not charged to the "
                              "cap)")
+    parser.add_argument("--io-replay", default=None, metavar="CALIB",
+                        help="instead of the contenders: replay held-out tokens of this "
+                             "calibration recording through real O_DIRECT reads of --model (and "
+                             "--placed dirs) with each read planner (issue 9)")
+    parser.add_argument("--placed", default=None, help="comma-separated placed copies of --model")
+    parser.add_argument("--replay-tokens", type=int, default=32)
+    parser.add_argument("--pin-hot", type=float, default=0.25,
+                        help="fraction of the neuron cache pinned in flash-placed-pinned")
+    parser.add_argument("--window", type=int, default=1, help="window of the I/O replay")
+    parser.add_argument("--capacity", type=int, default=1616,
+                        help="neurons cached per layer in the I/O replay (1616: the 4-bit "
+                             "default model under a 0.5x cap)")
+    parser.add_argument("--pin", type=int, default=0,
+                        help="hot neurons pinned per layer (placed dirs) in the I/O replay")
     parser.add_argument("--skip-disk", action="store_true", help="no disk table in the report")
     parser.add_argument("--measure-disk", action="store_true",
                         help="measure the disk again even if its cost model is stored")
@@ -1123,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return io_replay(args) if args.io_replay else run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2

@@ -260,3 +260,42 @@ def test_pin_needs_hot_lists(tiny_dirs):
     _, flash = tiny_dirs("qwen2")
     with pytest.raises(ValueError, match="mlx-flash place"):
         load(flash, pin_hot=0.25)
+
+
+# ---------------------------------------------------------------- the benchmark's I/O modes
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("mlx_flash_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_io_contenders(bench, tmp_path):
+    names = list(bench.IO_ABLATIONS)
+    by = {c.name: c for c in bench.build_contenders(names, False, 0.3, None, "no", None)}
+    assert by["flash-per-neuron"].options["read_planner"] == "neuron"
+    assert by["flash-runs"].options["read_planner"] == "runs"
+    assert by["flash-placed"].skip and by["flash-placed-pinned"].skip
+    by = {c.name: c for c in bench.build_contenders(names, False, 0.3, None, "no", tmp_path)}
+    assert by["flash-placed"].options["model_dir"] == str(tmp_path)
+    assert by["flash-placed-pinned"].options["pin_hot"] == 0.25
+
+
+def test_io_replay_reads_what_the_cache_misses(bench, placed, monkeypatch):
+    flash, copy, calib, _ = placed
+    monkeypatch.setattr(bench, "drop_page_cache", lambda: False)  # shared machine: not in tests
+    sets = bench.replay_sets(calib, read_manifest(flash), 0.3, 8)
+    stride = read_manifest(flash).layers[0].stride
+    one = bench.replay_io(flash, sets, "neuron", 1, 128)
+    assert one["reads"] == pytest.approx(one["needed"] / stride)
+    pinned = bench.replay_io(copy, sets, "cost", 1, 128, pin=32)
+    assert pinned["needed"] < one["needed"] and pinned["reads"] < one["reads"]
