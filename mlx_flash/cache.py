@@ -18,6 +18,7 @@ active neurons go first. The index math here is numpy; the row moves happen in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -44,9 +45,11 @@ class NeuronCache:
 
     def __init__(self, n_neurons: int, capacity: int, n_parts: int, d_model: int,
                  dtype: mx.Dtype, window: int, n_bias: int = 0,
-                 buffers: dict[str, tuple[int, int, mx.Dtype]] | None = None):
+                 buffers: dict[str, tuple[int, int, mx.Dtype]] | None = None,
+                 zeros: Callable[[tuple[int, int, int], mx.Dtype], object] | None = None):
         """buffers: name -> (parts, width, dtype); default one "w" buffer of d_model-wide
-        rows (and "bias" when n_bias)."""
+        rows (and "bias" when n_bias). zeros(shape, dtype) allocates a buffer (default
+        mx.zeros; the fast CPU path passes numpy's)."""
         if not 1 <= capacity <= n_neurons:
             raise ValueError(f"cache capacity must be in [1, {n_neurons}], got {capacity}")
         if window < 1:
@@ -56,7 +59,8 @@ class NeuronCache:
             buffers = {"w": (n_parts, d_model, dtype)}
             if n_bias:
                 buffers["bias"] = (n_bias, 1, dtype)
-        self.buffers = {name: mx.zeros((parts, capacity, width), dtype=dt)
+        zeros = zeros or (lambda shape, dt: mx.zeros(shape, dtype=dt))
+        self.buffers = {name: zeros((parts, capacity, width), dt)
                         for name, (parts, width, dt) in buffers.items()}
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
         self.neuron_of = np.full(capacity, -1, dtype=np.int64)
@@ -157,7 +161,7 @@ class NeuronCache:
         """Mark the cached ones of `ids` out of the window: the next `advance` evicts them
         first. Returns how many were cached."""
         slots = self.slot_of[np.asarray(ids, dtype=np.int64)]
-        slots = slots[slots >= 0]
+        slots = slots[slots >= self.pinned]  # not cached (-1) or pinned: left alone
         self.last_step[slots] = self.step - self.window
         return int(slots.size)
 

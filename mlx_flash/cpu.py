@@ -1,46 +1,407 @@
-"""A faster CPU path for the largest matmuls: numpy (OpenBLAS) on zero-copy views of MLX arrays.
+"""The fast CPU path: C kernels over 16-bit weights, called on zero-copy numpy views.
 
-The `mlx[cpu]` wheel multiplies f32 matrices with a reference BLAS; numpy's wheel ships
-OpenBLAS. On this machine the default model's lm_head (151936 x 896, f32) takes ~270 ms per
-token in MLX and ~90 ms in numpy on the very same buffer (`np.asarray` of an evaluated MLX CPU
-array shares its memory). Only modules whose weights are f32 and never change are swapped; the
-MLX path stays the reference and what runs on a GPU.
+On this project's CPU machine the `mlx[cpu]` wheel multiplies f32 matrices with a reference
+BLAS and runs f16/bf16 matmuls at 1-2.5 GB/s, so a decode step of the default model took ~450 ms
+in MLX (BENCHMARKS.md, issue 11). Here the weights stay in their 16-bit storage type and
+`kernels/cpu_kernels.c` widens them to f32 in registers (F16C/AVX2/FMA, OpenMP threads):
+
+- `FastLinear` replaces `nn.Linear` (attention projections, lm_head, a dense MLP); sibling
+  projections that read the same input (q/k/v, gate/up) are fused into one call.
+- `ffn16` computes the FFN over the neuron cache's rows; the cache buffer is then a numpy
+  array that the window update edits in place (`NumpyBuffers`).
+
+The C file is compiled on first use with the system compiler (`cc`, or $CC) into
+`$MLX_FLASH_HOME/kernels` (default ~/.cache/mlx_flash/kernels), keyed by the source, compiler
+and CPU, written under a temporary name and renamed. Without a compiler the fast path is
+unavailable and the MLX path (the reference, and what runs on a GPU) is used, with the reason in
+`unavailable_reason()`. `MLX_FLASH_CPU_KERNELS=0` turns the fast path off.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .format import FFNLayout
 
-class NumpyLinear(nn.Module):
-    """nn.Linear whose product runs in numpy on a zero-copy view of its f32 weight."""
+ENV_CPU_KERNELS = "MLX_FLASH_CPU_KERNELS"  # "0" disables the fast CPU path
+DT_CODES = {"float16": 0, "bfloat16": 1}
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_approx": 2, "relu": 3, "relu2": 4}
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-    def __init__(self, linear: nn.Linear):
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The C kernels could not be built or loaded here (the message says why)."""
+
+
+# -- building and loading the library -------------------------------------------------------
+
+
+def kernel_source() -> Path:
+    from .kernels import kernel_dir
+
+    return kernel_dir() / "cpu_kernels.c"
+
+
+def kernel_cache_dir() -> Path:
+    home = os.environ.get("MLX_FLASH_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "mlx_flash"
+    return base / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+
+
+def build_library(source: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Compile the kernels (once per source/compiler/CPU) and return the shared library path."""
+    source = source or kernel_source()
+    out_dir = out_dir or kernel_cache_dir()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") \
+        or shutil.which("clang")
+    if not compiler:
+        raise CpuKernelsUnavailable("no C compiler found (install one, e.g. `apt install gcc` or "
+                                    "Xcode's command line tools, or set CC)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CpuKernelsUnavailable(f"C compiler {compiler} does not run: {e}") from e
+    key = hashlib.sha256(source.read_bytes() + version.encode() + _cpu_fingerprint().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    out = out_dir / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in FLAG_SETS:  # OpenMP or -march=native may be missing (Apple clang: no OpenMP)
+        fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+            return out
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}:\n{done.stderr.strip()[-800:]}")
+    raise CpuKernelsUnavailable("building the CPU kernels failed:\n" + "\n".join(errors))
+
+
+_VOIDP, _INT, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+
+class CpuKernels:
+    """ctypes bindings of the built library."""
+
+    def __init__(self, path: Path):
+        # OpenMP threads that spin between calls steal the core MLX and the reads need (measured
+        # on 2 busy cores: a 4864-row linear 12 ms spinning, 0.3 ms passive). Read at load.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        lib = ctypes.CDLL(str(path))
+        lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
+        lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _VOIDP, _INT, _INT, _INT, _VOIDP, _INT,
+                              _VOIDP, _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
+        for fn in (lib.linear16, lib.ffn16):
+            fn.restype = None
+        self._lib, self.path = lib, path
+        self.threads: int = lib.flash_threads()
+        self.vector: bool = bool(lib.flash_vector_path())
+
+    def linear16(self, weight: np.ndarray, dtype: str, x: np.ndarray,
+                 bias: np.ndarray | None = None) -> np.ndarray:
+        """x (T, d) f32 contiguous, weight (rows, d) 16-bit storage -> (T, rows) f32."""
+        rows, d = weight.shape
+        _check_operands(weight, x, d)
+        y = np.empty((x.shape[0], rows), dtype=np.float32)
+        self._lib.linear16(weight.ctypes.data, weight.strides[0] // 2, rows, d, DT_CODES[dtype],
+                           x.ctypes.data, x.shape[0], _ptr(bias), y.ctypes.data)
+        return y
+
+    def ffn16(self, base: np.ndarray, strides: tuple[int, int], parts: int, n: int, d: int,
+              dtype: str, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
+              in_bias: np.ndarray | None = None, slots: np.ndarray | None = None) -> np.ndarray:
+        """The FFN over n neurons of a 16-bit buffer (`kernels.ffn_over_rows`' result).
+
+        base: uint16 array holding the rows; strides: (part, neuron) in elements, e.g.
+        (capacity * d, d) for a part-major (P, capacity, d) buffer or (d, stride / 2) for raw
+        bundles (k, stride). x: (T, d) f32; mask: (T, n) or None; in_bias: (P - 1, m) f32
+        indexed by slot, or None; slots: (n,) int32 or None for neurons [0, n).
+        Returns (T, d) f32.
+        """
+        if base.dtype != np.uint16 or not base.flags.c_contiguous:
+            raise ValueError(f"ffn16 needs a contiguous uint16 buffer, got {base.dtype}")
+        tokens = x.shape[0]
+        _check_operands(base.reshape(-1, base.shape[-1]), x, x.shape[1] if x.ndim == 2 else -1)
+        if mask is not None:
+            mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(tokens, n)
+        if in_bias is not None:
+            in_bias = np.ascontiguousarray(in_bias, dtype=np.float32)
+        if slots is not None:
+            slots = np.ascontiguousarray(slots, dtype=np.int32)
+        h = np.empty((tokens, max(n, 1)), dtype=np.float32)
+        partial = np.empty((self.threads, tokens, d), dtype=np.float32)
+        y = np.empty((tokens, d), dtype=np.float32)
+        self._lib.ffn16(base.ctypes.data, strides[0], strides[1], parts, _ptr(slots), n, d,
+                        DT_CODES[dtype], x.ctypes.data, tokens, _ptr(in_bias),
+                        0 if in_bias is None else in_bias.shape[1], _ptr(mask),
+                        ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
+                        y.ctypes.data)
+        return y
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _check_operands(weight: np.ndarray, x: np.ndarray, d: int) -> None:
+    if weight.dtype != np.uint16 or weight.strides[-1] != 2:
+        raise ValueError(f"16-bit weights must be a uint16 view with unit column stride, got "
+                         f"{weight.dtype} strides {weight.strides}")
+    if weight.shape[-1] < d:
+        raise ValueError(f"rows of {weight.shape[-1]} elements cannot hold {d} columns")
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"x must be a contiguous (T, {d}) float32 array, got {x.dtype} "
+                         f"{x.shape}")
+
+
+_state: dict[str, object] = {}
+
+
+def kernels() -> CpuKernels:
+    """The loaded kernels (built on first call); raises CpuKernelsUnavailable."""
+    if "kernels" not in _state:
+        if os.environ.get(ENV_CPU_KERNELS, "1") == "0":
+            raise CpuKernelsUnavailable(f"{ENV_CPU_KERNELS}=0")
+        try:
+            _state["kernels"] = CpuKernels(build_library())
+        except CpuKernelsUnavailable as e:
+            _state["error"] = e
+            raise
+        except OSError as e:
+            _state["error"] = CpuKernelsUnavailable(f"loading the CPU kernels failed: {e}")
+            raise _state["error"] from e
+    return _state["kernels"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """None when the fast CPU path can run here, else why not."""
+    try:
+        kernels()
+    except CpuKernelsUnavailable as e:
+        return str(e)
+    return None
+
+
+def wanted(fast_cpu: bool | None) -> bool:
+    """Resolve a `fast_cpu` argument: None = on when MLX computes on the CPU and it builds."""
+    if fast_cpu is False:
+        return False
+    on_cpu = mx.default_device() == mx.cpu
+    if fast_cpu is None and not on_cpu:
+        return False
+    reason = unavailable_reason()
+    if reason is None:
+        return True
+    if fast_cpu:
+        raise CpuKernelsUnavailable(f"fast_cpu=True but {reason}")
+    _warn_once(reason)
+    return False
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    import warnings
+
+    warnings.warn(f"mlx-flash: fast CPU path unavailable, using MLX's CPU kernels: {reason}",
+                  stacklevel=3)
+
+
+# -- 16-bit arrays between MLX and numpy ----------------------------------------------------
+
+
+def storage_view(a: mx.array) -> tuple[np.ndarray, str]:
+    """A 16-bit MLX array as (uint16 numpy array, "float16" | "bfloat16"), zero-copy."""
+    if a.dtype == mx.float16:
+        return np.asarray(a).view(np.uint16), "float16"
+    if a.dtype == mx.bfloat16:
+        return np.asarray(a.view(mx.uint16)), "bfloat16"
+    raise ValueError(f"expected a float16/bfloat16 array, got {a.dtype}")
+
+
+def to_f32_rows(x: mx.array) -> np.ndarray:
+    """(..., d) MLX array -> contiguous (T, d) float32 numpy array (evaluates x)."""
+    flat = np.asarray(x.astype(mx.float32) if x.dtype != mx.float32 else x)
+    return np.ascontiguousarray(flat.reshape(-1, x.shape[-1]))
+
+
+# -- modules ---------------------------------------------------------------------------------
+
+
+class FastLinear(nn.Module):
+    """nn.Linear over a 16-bit weight, computed by `linear16`; output in float32.
+
+    Several FastLinear may share one fused weight (`_FusedWeight`): the first member called
+    with an input computes every member's output, the others slice it.
+    """
+
+    def __init__(self, fused: _FusedWeight, start: int, stop: int):
         super().__init__()
-        weight = linear.weight
-        if weight.dtype != mx.float32:
-            raise ValueError(f"NumpyLinear needs f32 weights, got {weight.dtype}")
-        mx.eval(weight)  # the numpy view needs the data to exist
-        # Underscored: not parameters. _mx keeps the MLX buffer alive under the numpy view.
-        self._mx = weight
-        self._w = np.asarray(weight)  # (out, in), shares memory with the MLX array
-        self._b = np.asarray(linear.bias) if "bias" in linear else None
+        self._fused, self._start, self._stop = fused, start, stop  # underscored: no parameters
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._stop - self._start, self._fused.weight.shape[1]
 
     def __call__(self, x: mx.array) -> mx.array:
-        """x: (..., in) -> (..., out)."""
-        flat = np.asarray(x.astype(mx.float32)).reshape(-1, x.shape[-1])  # evaluates x
-        y = flat @ self._w.T
-        if self._b is not None:
-            y += self._b
-        return mx.array(y).reshape(*x.shape[:-1], self._w.shape[0]).astype(x.dtype)
+        y = self._fused(x)
+        if (self._start, self._stop) != (0, y.shape[-1]):
+            y = y[..., self._start:self._stop]
+        return y
 
 
-def use_numpy_lm_head(model: nn.Module) -> bool:
-    """Swap an f32, untied lm_head for a NumpyLinear; returns whether it was swapped."""
-    head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear or head.weight.dtype != mx.float32:
-        return False
-    model.lm_head = NumpyLinear(head)
-    return True
+class _FusedWeight:
+    """The concatenated rows of sibling linears and the last (input, output) pair."""
+
+    def __init__(self, linears: list[nn.Module]):
+        views = [storage_view(lin.weight) for lin in linears]
+        dtypes = {dt for _, dt in views}
+        assert len(dtypes) == 1, "fused linears must share a dtype"
+        self.dtype = dtypes.pop()
+        self.weight = np.ascontiguousarray(views[0][0]) if len(views) == 1 else \
+            np.concatenate([v for v, _ in views])
+        self._keep = linears[0].weight if len(views) == 1 else None  # owner of a zero-copy view
+        has_bias = any("bias" in lin for lin in linears)
+        biases = [np.asarray(lin.bias.astype(mx.float32)) if "bias" in lin
+                  else np.zeros(lin.weight.shape[0], np.float32) for lin in linears]
+        self.bias = np.ascontiguousarray(np.concatenate(biases)) if has_bias else None
+        self._last: tuple[mx.array, mx.array] | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        flat = to_f32_rows(x)
+        y = kernels().linear16(self.weight, self.dtype, flat, self.bias)
+        out = mx.array(y).reshape(*x.shape[:-1], y.shape[1])
+        self._last = (x, out)
+        return out
+
+
+class FastEmbedding(nn.Module):
+    """nn.Embedding over a 16-bit table that returns f32 rows; `as_linear` (a tied lm_head)
+    runs on `linear16`."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.weight = embedding.weight  # a parameter still: the model's weights stay loadable
+        self._head: _FusedWeight | None = None
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight[ids].astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self._head is None:
+            self._head = _FusedWeight([self])
+        return self._head(x)
+
+
+def _is_plain_16bit_linear(module) -> bool:
+    return type(module) is nn.Linear and module.weight.dtype in (mx.float16, mx.bfloat16)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Swap every 16-bit `nn.Linear` of `model` for a FastLinear, fusing q/k/v and gate/up.
+
+    16-bit embedding tables become FastEmbedding (f32 rows out, fast tied lm_head). Returns how
+    many linears were swapped. Quantized and f32 linears stay MLX's.
+    """
+    swapped = 0
+    for _, parent in model.named_modules():
+        for name, child in parent.children().items():
+            if type(child) is nn.Embedding and child.weight.dtype in (mx.float16, mx.bfloat16):
+                setattr(parent, name, FastEmbedding(child))
+        children = {k: v for k, v in parent.children().items() if _is_plain_16bit_linear(v)}
+        for group in FUSED_SIBLINGS:
+            members = [name for name in group if name in children]
+            if len(members) > 1 and len({children[m].weight.shape[1] for m in members}) == 1 \
+                    and len({children[m].weight.dtype for m in members}) == 1:
+                fused = _FusedWeight([children.pop(m) for m in members])
+                start = 0
+                for name in members:
+                    rows = parent[name].weight.shape[0]
+                    setattr(parent, name, FastLinear(fused, start, start + rows))
+                    start += rows
+                    swapped += 1
+        for name, linear in children.items():
+            fused = _FusedWeight([linear])
+            setattr(parent, name, FastLinear(fused, 0, fused.weight.shape[0]))
+            swapped += 1
+    return swapped
+
+
+# -- the neuron cache's buffers --------------------------------------------------------------
+
+
+def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
+                        slots: np.ndarray, rows: np.ndarray) -> None:
+    """`kernels.window_update` in place on a numpy buffer: swap-delete, then append-insert."""
+    if dst.size:
+        buffer[:, dst] = buffer[:, src]
+    if slots.size:
+        buffer[:, slots] = rows
+
+
+class BundleFFN:
+    """The fast path's FFN over raw neuron bundles: the cache buffer is (capacity, stride) bytes,
+    exactly as read from flash (gate | up | down | biases, see format.py), so the window update
+    moves whole bundles and the kernel reads each neuron's rows from one place."""
+
+    def __init__(self, layout: FFNLayout):
+        if not self.supports(layout):
+            raise ValueError(f"the fast CPU FFN needs 16-bit bundles, got {layout.dtype} "
+                             f"{layout.bits}-bit")
+        self.d, self.parts = layout.d_model, len(layout.matrix_names)
+        self.dtype, self.activation = layout.dtype, layout.activation
+        self.bias_offsets = [p.offset for p in layout.parts if p.name.endswith("_bias")]
+
+    @staticmethod
+    def supports(layout: FFNLayout) -> bool:
+        return not layout.quantized and layout.dtype in DT_CODES
+
+    def __call__(self, bundles: np.ndarray, n: int, x: np.ndarray,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+        """bundles: (k >= n, stride) uint8; x: (T, d) f32 -> (T, d) f32 over bundles [0, n)."""
+        elems = bundles.view(np.uint16)
+        in_bias = None
+        if self.bias_offsets and n:
+            in_bias = storage_to_f32(elems[:n, self.bias_offsets], self.dtype).T
+        return kernels().ffn16(elems, (self.d, elems.shape[1]), self.parts, n, self.d,
+                               self.dtype, x, self.activation, mask, in_bias)
+
+
+def storage_to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """uint16 bits of float16/bfloat16 values -> float32."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.view(np.float16).astype(np.float32)

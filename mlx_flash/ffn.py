@@ -25,6 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import NeuronCache, WindowPlan
+from .cpu import BundleFFN, to_f32_rows, window_update_numpy
 from .format import FFNLayout, Manifest
 from .kernels import apply_window_update, compute_ffn, neuron_activations
 from .quant import dequantize, ffn_over_qrows, storage_to_mx, unpack_bundles
@@ -181,6 +182,7 @@ class FlashRuntime:
         self.manifest, self.store, self.selector = manifest, store, selector
         self.settings, self.dtype = settings, dtype
         self.stats = RunStats()
+        self.fast: BundleFFN | None = None  # set by load(): the fast CPU path (cpu.py)
 
     def close(self) -> None:
         self.store.close()
@@ -237,7 +239,11 @@ class FlashFFN(nn.Module):
         step.neurons_cached += cache.n
         mask = None
         if self._rt.settings.compute_on == "active":
-            mask = mx.array(np.stack([cache.mask(ids) for ids in selection.ids]))  # (T, n)
+            mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
+        if self._rt.fast is not None:
+            return mx.array(self._rt.fast(cache.buffers["bundles"][0], cache.n, to_f32_rows(x),
+                                          mask))
+        mask = None if mask is None else mx.array(mask)
         if self._layout.quantized:
             b = cache.buffers
             return ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
@@ -259,11 +265,11 @@ class FlashFFN(nn.Module):
         t1 = time.perf_counter()
         rows, io = rt.store.read(self._layer, plan.new_ids)
         t2 = time.perf_counter()
-        new = cache_rows(rows, rt.manifest, rt.dtype)
-        dst, src, slots = (mx.array(a.astype(np.int32)) for a in (plan.dst, plan.src, plan.slots))
-        for name, buffer in cache.buffers.items():
-            cache.buffers[name] = apply_window_update(buffer, dst, src, slots, new[name])
-        mx.eval(*cache.buffers.values())  # time the row moves here, not in the next compute
+        if rt.fast is not None:  # raw bundles, moved in place
+            window_update_numpy(cache.buffers["bundles"], plan.dst, plan.src, plan.slots,
+                                rows[None])
+        else:
+            self._update_mlx_buffers(plan, rows)
         t3 = time.perf_counter()
         step.seconds["memory"] += (t1 - t0) + (t3 - t2)
         step.seconds["io"] += t2 - t1
@@ -275,16 +281,28 @@ class FlashFFN(nn.Module):
         step.truncated += plan.truncated
         return plan
 
+    def _update_mlx_buffers(self, plan: WindowPlan, rows: np.ndarray) -> None:
+        cache, rt = self._cache, self._rt
+        new = cache_rows(rows, rt.manifest, rt.dtype)
+        dst, src, slots = (mx.array(a.astype(np.int32)) for a in (plan.dst, plan.src, plan.slots))
+        for name, buffer in cache.buffers.items():
+            cache.buffers[name] = apply_window_update(buffer, dst, src, slots, new[name])
+        mx.eval(*cache.buffers.values())  # time the row moves here, not in the next compute
+
     # -- prefill: stream the whole layer once for all tokens
 
     def _dense_stream(self, x: mx.array, step: TokenStats) -> mx.array:
         rt = self._rt
         y = mx.zeros_like(x)
+        x32 = to_f32_rows(x) if rt.fast is not None else None
         for _, rows, io in rt.store.iter_layer(self._layer, rt.settings.prefill_chunk):
             t1 = time.perf_counter()  # io.seconds is the read's own time (file order)
-            weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
-            y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation, None,
-                                  bias)
+            if x32 is not None:
+                y = y + mx.array(rt.fast(rows, rows.shape[0], x32))
+            else:
+                weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
+                y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation, None,
+                                    bias)
             mx.eval(y)  # bound memory: one chunk of rows alive at a time
             step.seconds["io"] += io.seconds
             step.seconds["compute"] += time.perf_counter() - t1

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import disk
+from . import cpu, disk
 from .cache import NeuronCache
 from .checkpoint import ARCHITECTURES, mlp_prefix
 from .ffn import (
@@ -156,14 +156,17 @@ def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
     return out
 
 
-def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None):
+def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None, fast_cpu: bool = False):
     """The ordinary mlx_lm model rebuilt from a flash dir (resident + every bundle).
 
     Returns (model, tokenizer). Needs the whole model in memory: it is the reference.
+    fast_cpu: keep the 16-bit weights as stored and compute every linear with cpu.py's kernels
+    (`load`'s fast path, for a dense comparison on CPU).
     """
     root = Path(path)
     manifest = read_manifest(root)
-    dtype = resolve_dtype(dtype, manifest)
+    fast = fast_cpu and use_fast_cpu(True, manifest, None)
+    dtype = getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
     model = build_model(manifest)
     weights = load_resident(root, model, dtype)
     for layer in range(manifest.n_layers):
@@ -171,6 +174,8 @@ def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None):
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())  # load now, as mlx_lm.load does by default
     model.eval()
+    if fast:
+        cpu.accelerate(model)
     return model, load_tokenizer(root, manifest)
 
 
@@ -283,7 +288,8 @@ def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
 def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dtype,
                 settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
                 runtime_bytes: int, resident_bits: int = 16,
-                resident_group_size: int = 64) -> MemoryPlan:
+                resident_group_size: int = 64, kv_itemsize: int | None = None) -> MemoryPlan:
+    """kv_itemsize: bytes per KV element when it is not the compute dtype's."""
     itemsize = dtype.size
     sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
              for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
@@ -299,7 +305,8 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
         predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
                              tensor_sizes(root / manifest.predictors["file"]).values())
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
-                      kv_bytes(manifest.config, max_kv_tokens, itemsize), scratch, 0, n, n,
+                      kv_bytes(manifest.config, max_kv_tokens, kv_itemsize or itemsize),
+                      scratch, 0, n, n,
                       per_neuron * manifest.n_layers)
     if budget is not None:
         plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
@@ -369,7 +376,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
          min_capacity: int | None = None, naive: bool = False,
          resident_bits: int | None = None, resident_group_size: int = 64,
-         numpy_lm_head: bool = False, predictor_recall: float | None = None,
+         fast_cpu: bool | None = None, predictor_recall: float | None = None,
          read_planner: str = "cost", pin_hot: float = 0.0):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
@@ -378,7 +385,9 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     KV cache (reserved for max_kv_tokens) and the neuron caches. window: tokens whose neurons
     stay cached. resident_bits: 16 keeps attention and lm_head in the compute dtype, 8 or 4
     quantizes them at load (mlx_lm's way); None picks 16, or 8 when the budget needs it.
-    numpy_lm_head: on CPU, compute an f32 lm_head with numpy/OpenBLAS (see cpu.py).
+    fast_cpu: the C kernels of cpu.py for the FFN and the 16-bit linears, weights kept in
+    their 16-bit storage type, f32 compute; None = on when MLX runs on the CPU, the bundles are
+    16-bit, no `dtype` is asked for and the kernels build (else MLX's kernels, the reference).
     selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
     `keep`), "predictor" (the dir's trained predictors; predictor_recall picks one of their
     calibrated operating points, None = their default) or "auto" (predictor when the dir has
@@ -405,13 +414,17 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if min_capacity is None \
         else min_capacity
 
+    fast = use_fast_cpu(fast_cpu, manifest, dtype)
+    kv_itemsize = 4 if fast else None  # the fast linears give f32 keys and values
+
     def planned(dtype, on_flash, rbits):
         return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
-                           runtime_bytes, rbits, resident_group_size)
+                           runtime_bytes, rbits, resident_group_size, kv_itemsize)
 
     # Without explicit choices, fit the budget: full caches first, then the embedding table
     # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.
-    dtypes = [resolve_dtype(dtype, manifest)]
+    # The fast CPU path keeps weights in their 16-bit storage type and computes in f32.
+    dtypes = [getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)]
     if dtype is None and dtypes[0] == mx.float32:
         dtypes.append(mx.bfloat16)
     flash_choices = [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False,
@@ -435,7 +448,9 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
                         planner=read_planner, cost=disk.cost_model_for(root) or disk.FALLBACK)
     chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype,
                              predictor_recall)
-    runtime = FlashRuntime(manifest, store, chooser, settings, dtype)
+    runtime = FlashRuntime(manifest, store, chooser, settings, mx.float32 if fast else dtype)
+    if fast:
+        runtime.fast = cpu.BundleFFN(manifest.ffn)
     runtime.stats.memory = asdict(plan)
     runtime.stats.settings = {"window": window, "selector": selector, "rule": oracle_rule,
                               "keep": keep, "dtype": str(dtype), "threads": threads,
@@ -443,25 +458,40 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
                               "embed_on_flash": bool(embed_on_flash), "compute_on": compute_on,
                               "capacity": plan.capacity, "naive": naive,
                               "resident_bits": resident_bits, "read_planner": read_planner,
-                              "pinned": 0}
+                              "pinned": 0, "fast_cpu": fast}
     model = build_model(manifest)
     skip = ("model.embed_tokens.weight",) if embed_on_flash else ()
     weights = load_resident(root, model, dtype, skip, resident_bits, resident_group_size)
     _install_flash_layers(model, manifest, runtime, plan.capacity, weights, dtype)
     if embed_on_flash:
-        model.model.embed_tokens = flash_embedding(root, dtype)
+        model.model.embed_tokens = flash_embedding(root, mx.float32 if fast else dtype)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    if numpy_lm_head:
-        from .cpu import use_numpy_lm_head
-
-        runtime.stats.settings["numpy_lm_head"] = use_numpy_lm_head(model)
+    if fast:
+        runtime.stats.settings["fast_linears"] = cpu.accelerate(model)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
     if pin_hot:
         from .placement import pin_hot as pin
 
         runtime.stats.settings["pinned"] = pin(model, int(pin_hot * plan.capacity))
     return model, tokenizer
+
+
+def _numpy_zeros(shape: tuple[int, ...], dtype: mx.Dtype) -> np.ndarray:
+    buffer = np.zeros(shape, dtype=np.uint8)
+    buffer.fill(0)  # touch the pages now: the budget counts the caches from load on
+    return buffer
+
+
+def use_fast_cpu(fast_cpu: bool | None, manifest: Manifest, dtype) -> bool:
+    """Whether load() takes the fast CPU path (see its `fast_cpu` argument)."""
+    supported = cpu.BundleFFN.supports(manifest.ffn)
+    if fast_cpu is None and (dtype is not None or not supported):
+        return False
+    if fast_cpu and not supported:
+        raise ValueError(f"fast_cpu needs 16-bit bundles; this dir has {manifest.ffn.bits}-bit "
+                         f"{manifest.ffn.dtype} ones (convert without --bits)")
+    return cpu.wanted(fast_cpu)
 
 
 def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None):
@@ -481,10 +511,16 @@ def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=No
 def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) -> None:
     spec = ARCHITECTURES[manifest.config["model_type"]]
     layout = manifest.ffn
-    buffers = cache_buffers(layout, dtype)
+    buffers, zeros = cache_buffers(layout, dtype), None
     for i, layer in enumerate(model.layers):
+        if runtime.fast is not None:  # raw bundles in a numpy buffer (cpu.py)
+            buffers = {"bundles": (1, manifest.layers[i].stride, mx.uint8)}
+            zeros = _numpy_zeros
         cache = NeuronCache(manifest.layers[i].n_neurons, capacity, 0, layout.d_model, dtype,
-                            runtime.settings.window, buffers=buffers)
+                            runtime.settings.window, buffers=buffers, zeros=zeros)
         out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
-        mx.eval(*cache.buffers.values())  # allocate now: the budget counts them from load on
+        if out_bias is not None and runtime.fast is not None:
+            out_bias = out_bias.astype(mx.float32)
+        if zeros is None:
+            mx.eval(*cache.buffers.values())  # allocate now: the budget counts them from load
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)

@@ -1,4 +1,4 @@
-"""The numpy CPU path computes what the MLX path computes."""
+"""The fast CPU path (cpu.py + kernels/cpu_kernels.c) computes what the MLX reference computes."""
 
 from __future__ import annotations
 
@@ -7,34 +7,176 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm import generate
+from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_flash.cpu import NumpyLinear, use_numpy_lm_head
+from mlx_flash import cpu
+from mlx_flash.ffn import split_bundles
+from mlx_flash.format import read_manifest
+from mlx_flash.kernels import ffn_over_rows, ffn_over_slots
 from mlx_flash.model import load, load_dense
+from mlx_flash.store import NeuronStore
+
+REASON = cpu.unavailable_reason()
+needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels: {REASON}")
+DTYPES = [("float16", mx.float16), ("bfloat16", mx.bfloat16)]
 
 
+def rand(shape, seed, scale=1.0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
+
+
+def as16(a: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    return mx.array(a).astype(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 17, 70])
 @pytest.mark.parametrize("bias", [False, True])
-def test_numpy_linear_equals_linear(bias):
-    linear = nn.Linear(48, 80, bias=bias)
-    x = mx.random.normal((2, 3, 48), key=mx.random.key(0))
-    want = linear(x)
-    got = NumpyLinear(linear)(x)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+def test_linear16_equals_f32_matmul(name, dtype, tokens, bias):
+    w = as16(rand((90, 101), 0), dtype)  # 101: a tail past the 8-wide vectors
+    x = rand((tokens, 101), 1)
+    b = rand(90, 2) if bias else None
+    view, storage = cpu.storage_view(w)
+    assert storage == name
+    got = cpu.kernels().linear16(view, storage, x, b)
+    want = x @ np.asarray(w.astype(mx.float32)).T + (0 if b is None else b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_numpy_linear_refuses_half_precision():
-    linear = nn.Linear(8, 8)
-    linear.set_dtype(mx.bfloat16)
-    with pytest.raises(ValueError, match="f32"):
-        NumpyLinear(linear)
+@needs_kernels
+@pytest.mark.parametrize("name,dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_approx", "relu", "relu2"])
+@pytest.mark.parametrize("parts", [3, 2])
+def test_ffn16_equals_reference(name, dtype, activation, parts):
+    tokens, capacity, n, d = 3, 50, 40, 72
+    weights = as16(rand((parts, capacity, d), 3, 0.3), dtype)
+    x = rand((tokens, d), 4)
+    mask = (np.random.default_rng(5).random((tokens, n)) < 0.5).astype(np.float32)
+    in_bias = rand((parts - 1, capacity), 6)
+    base, storage = cpu.storage_view(weights)
+    got = cpu.kernels().ffn16(base, (capacity * d, d), parts, n, d, storage, x, activation,
+                              mask, in_bias)
+    want = ffn_over_rows(mx.array(x), weights.astype(mx.float32), n, activation,
+                         mx.array(mask), mx.array(in_bias))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-def test_flash_with_numpy_lm_head_matches_dense(tiny_dirs):
-    _, flash_dir = tiny_dirs("qwen2")
-    dense, tokenizer = load_dense(flash_dir)
-    model, _ = load(flash_dir, numpy_lm_head=True)
-    assert type(model.lm_head).__name__ == "NumpyLinear"
+@needs_kernels
+def test_ffn16_over_slots_and_empty():
+    weights = as16(rand((3, 30, 16), 7, 0.3), mx.float16)
+    x = rand((2, 16), 8)
+    slots = np.array([29, 3, 17, 0, 8], dtype=np.int32)
+    base, storage = cpu.storage_view(weights)
+    k = cpu.kernels()
+    got = k.ffn16(base, (30 * 16, 16), 3, slots.size, 16, storage, x, "silu", slots=slots)
+    want = ffn_over_slots(mx.array(x), weights.astype(mx.float32), mx.array(slots), "silu")
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+    empty = k.ffn16(base, (30 * 16, 16), 3, 0, 16, storage, x, "silu")
+    assert not empty.any()
+
+
+@needs_kernels
+def test_kernels_reject_bad_operands():
+    k = cpu.kernels()
+    w = np.zeros((4, 8), np.uint16)
+    with pytest.raises(ValueError, match="float32"):
+        k.linear16(w, "float16", np.zeros((1, 8), np.float64))
+    with pytest.raises(ValueError, match=r"\(T, 8\)"):
+        k.linear16(w, "float16", np.zeros((1, 9), np.float32))
+    with pytest.raises(ValueError, match="uint16"):
+        k.linear16(w.astype(np.float32), "float16", np.zeros((1, 8), np.float32))
+
+
+def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(cpu.CpuKernelsUnavailable, match="does not run"):
+        cpu.build_library(out_dir=tmp_path)
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setenv(cpu.ENV_CPU_KERNELS, "0")
+    assert cpu.unavailable_reason() == f"{cpu.ENV_CPU_KERNELS}=0"
+    assert not cpu.wanted(False)
+    with pytest.raises(cpu.CpuKernelsUnavailable, match="fast_cpu=True"):
+        cpu.wanted(True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["qwen2", "nemotron", "starcoder2"])
+def test_bundle_ffn_equals_split_bundles(tiny_dirs, arch):
+    """Gated, plain with biases (relu2 / gelu): the kernel over raw bundle bytes."""
+    _, flash_dir = tiny_dirs(arch, "float16")
+    manifest = read_manifest(flash_dir)
+    with NeuronStore(flash_dir, manifest) as store:
+        rows, _ = store.read(1, np.arange(manifest.layers[1].n_neurons))
+    x = rand((2, manifest.ffn.d_model), 9)
+    got = cpu.BundleFFN(manifest.ffn)(rows, rows.shape[0] - 3, x)
+    weights, bias = split_bundles(rows[:-3], manifest, mx.float32)
+    want = ffn_over_rows(mx.array(x), weights, weights.shape[1], manifest.ffn.activation,
+                         None, bias)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_accelerate_fuses_siblings_and_matches(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    ref, _ = load_dense(flash_dir, dtype="float32")
+    fast, _ = load_dense(flash_dir, fast_cpu=True)
+    attn = fast.model.layers[0].self_attn
+    assert type(attn.q_proj) is cpu.FastLinear and attn.q_proj._fused is attn.v_proj._fused
+    assert type(fast.model.layers[0].mlp.down_proj) is cpu.FastLinear
+    assert type(fast.model.embed_tokens) is cpu.FastEmbedding
+    ids = mx.array([[5, 9, 17, 33, 2]])
+    want = ref(ids, cache=make_prompt_cache(ref))
+    got = fast(ids, cache=make_prompt_cache(fast))
+    assert got.dtype == mx.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3_text", "nemotron", "starcoder2"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_flash_fast_path_generates_like_the_reference(tiny_dirs, arch, dtype):
+    """Window path (decode), dense streaming (prompt > 16 tokens) and the fast linears."""
+    _, flash_dir = tiny_dirs(arch, dtype)
+    ref, tokenizer = load_dense(flash_dir, dtype="float32")
+    model, _ = load(flash_dir, fast_cpu=True, selector="oracle", oracle_rule="all")
+    assert model.flash.fast is not None and model.flash.stats.settings["fast_linears"] > 0
+    for prompt in ([5, 9, 17, 33], list(range(3, 40))):
+        assert generate(model, tokenizer, prompt, max_tokens=8) == \
+            generate(ref, tokenizer, prompt, max_tokens=8)
+
+
+@needs_kernels
+def test_fast_path_window_matches_mlx_window(tiny_dirs):
+    """Sparse selections through a small cache: the numpy window update and the kernel give the
+    MLX path's tokens and the same cache contents."""
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    kwargs = dict(selector="oracle", oracle_rule="top", keep=0.4, window=2, min_capacity=1)
+    model, tokenizer = load(flash_dir, fast_cpu=True, **kwargs)
+    ref, _ = load(flash_dir, fast_cpu=False, dtype="float32", **kwargs)
     prompt = [5, 9, 17, 33]
-    assert generate(model, tokenizer, prompt, max_tokens=8) == \
-        generate(dense, tokenizer, prompt, max_tokens=8)
-    assert not use_numpy_lm_head(dense.model)  # no lm_head there: nothing swapped
+    assert generate(model, tokenizer, prompt, max_tokens=10) == \
+        generate(ref, tokenizer, prompt, max_tokens=10)
+    fast_cache, ref_cache = model.layers[1].mlp.cache, ref.layers[1].mlp.cache
+    np.testing.assert_array_equal(fast_cache.neuron_of, ref_cache.neuron_of)
+
+
+def test_fast_path_refuses_quantized_bundles(tiny_dirs, tmp_path):
+    from mlx_flash.convert import convert
+
+    src, _ = tiny_dirs("qwen2", "float16")
+    out = tmp_path / "q8"
+    convert(src, out, bits=8, group_size=32)
+    with pytest.raises(ValueError, match="16-bit bundles"):
+        load(out, fast_cpu=True)
+    model, _ = load(out)  # auto: the MLX path
+    assert model.flash.fast is None
+
+
+def test_mlx_linear_kept_for_f32_weights():
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert cpu.accelerate(model) == 0

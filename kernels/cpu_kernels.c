@@ -1,0 +1,220 @@
+// CPU kernels for mlx-flash's fast CPU path (mlx_flash/cpu.py builds this file on first use).
+//
+// Weights stay in their 16-bit storage type (f16 or bf16, passed as uint16) and are widened to
+// f32 in registers, so a decode step streams half the bytes of an f32 copy and the neuron cache
+// holds rows exactly as they are on flash. Activations and accumulation are f32.
+//
+// Two entry points:
+//   linear16  y[t, r] = W[r, :] . x[t, :] (+ b[r])                 (attention, lm_head)
+//   ffn16     y[t, :] = sum_j h[t, j] * down[s_j, :],  h = act(gate . x) * (up . x) * mask
+//             over the neuron cache's slots s_j (part-major buffer, see mlx_flash/kernels.py)
+//
+// Both split rows/neurons across OpenMP threads; without OpenMP they run on one thread.
+// x86 with F16C/AVX2/FMA takes the vector path; anything else the portable scalar one.
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define FLASH_VECTOR 1
+#else
+#define FLASH_VECTOR 0
+#endif
+
+enum { DT_F16 = 0, DT_BF16 = 1 };
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_APPROX = 2, ACT_RELU = 3, ACT_RELU2 = 4 };
+
+int flash_vector_path(void) { return FLASH_VECTOR; }
+
+int flash_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float to_f32(uint16_t v, int dt) {
+    if (dt == DT_BF16) {
+        uint32_t bits = (uint32_t)v << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return f16_to_f32(v);
+}
+
+#if FLASH_VECTOR
+static inline __m256 load8(const uint16_t *p, int dt) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dt == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// out[t] = w . x[t, :] for t < T; x rows are d long and contiguous.
+static inline void dot_tokens(const uint16_t *w, const float *x, int d, int T, int dt, float *out) {
+    int c = 0;
+#if FLASH_VECTOR
+    if (T == 1) {  // decode: four independent chains hide the FMA latency
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; c + 32 <= d; c += 32) {
+            a0 = _mm256_fmadd_ps(load8(w + c, dt), _mm256_loadu_ps(x + c), a0);
+            a1 = _mm256_fmadd_ps(load8(w + c + 8, dt), _mm256_loadu_ps(x + c + 8), a1);
+            a2 = _mm256_fmadd_ps(load8(w + c + 16, dt), _mm256_loadu_ps(x + c + 16), a2);
+            a3 = _mm256_fmadd_ps(load8(w + c + 24, dt), _mm256_loadu_ps(x + c + 24), a3);
+        }
+        for (; c + 8 <= d; c += 8) a0 = _mm256_fmadd_ps(load8(w + c, dt), _mm256_loadu_ps(x + c), a0);
+        out[0] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    } else {
+        __m256 acc[16];
+        for (int t0 = 0; t0 < T; t0 += 16) {
+            int nt = T - t0 < 16 ? T - t0 : 16;
+            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+            for (c = 0; c + 8 <= d; c += 8) {
+                __m256 wv = load8(w + c, dt);
+                for (int t = 0; t < nt; t++)
+                    acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)(t0 + t) * d + c), acc[t]);
+            }
+            for (int t = 0; t < nt; t++) out[t0 + t] = hsum8(acc[t]);
+        }
+    }
+#else
+    for (int t = 0; t < T; t++) out[t] = 0.0f;
+#endif
+    for (; c < d; c++) {  // the tail (or everything, on the scalar path)
+        float wv = to_f32(w[c], dt);
+        for (int t = 0; t < T; t++) out[t] += wv * x[(size_t)t * d + c];
+    }
+}
+
+// y[t, :] += h * w over d columns.
+static inline void axpy16(float h, const uint16_t *w, float *y, int d, int dt) {
+    int c = 0;
+#if FLASH_VECTOR
+    __m256 hv = _mm256_set1_ps(h);
+    for (; c + 8 <= d; c += 8)
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(hv, load8(w + c, dt), _mm256_loadu_ps(y + c)));
+#endif
+    for (; c < d; c++) y[c] += h * to_f32(w[c], dt);
+}
+
+static inline float activate(float v, int act) {
+    switch (act) {
+    case ACT_SILU: return v / (1.0f + expf(-v));
+    case ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case ACT_GELU_APPROX:
+        return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case ACT_RELU: return v > 0.0f ? v : 0.0f;
+    default: return v > 0.0f ? v * v : 0.0f;  // ACT_RELU2
+    }
+}
+
+// y: (T, rows) f32; W: (rows, ld) 16-bit, the first d columns used; x: (T, d); b: (rows,) or NULL.
+void linear16(const uint16_t *W, int64_t ld, int rows, int d, int dt, const float *x, int T,
+              const float *b, float *y) {
+#pragma omp parallel
+    {
+        float out[64];
+        float *buf = T <= 64 ? out : (float *)malloc(sizeof(float) * (size_t)T);
+#pragma omp for schedule(dynamic, 64)
+        for (int r = 0; r < rows; r++) {
+            dot_tokens(W + (size_t)r * ld, x, d, T, dt, buf);
+            float bias = b ? b[r] : 0.0f;
+            for (int t = 0; t < T; t++) y[(size_t)t * rows + r] = buf[t] + bias;
+        }
+        if (buf != out) free(buf);
+    }
+}
+
+// The FFN over n neurons: neuron j is slots[j] (or j when slots is NULL). Part p of neuron s
+// starts at W + p * part_stride + s * neuron_stride (16-bit elements): the neuron cache's
+// part-major buffer has part_stride = capacity * d, neuron_stride = d; raw bundles (gate | up |
+// down | ...) have part_stride = d, neuron_stride = the bundle stride. P = 3 gated (gate, up,
+// down), 2 plain (up, down). in_bias: (P - 1, bias_stride) f32 indexed by s, or NULL.
+// mask: (T, n) f32 0/1 aligned with j, or NULL. h: scratch (T, n). partial: scratch
+// (threads, T, d). y: (T, d) output (overwritten).
+void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P, const int32_t *slots, int n, int d,
+           int dt, const float *x, int T, const float *in_bias, int64_t bias_stride,
+           const float *mask, int act, float *h, float *partial, float *y) {
+    const int gated = P == 3;
+    const uint16_t *down = W + (size_t)(P - 1) * part_stride;
+    const size_t ns = (size_t)neuron_stride;
+    int threads = 1;
+#pragma omp parallel
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#pragma omp single
+        threads = omp_get_num_threads();
+#endif
+        float first[64], second[64];
+        float *acc = partial + (size_t)tid * T * d;
+        memset(acc, 0, sizeof(float) * (size_t)T * d);
+#pragma omp for schedule(dynamic, 32)
+        for (int j = 0; j < n; j++) {
+            int any = 0;
+            for (int t = 0; t < T && !any; t++) any = !mask || mask[(size_t)t * n + j] != 0.0f;
+            if (!any) {  // no token of this call needs the neuron: skip its rows entirely
+                for (int t = 0; t < T; t++) h[(size_t)t * n + j] = 0.0f;
+                continue;
+            }
+            size_t s = slots ? (size_t)slots[j] : (size_t)j;
+            for (int t0 = 0; t0 < T; t0 += 64) {
+                int nt = T - t0 < 64 ? T - t0 : 64;
+                const float *xt = x + (size_t)t0 * d;
+                dot_tokens(W + s * ns, xt, d, nt, dt, first);
+                if (gated) dot_tokens(W + part_stride + s * ns, xt, d, nt, dt, second);
+                for (int t = 0; t < nt; t++) {
+                    float a = first[t] + (in_bias ? in_bias[s] : 0.0f);
+                    float v = activate(a, act);
+                    if (gated) v *= second[t] + (in_bias ? in_bias[bias_stride + s] : 0.0f);
+                    if (mask) v *= mask[(size_t)(t0 + t) * n + j];
+                    h[(size_t)(t0 + t) * n + j] = v;
+                    if (v != 0.0f) axpy16(v, down + s * ns, acc + (size_t)(t0 + t) * d, d, dt);
+                }
+            }
+        }
+        // implicit barrier: every thread's partial sum is complete; reduce them over columns
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < (int64_t)T * d; i++) {
+            float sum = 0.0f;
+            for (int k = 0; k < threads; k++) sum += partial[(size_t)k * T * d + i];
+            y[i] = sum;
+        }
+    }
+}
