@@ -232,11 +232,15 @@ def closest_friends(active: np.ndarray) -> np.ndarray:
 
 
 def friend_bundles(friend: np.ndarray, new: list[np.ndarray], stride: int, cost: CostModel,
-                   *, threads: int = 8, totals: ReadTotals | None = None) -> ReadTotals:
+                   *, direct: bool = True, threads: int = 8,
+                   totals: ReadTotals | None = None) -> ReadTotals:
     """The paper's bundling of each neuron with its closest friend: bundle i = [i | friend(i)]
-    (2 x stride); a token reads the fewest bundles covering its new ids (greedy, best case)."""
+    (2 x stride, page-aligned under O_DIRECT: the best case); a token reads the fewest bundles
+    covering its new ids (greedy)."""
     totals = totals or ReadTotals()
     size = 2 * stride
+    if direct:
+        size = -(-size // 4096) * 4096
     for ids in new:
         covered = np.zeros(friend.size, dtype=bool)
         reads = 0
@@ -332,11 +336,6 @@ def pin_hot(model, count: int) -> int:
 
     Needs a placed dir (`mlx-flash place`) and room: count <= capacity / 2.
     """
-    import mlx.core as mx
-
-    from .ffn import cache_rows
-    from .kernels import apply_window_update
-
     runtime = model.flash
     manifest = runtime.manifest
     if any(e.hot is None for e in manifest.layers):
@@ -347,14 +346,28 @@ def pin_hot(model, count: int) -> int:
         ids = np.sort(np.asarray(manifest.layers[i].hot[:count], dtype=np.int64))
         slots = cache.pin(ids)
         rows, _ = runtime.store.read(i, ids)
-        new = cache_rows(rows, manifest, runtime.dtype)
-        empty = mx.zeros((0,), dtype=mx.int32)
-        for name, buffer in cache.buffers.items():
-            cache.buffers[name] = apply_window_update(buffer, empty, empty,
-                                                      mx.array(slots.astype(np.int32)),
-                                                      new[name])
-        mx.eval(*cache.buffers.values())  # load the pinned rows now, not in the first token
+        _fill_slots(runtime, cache, slots, rows)
     return count
+
+
+def _fill_slots(runtime, cache, slots: np.ndarray, rows: np.ndarray) -> None:
+    """Write raw bundle rows (k, stride) into `slots` of a cache, as FlashFFN's update does."""
+    empty = np.zeros(0, dtype=np.int64)
+    if getattr(runtime, "fast", None) is not None:  # the numpy CPU path keeps raw bundles
+        from .cpu import window_update_numpy
+
+        window_update_numpy(cache.buffers["bundles"], empty, empty, slots, rows[None])
+        return
+    import mlx.core as mx
+
+    from .ffn import cache_rows
+    from .kernels import apply_window_update
+
+    new = cache_rows(rows, runtime.manifest, runtime.dtype)
+    none, at = mx.array(empty.astype(np.int32)), mx.array(slots.astype(np.int32))
+    for name, buffer in cache.buffers.items():
+        cache.buffers[name] = apply_window_update(buffer, none, none, at, new[name])
+    mx.eval(*cache.buffers.values())  # load the pinned rows now, not in the first token
 
 
 # ---------------------------------------------------------------- CLI

@@ -1000,9 +1000,44 @@ def io_replay(args) -> int:
               "window": args.window, "capacity": args.capacity,
               "tokens": args.replay_tokens, "machine": machine_description(dirs[0]),
               "rows": rows}
+    if args.study_layers:
+        print("[replay] cost-model study of placement ...", file=sys.stderr, flush=True)
+        report["study"] = placement_study(Path(args.io_replay), dirs[0], args.keep, args.window,
+                                          args.replay_tokens,
+                                          [int(x) for x in args.study_layers.split(",")])
     (out / "io_replay.json").write_text(json.dumps(report, indent=1))
     print(replay_table(report))
     return 0
+
+
+def placement_study(calibration: Path, model: Path, keep: float, window: int, tokens: int,
+                    layers: list[int]) -> list[dict]:
+    """Cost-model replay (no I/O) of sample layers: one read per neuron, the cost planner on
+    the id order, on hot-first and on co-activation orders, and the paper's closest-friend
+    bundles; per token and layer."""
+    import numpy as np
+
+    from mlx_flash import placement as pl
+    from mlx_flash.format import read_manifest
+
+    manifest = read_manifest(model)
+    cost = disk_model.cost_model_for(model) or disk_model.FALLBACK
+    info = json.loads((calibration / "calibration.json").read_text())
+    names = ("one read per neuron", "cost planner, id order", "cost planner, hot-first",
+             "cost planner, co-activation order", "closest-friend bundles (paper)")
+    totals = {name: pl.ReadTotals() for name in names}
+    for layer in layers:
+        mag = pl.calibration_mags(calibration, manifest, layer)
+        train = pl.split_holdout(len(mag), 0.2, int(info.get("seq_len", 1)))
+        fit = pl.active_sets(mag[:train], keep)
+        new = pl.new_sets(pl.active_sets(mag[train:train + tokens], keep), window)
+        stride, ident = manifest.layers[layer].stride, np.arange(mag.shape[1])
+        pl.evaluate(ident, new, stride, cost, "neuron", totals=totals[names[0]])
+        for name, order in zip(names[1:4], (ident, pl.hot_order(fit), pl.coact_order(fit)),
+                               strict=True):
+            pl.evaluate(order, new, stride, cost, "cost", totals=totals[name])
+        pl.friend_bundles(pl.closest_friends(fit), new, stride, cost, totals=totals[names[4]])
+    return [{"layout": name, **t.per_token()} for name, t in totals.items()]
 
 
 def replay_table(report: dict) -> str:
@@ -1016,6 +1051,11 @@ def replay_table(report: dict) -> str:
                      f"{r['bytes'] / MIB:.1f} | {r['needed'] / MIB:.1f} | "
                      f"{r['amplification']:.2f} | {r['io_ms']:.0f} | "
                      f"{r['io_speedup_vs_neuron']:.2f}x |")
+    if report.get("study"):
+        lines += ["", "Cost model only (no I/O), per token and layer, sample layers:", "",
+                  "| layout | reads | KiB read | amplification | modelled ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layout']} | {r['reads']:.0f} | {r['bytes'] / 1024:.0f} | "
+                  f"{r['amplification']:.2f} | {r['ms']:.2f} |" for r in report["study"]]
     return "\n".join(lines)
 
 
@@ -1245,6 +1285,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--placed dirs) with each read planner (issue 9)")
     parser.add_argument("--placed", default=None, help="comma-separated placed copies of --model")
     parser.add_argument("--replay-tokens", type=int, default=32)
+    parser.add_argument("--study-layers", default=None,
+                        help="with --io-replay: also a cost-model study of placement layouts "
+                             "on these layers (e.g. 3,12,20)")
     parser.add_argument("--pin-hot", type=float, default=0.25,
                         help="fraction of the neuron cache pinned in flash-placed-pinned")
     parser.add_argument("--window", type=int, default=1, help="window of the I/O replay")
