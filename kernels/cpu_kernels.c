@@ -4,8 +4,9 @@
 // f32 in registers, so a decode step streams half the bytes of an f32 copy and the neuron cache
 // holds rows exactly as they are on flash. Activations and accumulation are f32.
 //
-// Two entry points:
+// Entry points:
 //   linear16  y[t, r] = W[r, :] . x[t, :] (+ b[r])                 (attention, lm_head)
+//   linear_q  the same over MLX affine-quantized rows (4 or 8 bits): w = scale * q + bias
 //   ffn16     y[t, :] = sum_j h[t, j] * down[s_j, :],  h = act(gate . x) * (up . x) * mask
 //             over the neuron cache's slots s_j (part-major buffer, see mlx_flash/kernels.py)
 //
@@ -215,6 +216,72 @@ void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P,
             float sum = 0.0f;
             for (int k = 0; k < threads; k++) sum += partial[(size_t)k * T * d + i];
             y[i] = sum;
+        }
+    }
+}
+
+// MLX's affine quantization: row r has d * bits / 32 uint32 words, element i of a word at bits
+// [i * bits, (i + 1) * bits); per group of `group` elements w = scales[g] * q + biases[g].
+// So W[r] . x = sum_g scales[g] * (q_g . x_g) + biases[g] * sum(x_g): xsum (T, d / group) holds
+// the group sums of x. Tokens go in blocks of 8 so each group is decoded once per block.
+#if FLASH_VECTOR
+static inline __m256 decode8(const uint32_t *words, int k, int bits) {
+    if (bits == 8) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)words + k));
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    }
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)words[k / 8]), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xf)));
+}
+#endif
+
+static inline float quant_at(const uint32_t *words, int i, int bits) {
+    int per = 32 / bits;
+    return (float)((words[i / per] >> ((i % per) * bits)) & ((1u << bits) - 1));
+}
+
+void linear_q(const uint32_t *Wq, const float *scales, const float *biases, int rows, int d,
+              int bits, int group, const float *x, int T, const float *xsum, const float *b,
+              float *y) {
+    const int words = d * bits / 32, groups = d / group;
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int r = 0; r < rows; r++) {
+        const uint32_t *w = Wq + (size_t)r * words;
+        const float *s = scales + (size_t)r * groups, *z = biases + (size_t)r * groups;
+        for (int t0 = 0; t0 < T; t0 += 8) {
+            int nt = T - t0 < 8 ? T - t0 : 8;
+            float out[8] = {0};
+#if FLASH_VECTOR
+            if (group % 8 == 0 && group <= 128) {
+                __m256 acc[8], q[16];
+                for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+                for (int g = 0; g < groups; g++) {
+                    for (int k = 0; k < group / 8; k++) q[k] = decode8(w, g * group + k * 8, bits);
+                    __m256 sv = _mm256_set1_ps(s[g]);
+                    for (int t = 0; t < nt; t++) {
+                        const float *xt = x + (size_t)(t0 + t) * d + (size_t)g * group;
+                        __m256 a = _mm256_mul_ps(q[0], _mm256_loadu_ps(xt));
+                        for (int k = 1; k < group / 8; k++)
+                            a = _mm256_fmadd_ps(q[k], _mm256_loadu_ps(xt + k * 8), a);
+                        acc[t] = _mm256_fmadd_ps(sv, a, acc[t]);
+                        out[t] += z[g] * xsum[(size_t)(t0 + t) * groups + g];
+                    }
+                }
+                for (int t = 0; t < nt; t++) out[t] += hsum8(acc[t]);
+            } else
+#endif
+            {
+                for (int g = 0; g < groups; g++)
+                    for (int t = 0; t < nt; t++) {
+                        const float *xt = x + (size_t)(t0 + t) * d + (size_t)g * group;
+                        float a = 0.0f;
+                        for (int k = 0; k < group; k++) a += quant_at(w, g * group + k, bits) * xt[k];
+                        out[t] += s[g] * a + z[g] * xsum[(size_t)(t0 + t) * groups + g];
+                    }
+            }
+            for (int t = 0; t < nt; t++)
+                y[(size_t)(t0 + t) * rows + r] = out[t] + (b ? b[r] : 0.0f);
         }
     }
 }

@@ -123,7 +123,9 @@ class CpuKernels:
         lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
         lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _VOIDP, _INT, _INT, _INT, _VOIDP, _INT,
                               _VOIDP, _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
-        for fn in (lib.linear16, lib.ffn16):
+        lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _VOIDP, _INT,
+                                 _VOIDP, _VOIDP, _VOIDP]
+        for fn in (lib.linear16, lib.ffn16, lib.linear_q):
             fn.restype = None
         self._lib, self.path = lib, path
         self.threads: int = lib.flash_threads()
@@ -137,6 +139,24 @@ class CpuKernels:
         y = np.empty((x.shape[0], rows), dtype=np.float32)
         self._lib.linear16(weight.ctypes.data, weight.strides[0] // 2, rows, d, DT_CODES[dtype],
                            x.ctypes.data, x.shape[0], _ptr(bias), y.ctypes.data)
+        return y
+
+    def linear_q(self, wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+                 group_size: int, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x (T, d) f32 times MLX affine-quantized rows: wq (rows, d * bits / 32) uint32,
+        scales/biases (rows, d / group_size) f32 -> (T, rows) f32."""
+        rows, d = wq.shape[0], wq.shape[1] * 32 // bits
+        if wq.dtype != np.uint32 or not wq.flags.c_contiguous or bits not in (4, 8):
+            raise ValueError(f"linear_q needs contiguous uint32 4/8-bit rows, got {wq.dtype} "
+                             f"{bits}-bit")
+        if x.dtype != np.float32 or not x.flags.c_contiguous or x.shape[-1] != d:
+            raise ValueError(f"x must be a contiguous (T, {d}) float32 array, got {x.dtype} "
+                             f"{x.shape}")
+        xsum = np.ascontiguousarray(x.reshape(x.shape[0], d // group_size, group_size).sum(-1))
+        y = np.empty((x.shape[0], rows), dtype=np.float32)
+        self._lib.linear_q(wq.ctypes.data, scales.ctypes.data, biases.ctypes.data, rows, d, bits,
+                           group_size, x.ctypes.data, x.shape[0], xsum.ctypes.data, _ptr(bias),
+                           y.ctypes.data)
         return y
 
     def ffn16(self, base: np.ndarray, strides: tuple[int, int], parts: int, n: int, d: int,
@@ -270,10 +290,6 @@ class FastLinear(nn.Module):
         super().__init__()
         self._fused, self._start, self._stop = fused, start, stop  # underscored: no parameters
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._stop - self._start, self._fused.weight.shape[1]
-
     def __call__(self, x: mx.array) -> mx.array:
         y = self._fused(x)
         if (self._start, self._stop) != (0, y.shape[-1]):
@@ -282,27 +298,41 @@ class FastLinear(nn.Module):
 
 
 class _FusedWeight:
-    """The concatenated rows of sibling linears and the last (input, output) pair."""
+    """The concatenated rows of sibling linears and the last (input, output) pair.
+
+    16-bit weights (zero-copy when there is one member) or MLX affine-quantized ones (4/8 bits,
+    scales and biases widened to f32 once)."""
 
     def __init__(self, linears: list[nn.Module]):
-        views = [storage_view(lin.weight) for lin in linears]
-        dtypes = {dt for _, dt in views}
-        assert len(dtypes) == 1, "fused linears must share a dtype"
-        self.dtype = dtypes.pop()
-        self.weight = np.ascontiguousarray(views[0][0]) if len(views) == 1 else \
-            np.concatenate([v for v, _ in views])
-        self._keep = linears[0].weight if len(views) == 1 else None  # owner of a zero-copy view
+        first = linears[0]
+        self.bits = getattr(first, "bits", 16)
+        if self.bits == 16:
+            views = [storage_view(lin.weight) for lin in linears]
+            assert len({dt for _, dt in views}) == 1, "fused linears must share a dtype"
+            self.dtype = views[0][1]
+            self.weight = _concat([v for v, _ in views])
+        else:
+            self.group_size = first.group_size
+            self.weight = _concat([np.asarray(lin.weight) for lin in linears])
+            self.scales, self.biases = (
+                _concat([np.asarray(getattr(lin, k).astype(mx.float32)) for lin in linears])
+                for k in ("scales", "biases"))
         has_bias = any("bias" in lin for lin in linears)
         biases = [np.asarray(lin.bias.astype(mx.float32)) if "bias" in lin
                   else np.zeros(lin.weight.shape[0], np.float32) for lin in linears]
         self.bias = np.ascontiguousarray(np.concatenate(biases)) if has_bias else None
+        self.rows = self.weight.shape[0]
         self._last: tuple[mx.array, mx.array] | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         flat = to_f32_rows(x)
-        y = kernels().linear16(self.weight, self.dtype, flat, self.bias)
+        if self.bits == 16:
+            y = kernels().linear16(self.weight, self.dtype, flat, self.bias)
+        else:
+            y = kernels().linear_q(self.weight, self.scales, self.biases, self.bits,
+                                   self.group_size, flat, self.bias)
         out = mx.array(y).reshape(*x.shape[:-1], y.shape[1])
         self._last = (x, out)
         return out
@@ -326,26 +356,35 @@ class FastEmbedding(nn.Module):
         return self._head(x)
 
 
-def _is_plain_16bit_linear(module) -> bool:
-    return type(module) is nn.Linear and module.weight.dtype in (mx.float16, mx.bfloat16)
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """One contiguous array of the members' rows (a copy: the MLX arrays can then go)."""
+    return np.ascontiguousarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _is_fast_linear(module) -> bool:
+    """16-bit nn.Linear, or 4/8-bit affine nn.QuantizedLinear with groups of 8k <= 128."""
+    if type(module) is nn.Linear:
+        return module.weight.dtype in (mx.float16, mx.bfloat16)
+    return (type(module) is nn.QuantizedLinear and module.bits in (4, 8)
+            and getattr(module, "mode", "affine") == "affine" and module.group_size % 8 == 0
+            and module.group_size <= 128)
 
 
 def accelerate(model: nn.Module) -> int:
     """Swap every 16-bit `nn.Linear` of `model` for a FastLinear, fusing q/k/v and gate/up.
 
     16-bit embedding tables become FastEmbedding (f32 rows out, fast tied lm_head). Returns how
-    many linears were swapped. Quantized and f32 linears stay MLX's.
+    many linears were swapped. f32 linears stay MLX's.
     """
     swapped = 0
     for _, parent in model.named_modules():
         for name, child in parent.children().items():
             if type(child) is nn.Embedding and child.weight.dtype in (mx.float16, mx.bfloat16):
                 setattr(parent, name, FastEmbedding(child))
-        children = {k: v for k, v in parent.children().items() if _is_plain_16bit_linear(v)}
+        children = {k: v for k, v in parent.children().items() if _is_fast_linear(v)}
         for group in FUSED_SIBLINGS:
             members = [name for name in group if name in children]
-            if len(members) > 1 and len({children[m].weight.shape[1] for m in members}) == 1 \
-                    and len({children[m].weight.dtype for m in members}) == 1:
+            if len(members) > 1 and len({_fusion_key(children[m]) for m in members}) == 1:
                 fused = _FusedWeight([children.pop(m) for m in members])
                 start = 0
                 for name in members:
@@ -355,9 +394,15 @@ def accelerate(model: nn.Module) -> int:
                     swapped += 1
         for name, linear in children.items():
             fused = _FusedWeight([linear])
-            setattr(parent, name, FastLinear(fused, 0, fused.weight.shape[0]))
+            setattr(parent, name, FastLinear(fused, 0, fused.rows))
             swapped += 1
     return swapped
+
+
+def _fusion_key(linear: nn.Module) -> tuple:
+    """Linears fuse when these agree: input width, dtype, quantization."""
+    return (linear.weight.shape[1], linear.weight.dtype, getattr(linear, "bits", 16),
+            getattr(linear, "group_size", 0))
 
 
 # -- the neuron cache's buffers --------------------------------------------------------------

@@ -126,6 +126,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=2048,
                    help="context length the budget reserves KV cache for")
     p.add_argument("--dense", action="store_true", help="run the dense reference instead")
+    p.add_argument("--fast-cpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="the C kernels of the fast CPU path (default: on when MLX runs on the "
+                        "CPU with 16-bit bundles and no --dtype; --dense: off unless given)")
 
 
 def add_drafter_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,9 +171,9 @@ def load_model(args: argparse.Namespace):
 
     path = model_dir(args)
     if args.dense:
-        return load_dense(path, dtype=args.dtype)
+        return load_dense(path, dtype=args.dtype, fast_cpu=bool(args.fast_cpu))
     return load(path, dram_budget=args.dram_budget, window=args.window, selector=args.selector,
                 oracle_rule=args.rule, keep=args.keep, dtype=args.dtype, threads=args.threads,
                 direct=args.direct, embed_on_flash=args.embed_on_flash or None,
                 resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens,
-                read_planner=args.read_planner, pin_hot=args.pin_hot)
+                read_planner=args.read_planner, pin_hot=args.pin_hot, fast_cpu=args.fast_cpu)

@@ -177,6 +177,43 @@ def test_fast_path_refuses_quantized_bundles(tiny_dirs, tmp_path):
     assert model.flash.fast is None
 
 
+class Holder(nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
 def test_mlx_linear_kept_for_f32_weights():
-    model = nn.Sequential(nn.Linear(8, 8))
-    assert cpu.accelerate(model) == 0
+    half = nn.Linear(8, 8)
+    half.set_dtype(mx.float16)
+    model = Holder(kept=nn.Linear(8, 8), swapped=half)
+    assert cpu.accelerate(model) == 1
+    assert type(model.kept) is nn.Linear
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("tokens", [1, 11])
+def test_quantized_linear_equals_mlx(bits, group_size, tokens):
+    linear = nn.QuantizedLinear(128, 40, bias=True, group_size=group_size, bits=bits)
+    linear.update({"weight": linear.weight, "bias": mx.array(rand(40, 10))})
+    x = mx.array(rand((tokens, 128), 11))
+    want = linear(x)
+    model = Holder(proj=linear)
+    assert cpu.accelerate(model) == 1
+    got = model.proj(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_flash_fast_path_with_quantized_resident(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    model, tokenizer = load(flash_dir, fast_cpu=True, resident_bits=8, resident_group_size=32)
+    ref, _ = load(flash_dir, fast_cpu=False, dtype="float32", resident_bits=8,
+                  resident_group_size=32)
+    assert type(model.layers[0].self_attn.q_proj) is cpu.FastLinear
+    prompt = [5, 9, 17, 33]
+    assert generate(model, tokenizer, prompt, max_tokens=8) == \
+        generate(ref, tokenizer, prompt, max_tokens=8)
