@@ -396,6 +396,7 @@ def accelerate(model: nn.Module) -> int:
             fused = _FusedWeight([linear])
             setattr(parent, name, FastLinear(fused, 0, fused.rows))
             swapped += 1
+    mx.clear_cache()  # the replaced MLX weights: give their memory back now
     return swapped
 
 

@@ -427,7 +427,8 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
     kind, probe = spec["kind"], None
     try:
         if kind == "dense":
-            model, _ = flash_model.load_dense(spec["model"], dtype=spec["dtype"])
+            model, _ = flash_model.load_dense(spec["model"], dtype=spec["dtype"],
+                                              **spec["options"])
         elif kind == "mmap":
             model, _ = baselines.load_mmap(spec["model"], dtype=spec["dtype"])
             layers = [layer.mlp for layer in model.layers]
