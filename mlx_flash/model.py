@@ -446,9 +446,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
 
     store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode,
                         planner=read_planner, cost=disk.cost_model_for(root) or disk.FALLBACK)
-    chooser = _make_selector(selector, store, manifest, oracle_rule, keep, dtype,
-                             predictor_recall)
-    runtime = FlashRuntime(manifest, store, chooser, settings, mx.float32 if fast else dtype)
+    compute_dtype = mx.float32 if fast else dtype  # the fast path keeps weights 16-bit
+    chooser = _make_selector(selector, store, manifest, oracle_rule, keep, compute_dtype,
+                             predictor_recall, fast)
+    runtime = FlashRuntime(manifest, store, chooser, settings, compute_dtype)
     if fast:
         runtime.fast = cpu.BundleFFN(manifest.ffn)
     runtime.stats.memory = asdict(plan)
@@ -494,7 +495,8 @@ def use_fast_cpu(fast_cpu: bool | None, manifest: Manifest, dtype) -> bool:
     return cpu.wanted(fast_cpu)
 
 
-def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None):
+def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None,
+                   fast_cpu=False):
     """"predictor": the dir's trained predictors at `predictor_recall` (None: their default);
     "oracle": true activations (`rule`, `keep`); "auto": predictor when the dir has them."""
     if name == "auto":
@@ -502,7 +504,7 @@ def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=No
     if name == "predictor":
         from .predictor import PredictorSelector
 
-        return PredictorSelector.from_dir(store.root, manifest, predictor_recall)
+        return PredictorSelector.from_dir(store.root, manifest, predictor_recall, fast_cpu)
     if name == "oracle":
         return OracleSelector(store, manifest, rule=rule, keep=keep, dtype=dtype)
     raise ValueError(f"selector {name!r} is not known; use 'auto', 'predictor' or 'oracle'")

@@ -479,23 +479,25 @@ class LayerPredictor:
     def rank(self) -> int:
         return self.A.shape[-1]
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """x: (T, d) float32 -> (T, n) float32, higher = more likely needed."""
+    def scores(self, x: np.ndarray, kernels=None) -> np.ndarray:
+        """x: (T, d) float32 -> (T, n) float32, higher = more likely needed. kernels: the fast
+        CPU path's (cpu.CpuKernels) for decode-sized x, or None."""
         if self.kind == "linear":
-            return _lowrank(x, self.A, self.B) + self.bias
-        pre = [_lowrank(x, a, b) + c for a, b, c in zip(self.A, self.B, self.bias, strict=True)]
+            return _lowrank(x, self.A, self.B, kernels) + self.bias
+        pre = [_lowrank(x, a, b, kernels) + c
+               for a, b, c in zip(self.A, self.B, self.bias, strict=True)]
         act = np_activation(self.activation, pre[0])
         return np.abs(act * pre[1] if len(pre) == 2 else act)
 
-    def select(self, x: np.ndarray) -> list[np.ndarray]:
+    def select(self, x: np.ndarray, kernels=None) -> list[np.ndarray]:
         """x: (T, d) -> per token the ids with score > tau, highest score first."""
-        return [ids_above(z, self.tau) for z in self.scores(x)]
+        return [ids_above(z, self.tau) for z in self.scores(x, kernels)]
 
 
 SMALL_BATCH = 16  # tokens up to which `_lowrank` stays off the BLAS
 
 
-def _lowrank(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _lowrank(x: np.ndarray, a: np.ndarray, b: np.ndarray, kernels=None) -> np.ndarray:
     """x @ a @ b. x: (T, d), a: (d, r), b: (r, n) -> (T, n).
 
     Decode-sized inputs go through np.einsum's own loops, not the BLAS: a multithreaded
@@ -505,6 +507,8 @@ def _lowrank(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     if len(x) > SMALL_BATCH:
         return (x @ a) @ b
+    if kernels is not None:  # the fast CPU path: f32 rows streamed by C threads
+        return kernels.vecmat32(kernels.vecmat32(x, a), b)
     return np.einsum("tr,rn->tn", np.einsum("td,dr->tr", x, a), b)
 
 
@@ -1066,19 +1070,22 @@ class PredictorSelector:
     the size of predictors.safetensors.
     """
 
-    def __init__(self, predictors: Predictors):
+    def __init__(self, predictors: Predictors, fast_cpu: bool = False):
+        from . import cpu
+
         self.predictors = predictors
+        self.kernels = cpu.kernels() if fast_cpu else None
 
     @classmethod
     def from_dir(cls, flash_dir: str | Path, manifest: Manifest | None = None,
-                 recall: float | None = None) -> PredictorSelector:
-        return cls(load_predictors(flash_dir, manifest, recall))
+                 recall: float | None = None, fast_cpu: bool = False) -> PredictorSelector:
+        return cls(load_predictors(flash_dir, manifest, recall), fast_cpu)
 
     def select(self, layer: int, x: mx.array) -> Selection:
         """x: (T, d) evaluated, compute dtype -> each token's predicted ids, best first."""
         # x is evaluated: np.array only copies it (and casts when the compute dtype is not f32)
         xs = np.array(x if x.dtype == mx.float32 else x.astype(mx.float32))
-        return Selection(self.predictors.layers[layer].select(xs))
+        return Selection(self.predictors.layers[layer].select(xs, self.kernels))
 
 
 # ---------------------------------------------------------------- command line
