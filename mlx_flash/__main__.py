@@ -156,8 +156,9 @@ def cmd_generate(args) -> int:
         truncated = sum(s.truncated for s in stats.decode_steps())
         if truncated:
             print(f"warning: {truncated / max(1, totals['decode_tokens']):.0f} active neurons per "
-                  "token did not fit the neuron caches and were skipped (output quality drops): "
-                  "raise --dram-budget, lower --keep, or use a smaller --window", file=sys.stderr)
+                  "token did not fit the neuron caches and were read again for every token "
+                  "(exact but slow): raise --dram-budget, lower --keep, or use a smaller "
+                  "--window", file=sys.stderr)
         if args.stats_json:
             stats.write_json(args.stats_json)
         model.flash.close()

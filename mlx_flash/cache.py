@@ -19,7 +19,7 @@ active neurons go first. The index math here is numpy; the row moves happen in
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -37,7 +37,8 @@ class WindowPlan:
     new_ids: np.ndarray  # (k,) neurons to read from flash, ascending
     evicted: int
     hits: int  # active neurons already cached
-    truncated: int  # active neurons dropped because they did not fit
+    truncated: int  # active neurons that did not fit (FlashFFN streams them instead)
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # those ids
 
 
 class NeuronCache:
@@ -105,6 +106,7 @@ class NeuronCache:
         # Pinned ids are free; the others share what the pinned slots leave, best first.
         fits = pinned | (np.cumsum(~pinned) <= self.capacity - self.pinned)
         truncated = int(ids.size - fits.sum())
+        dropped = ids[~fits]
         ids, slots = ids[fits], slots[fits]
         cached = slots >= 0
         self.last_step[slots[cached & (slots >= self.pinned)]] = self.step
@@ -117,7 +119,8 @@ class NeuronCache:
         self.last_step[slots] = self.step
         self.n += missing.size
         self._check()
-        return WindowPlan(dst, src, slots, missing, evict.size, int(cached.sum()), truncated)
+        return WindowPlan(dst, src, slots, missing, evict.size, int(cached.sum()), truncated,
+                          dropped)
 
     def _choose_evictions(self, incoming: int) -> np.ndarray:
         """Slots to free: every neuron out of the window, plus LRU ones if still too full."""

@@ -233,7 +233,7 @@ class FlashFFN(nn.Module):
         selection = self._select(x, step)
         self._last_ids = selection.ids
         union = ordered_union(selection.ids)
-        self._advance(union, step)
+        plan = self._advance(union, step)
         cache = self._cache
         step.neurons_active += int(union.size)
         step.neurons_cached += cache.n
@@ -241,14 +241,47 @@ class FlashFFN(nn.Module):
         if self._rt.settings.compute_on == "active":
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
         if self._rt.fast is not None:
-            return mx.array(self._rt.fast(cache.buffers["bundles"][0], cache.n, to_f32_rows(x),
-                                          mask))
-        mask = None if mask is None else mx.array(mask)
-        if self._layout.quantized:
+            y = mx.array(self._rt.fast(cache.buffers["bundles"][0], cache.n, to_f32_rows(x),
+                                       mask))
+        elif self._layout.quantized:
             b = cache.buffers
-            return ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
-                                  mask, cache.bias)
-        return compute_ffn(x, cache.weights, cache.n, self._layout.activation, mask, cache.bias)
+            y = ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
+                               None if mask is None else mx.array(mask), cache.bias)
+        else:
+            y = compute_ffn(x, cache.weights, cache.n, self._layout.activation,
+                            None if mask is None else mx.array(mask), cache.bias)
+        if plan.dropped.size:
+            y = self._stream_overflow(x, y, plan.dropped, selection.ids, step)
+        return y
+
+    def _stream_overflow(self, x: mx.array, y: mx.array, ids: np.ndarray,
+                         per_token: list[np.ndarray], step: TokenStats) -> mx.array:
+        """Active neurons the cache could not hold: read and computed this call, not kept
+        (chunked like prefill, so the scratch stays bounded). Exact, at the cost of the reads."""
+        rt = self._rt
+        chunk = rt.settings.prefill_chunk
+        x32 = to_f32_rows(x) if rt.fast is not None else None
+        ids = np.sort(ids)  # the store returns rows in ascending id order
+        for start in range(0, ids.size, chunk):
+            part = ids[start:start + chunk]
+            mask = None
+            if len(per_token) > 1:  # each token only its own neurons
+                mask = np.stack([np.isin(part, t) for t in per_token]).astype(np.float32)
+            rows, io = rt.store.read(self._layer, part)
+            t1 = time.perf_counter()
+            if x32 is not None:
+                y = y + mx.array(rt.fast(rows, part.size, x32, mask))
+            else:
+                weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
+                y = y + compute_ffn(x, weights, part.size, self._layout.activation,
+                                    None if mask is None else mx.array(mask), bias)
+            mx.eval(y)  # one chunk of rows alive at a time
+            step.seconds["io"] += io.seconds
+            step.seconds["compute"] += time.perf_counter() - t1
+            step.bytes_read += io.bytes
+            step.bytes_needed += io.needed
+            step.reads += io.reads
+        return y
 
     def _select(self, x: mx.array, step: TokenStats) -> Selection:
         t0 = time.perf_counter()

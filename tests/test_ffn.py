@@ -109,3 +109,32 @@ def test_naive_flash_reads_everything_every_token(tiny_dirs):
     assert greedy(model, tokenizer, n=4) == greedy(dense, tokenizer, n=4)
     ffn_bytes = model.flash.manifest.ffn_bytes
     assert all(s.bytes_read == ffn_bytes for s in model.flash.stats.decode_steps())
+
+
+@pytest.mark.parametrize("fast_cpu", [False, True])
+def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
+    """A cache smaller than the active set: the rest is read and computed each call, so flash
+    with every neuron stays equal to dense (it used to drop them)."""
+    from mlx_flash import cpu
+    from mlx_flash import model as model_module
+
+    plan_memory = model_module.plan_memory
+
+    def three_neurons(*args, **kwargs):
+        plan = plan_memory(*args, **kwargs)
+        plan.capacity = 3
+        return plan
+
+    monkeypatch.setattr(model_module, "plan_memory", three_neurons)
+    if fast_cpu and cpu.unavailable_reason():
+        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    dense, tokenizer = load_dense(flash_dir, dtype="float32")
+    model, _ = load(flash_dir, selector="oracle", oracle_rule="all", fast_cpu=fast_cpu,
+                    dtype=None if fast_cpu else "float32")
+    assert model.layers[0].mlp.cache.capacity == 3
+    prompt = [5, 9, 17, 33]
+    assert generate(model, tokenizer, prompt, max_tokens=6) == \
+        generate(dense, tokenizer, prompt, max_tokens=6)
+    steps = model.flash.stats.decode_steps()
+    assert sum(s.truncated for s in steps) > 0 and sum(s.bytes_read for s in steps) > 0
