@@ -241,47 +241,145 @@ static inline float quant_at(const uint32_t *words, int i, int bits) {
     return (float)((words[i / per] >> ((i % per) * bits)) & ((1u << bits) - 1));
 }
 
+// out[t] = (scales * q + biases) . x[t] over one quantized row, for t < T (T <= 8).
+static inline void dotq_tokens(const uint32_t *w, const float *s, const float *z, int d,
+                               int bits, int group, const float *x, const float *xsum, int T,
+                               float *out) {
+    const int groups = d / group;
+    for (int t = 0; t < T; t++) out[t] = 0.0f;
+#if FLASH_VECTOR
+    if (group % 8 == 0 && group <= 128) {
+        __m256 acc[8], q[16];
+        for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            for (int k = 0; k < group / 8; k++) q[k] = decode8(w, g * group + k * 8, bits);
+            __m256 sv = _mm256_set1_ps(s[g]);
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + (size_t)t * d + (size_t)g * group;
+                __m256 a = _mm256_mul_ps(q[0], _mm256_loadu_ps(xt));
+                for (int k = 1; k < group / 8; k++)
+                    a = _mm256_fmadd_ps(q[k], _mm256_loadu_ps(xt + k * 8), a);
+                acc[t] = _mm256_fmadd_ps(sv, a, acc[t]);
+                out[t] += z[g] * xsum[(size_t)t * groups + g];
+            }
+        }
+        for (int t = 0; t < T; t++) out[t] += hsum8(acc[t]);
+        return;
+    }
+#endif
+    for (int g = 0; g < groups; g++)
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * d + (size_t)g * group;
+            float a = 0.0f;
+            for (int k = 0; k < group; k++) a += quant_at(w, g * group + k, bits) * xt[k];
+            out[t] += s[g] * a + z[g] * xsum[(size_t)t * groups + g];
+        }
+}
+
+// y[:] += h * (scales * q + biases) over one quantized row of d values.
+static inline void axpyq(float h, const uint32_t *w, const float *s, const float *z, int d,
+                         int bits, int group, float *y) {
+    const int groups = d / group;
+#if FLASH_VECTOR
+    if (group % 8 == 0) {
+        for (int g = 0; g < groups; g++) {
+            __m256 sv = _mm256_set1_ps(h * s[g]), zv = _mm256_set1_ps(h * z[g]);
+            for (int k = 0; k < group; k += 8) {
+                float *yk = y + g * group + k;
+                __m256 v = _mm256_fmadd_ps(sv, decode8(w, g * group + k, bits), zv);
+                _mm256_storeu_ps(yk, _mm256_add_ps(_mm256_loadu_ps(yk), v));
+            }
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < d; i++) y[i] += h * (s[i / group] * quant_at(w, i, bits) + z[i / group]);
+}
+
 void linear_q(const uint32_t *Wq, const float *scales, const float *biases, int rows, int d,
               int bits, int group, const float *x, int T, const float *xsum, const float *b,
               float *y) {
     const int words = d * bits / 32, groups = d / group;
 #pragma omp parallel for schedule(dynamic, 64)
     for (int r = 0; r < rows; r++) {
-        const uint32_t *w = Wq + (size_t)r * words;
-        const float *s = scales + (size_t)r * groups, *z = biases + (size_t)r * groups;
+        float out[8];
         for (int t0 = 0; t0 < T; t0 += 8) {
             int nt = T - t0 < 8 ? T - t0 : 8;
-            float out[8] = {0};
-#if FLASH_VECTOR
-            if (group % 8 == 0 && group <= 128) {
-                __m256 acc[8], q[16];
-                for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-                for (int g = 0; g < groups; g++) {
-                    for (int k = 0; k < group / 8; k++) q[k] = decode8(w, g * group + k * 8, bits);
-                    __m256 sv = _mm256_set1_ps(s[g]);
-                    for (int t = 0; t < nt; t++) {
-                        const float *xt = x + (size_t)(t0 + t) * d + (size_t)g * group;
-                        __m256 a = _mm256_mul_ps(q[0], _mm256_loadu_ps(xt));
-                        for (int k = 1; k < group / 8; k++)
-                            a = _mm256_fmadd_ps(q[k], _mm256_loadu_ps(xt + k * 8), a);
-                        acc[t] = _mm256_fmadd_ps(sv, a, acc[t]);
-                        out[t] += z[g] * xsum[(size_t)(t0 + t) * groups + g];
-                    }
-                }
-                for (int t = 0; t < nt; t++) out[t] += hsum8(acc[t]);
-            } else
-#endif
-            {
-                for (int g = 0; g < groups; g++)
-                    for (int t = 0; t < nt; t++) {
-                        const float *xt = x + (size_t)(t0 + t) * d + (size_t)g * group;
-                        float a = 0.0f;
-                        for (int k = 0; k < group; k++) a += quant_at(w, g * group + k, bits) * xt[k];
-                        out[t] += s[g] * a + z[g] * xsum[(size_t)(t0 + t) * groups + g];
-                    }
-            }
+            dotq_tokens(Wq + (size_t)r * words, scales + (size_t)r * groups,
+                        biases + (size_t)r * groups, d, bits, group, x + (size_t)t0 * d,
+                        xsum + (size_t)t0 * groups, nt, out);
             for (int t = 0; t < nt; t++)
                 y[(size_t)(t0 + t) * rows + r] = out[t] + (b ? b[r] : 0.0f);
+        }
+    }
+}
+
+// Scales / biases of one quantized row, 16-bit storage -> f32.
+#define FLASH_MAX_GROUPS 512
+static inline void widen(const uint16_t *a, int n, int dt, float *out) {
+    for (int i = 0; i < n; i++) out[i] = to_f32(a[i], dt);
+}
+
+// ffn16 over the quantized cache: q (P, capacity, d * bits / 32) uint32, scales / biases
+// (P, capacity, d / group) 16-bit (dt), neurons [0, n); in_bias (P - 1, capacity) f32 or NULL;
+// mask, h, partial and y as in ffn16; xsum (T, d / group) the group sums of x.
+void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt, int P,
+          int64_t capacity, int n, int d, int bits, int group, const float *x, int T,
+          const float *xsum, const float *in_bias, const float *mask, int act, float *h,
+          float *partial, float *y) {
+    const int gated = P == 3, words = d * bits / 32, groups = d / group;
+    const size_t qpart = (size_t)capacity * words, spart = (size_t)capacity * groups;
+    int threads = 1;
+#pragma omp parallel
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#pragma omp single
+        threads = omp_get_num_threads();
+#endif
+        float first[8], second[8], s[FLASH_MAX_GROUPS], z[FLASH_MAX_GROUPS];
+        float *acc = partial + (size_t)tid * T * d;
+        memset(acc, 0, sizeof(float) * (size_t)T * d);
+#pragma omp for schedule(dynamic, 32)
+        for (int j = 0; j < n; j++) {
+            int any = 0;
+            for (int t = 0; t < T && !any; t++) any = !mask || mask[(size_t)t * n + j] != 0.0f;
+            if (!any) {
+                for (int t = 0; t < T; t++) h[(size_t)t * n + j] = 0.0f;
+                continue;
+            }
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                int nt = T - t0 < 8 ? T - t0 : 8;
+                const float *xt = x + (size_t)t0 * d, *st = xsum + (size_t)t0 * groups;
+                size_t row = (size_t)j * groups;
+                widen(scales + row, groups, dt, s);
+                widen(biases + row, groups, dt, z);
+                dotq_tokens(q + j * (size_t)words, s, z, d, bits, group, xt, st, nt, first);
+                if (gated) {
+                    widen(scales + spart + row, groups, dt, s);
+                    widen(biases + spart + row, groups, dt, z);
+                    dotq_tokens(q + qpart + j * (size_t)words, s, z, d, bits, group, xt, st, nt,
+                                second);
+                }
+                widen(scales + (P - 1) * spart + row, groups, dt, s);
+                widen(biases + (P - 1) * spart + row, groups, dt, z);
+                for (int t = 0; t < nt; t++) {
+                    float v = activate(first[t] + (in_bias ? in_bias[j] : 0.0f), act);
+                    if (gated) v *= second[t] + (in_bias ? in_bias[capacity + j] : 0.0f);
+                    if (mask) v *= mask[(size_t)(t0 + t) * n + j];
+                    h[(size_t)(t0 + t) * n + j] = v;
+                    if (v != 0.0f)
+                        axpyq(v, q + (P - 1) * qpart + j * (size_t)words, s, z, d, bits, group,
+                              acc + (size_t)(t0 + t) * d);
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < (int64_t)T * d; i++) {
+            float sum = 0.0f;
+            for (int k = 0; k < threads; k++) sum += partial[(size_t)k * T * d + i];
+            y[i] = sum;
         }
     }
 }

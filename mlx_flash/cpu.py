@@ -34,6 +34,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .format import FFNLayout
+from .quant import unpack_bundles
 
 ENV_CPU_KERNELS = "MLX_FLASH_CPU_KERNELS"  # "0" disables the fast CPU path
 DT_CODES = {"float16": 0, "bfloat16": 1}
@@ -126,7 +127,9 @@ class CpuKernels:
         lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _VOIDP, _INT,
                                  _VOIDP, _VOIDP, _VOIDP]
         lib.vecmat32.argtypes = [_VOIDP, _INT, _INT, _VOIDP, _INT, _VOIDP]
-        for fn in (lib.linear16, lib.ffn16, lib.linear_q, lib.vecmat32):
+        lib.ffnq.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _I64, _INT, _INT, _INT, _INT,
+                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
+        for fn in (lib.linear16, lib.ffn16, lib.linear_q, lib.vecmat32, lib.ffnq):
             fn.restype = None
         self._lib, self.path = lib, path
         self.threads: int = lib.flash_threads()
@@ -171,6 +174,34 @@ class CpuKernels:
                            y.ctypes.data)
         return y
 
+    def ffnq(self, q: np.ndarray, scales: np.ndarray, biases: np.ndarray, dtype: str, n: int,
+             bits: int, group_size: int, x: np.ndarray, activation: str,
+             mask: np.ndarray | None = None, in_bias: np.ndarray | None = None) -> np.ndarray:
+        """`ffn16` over quantized rows: q (P, capacity, d * bits / 32) uint32, scales/biases
+        (P, capacity, d / group_size) uint16 bits of `dtype`, neurons [0, n); in_bias
+        (P - 1, capacity) f32 or None. Returns (T, d) f32."""
+        parts, capacity, words = q.shape
+        d = words * 32 // bits
+        for a in (q, scales, biases):
+            if not a.flags.c_contiguous:
+                raise ValueError("ffnq needs contiguous buffers")
+        if d // group_size > 512:
+            raise ValueError(f"{d // group_size} groups per row: at most 512 supported")
+        tokens = x.shape[0]
+        _check_x(x, d)
+        if mask is not None:
+            mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(tokens, n)
+        xsum = np.ascontiguousarray(x.reshape(tokens, d // group_size, group_size).sum(-1))
+        h = np.empty((tokens, max(n, 1)), dtype=np.float32)
+        partial = np.empty((self.threads, tokens, d), dtype=np.float32)
+        y = np.empty((tokens, d), dtype=np.float32)
+        self._lib.ffnq(q.ctypes.data, scales.ctypes.data, biases.ctypes.data, DT_CODES[dtype],
+                       parts, capacity, n, d, bits, group_size, x.ctypes.data, tokens,
+                       xsum.ctypes.data, _ptr(in_bias), _ptr(mask),
+                       ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
+                       y.ctypes.data)
+        return y
+
     def ffn16(self, base: np.ndarray, strides: tuple[int, int], parts: int, n: int, d: int,
               dtype: str, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
               in_bias: np.ndarray | None = None, slots: np.ndarray | None = None) -> np.ndarray:
@@ -213,6 +244,10 @@ def _check_operands(weight: np.ndarray, x: np.ndarray, d: int) -> None:
                          f"{weight.dtype} strides {weight.strides}")
     if weight.shape[-1] < d:
         raise ValueError(f"rows of {weight.shape[-1]} elements cannot hold {d} columns")
+    _check_x(x, d)
+
+
+def _check_x(x: np.ndarray, d: int) -> None:
     if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != d:
         raise ValueError(f"x must be a contiguous (T, {d}) float32 array, got {x.dtype} "
                          f"{x.shape}")
@@ -431,31 +466,107 @@ def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
 
 
 class BundleFFN:
-    """The fast path's FFN over raw neuron bundles: the cache buffer is (capacity, stride) bytes,
-    exactly as read from flash (gate | up | down | biases, see format.py), so the window update
-    moves whole bundles and the kernel reads each neuron's rows from one place."""
+    """The fast path's FFN over 16-bit bundles. The cache buffer is (capacity, stride) bytes,
+    each slot a bundle exactly as read from flash (gate | up | down | biases, see format.py):
+    the window update moves whole bundles and the kernel reads each neuron from one place."""
 
     def __init__(self, layout: FFNLayout):
-        if not self.supports(layout):
-            raise ValueError(f"the fast CPU FFN needs 16-bit bundles, got {layout.dtype} "
-                             f"{layout.bits}-bit")
         self.d, self.parts = layout.d_model, len(layout.matrix_names)
         self.dtype, self.activation = layout.dtype, layout.activation
         self.bias_offsets = [p.offset for p in layout.parts if p.name.endswith("_bias")]
 
-    @staticmethod
-    def supports(layout: FFNLayout) -> bool:
-        return not layout.quantized and layout.dtype in DT_CODES
+    def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
+        """NeuronCache buffers (name -> (parts, width, dtype)) for bundles of `stride` bytes."""
+        return {"bundles": (1, stride, mx.uint8)}
 
-    def __call__(self, bundles: np.ndarray, n: int, x: np.ndarray,
-                 mask: np.ndarray | None = None) -> np.ndarray:
-        """bundles: (k >= n, stride) uint8; x: (T, d) f32 -> (T, d) f32 over bundles [0, n)."""
+    def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
+               slots: np.ndarray, rows: np.ndarray) -> None:
+        """A window update in place (see `window_update_numpy`); rows: the new neurons'
+        bundles (k, stride) for `slots`."""
+        window_update_numpy(buffers["bundles"], dst, src, slots, rows[None])
+
+    def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self.over_rows(cache.buffers["bundles"][0], x, mask, cache.n)
+
+    def over_rows(self, bundles: np.ndarray, x: np.ndarray, mask: np.ndarray | None = None,
+                  n: int | None = None) -> np.ndarray:
+        """bundles: (k, stride) uint8; x: (T, d) f32 -> (T, d) f32 over bundles [0, n or k)."""
+        n = bundles.shape[0] if n is None else n
         elems = bundles.view(np.uint16)
         in_bias = None
         if self.bias_offsets and n:
             in_bias = storage_to_f32(elems[:n, self.bias_offsets], self.dtype).T
         return kernels().ffn16(elems, (self.d, elems.shape[1]), self.parts, n, self.d,
                                self.dtype, x, self.activation, mask, in_bias)
+
+
+class QuantBundleFFN:
+    """The fast path's FFN over 4/8-bit bundles: the cache keeps the unpacked parts as numpy
+    buffers like the MLX path's ("q" uint32, "scales"/"biases" 16-bit, "bias" f32) and `ffnq`
+    decodes the rows in registers."""
+
+    def __init__(self, layout: FFNLayout):
+        self.layout = layout
+        self.dtype, self.activation = layout.dtype, layout.activation
+        self.bits, self.group_size = layout.bits, layout.group_size
+
+    def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
+        layout = self.layout
+        parts, groups = len(layout.matrix_names), layout.d_model // layout.group_size
+        spec = {"q": (parts, layout.d_model * layout.bits // 32, mx.uint32),
+                "scales": (parts, groups, mx.uint16), "biases": (parts, groups, mx.uint16)}
+        if layout.bias_names:
+            spec["bias"] = (len(layout.bias_names), 1, mx.float32)
+        return spec
+
+    def _unpack(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        parts = unpack_bundles(rows, self.layout)
+        out = {k: np.ascontiguousarray(parts[k]).view(np.uint16 if k != "q" else np.uint32)
+               for k in ("q", "scales", "biases")}
+        if "bias" in parts:
+            out["bias"] = storage_to_f32(parts["bias"].view(np.uint16), self.dtype)[:, :, None]
+        return out
+
+    def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
+               slots: np.ndarray, rows: np.ndarray) -> None:
+        new = self._unpack(rows)
+        for name, buffer in buffers.items():
+            window_update_numpy(buffer, dst, src, slots, new[name])
+
+    def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self._ffn(cache.buffers, cache.n, x, mask)
+
+    def over_rows(self, rows: np.ndarray, x: np.ndarray, mask: np.ndarray | None = None,
+                  n: int | None = None) -> np.ndarray:
+        return self._ffn(self._unpack(rows), rows.shape[0] if n is None else n, x, mask)
+
+    def _ffn(self, b: dict[str, np.ndarray], n: int, x: np.ndarray,
+             mask: np.ndarray | None) -> np.ndarray:
+        in_bias = np.ascontiguousarray(b["bias"][:, :, 0]) if "bias" in b else None
+        return kernels().ffnq(b["q"], b["scales"], b["biases"], self.dtype, n, self.bits,
+                              self.group_size, x, self.activation, mask, in_bias)
+
+
+def fast_ffn(layout: FFNLayout) -> BundleFFN | QuantBundleFFN:
+    """The fast path's FFN for this bundle layout."""
+    if layout.dtype not in DT_CODES:
+        raise ValueError(f"the fast CPU FFN needs 16-bit storage, got {layout.dtype}")
+    return QuantBundleFFN(layout) if layout.quantized else BundleFFN(layout)
+
+
+def supports(layout: FFNLayout) -> bool:
+    return layout.dtype in DT_CODES
+
+
+_NP_DTYPES = {mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32,
+              mx.float32: np.float32}
+
+
+def numpy_zeros(shape: tuple[int, ...], dtype: mx.Dtype) -> np.ndarray:
+    """A zeroed numpy cache buffer, its pages touched now (the budget counts them from load)."""
+    buffer = np.zeros(shape, dtype=_NP_DTYPES[dtype])
+    buffer.fill(0)
+    return buffer
 
 
 def storage_to_f32(a: np.ndarray, dtype: str) -> np.ndarray:

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import NeuronCache, WindowPlan
-from .cpu import BundleFFN, to_f32_rows, window_update_numpy
+from .cpu import BundleFFN, QuantBundleFFN, to_f32_rows
 from .format import FFNLayout, Manifest
 from .kernels import apply_window_update, compute_ffn, neuron_activations
 from .quant import dequantize, ffn_over_qrows, storage_to_mx, unpack_bundles
@@ -182,7 +182,7 @@ class FlashRuntime:
         self.manifest, self.store, self.selector = manifest, store, selector
         self.settings, self.dtype = settings, dtype
         self.stats = RunStats()
-        self.fast: BundleFFN | None = None  # set by load(): the fast CPU path (cpu.py)
+        self.fast: BundleFFN | QuantBundleFFN | None = None  # load(): the fast CPU path
 
     def close(self) -> None:
         self.store.close()
@@ -241,8 +241,7 @@ class FlashFFN(nn.Module):
         if self._rt.settings.compute_on == "active":
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
         if self._rt.fast is not None:
-            y = mx.array(self._rt.fast(cache.buffers["bundles"][0], cache.n, to_f32_rows(x),
-                                       mask))
+            y = mx.array(self._rt.fast.over_cache(cache, to_f32_rows(x), mask))
         elif self._layout.quantized:
             b = cache.buffers
             y = ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
@@ -270,7 +269,7 @@ class FlashFFN(nn.Module):
             rows, io = rt.store.read(self._layer, part)
             t1 = time.perf_counter()
             if x32 is not None:
-                y = y + mx.array(rt.fast(rows, part.size, x32, mask))
+                y = y + mx.array(rt.fast.over_rows(rows, x32, mask))
             else:
                 weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
                 y = y + compute_ffn(x, weights, part.size, self._layout.activation,
@@ -298,9 +297,8 @@ class FlashFFN(nn.Module):
         t1 = time.perf_counter()
         rows, io = rt.store.read(self._layer, plan.new_ids)
         t2 = time.perf_counter()
-        if rt.fast is not None:  # raw bundles, moved in place
-            window_update_numpy(cache.buffers["bundles"], plan.dst, plan.src, plan.slots,
-                                rows[None])
+        if rt.fast is not None:  # numpy buffers, moved in place
+            rt.fast.update(cache.buffers, plan.dst, plan.src, plan.slots, rows)
         else:
             self._update_mlx_buffers(plan, rows)
         t3 = time.perf_counter()
@@ -331,7 +329,7 @@ class FlashFFN(nn.Module):
         for _, rows, io in rt.store.iter_layer(self._layer, rt.settings.prefill_chunk):
             t1 = time.perf_counter()  # io.seconds is the read's own time (file order)
             if x32 is not None:
-                y = y + mx.array(rt.fast(rows, rows.shape[0], x32))
+                y = y + mx.array(rt.fast.over_rows(rows, x32))
             else:
                 weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
                 y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation, None,

@@ -451,7 +451,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
                              predictor_recall, fast)
     runtime = FlashRuntime(manifest, store, chooser, settings, compute_dtype)
     if fast:
-        runtime.fast = cpu.BundleFFN(manifest.ffn)
+        runtime.fast = cpu.fast_ffn(manifest.ffn)
     runtime.stats.memory = asdict(plan)
     runtime.stats.settings = {"window": window, "selector": selector, "rule": oracle_rule,
                               "keep": keep, "dtype": str(dtype), "threads": threads,
@@ -478,20 +478,14 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     return model, tokenizer
 
 
-def _numpy_zeros(shape: tuple[int, ...], dtype: mx.Dtype) -> np.ndarray:
-    buffer = np.zeros(shape, dtype=np.uint8)
-    buffer.fill(0)  # touch the pages now: the budget counts the caches from load on
-    return buffer
-
-
 def use_fast_cpu(fast_cpu: bool | None, manifest: Manifest, dtype) -> bool:
     """Whether load() takes the fast CPU path (see its `fast_cpu` argument)."""
-    supported = cpu.BundleFFN.supports(manifest.ffn)
+    supported = cpu.supports(manifest.ffn)
     if fast_cpu is None and (dtype is not None or not supported):
         return False
     if fast_cpu and not supported:
-        raise ValueError(f"fast_cpu needs 16-bit bundles; this dir has {manifest.ffn.bits}-bit "
-                         f"{manifest.ffn.dtype} ones (convert without --bits)")
+        raise ValueError(f"fast_cpu needs 16-bit (or 4/8-bit with 16-bit scales) bundles; this "
+                         f"dir stores {manifest.ffn.dtype} (convert with --dtype float16)")
     return cpu.wanted(fast_cpu)
 
 
@@ -515,9 +509,9 @@ def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) ->
     layout = manifest.ffn
     buffers, zeros = cache_buffers(layout, dtype), None
     for i, layer in enumerate(model.layers):
-        if runtime.fast is not None:  # raw bundles in a numpy buffer (cpu.py)
-            buffers = {"bundles": (1, manifest.layers[i].stride, mx.uint8)}
-            zeros = _numpy_zeros
+        if runtime.fast is not None:  # numpy buffers (cpu.py)
+            buffers = runtime.fast.cache_spec(manifest.layers[i].stride)
+            zeros = cpu.numpy_zeros
         cache = NeuronCache(manifest.layers[i].n_neurons, capacity, 0, layout.d_model, dtype,
                             runtime.settings.window, buffers=buffers, zeros=zeros)
         out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)

@@ -353,10 +353,8 @@ def pin_hot(model, count: int) -> int:
 def _fill_slots(runtime, cache, slots: np.ndarray, rows: np.ndarray) -> None:
     """Write raw bundle rows (k, stride) into `slots` of a cache, as FlashFFN's update does."""
     empty = np.zeros(0, dtype=np.int64)
-    if getattr(runtime, "fast", None) is not None:  # the numpy CPU path keeps raw bundles
-        from .cpu import window_update_numpy
-
-        window_update_numpy(cache.buffers["bundles"], empty, empty, slots, rows[None])
+    if getattr(runtime, "fast", None) is not None:  # the fast CPU path's numpy buffers
+        runtime.fast.update(cache.buffers, empty, empty, slots, rows)
         return
     import mlx.core as mx
 

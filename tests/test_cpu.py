@@ -113,7 +113,7 @@ def test_bundle_ffn_equals_split_bundles(tiny_dirs, arch):
     with NeuronStore(flash_dir, manifest) as store:
         rows, _ = store.read(1, np.arange(manifest.layers[1].n_neurons))
     x = rand((2, manifest.ffn.d_model), 9)
-    got = cpu.BundleFFN(manifest.ffn)(rows, rows.shape[0] - 3, x)
+    got = cpu.BundleFFN(manifest.ffn).over_rows(rows, x, n=rows.shape[0] - 3)
     weights, bias = split_bundles(rows[:-3], manifest, mx.float32)
     want = ffn_over_rows(mx.array(x), weights, weights.shape[1], manifest.ffn.activation,
                          None, bias)
@@ -165,16 +165,46 @@ def test_fast_path_window_matches_mlx_window(tiny_dirs):
     np.testing.assert_array_equal(fast_cache.neuron_of, ref_cache.neuron_of)
 
 
-def test_fast_path_refuses_quantized_bundles(tiny_dirs, tmp_path):
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("arch", ["qwen2", "starcoder2"])
+def test_fast_path_on_quantized_bundles(tiny_dirs, tmp_path, bits, arch):
+    """ffnq over the cache (window path, small cache so some neurons stream) and over read
+    chunks (prefill) against the MLX quantized path on the same bundles."""
     from mlx_flash.convert import convert
 
-    src, _ = tiny_dirs("qwen2", "float16")
-    out = tmp_path / "q8"
-    convert(src, out, bits=8, group_size=32)
-    with pytest.raises(ValueError, match="16-bit bundles"):
-        load(out, fast_cpu=True)
-    model, _ = load(out)  # auto: the MLX path
-    assert model.flash.fast is None
+    src, _ = tiny_dirs(arch, "float16")
+    out = tmp_path / f"q{bits}"
+    convert(src, out, bits=bits, group_size=32)
+    kwargs = dict(selector="oracle", oracle_rule="top", keep=0.5, window=2)
+    model, tokenizer = load(out, fast_cpu=True, **kwargs)
+    assert type(model.flash.fast) is cpu.QuantBundleFFN
+    ref, _ = load(out, fast_cpu=False, dtype="float32", **kwargs)
+    for prompt in ([5, 9, 17, 33], list(range(3, 40))):
+        assert generate(model, tokenizer, prompt, max_tokens=8) == \
+            generate(ref, tokenizer, prompt, max_tokens=8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ffnq_equals_quantized_reference(bits):
+    from mlx_flash.format import FFNLayout
+    from mlx_flash.quant import ffn_over_qrows
+
+    d, n, tokens = 64, 20, 3
+    layout = FFNLayout(kind="gated", activation="silu", d_model=d, dtype="float16",
+                       has_bias=False, bits=bits, group_size=32)
+    w = mx.array(rand((3, n, d), 16, 0.3))
+    q, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
+    x = rand((tokens, d), 17)
+    mask = (np.random.default_rng(18).random((tokens, n)) < 0.6).astype(np.float32)
+    got = cpu.kernels().ffnq(np.asarray(q), cpu.storage_view(scales)[0],
+                             cpu.storage_view(biases)[0], "float16", n, bits, 32, x, "silu",
+                             mask)
+    want = ffn_over_qrows(mx.array(x), q, scales.astype(mx.float32),
+                          biases.astype(mx.float32), n, layout, mx.array(mask))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 class Holder(nn.Module):
