@@ -168,7 +168,7 @@ class NeuronStore:
         for start in range(0, n, chunk):
             t0 = time.perf_counter()
             pos = np.arange(start, min(n, start + chunk))
-            rows, stats = self._read_positions(layer, pos)
+            rows, stats = self._read_positions(layer, pos, planned=False)  # one span
             stats.seconds = time.perf_counter() - t0
             with self._lock:
                 self.stats.add(stats)
@@ -181,11 +181,16 @@ class NeuronStore:
                           threads=self.threads, direct=self.direct, max_read=self.max_read,
                           max_gap=self.max_gap)
 
-    def _read_positions(self, layer: int, pos: np.ndarray) -> tuple[np.ndarray, IOStats]:
-        """Rows at sorted unique file positions `pos`, in that order (seconds left 0)."""
+    def _read_positions(self, layer: int, pos: np.ndarray, planned: bool = True
+                        ) -> tuple[np.ndarray, IOStats]:
+        """Rows at sorted unique file positions `pos`, in that order (seconds left 0).
+
+        planned=False: pos is one contiguous range, read as such whatever the planner."""
         stride = self.strides[layer]
         rows = np.empty((pos.size, stride), dtype=np.uint8)
-        spans = split_spans(self.plan(layer, pos).spans, max(1, self.max_read // stride))
+        spans = (self.plan(layer, pos).spans if planned or not pos.size
+                 else [(int(pos[0]), int(pos[-1]) + 1)])
+        spans = split_spans(spans, max(1, self.max_read // stride))
         if self.mode == "mmap":
             nbytes = self._read_mmap(layer, pos, rows)
         else:

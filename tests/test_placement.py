@@ -82,6 +82,14 @@ def test_store_reads_the_same_rows_with_every_planner(tiny_dirs):
         NeuronStore(flash, manifest, planner="cost")
 
 
+def test_streaming_a_layer_is_one_read_per_chunk_whatever_the_planner(tiny_dirs):
+    _, flash = tiny_dirs("qwen2")
+    manifest = read_manifest(flash)
+    with NeuronStore(flash, manifest, planner="neuron") as store:
+        reads = [stats.reads for _, _, stats in store.iter_layer(0, 50)]
+    assert reads == [1, 1, 1]  # 128 neurons in chunks of 50
+
+
 # ---------------------------------------------------------------- the cost model file
 
 
