@@ -240,6 +240,8 @@ class FlashFFN(nn.Module):
         mask = None
         if self._rt.settings.compute_on == "active":
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
+            if mask.all():  # every cached neuron is active for every token: no mask pass
+                mask = None
         if self._rt.fast is not None:
             y = mx.array(self._rt.fast.over_cache(cache, to_f32_rows(x), mask))
         elif self._layout.quantized:
