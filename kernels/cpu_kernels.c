@@ -384,22 +384,3 @@ void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int
     }
 }
 
-// y[t, :] = x[t, :] @ M for an f32 (K, N) row-major M: each thread owns a block of columns and
-// streams every row's slice of it (the predictors' x @ A @ B without transposed copies).
-void vecmat32(const float *M, int K, int N, const float *x, int T, float *y) {
-    const int block = 256;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int n0 = 0; n0 < N; n0 += block) {
-        int nb = N - n0 < block ? N - n0 : block;
-        for (int t = 0; t < T; t++) {
-            float *yt = y + (size_t)t * N + n0;
-            for (int c = 0; c < nb; c++) yt[c] = 0.0f;
-            for (int k = 0; k < K; k++) {
-                float xv = x[(size_t)t * K + k];
-                if (xv == 0.0f) continue;
-                const float *row = M + (size_t)k * N + n0;
-                for (int c = 0; c < nb; c++) yt[c] += xv * row[c];
-            }
-        }
-    }
-}

@@ -126,10 +126,9 @@ class CpuKernels:
                               _VOIDP, _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
         lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _VOIDP, _INT,
                                  _VOIDP, _VOIDP, _VOIDP]
-        lib.vecmat32.argtypes = [_VOIDP, _INT, _INT, _VOIDP, _INT, _VOIDP]
         lib.ffnq.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _I64, _INT, _INT, _INT, _INT,
                              _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
-        for fn in (lib.linear16, lib.ffn16, lib.linear_q, lib.vecmat32, lib.ffnq):
+        for fn in (lib.linear16, lib.ffn16, lib.linear_q, lib.ffnq):
             fn.restype = None
         self._lib, self.path = lib, path
         self.threads: int = lib.flash_threads()
@@ -143,17 +142,6 @@ class CpuKernels:
         y = np.empty((x.shape[0], rows), dtype=np.float32)
         self._lib.linear16(weight.ctypes.data, weight.strides[0] // 2, rows, d, DT_CODES[dtype],
                            x.ctypes.data, x.shape[0], _ptr(bias), y.ctypes.data)
-        return y
-
-    def vecmat32(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """x (T, K) @ m (K, N), both f32 -> (T, N) f32 (decode-sized T)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if m.dtype != np.float32 or not m.flags.c_contiguous or x.shape[-1] != m.shape[0]:
-            raise ValueError(f"vecmat32 needs f32 x (T, {m.shape[0]}) and a contiguous f32 "
-                             f"matrix, got {x.dtype} {x.shape} @ {m.dtype} {m.shape}")
-        y = np.empty((x.shape[0], m.shape[1]), dtype=np.float32)
-        self._lib.vecmat32(m.ctypes.data, m.shape[0], m.shape[1], x.ctypes.data, x.shape[0],
-                           y.ctypes.data)
         return y
 
     def linear_q(self, wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,

@@ -479,25 +479,27 @@ class LayerPredictor:
     def rank(self) -> int:
         return self.A.shape[-1]
 
-    def scores(self, x: np.ndarray, kernels=None) -> np.ndarray:
-        """x: (T, d) float32 -> (T, n) float32, higher = more likely needed. kernels: the fast
-        CPU path's (cpu.CpuKernels) for decode-sized x, or None."""
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """x: (T, d) float32 -> (T, n) float32, higher = more likely needed."""
         if self.kind == "linear":
-            return _lowrank(x, self.A, self.B, kernels) + self.bias
-        pre = [_lowrank(x, a, b, kernels) + c
-               for a, b, c in zip(self.A, self.B, self.bias, strict=True)]
+            return _lowrank(x, self.A, self.B) + self.bias
+        return self.combine([_lowrank(x, a, b) + c
+                             for a, b, c in zip(self.A, self.B, self.bias, strict=True)])
+
+    def combine(self, pre: list[np.ndarray]) -> np.ndarray:
+        """Kind "ffn": the low-rank projections (with bias) -> |act(pre_0) * pre_1|."""
         act = np_activation(self.activation, pre[0])
         return np.abs(act * pre[1] if len(pre) == 2 else act)
 
-    def select(self, x: np.ndarray, kernels=None) -> list[np.ndarray]:
+    def select(self, x: np.ndarray) -> list[np.ndarray]:
         """x: (T, d) -> per token the ids with score > tau, highest score first."""
-        return [ids_above(z, self.tau) for z in self.scores(x, kernels)]
+        return [ids_above(z, self.tau) for z in self.scores(x)]
 
 
 SMALL_BATCH = 16  # tokens up to which `_lowrank` stays off the BLAS
 
 
-def _lowrank(x: np.ndarray, a: np.ndarray, b: np.ndarray, kernels=None) -> np.ndarray:
+def _lowrank(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """x @ a @ b. x: (T, d), a: (d, r), b: (r, n) -> (T, n).
 
     Decode-sized inputs go through np.einsum's own loops, not the BLAS: a multithreaded
@@ -507,8 +509,6 @@ def _lowrank(x: np.ndarray, a: np.ndarray, b: np.ndarray, kernels=None) -> np.nd
     """
     if len(x) > SMALL_BATCH:
         return (x @ a) @ b
-    if kernels is not None:  # the fast CPU path: f32 rows streamed by C threads
-        return kernels.vecmat32(kernels.vecmat32(x, a), b)
     return np.einsum("tr,rn->tn", np.einsum("td,dr->tr", x, a), b)
 
 
@@ -1071,10 +1071,11 @@ class PredictorSelector:
     """
 
     def __init__(self, predictors: Predictors, fast_cpu: bool = False):
-        from . import cpu
-
         self.predictors = predictors
-        self.kernels = cpu.kernels() if fast_cpu else None
+        self.fast = [FastLayerPredictor(p) for p in predictors.layers] if fast_cpu else None
+        if self.fast:  # the f16 copies replace the f32 arrays (the DRAM plan counts f32)
+            for p in predictors.layers:
+                p.A = p.B = None
 
     @classmethod
     def from_dir(cls, flash_dir: str | Path, manifest: Manifest | None = None,
@@ -1085,7 +1086,32 @@ class PredictorSelector:
         """x: (T, d) evaluated, compute dtype -> each token's predicted ids, best first."""
         # x is evaluated: np.array only copies it (and casts when the compute dtype is not f32)
         xs = np.array(x if x.dtype == mx.float32 else x.astype(mx.float32))
-        return Selection(self.predictors.layers[layer].select(xs, self.kernels))
+        if self.fast is not None:
+            fast = self.fast[layer]
+            return Selection([ids_above(z, fast.layer.tau) for z in fast.scores(xs)])
+        return Selection(self.predictors.layers[layer].select(xs))
+
+
+class FastLayerPredictor:
+    """A LayerPredictor on the fast CPU path: A and B as f16 rows (A^T (r, d), B^T (n, r)) for
+    `linear16`, half the bytes of the f32 arrays that decode would otherwise stream per token
+    (measured: the f32 predictor was 15.7% of a fast decode step, BENCHMARKS.md)."""
+
+    def __init__(self, layer: LayerPredictor):
+        from . import cpu
+
+        self.layer, self.kernels = layer, cpu.kernels()
+        a = layer.A if layer.kind == "ffn" else layer.A[None]
+        b = layer.B if layer.kind == "ffn" else layer.B[None]
+        self.a = [np.ascontiguousarray(m.T).astype(np.float16).view(np.uint16) for m in a]
+        self.b = [np.ascontiguousarray(m.T).astype(np.float16).view(np.uint16) for m in b]
+        self.bias = layer.bias if layer.kind == "ffn" else layer.bias[None]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        k = self.kernels
+        pre = [k.linear16(b, "float16", k.linear16(a, "float16", x)) + c
+               for a, b, c in zip(self.a, self.b, self.bias, strict=True)]
+        return pre[0] if self.layer.kind == "linear" else self.layer.combine(pre)
 
 
 # ---------------------------------------------------------------- command line

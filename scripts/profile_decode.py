@@ -7,6 +7,7 @@ For one model dir, greedy decode after a short prompt, per token (median over --
                rest of the graph: norms, RoPE, attention, sampling, Python)
   fast-dense   the fast CPU path on the dense model
   fast-flash   mlx-flash with every neuron cached (oracle "all"), fast CPU path
+  fast-pred    mlx-flash with the dir's predictors (selector "predictor"), fast CPU path
 
 For the fast modes the C kernels' calls are timed by kind (attention projections, lm_head, FFN)
 and so is the evaluation of the MLX graph between them (numpy views force it).
@@ -31,7 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_flash import cpu
 from mlx_flash.model import load, load_dense
 
-MODES = ("mlx-dense", "mlx-glue", "fast-dense", "fast-flash")
+MODES = ("mlx-dense", "mlx-glue", "fast-dense", "fast-flash", "fast-pred")
 
 
 class Timers:
@@ -40,6 +41,7 @@ class Timers:
     def __init__(self):
         self.now: dict[str, float] = defaultdict(float)
         self.tokens: list[dict[str, float]] = []
+        self.in_predictor = False
 
     def wrap(self, label_of, fn):
         def timed(*args, **kwargs):
@@ -68,6 +70,8 @@ def instrument(timers: Timers) -> None:
     k = cpu.CpuKernels
 
     def linear_kind(args) -> str:
+        if timers.in_predictor:
+            return "_inside_predictor"  # counted by timed_select as a whole
         rows = args[1].shape[0]
         return "kernel lm_head" if rows > 50_000 else "kernel linear (attention/MLP)"
 
@@ -75,7 +79,20 @@ def instrument(timers: Timers) -> None:
     k.linear_q = timers.wrap(linear_kind, k.linear_q)
     k.ffn16 = timers.wrap(lambda a: "kernel FFN", k.ffn16)
     k.ffnq = timers.wrap(lambda a: "kernel FFN", k.ffnq)
-    k.vecmat32 = timers.wrap(lambda a: "kernel predictor", k.vecmat32)
+    from mlx_flash.predictor import PredictorSelector
+
+    select = PredictorSelector.select
+
+    def timed_select(self, layer, x):
+        t0, timers.in_predictor = time.perf_counter(), True
+        try:
+            return select(self, layer, x)
+        finally:
+            timers.in_predictor = False
+            timers.now["predictor (kernels and numpy)"] += time.perf_counter() - t0
+            timers.now.pop("_inside_predictor", None)
+
+    PredictorSelector.select = timed_select
     original = cpu.to_f32_rows
 
     def to_rows(x):
@@ -116,6 +133,8 @@ def build(mode: str, model_dir: Path):
         return model, tokenizer
     if mode == "fast-dense":
         return load_dense(model_dir, fast_cpu=True)
+    if mode == "fast-pred":
+        return load(model_dir, fast_cpu=True, selector="predictor")
     return load(model_dir, fast_cpu=True, selector="oracle", oracle_rule="all")
 
 
