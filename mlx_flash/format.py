@@ -1,4 +1,4 @@
-"""The flash model dir, format version 1: manifest schema, validation, offsets.
+"""The flash model dir, format versions 1 and 2: manifest schema, validation, offsets.
 
 A flash model dir holds everything `mlx_flash.load` needs:
 
@@ -18,6 +18,11 @@ quantized along d_model in groups of `group_size`: `[gate.q | up.q | down.q | ga
 | down.biases | *_bias]` - packed uint32 words, then scales and biases in `dtype`, so one read
 still gets everything a neuron needs (`FFNLayout.segments`).
 
+Version 2 is a placed dir (`placement.py`): the neurons of a layer are stored in another order,
+`LayerEntry.order[p]` = the original id of the neuron at position p (a permutation, checked on
+read), and the store maps ids to positions, so nothing above it sees the order. `convert` writes
+version 1, which every reader still accepts.
+
 The stride is the bundle size rounded up to `align` bytes. We do not pad each bundle to 4096: the
 default model's f16 bundle is 5376 bytes and padding it would read 52% more. The store reads
 the 4096-aligned span around a run of neurons instead when it uses O_DIRECT.
@@ -25,6 +30,7 @@ the 4096-aligned span around a run of neurons instead when it uses O_DIRECT.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -158,8 +164,35 @@ class LayerEntry:
     sha256: str
     # Placement (format version 2, `placement.py`): order[p] is the original id of the neuron
     # stored at position p (None: position = id); hot is original ids, most often active first.
-    order: list[int] | None = None
-    hot: list[int] | None = None
+    order: np.ndarray | None = None
+    hot: np.ndarray | None = None
+
+    def __post_init__(self):
+        # Stored as base64 of little-endian int32 (`encode_ids`): a JSON list of 2 x 24 x 4864
+        # ints costs ~5 MiB of RSS to parse, which a tight DRAM budget would pay for good.
+        for key in ("order", "hot"):
+            value = getattr(self, key)
+            if value is not None:
+                setattr(self, key, decode_ids(value, f"layer file {self.file} {key}"))
+
+
+def encode_ids(ids: np.ndarray) -> str:
+    """Neuron ids -> base64 of little-endian int32 (one JSON string)."""
+    return base64.b64encode(np.asarray(ids, dtype="<i4").tobytes()).decode("ascii")
+
+
+def decode_ids(value, what: str) -> np.ndarray:
+    """Inverse of encode_ids (a plain list of ints is accepted too)."""
+    if isinstance(value, np.ndarray | list):
+        return np.asarray(value)
+    try:
+        raw = base64.b64decode(value, validate=True)
+        if len(raw) % 4:
+            raise ValueError("length is not a multiple of 4 bytes")
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{what} is not base64 int32 ids ({e}); re-run "
+                          "`mlx-flash place` on the dir (or re-convert it)") from e
+    return np.frombuffer(raw, dtype="<i4").copy()
 
 
 @dataclass
@@ -183,23 +216,18 @@ class Manifest:
         return sum(entry.size for entry in self.layers)
 
     def to_json(self) -> str:
-        """Indented JSON; permutations on one line each; absent placement keys left out (so an
-        unplaced dir's manifest is exactly what format version 1 always was)."""
-        data, compact = asdict(self), {}
+        """Indented JSON; absent placement keys left out (so an unplaced dir's manifest is
+        exactly what format version 1 always was)."""
+        data = asdict(self)
         if data["placement"] is None:
             del data["placement"]
-        for i, layer in enumerate(data["layers"]):
+        for layer in data["layers"]:
             for key in ("order", "hot"):
                 if layer[key] is None:
                     del layer[key]
                 else:
-                    token = f"@{key}-{i}@"
-                    compact[f'"{token}"'] = json.dumps(layer[key], separators=(",", ":"))
-                    layer[key] = token
-        text = json.dumps(data, indent=2)
-        for token, value in compact.items():
-            text = text.replace(token, value, 1)
-        return text
+                    layer[key] = encode_ids(layer[key])
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST) -> Manifest:
@@ -223,13 +251,15 @@ class Manifest:
             )
         except (KeyError, TypeError) as e:
             raise FormatError(f"{where}: malformed manifest ({e}); re-convert the model") from e
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from e
         check_placement(manifest, where)
         return manifest
 
     def order(self, layer: int) -> np.ndarray | None:
         """(n,) original id of the neuron at each file position, or None (position = id)."""
         order = self.layers[layer].order
-        return None if order is None else np.asarray(order, dtype=np.int64)
+        return None if order is None else np.asarray(order)
 
     def to_original(self, layer: int, rows: np.ndarray) -> np.ndarray:
         """A whole layer's rows in file order -> the same rows in original id order."""
@@ -325,7 +355,7 @@ def check_shapes(manifest: Manifest, where: str) -> None:
 
 def check_sizes(root: Path, manifest: Manifest) -> None:
     """Every listed file exists with the size the manifest says (catches truncation)."""
-    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
+    entries = [manifest.resident, *[{"file": e.file, "size": e.size} for e in manifest.layers]]
     if manifest.predictors:
         entries.append(manifest.predictors)
     for entry in entries:

@@ -283,7 +283,7 @@ def place(flash_dir: str | Path, calibration: str | Path, method: str = "coact",
         active = active_sets(mag[:train], keep)
         order = order_for(method, active)
         _rewrite_layer(root, manifest, layer, order)
-        entry.hot = hot_order(active)[: entry.n_neurons // 2].tolist()
+        entry.hot = hot_order(active)[: entry.n_neurons // 2]
         report(f"layer {layer}")
     manifest.format_version = PLACED_FORMAT_VERSION
     manifest.placement = {"method": method, "keep": keep, "calibration": str(calibration),
@@ -308,7 +308,7 @@ def _rewrite_layer(root: Path, manifest: Manifest, layer: int, order: np.ndarray
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / rel)
-    entry.file, entry.order, entry.sha256 = rel, order.tolist(), sha256_file(root / rel)
+    entry.file, entry.order, entry.sha256 = rel, order, sha256_file(root / rel)
 
 
 def _commit(root: Path, manifest: Manifest, old_files: list[str]) -> None:

@@ -101,7 +101,8 @@ class NeuronStore:
         self.max_read, self.max_gap = max_read, max_gap
         self.planner, self.cost = planner, cost
         self.orders = [manifest.order(i) for i in range(manifest.n_layers)]
-        self.positions = [None if o is None else np.argsort(o) for o in self.orders]
+        self.positions = [None if o is None else np.argsort(o).astype(np.int32)
+                          for o in self.orders]
         self.paths = [self.root / entry.file for entry in manifest.layers]
         self.strides = [entry.stride for entry in manifest.layers]
         self.sizes = [entry.size for entry in manifest.layers]
