@@ -170,25 +170,34 @@ def softmax_xent(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.nda
 
 
 def loss_and_grads(params: dict, head: np.ndarray, h: np.ndarray, emb: np.ndarray,
-                   targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-    """Mean cross-entropy of an unrolled draft, and its gradients (BPTT).
+                   targets: np.ndarray, next_hidden: np.ndarray | None = None,
+                   hidden_weight: float = 0.0) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss of an unrolled draft and its gradients (BPTT).
 
+    Loss = mean cross-entropy of the drafted tokens + hidden_weight * mean squared error of
+    the drafter's lm_head input z_k against the model's own next hidden state (feature
+    distillation, as EAGLE does: d numbers of supervision per position instead of one label).
     head: (V, d) frozen projection rows; h: (B, d); emb: (B, L, d) embeddings of the tokens
-    read at each step; targets: (B, L) indices into the V rows (-1: no loss).
+    read at each step; targets: (B, L) indices into the V rows (-1: no loss); next_hidden:
+    (B, L, d) the model's hidden state at the drafted positions.
     """
     grads = {k: np.zeros_like(v) for k, v in params.items()}
-    steps, s, total, count = [], None, 0.0, 0
+    steps, s, total, count, mse = [], None, 0.0, 0, 0.0
+    regress = next_hidden is not None and hidden_weight > 0
+    mse_scale = 2 * hidden_weight / (emb.shape[0] * emb.shape[1] * h.shape[1])
     for k in range(emb.shape[1]):
         a, s_new = rnn_step(params, s, emb[:, k])
         z, saved = head_forward(params, s_new, h)
         loss, dlogits, n = softmax_xent(z @ head.T, targets[:, k])
-        steps.append((s, a, saved, dlogits))
+        diff = (z - next_hidden[:, k]) * (targets[:, k, None] >= 0) if regress else 0.0 * z
+        mse += float((diff * diff).sum()) * mse_scale / 2
+        steps.append((s, a, saved, dlogits, diff * mse_scale))
         total, count, s = total + loss, count + n, s_new
     scale = 1.0 / max(1, count)
     ds_next = None
     for k in reversed(range(emb.shape[1])):
-        s_prev, a, saved, dlogits = steps[k]
-        ds = head_backward(params, saved, (dlogits @ head) * scale, grads)
+        s_prev, a, saved, dlogits, dz_mse = steps[k]
+        ds = head_backward(params, saved, (dlogits @ head) * scale + dz_mse, grads)
         if ds_next is not None:
             ds = ds + ds_next
         da = ds * silu_grad(a)
@@ -197,7 +206,7 @@ def loss_and_grads(params: dict, head: np.ndarray, h: np.ndarray, emb: np.ndarra
         if s_prev is not None:
             grads["U"] += da.T @ s_prev
         ds_next = da @ params["U"]
-    return total * scale, grads
+    return total * scale + mse, grads
 
 
 # ---------------------------------------------------------------- the drafter
@@ -352,11 +361,12 @@ class DrafterConfig:
 
     length: int = 4  # draft steps unrolled in training (the draft length it is made for)
     n_res: int = 1  # ResBlocks
-    vocab: int = 8192  # size of the drafter's vocabulary subset (capped at the model's)
+    vocab: int = 4096  # size of the drafter's vocabulary subset (capped at the model's)
     steps: int = 300
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
     holdout: float = 0.1  # last fraction of the sequences, for the acceptance report
+    hidden_weight: float = 1.0  # feature distillation: MSE to the model's next hidden state
     seed: int = 0
 
     def __post_init__(self):
@@ -366,6 +376,21 @@ class DrafterConfig:
         if self.n_res < 0 or not 0.0 < self.holdout < 1.0:
             raise ValueError(f"need n_res >= 0 and 0 < holdout < 1, got {self.n_res}, "
                              f"{self.holdout}")
+
+
+def cached_teacher_outputs(model: nn.Module, tokens: np.ndarray, cache: Path | None,
+                           progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """`teacher_outputs`, kept in `cache` (.npz) and reused when it holds the same tokens."""
+    if cache is not None and cache.exists():
+        with np.load(cache) as data:
+            if np.array_equal(data["tokens"], tokens):
+                return data["hidden"], data["argmax"]
+    hidden, argmax = teacher_outputs(model, tokens, progress)
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, tokens=tokens, hidden=hidden, argmax=argmax)
+        os.replace(tmp, cache)
+    return hidden, argmax
 
 
 def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None
@@ -389,16 +414,23 @@ def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None
 def choose_vocab(targets: np.ndarray, vocab_size: int, size: int) -> np.ndarray:
     """The drafter's tokens: the most frequent targets, then the lowest ids; (V,) sorted."""
     size = min(size, vocab_size)
-    counts = np.bincount(targets.ravel(), minlength=vocab_size)
+    counts = np.bincount(targets[targets >= 0], minlength=vocab_size)
     seen = np.argsort(-counts, kind="stable")[: min(size, int((counts > 0).sum()))]
     rest = np.setdiff1d(np.arange(vocab_size), seen)[: size - seen.size]
     return np.sort(np.concatenate([seen, rest]))
 
 
-def make_examples(hidden: np.ndarray, argmax: np.ndarray, length: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_examples(hidden: np.ndarray, argmax: np.ndarray, length: int,
+                  tokens: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Teacher-forced drafts: h_i (N, d), tokens read g_i..g_{i+L-1} (N, L), targets
-    g_{i+1}..g_{i+L} (N, L), for every position i of every sequence with L tokens after it."""
+    g_{i+1}..g_{i+L} (N, L) and the hidden states h_{i+1}..h_{i+L} (N, L, d), for every
+    position i of every sequence with L tokens after it.
+
+    With the text `tokens` (S, T), a target counts (else -1) only while the text agrees with
+    the model's own choices (x_{i+j} = g_{i+j-1} for j <= k): g_{i+k} was computed after the
+    text's tokens, and is the model's continuation of its own draft only where they agree.
+    """
     S, T, _ = hidden.shape
     if T <= length:
         raise ValueError(f"calibration sequences of {T} tokens are too short for drafts of "
@@ -407,7 +439,12 @@ def make_examples(hidden: np.ndarray, argmax: np.ndarray, length: int
     offs = idx[:, None] + np.arange(length + 1)[None]  # (T - L, L + 1)
     h = hidden[:, idx].reshape(-1, hidden.shape[2])
     windows = argmax[:, offs].reshape(-1, length + 1)
-    return h, windows[:, :-1], windows[:, 1:]
+    nxt = hidden[:, offs[:, 1:]].reshape(-1, length, hidden.shape[2])
+    targets = windows[:, 1:].copy()
+    if tokens is not None:
+        agree = tokens[:, offs[:, 1:]].reshape(-1, length) == windows[:, :-1]
+        targets[np.cumprod(agree, axis=1) == 0] = -1
+    return h, windows[:, :-1], targets, nxt
 
 
 # ---------------------------------------------------------------- training
@@ -441,16 +478,20 @@ def to_subset(tokens: np.ndarray, vocab: np.ndarray) -> np.ndarray:
 
 
 def fit(drafter: Drafter, h: np.ndarray, read: np.ndarray, targets: np.ndarray,
-        cfg: DrafterConfig, on_step=None) -> list[float]:
-    """Adam on random batches for cfg.steps steps (cosine-decayed lr); returns the losses."""
+        next_hidden: np.ndarray, cfg: DrafterConfig, on_step=None) -> list[float]:
+    """Adam on random batches for cfg.steps steps (cosine-decayed lr); returns the losses.
+
+    The hidden-state term is weighted relative to the targets' mean square."""
     rng = np.random.default_rng(cfg.seed)
     opt = Adam(drafter.params, cfg.lr)
     sub = to_subset(targets, drafter.vocab)
+    weight = cfg.hidden_weight / float(np.mean(next_hidden[:4096] ** 2))
     losses = []
     for step in range(cfg.steps):
         rows = rng.choice(h.shape[0], size=min(cfg.batch_size, h.shape[0]), replace=False)
         emb = drafter.embed(read[rows].ravel()).reshape(rows.size, read.shape[1], -1)
-        loss, grads = loss_and_grads(drafter.params, drafter.head, h[rows], emb, sub[rows])
+        loss, grads = loss_and_grads(drafter.params, drafter.head, h[rows], emb, sub[rows],
+                                     next_hidden[rows], weight)
         opt.update(drafter.params, grads, cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
         losses.append(loss)
         if on_step is not None:
@@ -460,8 +501,11 @@ def fit(drafter: Drafter, h: np.ndarray, read: np.ndarray, targets: np.ndarray,
 
 def chain_acceptance(drafter: Drafter, h: np.ndarray, read: np.ndarray, targets: np.ndarray,
                      batch: int = 512) -> dict:
-    """Teacher-forced greedy drafts on held-out positions: per-step top-1 accuracy and the mean
-    accepted length of a greedy chain (the drafts before the first miss)."""
+    """Greedy drafts on held-out positions whose every target counts (see make_examples):
+    per-step top-1 accuracy and the mean accepted length of a greedy chain (the drafts before
+    the first miss)."""
+    full = (targets >= 0).all(axis=1)
+    h, read, targets = h[full], read[full], targets[full]
     L = read.shape[1]
     hits = np.zeros((0, L), dtype=bool)
     for start in range(0, h.shape[0], batch):
@@ -488,19 +532,21 @@ class TrainReport:
 
 
 def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
-                  progress: Callable[[str, int, float], None] | None = None
-                  ) -> tuple[Drafter, TrainReport]:
-    """Distil a drafter from `model` on calibration tokens (S, T). progress(stage, n, value)."""
+                  progress: Callable[[str, int, float], None] | None = None,
+                  teacher_cache: str | Path | None = None) -> tuple[Drafter, TrainReport]:
+    """Distil a drafter from `model` on calibration tokens (S, T). progress(stage, n, value);
+    teacher_cache: an .npz keeping the teacher pass for the next run on the same tokens."""
     t0 = time.perf_counter()
     tick = (lambda n: progress("teacher", n, 0.0)) if progress else None
-    hidden, argmax = teacher_outputs(model, tokens, tick)
+    cache = Path(teacher_cache) if teacher_cache is not None else None
+    hidden, argmax = cached_teacher_outputs(model, tokens, cache, tick)
     t1 = time.perf_counter()
     n_hold = max(1, int(round(cfg.holdout * tokens.shape[0])))
     if n_hold >= tokens.shape[0]:
         raise ValueError(f"{tokens.shape[0]} calibration sequences cannot hold out "
                          f"{cfg.holdout:.0%}; give more text (--tokens)")
-    train = make_examples(hidden[:-n_hold], argmax[:-n_hold], cfg.length)
-    hold = make_examples(hidden[-n_hold:], argmax[-n_hold:], cfg.length)
+    train = make_examples(hidden[:-n_hold], argmax[:-n_hold], cfg.length, tokens[:-n_hold])
+    hold = make_examples(hidden[-n_hold:], argmax[-n_hold:], cfg.length, tokens[-n_hold:])
     d, vocab_size = hidden.shape[2], int(model.args.vocab_size)
     vocab = choose_vocab(train[2], vocab_size, cfg.vocab)
     drafter = Drafter(init_params(d, cfg.n_res, cfg.seed), vocab).attach(model)
@@ -508,7 +554,7 @@ def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
     losses = fit(drafter, *train, cfg, step_cb)
     report = TrainReport(t1 - t0, time.perf_counter() - t1, int(tokens.size),
                          float((to_subset(train[2], vocab) >= 0).mean()),
-                         chain_acceptance(drafter, *hold), losses)
+                         chain_acceptance(drafter, *hold[:3]), losses)
     drafter.meta = {"config": asdict(cfg), "teacher_seconds": round(report.teacher_seconds, 1),
                     "train_seconds": round(report.train_seconds, 1), "tokens": report.tokens,
                     "vocab_coverage": round(report.vocab_coverage, 4),
@@ -521,7 +567,8 @@ def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
 
 def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | None = None,
                  n_tokens: int = 4096, seq_len: int = 256, out: str | Path | None = None,
-                 progress=None) -> tuple[Path, TrainReport]:
+                 progress=None, teacher_cache: str | Path | None = None
+                 ) -> tuple[Path, TrainReport]:
     """Calibration text -> teacher pass of the dense model -> drafter saved in the dir."""
     from .model import load_dense
     from .predictor import (
@@ -536,7 +583,7 @@ def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | N
     model, tokenizer = load_dense(root, dtype="float32")
     docs = default_documents() if text is None else read_documents(text)
     tokens = calibration_sequences(tokenizer, docs, n_tokens, seq_len)
-    drafter, report = train_drafter(model, tokens, cfg, progress)
+    drafter, report = train_drafter(model, tokens, cfg, progress, teacher_cache)
     drafter.meta["text"] = (DEFAULT_TEXT.format(chars=DEFAULT_DOC_CHARS) if text is None
                             else str(Path(text).resolve()))
     return save_drafter(drafter, root, out), report
@@ -568,12 +615,12 @@ def train_drafter_cli(args) -> int:
     """`mlx-flash train-drafter DIR ...`: trains, saves, prints time and acceptance."""
     cfg = DrafterConfig(length=args.length, n_res=args.resblocks, vocab=args.vocab,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed)
+                        hidden_weight=args.hidden_weight, seed=args.seed)
     n_tokens = (args.tokens // args.seq_len) * args.seq_len
     bars = _Progress(n_tokens, cfg.steps)
     try:
         path, report = make_drafter(args.dir, cfg, args.text, args.tokens, args.seq_len,
-                                    args.out, progress=bars)
+                                    args.out, bars, args.teacher_cache)
     finally:
         bars.close()
     hold = report.holdout
@@ -604,6 +651,11 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--vocab", type=int, default=DrafterConfig.vocab,
                    help="tokens the drafter can propose (most frequent targets, then the "
                         "lowest ids)")
+    p.add_argument("--hidden-weight", type=float, default=DrafterConfig.hidden_weight,
+                   help="weight of the feature-distillation term (MSE to the model's next "
+                        "hidden state; 0: cross-entropy only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write here instead of DIR/drafter.safetensors")
+    p.add_argument("--teacher-cache", default=None, metavar="FILE.npz",
+                   help="keep the teacher pass here (reused when the tokens match)")
     p.set_defaults(func=train_drafter_cli)

@@ -178,7 +178,7 @@ def verify_tree(model: nn.Module, cache: list, tree: TokenTree) -> tuple[mx.arra
     views = [TreeMaskCache(c, tree) for c in cache]
     with tree_positions(model, tree):
         h, logits = hidden_and_logits(model, mx.array(tree.tokens[None].astype(np.int32)), views)
-        mx.eval(h, logits)  # run inside the block: the wrapped ropes are in the graph
+        mx.eval(h, logits)  # the caller reads the argmax and rewrites the caches next
     return h[0], logits[0]
 
 

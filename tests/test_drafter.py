@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache
+from test_real_model import dense, dense_text, real_dir  # noqa: F401 (fixtures)
 
 from mlx_flash.drafter import (
     Drafter,
@@ -17,6 +18,7 @@ from mlx_flash.drafter import (
     init_params,
     load_drafter,
     loss_and_grads,
+    make_examples,
     save_drafter,
     train_drafter,
 )
@@ -86,22 +88,37 @@ def test_gradients_match_finite_differences():
     head, h = rng.normal(0, 1, (vocab, d)), rng.normal(0, 1, (batch, d))
     emb = rng.normal(0, 1, (batch, length, d))
     targets = rng.integers(-1, vocab, (batch, length))
-    _, grads = loss_and_grads(params, head, h, emb, targets)
+    extra = (rng.normal(0, 1, (batch, length, d)), 0.7)  # the feature-distillation term
+    _, grads = loss_and_grads(params, head, h, emb, targets, *extra)
     for name, value in params.items():
         idx = tuple(rng.integers(0, s) for s in value.shape)  # one entry per tensor
         old = value[idx]
         value[idx] = old + 1e-6
-        up, _ = loss_and_grads(params, head, h, emb, targets)
+        up, _ = loss_and_grads(params, head, h, emb, targets, *extra)
         value[idx] = old - 1e-6
-        down, _ = loss_and_grads(params, head, h, emb, targets)
+        down, _ = loss_and_grads(params, head, h, emb, targets, *extra)
         value[idx] = old
         assert abs((up - down) / 2e-6 - grads[name][idx]) < 1e-6, name
+
+
+def test_examples_count_only_where_the_text_follows_the_model():
+    hidden = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
+    argmax = np.array([[5, 6, 7, 8, 9, 4], [1, 2, 3, 4, 5, 6]])
+    text = np.array([[0, 5, 6, 0, 8, 9], [0, 1, 2, 3, 4, 5]])  # row 0 disagrees at 3
+    h, read, targets, nxt = make_examples(hidden, argmax, 2, text)
+    assert read[:4].tolist() == [[5, 6], [6, 7], [7, 8], [8, 9]]
+    assert targets[:4].tolist() == [[6, 7], [7, -1], [-1, -1], [9, 4]]
+    assert targets[4:].tolist() == [[2, 3], [3, 4], [4, 5], [5, 6]]
+    assert nxt[0, :, 0].tolist() == [1, 2] and h[0, 0] == 0
 
 
 def test_training_lowers_the_loss_and_reports(tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2")
     model, _ = load_dense(flash_dir)
-    tokens = np.random.default_rng(0).integers(3, 256, (6, 24)).astype(np.int32)
+    # the model's own greedy text: every target counts
+    tokens = np.array([[t] + [int(x) for x, _ in generate_step(mx.array([t]), model,
+                                                               max_tokens=23)]
+                       for t in range(10, 16)])
     cfg = DrafterConfig(length=3, steps=30, batch_size=64, lr=3e-3, vocab=128, holdout=0.2)
     drafter, report = train_drafter(model, tokens, cfg)
     assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
@@ -277,3 +294,26 @@ def test_cli_generate_with_drafter_matches_plain(tiny_dirs, tmp_path, capsys):
     assert json.loads(stats.read_text())["speculative"]["verify_steps"] >= 1
     assert main(args + ["--drafter", str(tmp_path), "--temp", "0.5"]) == 2
     assert "greedy only" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the default model
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_identical_with_the_drafter(real_dir, dense, dense_text):  # noqa: F811
+    """The dir's trained drafter when there is one, else a random one: the text is the same."""
+    from test_real_model import PROMPT as REAL_PROMPT
+    from test_real_model import TOKENS
+
+    from mlx_flash.drafter import DRAFTER
+    from mlx_flash.generate import format_prompt, generate_text
+    from mlx_flash.speculative import Speculation
+
+    model, tokenizer = dense
+    if (real_dir / DRAFTER).exists():
+        drafter = load_drafter(real_dir, real_dir).attach(model)
+    else:
+        drafter = Drafter(init_params(model.args.hidden_size, 1), np.arange(4096)).attach(model)
+    spec = Speculation(drafter, SpecSettings(2, 3))
+    ids = format_prompt(tokenizer, REAL_PROMPT)
+    assert generate_text(model, tokenizer, ids, TOKENS, speculative=spec).text == dense_text
