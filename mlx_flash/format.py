@@ -326,9 +326,25 @@ def read_manifest(root: str | Path) -> Manifest:
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e}); re-convert the model") from e
     manifest = Manifest.from_dict(data, str(path))
+    if manifest.placement:
+        del data
+        trim_heap()  # the parsed placement strings are garbage now: do not keep them as RSS
     check_shapes(manifest, str(path))
     check_sizes(root, manifest)
     return manifest
+
+
+def trim_heap() -> None:
+    """Give glibc's free heap pages back to the OS (Linux/glibc only; no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
 
 
 def check_shapes(manifest: Manifest, where: str) -> None:
