@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,19 +50,22 @@ FILE_VERSION = "1"
 # ---------------------------------------------------------------- the model's frozen parts
 
 
-def head_weight_rows(model: nn.Module, ids: np.ndarray) -> np.ndarray:
-    """Rows `ids` of the model's output projection (lm_head, or the tied embedding): (k, d) f32."""
-    head = model["lm_head"] if "lm_head" in model else model.model.embed_tokens
-    return np.array(_linear_rows(head, mx.array(ids.astype(np.int32))).astype(mx.float32))
+def head_weight_rows(model_dir: str | Path, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of the model's output projection as float32 (k, d), read from the dir's
+    resident.safetensors (lm_head, or the tied embedding table): whatever form the loaded
+    model keeps them in (quantized, fast-path views, on flash), these are the stored values."""
+    from .format import RESIDENT
+    from .model import tensor_sizes
 
-
-def _linear_rows(module: nn.Module, ids: mx.array) -> mx.array:
-    if "scales" in module:  # QuantizedLinear / QuantizedEmbedding: dequantize only these rows
-        return mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
-                             group_size=module.group_size, bits=module.bits)
-    if hasattr(module, "_table"):  # FlashEmbedding: rows read from the file
-        return module(ids)
-    return module.weight[ids]
+    path = Path(model_dir) / RESIDENT
+    tensors = tensor_sizes(path)
+    name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+    shape, offset, _, dtype = tensors[name]
+    storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[dtype]
+    rows = np.memmap(path, mode="r", offset=offset, shape=shape, dtype=storage)[ids]
+    if dtype == "bfloat16":
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(np.float32)
 
 
 def embed_tokens(model: nn.Module, ids: np.ndarray) -> np.ndarray:
@@ -226,9 +229,10 @@ class Drafter:
     def d_model(self) -> int:
         return self.params["W"].shape[1]
 
-    def attach(self, model: nn.Module) -> Drafter:
-        """Read the model's frozen head rows and use its embedding table; returns self."""
-        self.head = head_weight_rows(model, self.vocab)
+    def attach(self, model: nn.Module, model_dir: str | Path) -> Drafter:
+        """Read the model's frozen head rows (from its dir) and use its embedding table;
+        returns self."""
+        self.head = head_weight_rows(model_dir, self.vocab)
         self.embed = lambda ids: embed_tokens(model, ids)
         return self
 
@@ -245,7 +249,7 @@ class Drafter:
         Plain beam search on the summed log-probabilities; beams <= width (fewer when the
         vocabulary is smaller than the width).
         """
-        assert self.head is not None, "attach(model) first"
+        assert self.head is not None, "attach(model, model_dir) first"
         hh = h.reshape(1, -1).astype(np.float32)
         seqs, scores = np.zeros((1, 0), dtype=np.int64), np.zeros(1)
         s, last = None, np.array([token])
@@ -379,13 +383,14 @@ class DrafterConfig:
 
 
 def cached_teacher_outputs(model: nn.Module, tokens: np.ndarray, cache: Path | None,
-                           progress=None) -> tuple[np.ndarray, np.ndarray]:
+                           progress=None, contexts: list[list[int]] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """`teacher_outputs`, kept in `cache` (.npz) and reused when it holds the same tokens."""
     if cache is not None and cache.exists():
         with np.load(cache) as data:
             if np.array_equal(data["tokens"], tokens):
                 return data["hidden"], data["argmax"]
-    hidden, argmax = teacher_outputs(model, tokens, progress)
+    hidden, argmax = teacher_outputs(model, tokens, progress, contexts)
     if cache is not None:
         tmp = cache.with_name(cache.name + ".tmp.npz")
         np.savez(tmp, tokens=tokens, hidden=hidden, argmax=argmax)
@@ -393,19 +398,22 @@ def cached_teacher_outputs(model: nn.Module, tokens: np.ndarray, cache: Path | N
     return hidden, argmax
 
 
-def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None,
+                    contexts: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass per sequence: tokens (S, T) -> hidden (S, T, d) f32, argmax (S, T).
 
-    The linears run in numpy on CPU (big matmuls, see predictor.numpy_linears)."""
+    contexts: per sequence, tokens fed before it (a prompt) whose outputs are not kept. The
+    linears run in numpy on CPU (big matmuls, see predictor.numpy_linears)."""
     from .predictor import numpy_linears
 
     hs, gs = [], []
     with numpy_linears(model):
-        for row in tokens:
-            h, logits = hidden_and_logits(model, mx.array(row[None]))
-            hs.append(np.array(h[0].astype(mx.float32)))  # evaluates: one sequence at a time
-            gs.append(np.array(mx.argmax(logits[0], axis=-1)).astype(np.int64))
+        for i, row in enumerate(tokens):
+            full = np.concatenate([np.asarray(contexts[i] if contexts else [], np.int32), row])
+            h, logits = hidden_and_logits(model, mx.array(full[None]))
+            h, logits = h[0, -row.size:], logits[0, -row.size:]
+            hs.append(np.array(h.astype(mx.float32)))  # evaluates: one sequence at a time
+            gs.append(np.array(mx.argmax(logits, axis=-1)).astype(np.int64))
             if progress is not None:
                 progress(row.size)
     return np.stack(hs), np.stack(gs)
@@ -531,15 +539,17 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
 
 
-def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
-                  progress: Callable[[str, int, float], None] | None = None,
-                  teacher_cache: str | Path | None = None) -> tuple[Drafter, TrainReport]:
-    """Distil a drafter from `model` on calibration tokens (S, T). progress(stage, n, value);
-    teacher_cache: an .npz keeping the teacher pass for the next run on the same tokens."""
+def train_drafter(model: nn.Module, model_dir: str | Path, tokens: np.ndarray,
+                  cfg: DrafterConfig, progress: Callable[[str, int, float], None] | None = None,
+                  teacher_cache: str | Path | None = None,
+                  contexts: list[list[int]] | None = None) -> tuple[Drafter, TrainReport]:
+    """Distil a drafter from `model` (loaded from `model_dir`) on calibration tokens (S, T).
+    progress(stage, n, value); teacher_cache: an .npz keeping the teacher pass for the next
+    run on the same tokens; contexts: prompts fed before each sequence (teacher_outputs)."""
     t0 = time.perf_counter()
     tick = (lambda n: progress("teacher", n, 0.0)) if progress else None
     cache = Path(teacher_cache) if teacher_cache is not None else None
-    hidden, argmax = cached_teacher_outputs(model, tokens, cache, tick)
+    hidden, argmax = cached_teacher_outputs(model, tokens, cache, tick, contexts)
     t1 = time.perf_counter()
     n_hold = max(1, int(round(cfg.holdout * tokens.shape[0])))
     if n_hold >= tokens.shape[0]:
@@ -549,11 +559,11 @@ def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
     hold = make_examples(hidden[-n_hold:], argmax[-n_hold:], cfg.length, tokens[-n_hold:])
     d, vocab_size = hidden.shape[2], int(model.args.vocab_size)
     vocab = choose_vocab(train[2], vocab_size, cfg.vocab)
-    drafter = Drafter(init_params(d, cfg.n_res, cfg.seed), vocab).attach(model)
+    drafter = Drafter(init_params(d, cfg.n_res, cfg.seed), vocab).attach(model, model_dir)
     step_cb = (lambda i, loss: progress("train", 1, loss)) if progress else None
     losses = fit(drafter, *train, cfg, step_cb)
     report = TrainReport(t1 - t0, time.perf_counter() - t1, int(tokens.size),
-                         float((to_subset(train[2], vocab) >= 0).mean()),
+                         float((to_subset(train[2][train[2] >= 0], vocab) >= 0).mean()),
                          chain_acceptance(drafter, *hold[:3]), losses)
     drafter.meta = {"config": asdict(cfg), "teacher_seconds": round(report.teacher_seconds, 1),
                     "train_seconds": round(report.train_seconds, 1), "tokens": report.tokens,
@@ -565,11 +575,52 @@ def train_drafter(model: nn.Module, tokens: np.ndarray, cfg: DrafterConfig,
 # ---------------------------------------------------------------- command line
 
 
+PROMPT_TAIL = 16  # prompt tokens kept before each self-generated answer
+
+
+def answer_prompts(documents: Iterator[str], n: int, chars: int = 400) -> list[str]:
+    """n requests made from calibration documents: explain a piece of prose or code."""
+    prompts = []
+    for doc in documents:
+        kind = "code" if "def " in doc or "import " in doc else "text"
+        prompts.append(f"Explain this Python {kind} and give a short example:\n\n{doc[:chars]}")
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
+                     progress=None) -> tuple[np.ndarray, list[list[int]]]:
+    """The model's own greedy answers, (n, seq_len): the last PROMPT_TAIL prompt tokens (or
+    all of a shorter prompt), then generated ones. Text the model wrote itself agrees with its choices
+    everywhere, so every teacher-forced target counts (see make_examples). Also returns each
+    row's context: the rest of its prompt, for the teacher pass."""
+    from mlx_lm.generate import generate_step
+
+    from .generate import format_prompt
+
+    if seq_len <= PROMPT_TAIL + 1:
+        raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
+                         f"{PROMPT_TAIL + 1}")
+    out, contexts = [], []
+    for prompt in prompts:
+        ids = format_prompt(tokenizer, prompt)
+        contexts.append(ids[:-PROMPT_TAIL])
+        tail = ids[-PROMPT_TAIL:]
+        steps = generate_step(mx.array(ids), model, max_tokens=seq_len - len(tail))
+        new = [int(t) for t, _ in steps]
+        out.append(tail + new)
+        if progress is not None:
+            progress("teacher", len(new), 0.0)
+    return np.asarray(out, dtype=np.int32), contexts
+
+
 def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | None = None,
                  n_tokens: int = 4096, seq_len: int = 256, out: str | Path | None = None,
-                 progress=None, teacher_cache: str | Path | None = None
+                 progress=None, teacher_cache: str | Path | None = None, answers: int = 0
                  ) -> tuple[Path, TrainReport]:
-    """Calibration text -> teacher pass of the dense model -> drafter saved in the dir."""
+    """Calibration text (or, with `answers`, the model's own greedy answers to that many
+    requests made from it) -> teacher pass of the dense model -> drafter saved in the dir."""
     from .model import load_dense
     from .predictor import (
         DEFAULT_DOC_CHARS,
@@ -580,12 +631,20 @@ def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | N
     )
 
     root = Path(flash_dir)
-    model, tokenizer = load_dense(root, dtype="float32")
+    model, tokenizer = load_dense(root, fast_cpu=True)
     docs = default_documents() if text is None else read_documents(text)
-    tokens = calibration_sequences(tokenizer, docs, n_tokens, seq_len)
-    drafter, report = train_drafter(model, tokens, cfg, progress, teacher_cache)
-    drafter.meta["text"] = (DEFAULT_TEXT.format(chars=DEFAULT_DOC_CHARS) if text is None
-                            else str(Path(text).resolve()))
+    contexts = None
+    if answers:
+        tokens, contexts = answer_sequences(model, tokenizer, answer_prompts(docs, answers),
+                                            seq_len, progress)
+    else:
+        tokens = calibration_sequences(tokenizer, docs, n_tokens, seq_len)
+    drafter, report = train_drafter(model, root, tokens, cfg, progress, teacher_cache,
+                                    contexts)
+    source = (DEFAULT_TEXT.format(chars=DEFAULT_DOC_CHARS) if text is None
+              else str(Path(text).resolve()))
+    drafter.meta["text"] = (f"the model's greedy answers to {answers} requests made from: "
+                            if answers else "") + source
     return save_drafter(drafter, root, out), report
 
 
@@ -617,10 +676,12 @@ def train_drafter_cli(args) -> int:
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         hidden_weight=args.hidden_weight, seed=args.seed)
     n_tokens = (args.tokens // args.seq_len) * args.seq_len
+    if args.answers:
+        n_tokens = args.answers * (2 * args.seq_len - PROMPT_TAIL)  # generated + teacher pass
     bars = _Progress(n_tokens, cfg.steps)
     try:
         path, report = make_drafter(args.dir, cfg, args.text, args.tokens, args.seq_len,
-                                    args.out, bars, args.teacher_cache)
+                                    args.out, bars, args.teacher_cache, args.answers)
     finally:
         bars.close()
     hold = report.holdout
@@ -642,6 +703,9 @@ def add_arguments(subparsers) -> None:
                         "pydoc topics and stdlib sources, nothing downloaded)")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens in all")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--answers", type=int, default=0,
+                   help="train on the model's own greedy answers to this many requests made "
+                        "from the calibration text (seq-len tokens each) instead of the text")
     p.add_argument("--steps", type=int, default=DrafterConfig.steps, help="training steps")
     p.add_argument("--batch-size", type=int, default=DrafterConfig.batch_size)
     p.add_argument("--lr", type=float, default=DrafterConfig.lr)

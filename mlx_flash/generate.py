@@ -151,7 +151,7 @@ def load_speculation(args: argparse.Namespace, model):
     from .speculative import SpecSettings, Speculation
 
     root = model_dir(args)
-    drafter = load_drafter(args.drafter or root, root).attach(model)
+    drafter = load_drafter(args.drafter or root, root).attach(model, root)
     return Speculation(drafter, SpecSettings(args.beam_width, args.draft_length,
                                              args.window_policy))
 

@@ -3,7 +3,7 @@
     python scripts/spec_bench.py --model DIR [--dense] [--configs 1x4,2x4] [--tokens 48]
         [--load-args '{"window": 5}'] [--out result.json]
 
-Loads the model once (dense, or flash with `--load-args` passed to `mlx_flash.load`), warms up,
+Loads the model once (`--load-args` passed to `mlx_flash.load`, or `load_dense`), warms up,
 then for the plain greedy run and each BEAMSxLENGTH drafter setting: the generated token ids
 (checked identical to plain greedy), tokens/s over the generated tokens (prefill excluded),
 tokens per verification step, acceptance, draft and verify time, and for flash models the
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--dense", action="store_true")
-    p.add_argument("--load-args", default="{}", help="JSON kwargs for mlx_flash.load")
+    p.add_argument("--load-args", default="{}",
+                   help="JSON kwargs for mlx_flash.load (or load_dense with --dense)")
     p.add_argument("--drafter", default=None, help="default: the model dir's")
     p.add_argument("--configs", default="1x4,2x4,3x4", help="BEAMSxLENGTH,...")
     p.add_argument("--policies", default="keep", help="flash window policies to run")
@@ -62,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    if args.dense:
-        model, tokenizer = load_dense(args.model)
-    else:
-        model, tokenizer = load(args.model, **json.loads(args.load_args))
-    drafter = load_drafter(args.drafter or args.model, args.model).attach(model)
+    loader = load_dense if args.dense else load
+    model, tokenizer = loader(args.model, **json.loads(args.load_args))
+    drafter = load_drafter(args.drafter or args.model, args.model).attach(model, args.model)
     ids = format_prompt(tokenizer, args.prompt)
     generate_text(model, tokenizer, ids, 4)  # warm-up: first-call allocations, page cache
     rows = [{"config": "greedy", **run_once(model, tokenizer, ids, args.tokens)}]
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(rows: list[dict], args) -> None:
     base = rows[0]
-    print(f"# {args.model} {'dense' if args.dense else 'flash ' + args.load_args}, "
+    print(f"# {args.model} {'dense' if args.dense else 'flash'} {args.load_args}, "
           f"{args.tokens} tokens, load {os.getloadavg()[0]:.1f}")
     print("| drafter | tok/s | speedup | tokens/step | accepted/step | candidates | draft s | "
           "verify s | MiB read/token | same ids |")

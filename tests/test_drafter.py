@@ -46,8 +46,8 @@ def reference(model, n=N_TOKENS) -> list[int]:
     return [int(t) for t, _ in steps]
 
 
-def random_drafter(model, d=64, seed=1) -> Drafter:
-    return Drafter(init_params(d, 1, seed=seed), np.arange(256)).attach(model)
+def random_drafter(model, model_dir, d=64, seed=1) -> Drafter:
+    return Drafter(init_params(d, 1, seed=seed), np.arange(256)).attach(model, model_dir)
 
 
 class PeekingDrafter:
@@ -120,7 +120,7 @@ def test_training_lowers_the_loss_and_reports(tiny_dirs):
                                                                max_tokens=23)]
                        for t in range(10, 16)])
     cfg = DrafterConfig(length=3, steps=30, batch_size=64, lr=3e-3, vocab=128, holdout=0.2)
-    drafter, report = train_drafter(model, tokens, cfg)
+    drafter, report = train_drafter(model, flash_dir, tokens, cfg)
     assert np.mean(report.losses[-5:]) < np.mean(report.losses[:5])
     assert drafter.vocab.size == 128 and 0 < report.vocab_coverage <= 1
     assert len(report.holdout["top1_per_step"]) == 3
@@ -194,7 +194,7 @@ def test_dense_greedy_identical_with_a_random_drafter(arch, tiny_dirs):
     model, _ = load_dense(flash_dir)
     want = reference(model)
     for width, length in [(1, 1), (2, 4), (4, 3)]:
-        out, stats = run(model, random_drafter(model), SpecSettings(width, length))
+        out, stats = run(model, random_drafter(model, flash_dir), SpecSettings(width, length))
         assert out == want, (width, length)
         assert stats.totals()["verify_steps"] >= 1
 
@@ -219,10 +219,10 @@ def test_flash_greedy_identical_and_stats_count_tokens(policy, tiny_dirs):
 
     baseline = flash()
     want = reference(baseline)
-    for drafter in (random_drafter(baseline), PeekingDrafter(want, [])):
+    for drafter in (random_drafter(baseline, flash_dir), PeekingDrafter(want, [])):
         model = flash()
         if isinstance(drafter, Drafter):
-            drafter.attach(model)
+            drafter.attach(model, flash_dir)
         out, stats = run(model, drafter, settings)
         assert out == want
         totals = model.flash.stats.totals()
@@ -236,7 +236,7 @@ def test_tree_too_big_for_the_sparse_path_is_refused(tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2")
     model, _ = load(flash_dir)
     with pytest.raises(ValueError, match="lower --beam-width"):
-        next(speculative_tokens(model, random_drafter(model), PROMPT, SpecSettings(4, 4)))
+        next(speculative_tokens(model, random_drafter(model, flash_dir), PROMPT, SpecSettings(4, 4)))
     model.flash.close()
 
 
@@ -246,7 +246,7 @@ def test_tree_too_big_for_the_sparse_path_is_refused(tiny_dirs):
 def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
     _, flash_dir = tiny_dirs("qwen2")
     model, _ = load_dense(flash_dir)
-    drafter = random_drafter(model)
+    drafter = random_drafter(model, flash_dir)
     drafter.meta = {"note": "x"}
     path = save_drafter(drafter, flash_dir, tmp_path / "d.safetensors")
     back = load_drafter(path, flash_dir)
@@ -261,7 +261,7 @@ def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
 def test_corrupt_or_missing_drafter_is_rejected(tiny_dirs, tmp_path):
     _, flash_dir = tiny_dirs("qwen2")
     model, _ = load_dense(flash_dir)
-    path = save_drafter(random_drafter(model), flash_dir, tmp_path / "d.safetensors")
+    path = save_drafter(random_drafter(model, flash_dir), flash_dir, tmp_path / "d.safetensors")
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -282,7 +282,7 @@ def test_cli_generate_with_drafter_matches_plain(tiny_dirs, tmp_path, capsys):
 
     _, flash_dir = tiny_dirs("mistral")  # its tiny tokenizer encodes "w1 w2 w3"
     model, _ = load_dense(flash_dir)
-    save_drafter(random_drafter(model), flash_dir, tmp_path / "drafter.safetensors")
+    save_drafter(random_drafter(model, flash_dir), flash_dir, tmp_path / "drafter.safetensors")
     args = ["generate", "--model", str(flash_dir), "--prompt", "w1 w2 w3", "-m", "12",
             "--ignore-chat-template"]
     assert main(args) == 0
@@ -311,9 +311,25 @@ def test_real_model_greedy_identical_with_the_drafter(real_dir, dense, dense_tex
 
     model, tokenizer = dense
     if (real_dir / DRAFTER).exists():
-        drafter = load_drafter(real_dir, real_dir).attach(model)
+        drafter = load_drafter(real_dir, real_dir).attach(model, real_dir)
     else:
-        drafter = Drafter(init_params(model.args.hidden_size, 1), np.arange(4096)).attach(model)
+        drafter = Drafter(init_params(model.args.hidden_size, 1), np.arange(4096))
+        drafter.attach(model, real_dir)
     spec = Speculation(drafter, SpecSettings(2, 3))
     ids = format_prompt(tokenizer, REAL_PROMPT)
     assert generate_text(model, tokenizer, ids, TOKENS, speculative=spec).text == dense_text
+
+
+def test_self_generated_answers_agree_with_the_teacher(tiny_dirs):
+    """The model's own answers: the teacher pass's argmax is the next token everywhere."""
+    from mlx_flash.drafter import PROMPT_TAIL, answer_prompts, answer_sequences, teacher_outputs
+
+    _, flash_dir = tiny_dirs("mistral")
+    model, tokenizer = load_dense(flash_dir)
+    prompts = answer_prompts(iter([" ".join(f"w{i}" for i in range(20)), "w4 w5 " * 10]), 2)
+    tokens, contexts = answer_sequences(model, tokenizer, prompts, PROMPT_TAIL + 12)
+    assert tokens.shape == (2, PROMPT_TAIL + 12)
+    hidden, argmax = teacher_outputs(model, tokens, contexts=contexts)
+    _, _, targets, _ = make_examples(hidden[:, PROMPT_TAIL - 1:], argmax[:, PROMPT_TAIL - 1:],
+                                     3, tokens[:, PROMPT_TAIL - 1:])
+    assert (targets >= 0).all()
