@@ -314,3 +314,15 @@ def test_io_replay_reads_what_the_cache_misses(bench, placed, monkeypatch):
     assert one["reads"] == pytest.approx(one["needed"] / stride)
     pinned = bench.replay_io(copy, sets, "cost", 1, 128, pin=32)
     assert pinned["needed"] < one["needed"] and pinned["reads"] < one["reads"]
+
+
+def test_calibrate_measures_a_scratch_file_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk, "drop_page_cache", lambda: False)  # shared machine: not in tests
+    seen = []
+    model = disk.calibrate(tmp_path, seconds=0.005, scratch_bytes=8 * 2**20,
+                           progress=seen.append)
+    assert len(seen) == disk.points() and not list(tmp_path.iterdir())
+    assert model.device == disk.device_of(tmp_path) and model.latency() > 0
+    assert disk.CostModel.from_json(model.to_json(), "x") == model
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        disk.calibrate(tmp_path / "missing")
