@@ -894,10 +894,10 @@ def plot_window(report: dict, path: Path, plt) -> Path:
         ax.plot([int(w) for w in sweep], [b / MIB for b in sweep.values()], marker="o",
                 label=f"replayed, cap {cap}")
     for r in report["runs"]:
-        if r["name"] in ("flash", "flash-window1") and r.get("bytes_read_per_token"):
-            ax.plot(int(r["settings"]["window"]), r["bytes_read_per_token"] / MIB, "kx")
+        if r["name"] in ("flash", "flash-window1") and r.get("bytes_needed_per_token"):
+            ax.plot(int(r["settings"]["window"]), r["bytes_needed_per_token"] / MIB, "kx")
     ax.set_xlabel("window (tokens)")
-    ax.set_ylabel("MiB read per token (x: measured)")
+    ax.set_ylabel("MiB of new neurons per token (x: measured)")
     ax.legend(fontsize=7)
     return save_figure(fig, path, plt)
 
