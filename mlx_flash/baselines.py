@@ -55,14 +55,18 @@ class MmapFFN(nn.Module):
 
     def __init__(self, path: Path, entry: LayerEntry, layout: FFNLayout,
                  out_bias: mx.array | None = None, chunk: int = 1024,
-                 dtype: mx.Dtype = mx.float32):
+                 dtype: mx.Dtype = mx.float32, fast=None):
+        """fast: the fast CPU path's FFN (cpu.fast_ffn): blocks are then computed by its
+        kernel straight from the mapped pages, no copy."""
         super().__init__()
         itemsize = DTYPE_BYTES[layout.dtype]
         # Underscored attributes are not parameters: nothing here is loaded or saved as weights.
         self._table = np.memmap(path, dtype=_STORAGE_NP[layout.dtype], mode="r",
                                 shape=(entry.n_neurons, entry.stride // itemsize))
         self._layout, self._chunk, self._out_bias = layout, chunk, out_bias
-        self._dtype = dtype
+        self._dtype, self._fast = dtype, fast
+        self._bytes = np.memmap(path, dtype=np.uint8, mode="r",
+                                shape=(entry.n_neurons, entry.stride)) if fast else None
         self.seconds = 0.0  # wall time inside this module (page faults and compute together)
 
     def _block(self, start: int) -> mx.array:
@@ -81,6 +85,15 @@ class MmapFFN(nn.Module):
 
     def dense(self, x: mx.array) -> mx.array:
         """x: (T, d) -> (T, d) float32, the FFN without its output bias (f32 accumulation)."""
+        if self._fast is not None:
+            from .cpu import to_f32_rows
+
+            x32, y = to_f32_rows(x), None
+            for start in range(0, self._bytes.shape[0], self._chunk):
+                part = self._fast.over_rows(np.asarray(self._bytes[start:start + self._chunk]),
+                                            x32)
+                y = part if y is None else y + part
+            return mx.array(y)
         layout, act = self._layout, ACTIVATION_FNS[self._layout.activation]
         ins = ["gate", "up"] if layout.kind == "gated" else ["up"]
         names = {p.name for p in layout.parts}
@@ -100,21 +113,28 @@ class MmapFFN(nn.Module):
         mx.eval(x)  # attention's pending work is not the FFN's: finish it before the clock
         t0 = time.perf_counter()
         shape = x.shape
-        y = self.dense(x.reshape(-1, shape[-1]).astype(self._dtype)).astype(x.dtype)
+        x2 = x.reshape(-1, shape[-1])
+        y = self.dense(x2 if self._fast else x2.astype(self._dtype)).astype(x.dtype)
         if self._out_bias is not None:
             y = y + self._out_bias
         self.seconds += time.perf_counter() - t0
         return y.reshape(shape)
 
 
-def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int = 1024):
+def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int = 1024,
+              fast_cpu: bool | None = False):
     """The mmap baseline: resident weights in DRAM, FFNs (and an untied embedding) mmap'd.
 
-    Returns (model, tokenizer); every `layer.mlp` is an `MmapFFN`.
+    Returns (model, tokenizer); every `layer.mlp` is an `MmapFFN`. fast_cpu as in `load`
+    (None: on when MLX runs on the CPU): the C kernels compute on the mapped pages.
     """
+    from . import cpu
+    from .model import use_fast_cpu
+
     root = Path(path)
     manifest = read_manifest(root)
-    dtype = resolve_dtype(dtype, manifest)
+    fast = fast_cpu is not False and use_fast_cpu(fast_cpu, manifest, dtype)
+    dtype = getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
     model = build_model(manifest)
     untied = "lm_head.weight" in tensor_sizes(root / RESIDENT)
     skip = ("model.embed_tokens.weight",) if untied else ()
@@ -123,11 +143,14 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
     for i, layer in enumerate(model.layers):
         entry = manifest.layers[i]
         out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
-        layer.mlp = MmapFFN(root / entry.file, entry, manifest.ffn, out_bias, chunk, dtype)
-    if untied:
-        model.model.embed_tokens = flash_embedding(root, dtype)  # memory-mapped rows
+        layer.mlp = MmapFFN(root / entry.file, entry, manifest.ffn, out_bias, chunk, dtype,
+                            cpu.fast_ffn(manifest.ffn) if fast else None)
+    if untied:  # memory-mapped rows
+        model.model.embed_tokens = flash_embedding(root, mx.float32 if fast else dtype)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    if fast:
+        cpu.accelerate(model)
     return model, load_tokenizer(root, manifest)
 
 

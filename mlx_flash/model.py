@@ -156,16 +156,17 @@ def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
     return out
 
 
-def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None, fast_cpu: bool = False):
+def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,
+               fast_cpu: bool | None = False):
     """The ordinary mlx_lm model rebuilt from a flash dir (resident + every bundle).
 
     Returns (model, tokenizer). Needs the whole model in memory: it is the reference.
     fast_cpu: keep the 16-bit weights as stored and compute every linear with cpu.py's kernels
-    (`load`'s fast path, for a dense comparison on CPU).
+    (`load`'s fast path, for a dense comparison on CPU); None: as `load` decides.
     """
     root = Path(path)
     manifest = read_manifest(root)
-    fast = fast_cpu and use_fast_cpu(True, manifest, None)
+    fast = fast_cpu is not False and use_fast_cpu(fast_cpu, manifest, dtype)
     dtype = getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
     model = build_model(manifest)
     weights = load_resident(root, model, dtype)

@@ -143,11 +143,11 @@ def build_contenders(names: list[str], has_predictors: bool, keep: float,
     base, how = flash_defaults(has_predictors, keep)
     table = {
         "dense": Contender("dense", "dense", "dense mlx_lm, whole model in DRAM, no cap",
-                           capped=False),
+                           {"fast_cpu": None}, capped=False),
         "naive": Contender("naive", "flash", "naive flash: whole FFN streamed every token",
                            {"naive": True, "threads": 8}),
         "mmap": Contender("mmap", "mmap", "mmap'd FFN, dense compute block by block "
-                          "(llama.cpp style)"),
+                          "(llama.cpp style)", {"fast_cpu": None}),
         "llama.cpp": Contender("llama.cpp", "llama_cpp", "llama.cpp (llama-cpp-python), source "
                                "GGUF, mmap", {"gguf": str(gguf) if gguf else None}),
         "flash": Contender("flash", "flash", f"mlx-flash defaults ({how})", dict(base)),
@@ -430,7 +430,7 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
             model, _ = flash_model.load_dense(spec["model"], dtype=spec["dtype"],
                                               **spec["options"])
         elif kind == "mmap":
-            model, _ = baselines.load_mmap(spec["model"], dtype=spec["dtype"])
+            model, _ = baselines.load_mmap(spec["model"], dtype=spec["dtype"], **spec["options"])
             layers = [layer.mlp for layer in model.layers]
             probe = lambda: sum(m.seconds for m in layers)  # noqa: E731
         else:
@@ -1153,11 +1153,15 @@ def make_setup(args, size: int) -> Setup:
                  force_direct=args.direct or parent is None)
 
 
-def run_all(setup: Setup, contenders: list[Contender], caps: list[int | None]) -> list[dict]:
-    """Dense once (uncapped), everything else at every cap; progress on stderr."""
+def run_all(setup: Setup, contenders: list[Contender], caps: list[int | None],
+            ablation_caps: list[int | None] | None = None) -> list[dict]:
+    """Dense once (uncapped), the main contenders at every cap, the ablations at
+    `ablation_caps` (default: every cap); progress on stderr."""
     rows = []
     for c in contenders:
-        for cap in ([None] if not c.capped else caps):
+        at = caps if ablation_caps is None or c.name not in ABLATIONS + IO_ABLATIONS \
+            else ablation_caps
+        for cap in ([None] if not c.capped else at):
             print(f"[bench] {c.name} @ {cap_label(cap, setup.size)} ...", file=sys.stderr,
                   end="", flush=True)
             row = run_one(setup, c, cap)
@@ -1203,7 +1207,8 @@ def run(args: argparse.Namespace) -> int:
         setup.unbundled_dir = write_unbundled(model, Path(args.out) / "unbundled")
     disk = None if args.skip_disk else disk_report(model, manifest, args)
     stamp = source_stamp()
-    rows = run_all(setup, contenders, caps)
+    ablation_caps = None if args.ablation_caps == "all" else parse_caps(args.ablation_caps, size)
+    rows = run_all(setup, contenders, caps, ablation_caps)
     if source_stamp()["sources_sha256"] != stamp["sources_sha256"]:
         stamp["warning"] = ("mlx_flash sources changed during the run: rows mix code versions "
                             "(run from a copy of the tree)")
@@ -1254,14 +1259,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "multiples (1.5x) or sizes (700MiB)")
     parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS),
                         help=f"comma-separated subset of: {', '.join(ALL_CONTENDERS)}")
+    parser.add_argument("--ablation-caps", default="0.5",
+                        help="caps the ablations (flash-window1 ... flash-placed-pinned) run at, "
+                             "or 'all' for every --caps value (the default keeps the whole run "
+                             "under 30 minutes on the default model)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per run")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="user message, through the chat template when there is one")
     parser.add_argument("--prompt-ids", default=None,
                         help="comma-separated token ids instead of --prompt")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype of every MLX contender (f32 resident weights do not "
-                             "fit caps <= 1x of an f16 model)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype of every MLX contender; default: the fast CPU path "
+                             "(16-bit weights, f32 compute) where MLX runs on the CPU, else "
+                             "load()'s choice. Giving one selects MLX's own kernels")
     parser.add_argument("--keep", type=float, default=0.3,
                         help="fraction of neurons the oracle keeps without predictors")
     parser.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the source "

@@ -190,6 +190,20 @@ def test_mmap_ffn_equals_dense(tiny_dirs, arch, dtype):
     assert mx.allclose(dense(ids), mapped(ids), atol=1e-3, rtol=1e-3).item()
 
 
+@pytest.mark.parametrize("arch,dtype", [("qwen2", "float16"), ("starcoder2", "bfloat16")])
+def test_mmap_fast_cpu_equals_dense(tiny_dirs, arch, dtype):
+    from mlx_flash import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    _, flash = tiny_dirs(arch, dtype)
+    dense, _ = load_dense(flash, dtype="float32")
+    mapped, _ = load_mmap(flash, chunk=48, fast_cpu=True)
+    assert mapped.layers[0].mlp._fast is not None
+    ids = mx.array([[3, 5, 7, 9, 11]])
+    assert mx.allclose(dense(ids), mapped(ids), atol=2e-3, rtol=2e-3).item()
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "nemotron"])
 @pytest.mark.parametrize("direct", [False, True])
 def test_unbundled_store_reads_the_same_rows(tiny_dirs, tmp_path, arch, direct):
