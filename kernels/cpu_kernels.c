@@ -144,6 +144,28 @@ static inline float activate(float v, int act) {
     }
 }
 
+// Inside a parallel region: this thread's number; *threads gets the team size (once).
+static inline int team_member(int *threads) {
+#ifdef _OPENMP
+#pragma omp single
+    *threads = omp_get_num_threads();
+    return omp_get_thread_num();
+#else
+    *threads = 1;
+    return 0;
+#endif
+}
+
+// Inside a parallel region, after every thread's partial sums are complete: y = their sum.
+static void sum_partials(const float *partial, int threads, size_t count, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < (int64_t)count; i++) {
+        float sum = 0.0f;
+        for (int k = 0; k < threads; k++) sum += partial[(size_t)k * count + i];
+        y[i] = sum;
+    }
+}
+
 // y: (T, rows) f32; W: (rows, ld) 16-bit, the first d columns used; x: (T, d); b: (rows,) or NULL.
 void linear16(const uint16_t *W, int64_t ld, int rows, int d, int dt, const float *x, int T,
               const float *b, float *y) {
@@ -177,12 +199,7 @@ void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P,
     int threads = 1;
 #pragma omp parallel
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#pragma omp single
-        threads = omp_get_num_threads();
-#endif
+        int tid = team_member(&threads);
         float first[64], second[64];
         float *acc = partial + (size_t)tid * T * d;
         memset(acc, 0, sizeof(float) * (size_t)T * d);
@@ -210,13 +227,7 @@ void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P,
                 }
             }
         }
-        // implicit barrier: every thread's partial sum is complete; reduce them over columns
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < (int64_t)T * d; i++) {
-            float sum = 0.0f;
-            for (int k = 0; k < threads; k++) sum += partial[(size_t)k * T * d + i];
-            y[i] = sum;
-        }
+        sum_partials(partial, threads, (size_t)T * d, y);  // after the loop's barrier
     }
 }
 
@@ -279,9 +290,9 @@ static inline void dotq_tokens(const uint32_t *w, const float *s, const float *z
 // y[:] += h * (scales * q + biases) over one quantized row of d values.
 static inline void axpyq(float h, const uint32_t *w, const float *s, const float *z, int d,
                          int bits, int group, float *y) {
-    const int groups = d / group;
 #if FLASH_VECTOR
     if (group % 8 == 0) {
+        const int groups = d / group;
         for (int g = 0; g < groups; g++) {
             __m256 sv = _mm256_set1_ps(h * s[g]), zv = _mm256_set1_ps(h * z[g]);
             for (int k = 0; k < group; k += 8) {
@@ -332,12 +343,7 @@ void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int
     int threads = 1;
 #pragma omp parallel
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#pragma omp single
-        threads = omp_get_num_threads();
-#endif
+        int tid = team_member(&threads);
         float first[8], second[8], s[FLASH_MAX_GROUPS], z[FLASH_MAX_GROUPS];
         float *acc = partial + (size_t)tid * T * d;
         memset(acc, 0, sizeof(float) * (size_t)T * d);
@@ -375,12 +381,7 @@ void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int
                 }
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < (int64_t)T * d; i++) {
-            float sum = 0.0f;
-            for (int k = 0; k < threads; k++) sum += partial[(size_t)k * T * d + i];
-            y[i] = sum;
-        }
+        sum_partials(partial, threads, (size_t)T * d, y);  // after the loop's barrier
     }
 }
 

@@ -74,8 +74,12 @@ def _cpu_fingerprint() -> str:
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
 
-def build_library(source: Path | None = None, out_dir: Path | None = None) -> Path:
-    """Compile the kernels (once per source/compiler/CPU) and return the shared library path."""
+def build_library(source: Path | None = None, out_dir: Path | None = None,
+                  flag_sets: tuple[list[str], ...] = FLAG_SETS) -> Path:
+    """Compile the kernels (once per source/compiler/CPU/flags) and return the library path.
+
+    flag_sets: tried in order until one compiles (the tests build the portable scalar path
+    with ["-O3"] alone)."""
     source = source or kernel_source()
     out_dir = out_dir or kernel_cache_dir()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") \
@@ -89,13 +93,14 @@ def build_library(source: Path | None = None, out_dir: Path | None = None) -> Pa
     except (OSError, subprocess.SubprocessError) as e:
         raise CpuKernelsUnavailable(f"C compiler {compiler} does not run: {e}") from e
     key = hashlib.sha256(source.read_bytes() + version.encode() + _cpu_fingerprint().encode()
-                         + platform.machine().encode()).hexdigest()[:16]
+                         + platform.machine().encode() + repr(flag_sets).encode()
+                         ).hexdigest()[:16]
     out = out_dir / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in FLAG_SETS:  # OpenMP or -march=native may be missing (Apple clang: no OpenMP)
+    for flags in flag_sets:  # OpenMP or -march=native may be missing (Apple clang: no OpenMP)
         fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out_dir)
         os.close(fd)
         cmd = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"]

@@ -264,3 +264,25 @@ def test_fast_predictor_scores(kind):
     got = FastLayerPredictor(layer).scores(x)  # f16 weights: within their rounding
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
     assert np.mean((got > 0.1) == (want > 0.1)) > 0.97
+
+
+@needs_kernels
+def test_portable_scalar_build_matches_the_vector_one(tmp_path):
+    """The path any non-x86 CPU gets: built without -march=native (no AVX2/F16C), no OpenMP."""
+    scalar = cpu.CpuKernels(cpu.build_library(out_dir=tmp_path, flag_sets=(["-O3"],)))
+    vector = cpu.kernels()
+    assert not scalar.vector and scalar.threads == 1
+    w = as16(rand((40, 72), 20, 0.3), mx.bfloat16)
+    view, storage = cpu.storage_view(w)
+    x = rand((3, 72), 21)
+    np.testing.assert_allclose(scalar.linear16(view, storage, x), vector.linear16(view, storage, x),
+                               rtol=1e-5, atol=1e-5)
+    weights = as16(rand((3, 30, 72), 22, 0.3), mx.float16)
+    base, storage = cpu.storage_view(weights)
+    args = (base, (30 * 72, 72), 3, 25, 72, storage, x, "gelu_approx")
+    np.testing.assert_allclose(scalar.ffn16(*args), vector.ffn16(*args), rtol=1e-4, atol=1e-4)
+    q, s, b = mx.quantize(mx.array(rand((3, 30, 64), 23, 0.3)), group_size=32, bits=4)
+    s16, b16 = (cpu.storage_view(a.astype(mx.float16))[0] for a in (s, b))
+    xq = rand((2, 64), 24)
+    qargs = (np.asarray(q), s16, b16, "float16", 30, 4, 32, xq, "silu")
+    np.testing.assert_allclose(scalar.ffnq(*qargs), vector.ffnq(*qargs), rtol=1e-4, atol=1e-4)
