@@ -276,8 +276,8 @@ class SpecStats:
 
 @dataclass
 class SpecSettings:
-    beam_width: int = 2
-    draft_length: int = 4
+    beam_width: int = 1  # 1 x 2 was the fastest here (BENCHMARKS.md, issue 8)
+    draft_length: int = 2
     window_policy: str = "keep"
 
     def __post_init__(self):
