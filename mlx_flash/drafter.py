@@ -40,7 +40,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .format import FormatError, fsync_dir, read_manifest, sha256_file
+from .format import (
+    FormatError,
+    fsync_dir,
+    load_checked_safetensors,
+    read_manifest,
+    sha256_file,
+)
 
 DRAFTER = "drafter.safetensors"
 FILE_FORMAT = "mlx-flash-drafter"
@@ -321,15 +327,8 @@ def load_drafter(path: str | Path, flash_dir: str | Path | None = None) -> Draft
         entry = json.loads(sidecar.read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"{sidecar}: not valid JSON ({e}); {fix}") from e
-    if sha256_file(weights) != entry.get("sha256"):
-        raise FormatError(f"{weights}: checksum mismatch with {sidecar.name}, the file is "
-                          f"corrupted or was replaced; {fix}")
-    try:
-        arrays, metadata = mx.load(str(weights), format="safetensors", return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError for a bad header
-        raise FormatError(f"{weights}: not a readable safetensors file ({e}); {fix}") from e
-    if metadata.get("format") != FILE_FORMAT or metadata.get("version") != FILE_VERSION:
-        raise FormatError(f"{weights}: not an mlx-flash drafter of version {FILE_VERSION}; {fix}")
+    arrays, metadata = load_checked_safetensors(weights, entry.get("sha256"), sidecar.name,
+                                                FILE_FORMAT, FILE_VERSION, "drafter", fix)
     drafter = _from_arrays(arrays, weights, fix)
     drafter.meta = json.loads(metadata.get("meta", "{}"))
     if flash_dir is not None:
@@ -695,14 +694,12 @@ def train_drafter_cli(args) -> int:
 
 def add_arguments(subparsers) -> None:
     """Register `train-drafter` on the CLI's subparsers."""
+    from .predictor import add_text_arguments
+
     p = subparsers.add_parser("train-drafter",
                               help="train the recurrent drafter for speculative decoding")
     p.add_argument("dir", help="flash model dir (the drafter is written into it)")
-    p.add_argument("--text", default=None,
-                   help="calibration text: a file or a folder of text files (default: Python's "
-                        "pydoc topics and stdlib sources, nothing downloaded)")
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens in all")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    add_text_arguments(p)
     p.add_argument("--answers", type=int, default=0,
                    help="train on the model's own greedy answers to this many requests made "
                         "from the calibration text (seq-len tokens each) instead of the text")

@@ -406,3 +406,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_checked_safetensors(path: Path, sha256: str | None, listed_in: str, file_format: str,
+                             version: str, what: str, fix: str) -> tuple[dict, dict]:
+    """(arrays, metadata) of a side file (predictors, drafter) after its checks: the sha256
+    that `listed_in` records, a readable header, and its format/version metadata. Raises
+    FormatError naming the file, with `fix`."""
+    import mlx.core as mx
+
+    if sha256_file(path) != sha256:
+        raise FormatError(f"{path}: checksum mismatch with {listed_in}, the file is corrupted "
+                          f"or was replaced; {fix}")
+    try:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError for a bad header
+        raise FormatError(f"{path}: not a readable safetensors file ({e}); {fix}") from e
+    if metadata.get("format") != file_format or metadata.get("version") != version:
+        raise FormatError(f"{path}: not an mlx-flash {what} file of version {version} "
+                          f"(format {metadata.get('format')!r}, version "
+                          f"{metadata.get('version')!r}); {fix}")
+    return arrays, metadata

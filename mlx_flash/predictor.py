@@ -61,8 +61,8 @@ from .format import (
     Manifest,
     file_entry,
     fsync_dir,
+    load_checked_safetensors,
     read_manifest,
-    sha256_file,
 )
 from .kernels import ACTIVATION_FNS
 
@@ -1023,17 +1023,8 @@ def load_predictors(flash_dir: str | Path, manifest: Manifest | None = None,
                           "selector)")
     entry = manifest.predictors
     path = root / entry.get("file", PREDICTORS)
-    if sha256_file(path) != entry.get("sha256"):
-        raise FormatError(f"{path}: checksum mismatch with {MANIFEST}, the file is corrupted "
-                          f"or was replaced; {fix}")
-    try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError for a bad header
-        raise FormatError(f"{path}: not a readable safetensors file ({e}); {fix}") from e
-    if metadata.get("format") != FILE_FORMAT or metadata.get("version") != FILE_VERSION:
-        raise FormatError(f"{path}: not an mlx-flash predictors file of version {FILE_VERSION} "
-                          f"(format {metadata.get('format')!r}, version "
-                          f"{metadata.get('version')!r}); {fix}")
+    arrays, metadata = load_checked_safetensors(path, entry.get("sha256"), MANIFEST,
+                                                FILE_FORMAT, FILE_VERSION, "predictors", fix)
     try:
         recalls = [float(r) for r in json.loads(metadata.get("recalls", "[]"))]
         meta = json.loads(metadata.get("meta", "{}"))
@@ -1204,16 +1195,21 @@ def train_predictors_cli(args) -> int:
     return 0
 
 
-def add_arguments(subparsers) -> None:
-    """Register `train-predictors` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "train-predictors", help="calibrate and train the sparsity predictors of a flash dir")
-    p.add_argument("dir", help="flash model dir (predictors are written into it)")
+def add_text_arguments(p) -> None:
+    """--text, --tokens, --seq-len: the calibration text (train-predictors, train-drafter)."""
     p.add_argument("--text", default=None,
                    help="calibration text: a file or a folder of text files (default: Python's "
                         "pydoc topics and stdlib sources, nothing downloaded)")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens in all")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+
+
+def add_arguments(subparsers) -> None:
+    """Register `train-predictors` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "train-predictors", help="calibrate and train the sparsity predictors of a flash dir")
+    p.add_argument("dir", help="flash model dir (predictors are written into it)")
+    add_text_arguments(p)
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="predictor rank r")
     p.add_argument("--layer-rank", action="append", default=[], metavar="LAYER=RANK",
                    help="rank for one layer (repeatable), e.g. --layer-rank 0=256")
