@@ -64,8 +64,9 @@ def test_contenders_without_predictors_or_llama(bench):
     cs = bench.build_contenders(list(bench.ALL_CONTENDERS), False, 0.3, None, "not installed")
     by = {c.name: c for c in cs}
     assert [c.name for c in cs] == list(bench.ALL_CONTENDERS)
-    assert by["flash"].options["selector"] == "oracle" and "oracle" in by["flash"].label
-    assert by["flash-no-predictor"].skip and by["llama.cpp"].skip == "not installed"
+    assert by["flash"].options["oracle_rule"] == "all" and "every neuron" in by["flash"].label
+    assert by["flash-no-predictor"].options["oracle_rule"] == "top"
+    assert not by["flash-no-predictor"].skip and by["llama.cpp"].skip == "not installed"
     assert by["flash-window1"].options["window"] == 1
     assert by["flash-threads1"].options["threads"] == 1
     assert by["flash-no-bundling"].options["unbundled"] is True
