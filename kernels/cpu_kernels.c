@@ -100,17 +100,22 @@ static inline void dot_tokens(const uint16_t *w, const float *x, int d, int T, i
         }
         for (; c + 8 <= d; c += 8) a0 = _mm256_fmadd_ps(load8(w + c, dt), _mm256_loadu_ps(x + c), a0);
         out[0] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    } else {
-        __m256 acc[16];
-        for (int t0 = 0; t0 < T; t0 += 16) {
-            int nt = T - t0 < 16 ? T - t0 : 16;
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    } else {  // blocks of 4 tokens in named registers (an indexed array of them spills)
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            int nt = T - t0 < 4 ? T - t0 : 4;
+            const float *x0 = x + (size_t)t0 * d;  // missing tokens repeat the block's first
+            const float *x1 = nt > 1 ? x0 + d : x0, *x2 = nt > 2 ? x0 + 2 * (size_t)d : x0;
+            const float *x3 = nt > 3 ? x0 + 3 * (size_t)d : x0;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (c = 0; c + 8 <= d; c += 8) {
                 __m256 wv = load8(w + c, dt);
-                for (int t = 0; t < nt; t++)
-                    acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)(t0 + t) * d + c), acc[t]);
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + c), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + c), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + c), a3);
             }
-            for (int t = 0; t < nt; t++) out[t0 + t] = hsum8(acc[t]);
+            float r[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+            for (int t = 0; t < nt; t++) out[t0 + t] = r[t];
         }
     }
 #else
