@@ -384,8 +384,8 @@ def flash_result(model) -> dict:
     return {"flash_seconds_per_token": seconds,
             "bytes_read_per_token": sum(s.bytes_read for s in steps) / n,
             "bytes_needed_per_token": sum(s.bytes_needed for s in steps) / n,
-            "read_amplification": (sum(s.bytes_read for s in steps)
-                                   / max(1, sum(s.bytes_needed for s in steps))),
+            "read_amplification": _ratio(sum(s.bytes_read for s in steps),
+                                         sum(s.bytes_needed for s in steps)),
             "predictor_bytes_per_token": sum(s.predictor_bytes for s in steps) / n,
             "reads_per_token": sum(s.reads for s in steps) / n,
             "hit_rate": sum(s.neurons_hit for s in steps) / max(1, sum(s.neurons_active
@@ -393,6 +393,11 @@ def flash_result(model) -> dict:
             "truncated_per_token": sum(s.truncated for s in steps) / n,
             "settings": {k: str(v) for k, v in stats.settings.items()},
             "memory_plan": stats.memory}
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, or None when nothing was needed (naive streaming counts no needed bytes)."""
+    return num / den if den else None
 
 
 def load_flash(spec: dict):
