@@ -149,6 +149,15 @@ static inline float activate(float v, int act) {
     }
 }
 
+// Whether any token of the call needs neuron j (mask NULL: all do); if not, its h is zeroed.
+static inline int needed(const float *mask, float *h, int T, int n, int j) {
+    if (!mask) return 1;
+    for (int t = 0; t < T; t++)
+        if (mask[(size_t)t * n + j] != 0.0f) return 1;
+    for (int t = 0; t < T; t++) h[(size_t)t * n + j] = 0.0f;
+    return 0;
+}
+
 // Inside a parallel region: this thread's number; *threads gets the team size (once).
 static inline int team_member(int *threads) {
 #ifdef _OPENMP
@@ -210,12 +219,7 @@ void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P,
         memset(acc, 0, sizeof(float) * (size_t)T * d);
 #pragma omp for schedule(dynamic, 32)
         for (int j = 0; j < n; j++) {
-            int any = 0;
-            for (int t = 0; t < T && !any; t++) any = !mask || mask[(size_t)t * n + j] != 0.0f;
-            if (!any) {  // no token of this call needs the neuron: skip its rows entirely
-                for (int t = 0; t < T; t++) h[(size_t)t * n + j] = 0.0f;
-                continue;
-            }
+            if (!needed(mask, h, T, n, j)) continue;  // skip the neuron's rows entirely
             size_t s = slots ? (size_t)slots[j] : (size_t)j;
             for (int t0 = 0; t0 < T; t0 += 64) {
                 int nt = T - t0 < 64 ? T - t0 : 64;
@@ -354,12 +358,7 @@ void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int
         memset(acc, 0, sizeof(float) * (size_t)T * d);
 #pragma omp for schedule(dynamic, 32)
         for (int j = 0; j < n; j++) {
-            int any = 0;
-            for (int t = 0; t < T && !any; t++) any = !mask || mask[(size_t)t * n + j] != 0.0f;
-            if (!any) {
-                for (int t = 0; t < T; t++) h[(size_t)t * n + j] = 0.0f;
-                continue;
-            }
+            if (!needed(mask, h, T, n, j)) continue;  // skip the neuron's rows entirely
             for (int t0 = 0; t0 < T; t0 += 8) {
                 int nt = T - t0 < 8 ? T - t0 : 8;
                 const float *xt = x + (size_t)t0 * d, *st = xsum + (size_t)t0 * groups;
