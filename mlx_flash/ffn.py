@@ -269,19 +269,26 @@ class FlashFFN(nn.Module):
             if len(per_token) > 1:  # each token only its own neurons
                 mask = np.stack([np.isin(part, t) for t in per_token]).astype(np.float32)
             rows, io = rt.store.read(self._layer, part)
-            t1 = time.perf_counter()
-            if x32 is not None:
-                y = y + mx.array(rt.fast.over_rows(rows, x32, mask))
-            else:
-                weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
-                y = y + compute_ffn(x, weights, part.size, self._layout.activation,
-                                    None if mask is None else mx.array(mask), bias)
-            mx.eval(y)  # one chunk of rows alive at a time
-            step.seconds["io"] += io.seconds
-            step.seconds["compute"] += time.perf_counter() - t1
-            step.bytes_read += io.bytes
+            y = self._add_rows(x, x32, y, rows, io, step, mask)
             step.bytes_needed += io.needed
-            step.reads += io.reads
+        return y
+
+    def _add_rows(self, x: mx.array, x32: np.ndarray | None, y: mx.array, rows: np.ndarray,
+                  io: IOStats, step: TokenStats, mask: np.ndarray | None = None) -> mx.array:
+        """y + the FFN over a chunk of read bundles, evaluated now (one chunk alive at a time);
+        x32: x as f32 rows on the fast path, else None. Counts the chunk's read and compute."""
+        t1 = time.perf_counter()  # io.seconds is the read's own time
+        if x32 is not None:
+            y = y + mx.array(self._rt.fast.over_rows(rows, x32, mask))
+        else:
+            weights, bias = split_bundles(rows, self._rt.manifest, self._rt.dtype)
+            y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation,
+                                None if mask is None else mx.array(mask), bias)
+        mx.eval(y)
+        step.seconds["io"] += io.seconds
+        step.seconds["compute"] += time.perf_counter() - t1
+        step.bytes_read += io.bytes
+        step.reads += io.reads
         return y
 
     def _select(self, x: mx.array, step: TokenStats) -> Selection:
@@ -329,18 +336,7 @@ class FlashFFN(nn.Module):
         y = mx.zeros_like(x)
         x32 = to_f32_rows(x) if rt.fast is not None else None
         for _, rows, io in rt.store.iter_layer(self._layer, rt.settings.prefill_chunk):
-            t1 = time.perf_counter()  # io.seconds is the read's own time (file order)
-            if x32 is not None:
-                y = y + mx.array(rt.fast.over_rows(rows, x32))
-            else:
-                weights, bias = split_bundles(rows, rt.manifest, rt.dtype)
-                y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation, None,
-                                    bias)
-            mx.eval(y)  # bound memory: one chunk of rows alive at a time
-            step.seconds["io"] += io.seconds
-            step.seconds["compute"] += time.perf_counter() - t1
-            step.bytes_read += io.bytes
-            step.reads += io.reads
+            y = self._add_rows(x, x32, y, rows, io, step)  # file order
         if not rt.settings.naive:
             self._seed_window(x[-rt.settings.window:], step)
         return y
