@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu
 from .checkpoint import ARCHITECTURES, mlp_prefix
 from .format import DTYPE_BYTES, RESIDENT, FFNLayout, LayerEntry, Manifest, read_manifest
 from .kernels import ACTIVATION_FNS
@@ -30,8 +31,9 @@ from .model import (
     flash_embedding,
     load_resident,
     load_tokenizer,
-    resolve_dtype,
     tensor_sizes,
+    use_fast_cpu,
+    weight_dtype,
 )
 from .store import DIRECT_ALIGN, NeuronStore
 
@@ -86,9 +88,7 @@ class MmapFFN(nn.Module):
     def dense(self, x: mx.array) -> mx.array:
         """x: (T, d) -> (T, d) float32, the FFN without its output bias (f32 accumulation)."""
         if self._fast is not None:
-            from .cpu import to_f32_rows
-
-            x32, y = to_f32_rows(x), None
+            x32, y = cpu.to_f32_rows(x), None
             for start in range(0, self._bytes.shape[0], self._chunk):
                 part = self._fast.over_rows(np.asarray(self._bytes[start:start + self._chunk]),
                                             x32)
@@ -128,13 +128,10 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
     Returns (model, tokenizer); every `layer.mlp` is an `MmapFFN`. fast_cpu as in `load`
     (None: on when MLX runs on the CPU): the C kernels compute on the mapped pages.
     """
-    from . import cpu
-    from .model import use_fast_cpu
-
     root = Path(path)
     manifest = read_manifest(root)
-    fast = fast_cpu is not False and use_fast_cpu(fast_cpu, manifest, dtype)
-    dtype = getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
+    fast = use_fast_cpu(fast_cpu, manifest, dtype)
+    dtype = weight_dtype(fast, dtype, manifest)
     model = build_model(manifest)
     untied = "lm_head.weight" in tensor_sizes(root / RESIDENT)
     skip = ("model.embed_tokens.weight",) if untied else ()

@@ -7,8 +7,9 @@ in MLX (BENCHMARKS.md, issue 11). Here the weights stay in their 16-bit storage 
 
 - `FastLinear` replaces `nn.Linear` (attention projections, lm_head, a dense MLP); sibling
   projections that read the same input (q/k/v, gate/up) are fused into one call.
-- `ffn16` computes the FFN over the neuron cache's rows; the cache buffer is then a numpy
-  array that the window update edits in place (`NumpyBuffers`).
+- `ffn16` / `ffnq` compute the FFN over the neuron cache's rows (`BundleFFN` /
+  `QuantBundleFFN`); the cache buffers are then numpy arrays that the window update edits in
+  place.
 
 The C file is compiled on first use with the system compiler (`cc`, or $CC) into
 `$MLX_FLASH_HOME/kernels` (default ~/.cache/mlx_flash/kernels), keyed by the source, compiler
@@ -157,10 +158,8 @@ class CpuKernels:
         if wq.dtype != np.uint32 or not wq.flags.c_contiguous or bits not in (4, 8):
             raise ValueError(f"linear_q needs contiguous uint32 4/8-bit rows, got {wq.dtype} "
                              f"{bits}-bit")
-        if x.dtype != np.float32 or not x.flags.c_contiguous or x.shape[-1] != d:
-            raise ValueError(f"x must be a contiguous (T, {d}) float32 array, got {x.dtype} "
-                             f"{x.shape}")
-        xsum = np.ascontiguousarray(x.reshape(x.shape[0], d // group_size, group_size).sum(-1))
+        _check_x(x, d)
+        xsum = _group_sums(x, group_size)
         y = np.empty((x.shape[0], rows), dtype=np.float32)
         self._lib.linear_q(wq.ctypes.data, scales.ctypes.data, biases.ctypes.data, rows, d, bits,
                            group_size, x.ctypes.data, x.shape[0], xsum.ctypes.data, _ptr(bias),
@@ -182,12 +181,9 @@ class CpuKernels:
             raise ValueError(f"{d // group_size} groups per row: at most 512 supported")
         tokens = x.shape[0]
         _check_x(x, d)
-        if mask is not None:
-            mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(tokens, n)
-        xsum = np.ascontiguousarray(x.reshape(tokens, d // group_size, group_size).sum(-1))
-        h = np.empty((tokens, max(n, 1)), dtype=np.float32)
-        partial = np.empty((self.threads, tokens, d), dtype=np.float32)
-        y = np.empty((tokens, d), dtype=np.float32)
+        mask = _mask_rows(mask, tokens, n)
+        xsum = _group_sums(x, group_size)
+        h, partial, y = self._ffn_scratch(tokens, n, d)
         self._lib.ffnq(q.ctypes.data, scales.ctypes.data, biases.ctypes.data, DT_CODES[dtype],
                        parts, capacity, n, d, bits, group_size, x.ctypes.data, tokens,
                        xsum.ctypes.data, _ptr(in_bias), _ptr(mask),
@@ -209,22 +205,36 @@ class CpuKernels:
         if base.dtype != np.uint16 or not base.flags.c_contiguous:
             raise ValueError(f"ffn16 needs a contiguous uint16 buffer, got {base.dtype}")
         tokens = x.shape[0]
-        _check_operands(base.reshape(-1, base.shape[-1]), x, x.shape[1] if x.ndim == 2 else -1)
-        if mask is not None:
-            mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(tokens, n)
+        _check_operands(base.reshape(-1, base.shape[-1]), x, d)
+        mask = _mask_rows(mask, tokens, n)
         if in_bias is not None:
             in_bias = np.ascontiguousarray(in_bias, dtype=np.float32)
         if slots is not None:
             slots = np.ascontiguousarray(slots, dtype=np.int32)
-        h = np.empty((tokens, max(n, 1)), dtype=np.float32)
-        partial = np.empty((self.threads, tokens, d), dtype=np.float32)
-        y = np.empty((tokens, d), dtype=np.float32)
+        h, partial, y = self._ffn_scratch(tokens, n, d)
         self._lib.ffn16(base.ctypes.data, strides[0], strides[1], parts, _ptr(slots), n, d,
                         DT_CODES[dtype], x.ctypes.data, tokens, _ptr(in_bias),
                         0 if in_bias is None else in_bias.shape[1], _ptr(mask),
                         ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
                         y.ctypes.data)
         return y
+
+
+    def _ffn_scratch(self, tokens: int, n: int, d: int) -> tuple[np.ndarray, ...]:
+        """The FFN kernels' h (T, n) and per-thread partial sums, and the output (T, d)."""
+        return (np.empty((tokens, max(n, 1)), dtype=np.float32),
+                np.empty((self.threads, tokens, d), dtype=np.float32),
+                np.empty((tokens, d), dtype=np.float32))
+
+
+def _mask_rows(mask: np.ndarray | None, tokens: int, n: int) -> np.ndarray | None:
+    return None if mask is None else \
+        np.ascontiguousarray(mask, dtype=np.float32).reshape(tokens, n)
+
+
+def _group_sums(x: np.ndarray, group_size: int) -> np.ndarray:
+    """(T, d) -> (T, d / group_size): what the affine biases multiply."""
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1, group_size).sum(-1))
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -254,6 +264,8 @@ def kernels() -> CpuKernels:
     if "kernels" not in _state:
         if os.environ.get(ENV_CPU_KERNELS, "1") == "0":
             raise CpuKernelsUnavailable(f"{ENV_CPU_KERNELS}=0")
+        if "error" in _state:  # a failed build is not retried on every load
+            raise _state["error"]  # type: ignore[misc]
         try:
             _state["kernels"] = CpuKernels(build_library())
         except CpuKernelsUnavailable as e:
@@ -542,12 +554,13 @@ class QuantBundleFFN:
 
 def fast_ffn(layout: FFNLayout) -> BundleFFN | QuantBundleFFN:
     """The fast path's FFN for this bundle layout."""
-    if layout.dtype not in DT_CODES:
+    if not supports(layout):
         raise ValueError(f"the fast CPU FFN needs 16-bit storage, got {layout.dtype}")
     return QuantBundleFFN(layout) if layout.quantized else BundleFFN(layout)
 
 
 def supports(layout: FFNLayout) -> bool:
+    """16-bit bundles, or 4/8-bit ones with 16-bit scales."""
     return layout.dtype in DT_CODES
 
 

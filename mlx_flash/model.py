@@ -166,8 +166,8 @@ def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,
     """
     root = Path(path)
     manifest = read_manifest(root)
-    fast = fast_cpu is not False and use_fast_cpu(fast_cpu, manifest, dtype)
-    dtype = getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
+    fast = use_fast_cpu(fast_cpu, manifest, dtype)
+    dtype = weight_dtype(fast, dtype, manifest)
     model = build_model(manifest)
     weights = load_resident(root, model, dtype)
     for layer in range(manifest.n_layers):
@@ -425,7 +425,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     # Without explicit choices, fit the budget: full caches first, then the embedding table
     # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.
     # The fast CPU path keeps weights in their 16-bit storage type and computes in f32.
-    dtypes = [getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)]
+    dtypes = [weight_dtype(fast, dtype, manifest)]
     if dtype is None and dtypes[0] == mx.float32:
         dtypes.append(mx.bfloat16)
     flash_choices = [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False,
@@ -488,6 +488,12 @@ def use_fast_cpu(fast_cpu: bool | None, manifest: Manifest, dtype) -> bool:
         raise ValueError(f"fast_cpu needs 16-bit (or 4/8-bit with 16-bit scales) bundles; this "
                          f"dir stores {manifest.ffn.dtype} (convert with --dtype float16)")
     return cpu.wanted(fast_cpu)
+
+
+def weight_dtype(fast: bool, dtype: str | mx.Dtype | None, manifest: Manifest) -> mx.Dtype:
+    """The dtype resident weights load in: the bundles' 16-bit storage type on the fast CPU
+    path (its kernels compute in f32), else the compute dtype."""
+    return getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
 
 
 def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None,
