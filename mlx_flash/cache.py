@@ -102,15 +102,17 @@ class NeuronCache:
         self.step += 1
         ids = np.asarray(ids, dtype=np.int64)
         slots = self.slot_of[ids]
-        pinned = (slots >= 0) & (slots < self.pinned)
-        # Pinned ids are free; the others share what the pinned slots leave, best first.
-        fits = pinned | (np.cumsum(~pinned) <= self.capacity - self.pinned)
-        truncated = int(ids.size - fits.sum())
-        dropped = ids[~fits]
-        ids, slots = ids[fits], slots[fits]
+        dropped = ids[:0]
+        if ids.size > self.capacity - self.pinned:  # else everything fits
+            pinned = (slots >= 0) & (slots < self.pinned)
+            # Pinned ids are free; the others share what the pinned slots leave, best first.
+            fits = pinned | (np.cumsum(~pinned) <= self.capacity - self.pinned)
+            dropped = ids[~fits]
+            ids, slots = ids[fits], slots[fits]
         cached = slots >= 0
+        hits = int(np.count_nonzero(cached))
         self.last_step[slots[cached & (slots >= self.pinned)]] = self.step
-        missing = np.sort(ids[~cached])
+        missing = np.sort(ids[~cached]) if hits < ids.size else ids[:0]
         evict = self._choose_evictions(missing.size)
         dst, src = self._evict(evict)
         slots = np.arange(self.n, self.n + missing.size)
@@ -118,8 +120,8 @@ class NeuronCache:
         self.slot_of[missing] = slots
         self.last_step[slots] = self.step
         self.n += missing.size
-        self._check()
-        return WindowPlan(dst, src, slots, missing, evict.size, int(cached.sum()), truncated,
+        self._check_written(np.concatenate((dst, slots)))
+        return WindowPlan(dst, src, slots, missing, evict.size, hits, int(dropped.size),
                           dropped)
 
     def _choose_evictions(self, incoming: int) -> np.ndarray:
@@ -154,11 +156,20 @@ class NeuronCache:
         self.n = new_n
         return holes, movers
 
-    def _check(self) -> None:
-        """The index maps agree: slot_of and neuron_of are inverse on the live region."""
+    def check(self) -> None:
+        """The index maps agree: slot_of and neuron_of are inverse on the live region (O(n);
+        each write checks only what it wrote, `_check_written`)."""
         live = self.neuron_of[: self.n]
         assert (live >= 0).all() and (self.slot_of[live] == np.arange(self.n)).all()
         assert int((self.slot_of >= 0).sum()) == self.n
+
+    def _check_written(self, slots: np.ndarray) -> None:
+        """The slots just written hold live neurons that map back to them."""
+        assert 0 <= self.n <= self.capacity
+        if slots.size:
+            held = self.neuron_of[slots]
+            assert (slots < self.n).all() and (held >= 0).all()
+            assert (self.slot_of[held] == slots).all()
 
     def expire(self, ids: np.ndarray) -> int:
         """Mark the cached ones of `ids` out of the window: the next `advance` evicts them
@@ -189,7 +200,7 @@ class NeuronCache:
         self.slot_of[ids] = slots
         self.last_step[slots] = PINNED_STEP
         self.n = self.pinned = int(ids.size)
-        self._check()
+        self.check()
         return slots
 
     def reset(self) -> None:

@@ -348,6 +348,16 @@ class FastLinear(nn.Module):
             y = y[..., self._start:self._stop]
         return y
 
+    @property
+    def fused(self) -> _FusedWeight:
+        """The weight this linear shares with its fused siblings (cpu_decode.py calls it)."""
+        return self._fused
+
+    @property
+    def span(self) -> slice:
+        """This linear's columns in the fused output."""
+        return slice(self._start, self._stop)
+
 
 class _FusedWeight:
     """The concatenated rows of sibling linears and the last (input, output) pair.
@@ -379,15 +389,17 @@ class _FusedWeight:
     def __call__(self, x: mx.array) -> mx.array:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
-        flat = to_f32_rows(x)
-        if self.bits == 16:
-            y = kernels().linear16(self.weight, self.dtype, flat, self.bias)
-        else:
-            y = kernels().linear_q(self.weight, self.scales, self.biases, self.bits,
-                                   self.group_size, flat, self.bias)
+        y = self.apply(to_f32_rows(x))
         out = mx.array(y).reshape(*x.shape[:-1], y.shape[1])
         self._last = (x, out)
         return out
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """x: (T, d) contiguous f32 -> (T, rows) f32: every member's output, no MLX graph."""
+        if self.bits == 16:
+            return kernels().linear16(self.weight, self.dtype, x, self.bias)
+        return kernels().linear_q(self.weight, self.scales, self.biases, self.bits,
+                                  self.group_size, x, self.bias)
 
 
 class FastEmbedding(nn.Module):
@@ -425,8 +437,9 @@ def _is_fast_linear(module) -> bool:
 def accelerate(model: nn.Module) -> int:
     """Swap every 16-bit `nn.Linear` of `model` for a FastLinear, fusing q/k/v and gate/up.
 
-    16-bit embedding tables become FastEmbedding (f32 rows out, fast tied lm_head). Returns how
-    many linears were swapped. f32 linears stay MLX's.
+    16-bit embedding tables become FastEmbedding (f32 rows out, fast tied lm_head), and
+    llama-family blocks run in numpy (cpu_decode.install). Returns how many linears were
+    swapped. f32 linears stay MLX's.
     """
     swapped = 0
     for _, parent in model.named_modules():
@@ -449,6 +462,9 @@ def accelerate(model: nn.Module) -> int:
             setattr(parent, name, FastLinear(fused, 0, fused.rows))
             swapped += 1
     mx.clear_cache()  # the replaced MLX weights: give their memory back now
+    from . import cpu_decode
+
+    cpu_decode.install(model)  # then llama-family blocks run without an MLX graph
     return swapped
 
 

@@ -212,20 +212,34 @@ class FlashFFN(nn.Module):
         """x: (B, L, d) -> (B, L, d)."""
         rt, shape = self._rt, x.shape
         x2 = x.reshape(-1, shape[-1]).astype(rt.dtype)  # (T, d)
-        tokens = x2.shape[0]
-        if self._layer == 0:
-            rt.stats.new_step(tokens)
-        step = rt.stats.current
+        step = self._step(x2.shape[0])
         t0 = time.perf_counter()
         mx.eval(x2)  # the selector and the reads need this layer's input now
         step.seconds["compute"] += time.perf_counter() - t0
-        if rt.settings.naive or tokens > rt.settings.max_sparse_tokens:
-            y = self._dense_stream(x2, step)
+        return self._forward(x2, step).reshape(shape).astype(x.dtype)
+
+    def forward_f32(self, x: np.ndarray) -> np.ndarray:
+        """The fast CPU path's entry (cpu_decode.py): x (T, d) contiguous f32 -> (T, d) f32.
+
+        The same computation as calling the module, without an MLX graph to evaluate: x is
+        wrapped as an evaluated array and the kernels' result comes back as numpy."""
+        y = self._forward(mx.array(x), self._step(x.shape[0]))
+        return np.asarray(y, dtype=np.float32)  # evaluated already unless there is out_bias
+
+    def _step(self, tokens: int) -> TokenStats:
+        """This call's stats entry (a new one at the first layer)."""
+        if self._layer == 0:
+            self._rt.stats.new_step(tokens)
+        return self._rt.stats.current
+
+    def _forward(self, x: mx.array, step: TokenStats) -> mx.array:
+        """x: (T, d) evaluated, in the runtime's dtype -> (T, d)."""
+        rt = self._rt
+        if rt.settings.naive or x.shape[0] > rt.settings.max_sparse_tokens:
+            y = self._dense_stream(x, step)
         else:
-            y = self._sparse(x2, step)
-        if self._out_bias is not None:
-            y = y + self._out_bias
-        return y.reshape(shape).astype(x.dtype)
+            y = self._sparse(x, step)
+        return y if self._out_bias is None else y + self._out_bias
 
     # -- decode (and small batches): the window path
 
@@ -238,7 +252,8 @@ class FlashFFN(nn.Module):
         step.neurons_active += int(union.size)
         step.neurons_cached += cache.n
         mask = None
-        if self._rt.settings.compute_on == "active":
+        every_slot = len(selection.ids) == 1 and union.size - plan.truncated == cache.n
+        if self._rt.settings.compute_on == "active" and not every_slot:
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
             if mask.all():  # every cached neuron is active for every token: no mask pass
                 mask = None
@@ -304,7 +319,10 @@ class FlashFFN(nn.Module):
         t0 = time.perf_counter()
         plan = cache.advance(ids)
         t1 = time.perf_counter()
-        rows, io = rt.store.read(self._layer, plan.new_ids)
+        if plan.new_ids.size:
+            rows, io = rt.store.read(self._layer, plan.new_ids)
+        else:  # every active neuron was cached: nothing to read (the usual decode step)
+            rows, io = np.empty((0, rt.manifest.layers[self._layer].stride), np.uint8), IOStats()
         t2 = time.perf_counter()
         if rt.fast is not None:  # numpy buffers, moved in place
             rt.fast.update(cache.buffers, plan.dst, plan.src, plan.slots, rows)

@@ -138,6 +138,7 @@ class TreeRoPE(nn.Module):
     def __init__(self, rope: nn.Module, depths: mx.array):
         super().__init__()
         self._rope, self._depths = rope, depths
+        self.depths = np.array(depths)  # cpu_decode.py's numpy blocks read the positions here
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         """x: (1, H, L, D) -> the same with token l rotated to position offset + depths[l]."""
@@ -190,8 +191,9 @@ def rollback(cache: list, start: int, path: list[int]) -> None:
     """
     keep = len(path)
     if path != list(range(keep)):
-        idx = mx.array(np.asarray(path, dtype=np.int32) + start)
-        for c in cache:
+        moved = np.asarray(path, dtype=np.int32) + start
+        for c in cache:  # MLX or numpy (cpu_decode.NumpyKVCache) buffers
+            idx = moved if isinstance(c.keys, np.ndarray) else mx.array(moved)
             c.keys[..., start:start + keep, :] = c.keys[..., idx, :]
             c.values[..., start:start + keep, :] = c.values[..., idx, :]
     for c in cache:
@@ -200,10 +202,11 @@ def rollback(cache: list, start: int, path: list[int]) -> None:
 
 
 def make_cache(model: nn.Module) -> list:
-    """A plain, trimmable KVCache per layer (also for sliding-window layers, see module doc)."""
-    from mlx_lm.models.cache import KVCache
+    """A plain, trimmable KVCache per layer (also for sliding-window layers, see module doc);
+    numpy-backed for the fast CPU path's blocks."""
+    from .cpu_decode import kv_cache_for
 
-    return [KVCache() for _ in model.layers]
+    return [kv_cache_for(block) for block in model.layers]
 
 
 # ---------------------------------------------------------------- flash: the window policy

@@ -1,0 +1,184 @@
+"""cpu_decode.py: the numpy transformer block computes what mlx_lm's block computes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm import generate
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from mlx_flash import cpu, cpu_decode
+from mlx_flash.drafter import Drafter, init_params
+from mlx_flash.model import load, load_dense
+from mlx_flash.speculative import SpecSettings, SpecStats, make_cache, speculative_tokens
+
+REASON = cpu.unavailable_reason()
+needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels: {REASON}")
+FAMILY = ["llama", "qwen2", "mistral", "qwen3"]
+
+
+def rand(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("traditional,dims,scaling", [
+    (False, 16, None), (True, 16, None),
+    (False, 8, None), (True, 8, None),  # partial rotary: the rest of the head passes through
+    (False, 16, LLAMA3),  # a scaled rope module with its own frequencies
+])
+def test_rope_table_equals_the_module(traditional, dims, scaling):
+    rope = (initialize_rope(16, 10000.0, traditional, scaling, 2048) if scaling
+            else nn.RoPE(dims, traditional=traditional, base=10000.0))
+    table = cpu_decode.RopeTable(rope, 16)
+    x = rand((1, 3, 5, 16), 0)
+    for offset in (0, 7, 1500):  # 1500: past the first table, which then grows
+        want = np.asarray(rope(mx.array(x), offset=offset))
+        got = table(x, offset + np.arange(5))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,span", [(1, 9), (4, 4), (3, 10)])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+def test_attend_equals_mlx_sdpa(length, span, mask_kind):
+    q, k, v = rand((1, 4, length, 16), 1), rand((1, 2, span, 16), 2), rand((1, 2, span, 16), 3)
+    mask = None if mask_kind == "none" else "causal"
+    if mask_kind in ("bool", "additive"):
+        keep = np.random.default_rng(4).random((length, span)) < 0.7
+        keep[:, 0] = True  # every query sees something
+        mask = keep if mask_kind == "bool" else np.where(keep, 0.0, -1e9).astype(np.float32)
+    if mask_kind == "causal" and length == 1:
+        mask = None  # mlx_lm passes no mask for one token
+    want = mx.fast.scaled_dot_product_attention(
+        mx.array(q), mx.array(k), mx.array(v), scale=0.25,
+        mask=mask if mask is None or isinstance(mask, str) else mx.array(mask))
+    got = cpu_decode.attend(q, k, v, 0.25, mask)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_rejects_unknown_named_mask():
+    q = rand((1, 2, 2, 8), 0)
+    with pytest.raises(ValueError, match="causal"):
+        cpu_decode.attend(q, q, q, 1.0, "sliding")
+
+
+def test_numpy_kv_cache_grows_trims_and_serves_mlx_modules():
+    cache = cpu_decode.NumpyKVCache()
+    cache.step = 4  # grow every 4 positions
+    a, b = rand((1, 2, 3, 8), 0), rand((1, 2, 3, 8), 1)
+    k, v = cache.append_f32(a, a + 1)
+    assert cache.offset == 3 and k.shape == (1, 2, 3, 8) and cache.keys.shape[2] == 4
+    k, v = cache.append_f32(b, b + 1)  # crosses the step: the buffer grows, keeps the past
+    assert cache.keys.shape[2] == 8
+    np.testing.assert_array_equal(k, np.concatenate([a, b], axis=2))
+    np.testing.assert_array_equal(v, np.concatenate([a, b], axis=2) + 1)
+    assert cache.trim(2) == 2 and cache.offset == 4
+    mk, mv = cache.update_and_fetch(mx.array(b[:, :, :1]), mx.array(b[:, :, :1]))  # MLX caller
+    assert isinstance(mk, mx.array) and mk.shape == (1, 2, 5, 8) and cache.offset == 5
+    np.testing.assert_array_equal(np.asarray(mk)[:, :, 4], b[:, :, 0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", FAMILY)
+def test_blocks_are_swapped_and_match_mlx(tiny_dirs, arch, monkeypatch):
+    _, flash_dir = tiny_dirs(arch, "float16")
+    fast, _ = load_dense(flash_dir, fast_cpu=True)
+    monkeypatch.setenv(cpu_decode.ENV_CPU_BLOCKS, "0")
+    mlx_blocks, _ = load_dense(flash_dir, fast_cpu=True)
+    assert all(cpu_decode.is_fast(b) for b in fast.layers)
+    assert not any(cpu_decode.is_fast(b) for b in mlx_blocks.layers)
+    caches = make_prompt_cache(fast), make_prompt_cache(mlx_blocks)
+    assert isinstance(caches[0][0], cpu_decode.NumpyKVCache)
+    assert type(caches[1][0]) is KVCache
+    for ids in ([[5, 9, 17, 33, 2]], [[7]], [[8]]):  # a prompt, then two decode steps
+        got = fast(mx.array(ids), cache=caches[0])
+        want = mlx_blocks(mx.array(ids), cache=caches[1])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-3)
+    assert caches[0][0].offset == caches[1][0].offset == 7
+
+
+@needs_kernels
+def test_other_caches_run_the_mlx_block(tiny_dirs):
+    """A cache the numpy block does not keep (here a plain MLX KVCache) gets MLX's code."""
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    model, _ = load_dense(flash_dir, fast_cpu=True)
+    ids = mx.array([[5, 9, 17]])
+    got = model(ids, cache=[KVCache() for _ in model.layers])
+    want = model(ids, cache=make_prompt_cache(model))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_flash_generation_with_numpy_blocks_equals_reference(tiny_dirs, arch):
+    _, flash_dir = tiny_dirs(arch, "float16")
+    ref, tokenizer = load_dense(flash_dir, dtype="float32")
+    model, _ = load(flash_dir, fast_cpu=True, selector="oracle", oracle_rule="all")
+    assert all(cpu_decode.is_fast(b) for b in model.layers)
+    for prompt in ([5, 9, 17, 33], list(range(3, 40))):  # window path, then prefill stream
+        assert generate(model, tokenizer, prompt, max_tokens=8) == \
+            generate(ref, tokenizer, prompt, max_tokens=8)
+
+
+class TruthDrafter:
+    """Drafts holding the true continuation in the second beam, after a decoy sharing its
+    first token: accepted paths are long and not contiguous in the packed tree."""
+
+    def __init__(self, truth: list[int], emitted: list[int]):
+        self.truth, self.emitted = truth, emitted
+
+    def beam_search(self, h, token, width, length):
+        true = list(self.truth[len(self.emitted):][:length])
+        true += [3] * (length - len(true))
+        return np.array([[true[0]] + [(t + 1) % 256 for t in true[1:]], true])
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_speculative_tree_on_numpy_blocks_is_greedy(tiny_dirs, arch):
+    """Tree verification (depth positions, tree mask) and rollback on numpy caches."""
+    _, flash_dir = tiny_dirs(arch, "float16")
+    model, _ = load_dense(flash_dir, fast_cpu=True)
+    assert isinstance(make_cache(model)[0], cpu_decode.NumpyKVCache)
+    prompt = [5, 9, 17, 33, 65, 129, 7, 8]
+    want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=16)]
+    drafters = [Drafter(init_params(64, 1, seed=1), np.arange(256)).attach(model, flash_dir),
+                TruthDrafter(want, [])]
+    for drafter in drafters:
+        out, stats = [], SpecStats(draft_length=3)
+        if isinstance(drafter, TruthDrafter):
+            drafter.emitted = out
+        for token in speculative_tokens(model, drafter, prompt, SpecSettings(2, 3), stats):
+            out.append(token)
+            if len(out) == len(want):
+                break
+        assert out == want
+    assert stats.totals()["tokens_per_step"] > 2  # the truth drafter's paths were accepted
+
+
+class ShiftedRoPE(nn.Module):
+    """Not a rotation (adds the position): the numpy table cannot reproduce it."""
+
+    def __call__(self, x, offset=0):
+        return x + mx.arange(x.shape[-2])[:, None].astype(x.dtype) + offset
+
+
+@needs_kernels
+def test_a_variant_the_numpy_block_does_not_reproduce_keeps_mlx(tiny_dirs, monkeypatch):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    monkeypatch.setenv(cpu_decode.ENV_CPU_BLOCKS, "0")
+    model, _ = load_dense(flash_dir, fast_cpu=True)
+    monkeypatch.delenv(cpu_decode.ENV_CPU_BLOCKS)
+    for block in model.layers:
+        block.self_attn.rope = ShiftedRoPE()
+    with pytest.warns(UserWarning, match="keeping MLX's blocks"):
+        assert cpu_decode.install(model) == 0
+    assert not any(cpu_decode.is_fast(b) for b in model.layers)
+    assert not hasattr(model, "make_cache") or type(model.make_cache()[0]) is KVCache
