@@ -45,9 +45,9 @@ class EvalConfig:
     prompts: int = 4  # M prompts for greedy agreement
     prompt_tokens: int = 32  # length of each prompt
     max_tokens: int = 32  # N greedy tokens per prompt
-    selector: str = "auto"  # as `load`: auto, predictor, oracle
+    selector: str = "auto"  # as `load`: auto, predictor, oracle, quant
     rule: str = "all"  # oracle rule (selector "oracle")
-    keep: float = 1.0  # oracle top fraction
+    keep: float | None = None  # oracle top fraction (1.0) or quant selector's (0.5)
     recall: float | None = None  # predictors' operating point (None: their default)
     window: int = 5
     dram_budget: str | None = None
@@ -446,10 +446,11 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--prompt-tokens", type=int, default=EvalConfig.prompt_tokens)
     p.add_argument("--max-tokens", "-m", type=int, default=EvalConfig.max_tokens,
                    help="N greedy tokens per prompt")
-    p.add_argument("--selector", default="auto", choices=["auto", "predictor", "oracle"])
+    p.add_argument("--selector", default="auto", choices=["auto", "predictor", "oracle", "quant"])
     p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
                    help="oracle rule")
-    p.add_argument("--keep", type=float, default=1.0, help="oracle top fraction")
+    p.add_argument("--keep", type=float, default=None,
+                   help="fraction kept by the oracle's top rule (1.0) or --selector quant (0.5)")
     p.add_argument("--recall", type=float, default=None,
                    help="predictors' operating point: one of the recalls they were calibrated "
                         "for (default: the one they were trained with)")

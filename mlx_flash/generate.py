@@ -107,10 +107,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
     p.add_argument("--selector", default="auto",
                    help="how active neurons are chosen: auto (predictors when the dir has "
-                        "them, else the oracle), predictor or oracle")
+                        "them, else the oracle), predictor, oracle, or quant (a 4-bit copy of "
+                        "gate/up in DRAM scores the neurons, each token keeps its top --keep)")
     p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
                    help="oracle rule (without predictors)")
-    p.add_argument("--keep", type=float, default=1.0, help="fraction kept by --rule top")
+    p.add_argument("--keep", type=float, default=None,
+                   help="fraction kept by --rule top (default 1.0) or --selector quant "
+                        "(default 0.5)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default float32 on CPU)")
     p.add_argument("--threads", type=int, default=8, help="parallel reads")

@@ -289,8 +289,10 @@ def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
 def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dtype,
                 settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
                 runtime_bytes: int, resident_bits: int = 16,
-                resident_group_size: int = 64, kv_itemsize: int | None = None) -> MemoryPlan:
-    """kv_itemsize: bytes per KV element when it is not the compute dtype's."""
+                resident_group_size: int = 64, kv_itemsize: int | None = None,
+                selector_bytes: int | None = None) -> MemoryPlan:
+    """kv_itemsize: bytes per KV element when it is not the compute dtype's. selector_bytes:
+    what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any)."""
     itemsize = dtype.size
     sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
              for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
@@ -301,8 +303,8 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                      for parts, width, dt in cache_buffers(layout, dtype).values())
     scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
                                             + manifest.layers[0].stride) + CODE_PAGES
-    predictors = 0
-    if manifest.predictors:
+    predictors = selector_bytes or 0
+    if selector_bytes is None and manifest.predictors:
         predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
                              tensor_sizes(root / manifest.predictors["file"]).values())
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
@@ -371,7 +373,7 @@ def flash_embedding(root: Path, dtype: mx.Dtype) -> FlashEmbedding:
 
 
 def load(path: str | Path, dram_budget: str | float | int | None = None, *, window: int = 5,
-         selector: str = "oracle", oracle_rule: str = "all", keep: float = 1.0,
+         selector: str = "oracle", oracle_rule: str = "all", keep: float | None = None,
          dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool = False,
          store_mode: str = "pread", embed_on_flash: bool | None = None,
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
@@ -390,9 +392,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     their 16-bit storage type, f32 compute; None = on when MLX runs on the CPU, the bundles are
     16-bit, no `dtype` is asked for and the kernels build (else MLX's kernels, the reference).
     selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
-    `keep`), "predictor" (the dir's trained predictors; predictor_recall picks one of their
-    calibrated operating points, None = their default) or "auto" (predictor when the dir has
-    them, else oracle). read_planner: "cost" (spans chosen by this disk's cost model, see
+    `keep`, default 1.0), "predictor" (the dir's trained predictors; predictor_recall picks one
+    of their calibrated operating points, None = their default), "quant" (a 4-bit copy of the
+    FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5) or
+    "auto" (predictor when the dir has them, else oracle). read_planner: "cost" (spans chosen by this disk's cost model, see
     planner.py), "runs" or "neuron". pin_hot: fraction of each neuron cache given to the
     layer's most often active neurons for the whole run (needs a placed dir; 0: none).
     naive: the paper's baseline, every layer's whole FFN
@@ -418,9 +421,15 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     fast = use_fast_cpu(fast_cpu, manifest, dtype)
     kv_itemsize = 4 if fast else None  # the fast linears give f32 keys and values
 
+    held = None  # the selector's DRAM: the dir's predictors (counted by plan_memory) or...
+    if selector == "quant":
+        from .quant_selector import selector_bytes
+
+        held = selector_bytes(manifest)
+
     def planned(dtype, on_flash, rbits):
         return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
-                           runtime_bytes, rbits, resident_group_size, kv_itemsize)
+                           runtime_bytes, rbits, resident_group_size, kv_itemsize, held)
 
     # Without explicit choices, fit the budget: full caches first, then the embedding table
     # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.
@@ -499,7 +508,8 @@ def weight_dtype(fast: bool, dtype: str | mx.Dtype | None, manifest: Manifest) -
 def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None,
                    fast_cpu=False):
     """"predictor": the dir's trained predictors at `predictor_recall` (None: their default);
-    "oracle": true activations (`rule`, `keep`); "auto": predictor when the dir has them."""
+    "oracle": true activations (`rule`, `keep`); "quant": a 4-bit copy of gate/up keeps each
+    token's top `keep` (quant_selector.py); "auto": predictor when the dir has them."""
     if name == "auto":
         name = "predictor" if manifest.predictors else "oracle"
     if name == "predictor":
@@ -507,8 +517,15 @@ def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=No
 
         return PredictorSelector.from_dir(store.root, manifest, predictor_recall, fast_cpu)
     if name == "oracle":
-        return OracleSelector(store, manifest, rule=rule, keep=keep, dtype=dtype)
-    raise ValueError(f"selector {name!r} is not known; use 'auto', 'predictor' or 'oracle'")
+        return OracleSelector(store, manifest, rule=rule, keep=1.0 if keep is None else keep,
+                              dtype=dtype)
+    if name == "quant":
+        from .quant_selector import DEFAULT_KEEP, QuantCopySelector
+
+        return QuantCopySelector(store, manifest, DEFAULT_KEEP if keep is None else keep,
+                                 fast_cpu)
+    raise ValueError(f"selector {name!r} is not known; use 'auto', 'predictor', 'oracle' or "
+                     "'quant'")
 
 
 def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) -> None:
