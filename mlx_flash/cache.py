@@ -101,6 +101,10 @@ class NeuronCache:
         """
         self.step += 1
         ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == self.n == self.n_neurons:  # every neuron, all cached: nothing moves
+            self.last_step[self.pinned:self.n] = self.step
+            none = ids[:0]
+            return WindowPlan(none, none, none, none, 0, self.n, 0, none)
         slots = self.slot_of[ids]
         dropped = ids[:0]
         if ids.size > self.capacity - self.pinned:  # else everything fits

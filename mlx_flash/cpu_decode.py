@@ -96,10 +96,10 @@ class RopeTable:
         self.sin = np.ascontiguousarray(out[:, self.second])
 
     def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x: (B, heads, L, head_dim), positions: (L,) -> x rotated to those positions."""
+        """x: (B, L, heads, head_dim), positions: (L,) -> x rotated to those positions."""
         if positions.size and int(positions.max()) >= self.cos.shape[0]:
             self._extend(int(positions.max()) + 1)
-        cos, sin = self.cos[positions], self.sin[positions]  # (L, dims / 2)
+        cos, sin = self.cos[positions, None], self.sin[positions, None]  # (L, 1, dims / 2)
         a, b = x[..., self.first], x[..., self.second]
         out = x.copy()
         out[..., self.first] = a * cos - b * sin
@@ -109,8 +109,8 @@ class RopeTable:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (..., d) f32 -> mlx's rms_norm over the last axis."""
-    scale = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
-    return x * scale * weight
+    mean_square = np.einsum("...i,...i->...", x, x)[..., None] * (1.0 / x.shape[-1])
+    return x * (mean_square + eps) ** -0.5 * weight  # einsum: half the time of np.mean here
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask) -> np.ndarray:
@@ -171,15 +171,22 @@ class FastBlockState:
     def attention(self, h: np.ndarray, batch: int, length: int, mask, cache) -> np.ndarray:
         """h: (B * L, d) normed -> the attention's output before o_proj, (B * L, heads * D)."""
         qkv = self.qkv.apply(h)  # (B * L, (heads + 2 kv_heads) * D)
-        q, k, v = (qkv[:, span].reshape(batch, length, -1, self.head_dim)
-                   for span in (self.q, self.k, self.v))
-        if self.q_norm is not None:
-            q, k = rms_norm(q, *self.q_norm), rms_norm(k, *self.k_norm)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, heads, L, D)
         offset = 0 if cache is None else cache.offset
         depths = getattr(self.attn.rope, "depths", None)  # speculative.TreeRoPE
         positions = offset + (np.arange(length) if depths is None else depths)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        heads = self.n_heads
+        if self.q_norm is None and self.k.start == self.q.stop:  # q and k rotated in one go
+            qk = self.rope(qkv[:, self.q.start:self.k.stop].reshape(batch, length, -1,
+                                                                     self.head_dim), positions)
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+        else:
+            q, k = (qkv[:, span].reshape(batch, length, -1, self.head_dim)
+                    for span in (self.q, self.k))
+            if self.q_norm is not None:
+                q, k = rms_norm(q, *self.q_norm), rms_norm(k, *self.k_norm)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        v = qkv[:, self.v].reshape(batch, length, -1, self.head_dim)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, heads, L, D)
         if cache is not None:
             k, v = cache.append_f32(k, v)
         out = attend(q, k, v, self.scale, mask)  # (B, heads, L, D)

@@ -38,10 +38,10 @@ def test_rope_table_equals_the_module(traditional, dims, scaling):
     rope = (initialize_rope(16, 10000.0, traditional, scaling, 2048) if scaling
             else nn.RoPE(dims, traditional=traditional, base=10000.0))
     table = cpu_decode.RopeTable(rope, 16)
-    x = rand((1, 3, 5, 16), 0)
+    x = rand((1, 3, 5, 16), 0)  # (B, heads, L, D): mlx's layout
     for offset in (0, 7, 1500):  # 1500: past the first table, which then grows
         want = np.asarray(rope(mx.array(x), offset=offset))
-        got = table(x, offset + np.arange(5))
+        got = table(x.transpose(0, 2, 1, 3), offset + np.arange(5)).transpose(0, 2, 1, 3)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
