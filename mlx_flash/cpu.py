@@ -117,6 +117,33 @@ def build_library(source: Path | None = None, out_dir: Path | None = None,
 
 
 _VOIDP, _INT, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_BLAS_THREAD_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                        "openblas_set_num_threads")
+
+
+def single_threaded_blas() -> bool:
+    """Put numpy's OpenBLAS on one thread, unless OPENBLAS_NUM_THREADS says otherwise.
+
+    Its threads spin between calls and take the cores the kernels' OpenMP threads need: the
+    numpy attention's (343, 64) x (64, 49) product of a prefill took 8 ms with OpenBLAS's two
+    threads on a busy machine and 35 us with one (BENCHMARKS.md, issue 11). Returns whether an
+    OpenBLAS was found (none on macOS, where numpy uses Accelerate)."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    paths = {line.split()[-1] for line in maps.splitlines()
+             if "openblas" in line.lower() and line.split()[-1].startswith("/")}
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)  # already loaded by numpy: the same handle
+        for name in _BLAS_THREAD_SETTERS:
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter(1)
+                return True
+    return False
 
 
 class CpuKernels:
@@ -126,6 +153,7 @@ class CpuKernels:
         # OpenMP threads that spin between calls steal the core MLX and the reads need (measured
         # on 2 busy cores: a 4864-row linear 12 ms spinning, 0.3 ms passive). Read at load.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        single_threaded_blas()
         lib = ctypes.CDLL(str(path))
         lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
         lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _VOIDP, _INT, _INT, _INT, _VOIDP, _INT,

@@ -43,6 +43,10 @@ def contenders(gguf: Path | None, gguf_f16: Path | None) -> list[bench.Contender
                         dict(ORACLE_ALL, fast_cpu=False), capped=False),
         bench.Contender("flash-fast", "flash", "mlx-flash all neurons, fast CPU path, f16",
                         dict(ORACLE_ALL, fast_cpu=True)),
+        bench.Contender("flash-fast-mlx-blocks", "flash",
+                        "mlx-flash all neurons, fast CPU path, MLX blocks (no cpu_decode)",
+                        dict(ORACLE_ALL, fast_cpu=True, env={"MLX_FLASH_CPU_BLOCKS": "0"}),
+                        capped=False),
     ]
     for name, path in (("llama.cpp-q4", gguf), ("llama.cpp-f16", gguf_f16)):
         c = bench.Contender(name, "llama_cpp", f"llama.cpp (llama-cpp-python) on {path}",

@@ -428,6 +428,8 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
     from mlx_flash import model as flash_model
 
     result["baseline_rss_bytes"] = rss_bytes()
+    spec = dict(spec, options=dict(spec["options"]))
+    os.environ.update(spec["options"].pop("env", {}))  # e.g. MLX_FLASH_CPU_BLOCKS=0
     t0 = time.perf_counter()
     kind, probe = spec["kind"], None
     try:

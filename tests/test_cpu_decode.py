@@ -182,3 +182,21 @@ def test_a_variant_the_numpy_block_does_not_reproduce_keeps_mlx(tiny_dirs, monke
         assert cpu_decode.install(model) == 0
     assert not any(cpu_decode.is_fast(b) for b in model.layers)
     assert not hasattr(model, "make_cache") or type(model.make_cache()[0]) is KVCache
+
+
+def test_numpy_blas_is_put_on_one_thread(monkeypatch):
+    """numpy's OpenBLAS threads would fight the kernels' (see cpu.single_threaded_blas)."""
+    import ctypes
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    libs = sorted({ln.split()[-1] for ln in maps.splitlines() if "openblas" in ln.lower()
+                   and ln.split()[-1].startswith("/")})
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert cpu.single_threaded_blas() is False  # the user's setting wins
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    assert cpu.single_threaded_blas() is bool(libs)
+    for path in libs:
+        getter = getattr(ctypes.CDLL(path), "scipy_openblas_get_num_threads64_", None)
+        if getter is not None:
+            assert getter() == 1
