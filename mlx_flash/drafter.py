@@ -698,9 +698,10 @@ def cached_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int
     rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if cache is not None and cache.exists():
         with np.load(cache) as data:
-            if "keys" in data:
+            if "keys" in data:  # each data[name] reads the whole array: once per name
+                arrays = [data[name] for name in ("tokens", "hidden", "argmax")]
                 for i, key in enumerate(data["keys"]):
-                    rows[str(key)] = (data["tokens"][i], data["hidden"][i], data["argmax"][i])
+                    rows[str(key)] = tuple(a[i] for a in arrays)
     missing = [i for i, key in enumerate(keys) if key not in rows]
     for first in range(0, len(missing), batch):
         todo = missing[first:first + batch]
