@@ -333,3 +333,44 @@ def test_self_generated_answers_agree_with_the_teacher(tiny_dirs):
     _, _, targets, _ = make_examples(hidden[:, PROMPT_TAIL - 1:], argmax[:, PROMPT_TAIL - 1:],
                                      3, tokens[:, PROMPT_TAIL - 1:])
     assert (targets >= 0).all()
+
+
+def test_batched_answers_equal_one_at_a_time_and_are_cached(tiny_dirs, tmp_path):
+    """Left-padded batches generate the same answers as one prompt at a time, with the teacher
+    pass's hidden states and argmax; the cache reuses rows and generates only missing ones."""
+    from mlx_flash.drafter import (
+        PROMPT_TAIL,
+        answer_prompts,
+        answer_sequences,
+        batched_answers,
+        cached_answers,
+        teacher_outputs,
+    )
+
+    _, flash_dir = tiny_dirs("mistral")
+    model, tokenizer = load_dense(flash_dir)
+    docs = [" ".join(f"w{i}" for i in range(20)), "w4 w5 " * 10, "w7 w8 " * 7]
+    prompts = answer_prompts(iter(docs), 3)  # prompts of three lengths: padding in a batch
+    seq_len = PROMPT_TAIL + 10
+    tokens, contexts = answer_sequences(model, tokenizer, prompts, seq_len)
+    hidden, argmax = teacher_outputs(model, tokens, contexts=contexts)
+    got = batched_answers(model, tokenizer, prompts, seq_len, batch=3)
+    np.testing.assert_array_equal(got[0], tokens)
+    np.testing.assert_array_equal(got[2], argmax)
+    np.testing.assert_allclose(got[1], hidden, rtol=1e-3, atol=1e-3)
+
+    ticks = []
+    cache = tmp_path / "answers.npz"
+    first = cached_answers(model, tokenizer, prompts[:2], seq_len, cache, "m", 2,
+                           lambda *a: ticks.append(a[1]))
+    np.testing.assert_array_equal(first[0], tokens[:2])
+    assert sum(ticks) == 2 * 10
+    ticks.clear()
+    again = cached_answers(model, tokenizer, prompts, seq_len, cache, "m", 2,
+                           lambda *a: ticks.append(a[1]))
+    assert sum(ticks) == 10  # only the third answer was generated
+    np.testing.assert_array_equal(again[0], tokens)
+    np.testing.assert_array_equal(again[2], argmax)
+    other = cached_answers(model, tokenizer, prompts[:1], seq_len, cache, "other model", 2,
+                           lambda *a: ticks.append(a[1]))
+    assert sum(ticks) == 20 and other[0].shape == (1, seq_len)  # another model: not reused
