@@ -200,3 +200,33 @@ def test_numpy_blas_is_put_on_one_thread(monkeypatch):
         getter = getattr(ctypes.CDLL(path), "scipy_openblas_get_num_threads64_", None)
         if getter is not None:
             assert getter() == 1
+
+
+class ScaledMLP(nn.Module):
+    """An MLP the numpy block has no kernel entry for: it runs through MLX."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=True)
+
+    def __call__(self, x):
+        return nn.gelu(self.proj(x)) * 0.5
+
+
+@needs_kernels
+def test_any_other_mlp_runs_through_mlx_inside_the_numpy_block(tiny_dirs, monkeypatch):
+    _, flash_dir = tiny_dirs("llama", "float16")
+    monkeypatch.setenv(cpu_decode.ENV_CPU_BLOCKS, "0")
+    mlx_blocks, _ = load_dense(flash_dir, fast_cpu=True)
+    fast, _ = load_dense(flash_dir, fast_cpu=True)
+    monkeypatch.delenv(cpu_decode.ENV_CPU_BLOCKS)
+    for a, b in zip(mlx_blocks.layers, fast.layers, strict=True):
+        a.mlp = ScaledMLP(64)
+        b.mlp = a.mlp
+    mx.eval(mlx_blocks.parameters())
+    assert cpu_decode.install(fast) == len(fast.layers)
+    caches = make_prompt_cache(fast), make_prompt_cache(mlx_blocks)
+    for ids in ([[5, 9, 17]], [[7]]):
+        got = fast(mx.array(ids), cache=caches[0])
+        want = mlx_blocks(mx.array(ids), cache=caches[1])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-3)
