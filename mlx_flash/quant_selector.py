@@ -6,7 +6,8 @@ rank-128 one needs 97% of the neurons to keep perplexity (BENCHMARKS.md, issue 4
 gate/up rows quantized to 4 bits (MLX's affine quantization, groups of 64) rank them like the
 true activations: keeping each token's top 50% by |act(g^ x) * (u^ x)| gave perplexity 13.88
 against 13.95 dense and 13.85 for the oracle's top 50% (`scripts/quant_selector_probe.py`).
-The copy costs ~a quarter of the FFN's 16-bit bytes in DRAM (112 MiB for the default model) and
+The copy costs ~a fifth of the FFN's 16-bit bytes in DRAM (125 MiB for the default model, f32
+scales and biases included) and
 is built at load from the bundles themselves: no training, no calibration data.
 
 Scores are `linear_q` on the fast CPU path and `mx.quantized_matmul` elsewhere; selection is
@@ -23,7 +24,7 @@ import numpy as np
 from .ffn import Selection, split_bundles
 from .format import Manifest
 from .predictor import np_activation
-from .store import IOStats, NeuronStore
+from .store import NeuronStore
 
 BITS, GROUP_SIZE = 4, 64
 
@@ -53,7 +54,6 @@ class QuantCopySelector:
         self.parts = 2 if manifest.ffn.kind == "gated" else 1
         self.activation = manifest.ffn.activation
         self.layers = [self._copy(store, layer, chunk) for layer in range(manifest.n_layers)]
-        self.io = IOStats()
 
     def _copy(self, store: NeuronStore, layer: int, chunk: int) -> dict[str, object]:
         """One layer's copy: rows [part 0 of neurons 0..n-1, part 1 of 0..n-1] quantized."""
