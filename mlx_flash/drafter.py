@@ -88,8 +88,12 @@ def hidden_and_logits(model: nn.Module, inputs: mx.array, cache=None
     h is the lm_head's input (after the final norm), what the drafter reads.
     """
     h = model.model(inputs, cache)
-    head = model["lm_head"] if "lm_head" in model else model.model.embed_tokens.as_linear
-    return h, head(h)
+    return h, output_head(model)(h)
+
+
+def output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The model's lm_head, or its tied embedding table used as one."""
+    return model["lm_head"] if "lm_head" in model else model.model.embed_tokens.as_linear
 
 
 # ---------------------------------------------------------------- the drafter's math (numpy)
@@ -392,10 +396,19 @@ def cached_teacher_outputs(model: nn.Module, tokens: np.ndarray, cache: Path | N
                 return data["hidden"], data["argmax"]
     hidden, argmax = teacher_outputs(model, tokens, progress, contexts)
     if cache is not None:
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, tokens=tokens, hidden=hidden, argmax=argmax)
-        os.replace(tmp, cache)
+        save_npz(cache, tokens=tokens, hidden=hidden, argmax=argmax)
     return hidden, argmax
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez under a temporary name, fsynced, then renamed: a crash leaves the old file or
+    none, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None,
@@ -637,10 +650,6 @@ def _padded_forward(model: nn.Module, inputs: mx.array, cache: list, pad: np.nda
     return inner.norm(h)
 
 
-def _output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
-    return model["lm_head"] if "lm_head" in model else model.model.embed_tokens.as_linear
-
-
 def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
                     batch: int = 16, progress=None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -657,7 +666,7 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
     if n_new < 1:
         raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
                          f"{PROMPT_TAIL + 1}")
-    head = _output_head(model)
+    head = output_head(model)
     tokens, hidden, argmax = [], [], []
     for first in range(0, len(prompts), batch):
         ids = [format_prompt(tokenizer, p) for p in prompts[first:first + batch]]
@@ -711,11 +720,9 @@ def cached_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int
             rows[keys[i]] = tuple(a[j] for a in got)
         if cache is not None:
             names = list(rows)
-            tmp = cache.with_name(cache.name + ".tmp.npz")
-            np.savez(tmp, keys=np.array(names), **{
+            save_npz(cache, keys=np.array(names), **{
                 name: np.stack([rows[k][col] for k in names])
                 for col, name in enumerate(("tokens", "hidden", "argmax"))})
-            os.replace(tmp, cache)
     tokens, hidden, argmax = (np.stack([rows[k][col] for k in keys]) for col in range(3))
     return tokens, hidden, argmax
 
