@@ -319,10 +319,7 @@ class FlashFFN(nn.Module):
         t0 = time.perf_counter()
         plan = cache.advance(ids)
         t1 = time.perf_counter()
-        if plan.new_ids.size:
-            rows, io = rt.store.read(self._layer, plan.new_ids)
-        else:  # every active neuron was cached: nothing to read (the usual decode step)
-            rows, io = np.empty((0, rt.manifest.layers[self._layer].stride), np.uint8), IOStats()
+        rows, io = rt.store.read(self._layer, plan.new_ids)
         t2 = time.perf_counter()
         if rt.fast is not None:  # numpy buffers, moved in place
             rt.fast.update(cache.buffers, plan.dst, plan.src, plan.slots, rows)

@@ -138,6 +138,8 @@ class NeuronStore:
         Returns (rows, stats): rows is (k, stride) uint8 in ascending id order, stats the I/O
         of this call (also added to `self.stats`).
         """
+        if len(ids) == 0:  # the usual decode step once every active neuron is cached
+            return np.empty((0, self.strides[layer]), dtype=np.uint8), IOStats()
         t0 = time.perf_counter()
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         n = self.manifest.layers[layer].n_neurons
