@@ -135,7 +135,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask) -> n
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores.reshape(batch, kv_heads, -1, span).astype(np.float32), v)
+    out = np.matmul(scores.reshape(batch, kv_heads, -1, span).astype(np.float32, copy=False), v)
     return out.reshape(batch, heads, length, dim)
 
 
@@ -241,15 +241,14 @@ def install(model: nn.Module) -> int:
         return 0
     if getattr(model, "model_type", None) not in ARCHITECTURES or not hasattr(model, "layers"):
         return 0
-    layers = [block for block in model.layers if _swappable(block)]
-    if not layers or not _reproduces(layers[0]):
+    states = [(block, FastBlockState(block)) for block in model.layers if _swappable(block)]
+    if not states or not _reproduces(*states[0]):
         return 0
-    for block in layers:
-        state = FastBlockState(block)
+    for block, state in states:
         block.__class__ = _fast_class(type(block))
         object.__setattr__(block, "_cpu_block", state)  # not a parameter
     _install_make_cache(model)
-    return len(layers)
+    return len(states)
 
 
 def _swappable(block: nn.Module) -> bool:
@@ -264,10 +263,9 @@ def _swappable(block: nn.Module) -> bool:
             and not getattr(block, "use_sliding", False) and hasattr(block, "mlp"))
 
 
-def _reproduces(block: nn.Module, tol: float = 1e-3) -> bool:
-    """The numpy attention against the block's MLX attention: a 3-token causal prompt, then
-    one token, on fresh caches. False (and a warning) if they differ."""
-    state = FastBlockState(block)
+def _reproduces(block: nn.Module, state: FastBlockState, tol: float = 1e-3) -> bool:
+    """The numpy attention (`state`) against the block's MLX attention: a 3-token causal
+    prompt, then one token, on fresh caches. False (and a warning) if they differ."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, state.norm_in[0].shape[0])).astype(np.float32)
     mlx_cache, np_cache = KVCache(), NumpyKVCache()

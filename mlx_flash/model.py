@@ -395,8 +395,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     `keep`, default 1.0), "predictor" (the dir's trained predictors; predictor_recall picks one
     of their calibrated operating points, None = their default), "quant" (a 4-bit copy of the
     FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5) or
-    "auto" (predictor when the dir has them, else oracle). read_planner: "cost" (spans chosen by this disk's cost model, see
-    planner.py), "runs" or "neuron". pin_hot: fraction of each neuron cache given to the
+    "auto" (predictor when the dir has them, else oracle). read_planner: "cost" (spans chosen
+    by this disk's cost model, see planner.py), "runs" or "neuron". pin_hot: fraction of each neuron cache given to the
     layer's most often active neurons for the whole run (needs a placed dir; 0: none).
     naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its

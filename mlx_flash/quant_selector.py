@@ -21,6 +21,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from .cpu import kernels, to_f32_rows
 from .ffn import Selection, split_bundles
 from .format import Manifest
 from .predictor import np_activation
@@ -82,8 +83,6 @@ class QuantCopySelector:
         """x: (T, d) f32 -> (T, n) estimated |activation| of every neuron."""
         c = self.layers[layer]
         if self.fast_cpu:
-            from .cpu import kernels
-
             pre = kernels().linear_q(c["q"], c["scales"], c["biases"], BITS, GROUP_SIZE, x,
                                      c["bias"])
         else:
@@ -98,9 +97,7 @@ class QuantCopySelector:
 
     def select(self, layer: int, x: mx.array) -> Selection:
         """x: (T, d) evaluated -> each token's top `keep` neurons, best first."""
-        xs = np.ascontiguousarray(np.asarray(x.astype(mx.float32) if x.dtype != mx.float32
-                                             else x))
-        return Selection([top_ids(z, self.keep) for z in self.scores(layer, xs)])
+        return Selection([top_ids(z, self.keep) for z in self.scores(layer, to_f32_rows(x))])
 
 
 def top_ids(score: np.ndarray, keep: float) -> np.ndarray:

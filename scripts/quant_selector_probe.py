@@ -24,7 +24,7 @@ import numpy as np
 from mlx_flash.evaluate import perplexity, read_text_tokens
 from mlx_flash.format import read_manifest
 from mlx_flash.model import load_dense
-from mlx_flash.predictor import layer_weights, numpy_linears, recording
+from mlx_flash.predictor import layer_weights, np_activation, numpy_linears, recording
 
 
 def quantized_copy(w: np.ndarray, bits: int, group_size: int = 64) -> np.ndarray:
@@ -47,16 +47,16 @@ class Selector:
     """recording()'s sink: each token's top `keep` neurons by the copies' scores (None: by
     the true |h|); keeps the activation mass each selection held."""
 
-    def __init__(self, copies: list[tuple[np.ndarray, np.ndarray]] | None, keep: float):
-        self.copies, self.keep, self.mass = copies, keep, []
+    def __init__(self, copies: list[tuple[np.ndarray, np.ndarray]] | None, keep: float,
+                 activation: str):
+        self.copies, self.keep, self.activation, self.mass = copies, keep, activation, []
 
     def __call__(self, layer: int, x: np.ndarray, mag: np.ndarray) -> np.ndarray:
         if self.copies is None:
             score = mag
         else:
             gate, up = self.copies[layer]
-            g = x @ gate.T
-            score = np.abs(g / (1.0 + np.exp(-g)) * (x @ up.T))
+            score = np.abs(np_activation(self.activation, x @ gate.T) * (x @ up.T))
         mask = top_mask(score, self.keep)
         total = np.maximum(mag.sum(1), 1e-30)
         self.mass.append(float(np.mean((mag * mask).sum(1) / total)))
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             copies = None if b == 0 else [(quantized_copy(g, b), quantized_copy(u, b))
                                           for g, u in gate_up]
             for keep in keeps:
-                select = Selector(copies, keep)
+                select = Selector(copies, keep, manifest.ffn.activation)
                 with recording(model, manifest, select):
                     ppl = perplexity(model, tokens, tokens.size)
                 row = {"selector": "oracle" if b == 0 else f"{b}-bit gate/up", "keep": keep,
