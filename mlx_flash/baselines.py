@@ -230,8 +230,8 @@ class UnbundledStore(NeuronStore):
             os.close(fd)
         self._ufds = []
 
-    def read(self, layer: int, ids: np.ndarray):
-        rows, stats = super().read(layer, ids)
+    def read(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None):
+        rows, stats = super().read(layer, ids, out)
         extra = stats.reads * (len(self._segs[layer]) - 1)
         stats.reads += extra
         with self._lock:

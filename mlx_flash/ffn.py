@@ -18,6 +18,7 @@ window with the active sets of the prompt's last tokens.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -30,7 +31,7 @@ from .format import FFNLayout, Manifest
 from .kernels import apply_window_update, compute_ffn, neuron_activations
 from .quant import dequantize, ffn_over_qrows, storage_to_mx, unpack_bundles
 from .stats import RunStats, TokenStats
-from .store import IOStats, NeuronStore, bundles_as
+from .store import IOStats, NeuronStore, ReadAhead, bundles_as
 
 
 def split_bundles(rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype
@@ -127,6 +128,12 @@ class OracleSelector:
         self.store, self.manifest, self.rule, self.keep = store, manifest, rule, keep
         self.dtype, self.chunk = dtype, chunk
 
+    @property
+    def fixed(self) -> bool:
+        """Whether every call selects the same neurons (the runtime then reads ahead across
+        layers)."""
+        return self.rule == "all"
+
     def select(self, layer: int, x: mx.array) -> Selection:
         """x: (T, d) evaluated. Returns each token's active ids."""
         n = self.manifest.layers[layer].n_neurons
@@ -166,10 +173,13 @@ class FlashSettings:
     max_sparse_tokens: int = 16  # calls with more tokens stream the dense FFN (prefill)
     prefill_chunk: int = 1024  # neurons per read when streaming a layer
     naive: bool = False  # the paper's baseline: stream every layer's whole FFN every token
+    read_ahead: int = 3  # streamed chunks in flight: the next one and those read ahead (0: off)
 
     def __post_init__(self):
         if self.compute_on not in ("active", "cached"):
             raise ValueError(f"compute_on must be 'active' or 'cached', got {self.compute_on!r}")
+        if self.read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {self.read_ahead}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
 
@@ -183,8 +193,55 @@ class FlashRuntime:
         self.settings, self.dtype = settings, dtype
         self.stats = RunStats()
         self.fast: BundleFFN | QuantBundleFFN | None = None  # load(): the fast CPU path
+        self.ahead = (ReadAhead(store, settings.read_ahead, settings.prefill_chunk)
+                      if settings.read_ahead else None)
+        self._streamed: dict[int, list[np.ndarray]] = {}  # layer -> its last overflow chunks
+
+    def read_chunks(self, layer: int, chunks: list[np.ndarray], prefill: bool
+                    ) -> Iterator[tuple[np.ndarray, IOStats]]:
+        """The rows of each chunk of `layer` in turn (one alive at a time for the caller).
+
+        With read-ahead the disk works while the caller computes: the rest of this layer's
+        chunks are announced first, then what the next layers will stream if that can be known
+        now: a prefill streams every layer whole; a decode step whose selector is fixed
+        streams the same overflow chunks as last step (wrapping to the next step's layer 0)."""
+        if not prefill:
+            self._streamed[layer] = chunks
+        for i, part in enumerate(chunks):
+            if self.ahead is None:
+                yield self.store.read(layer, part)
+                continue
+            for chunk_layer, chunk in self._upcoming(layer, chunks[i:], prefill):
+                self.ahead.expect(chunk_layer, chunk)
+            rows, io = self.ahead.read(layer, part)
+            wasted = self.ahead.take_wasted()  # wrong guesses were read all the same
+            step = self.stats.current
+            step.bytes_read += wasted.bytes
+            step.reads += wasted.reads
+            step.bytes_wasted += wasted.bytes
+            yield rows, io
+
+    def _upcoming(self, layer: int, rest: list[np.ndarray], prefill: bool):
+        """(layer, ids) of the `depth` chunks this runtime expects to stream next, starting with
+        `rest`, what is left of this layer's."""
+        depth, n_layers = self.ahead.depth, self.manifest.n_layers
+        out = [(layer, c) for c in rest[:depth]]
+        fixed = self.settings.naive or getattr(self.selector, "fixed", False)
+        nxt = layer + 1
+        while len(out) < depth and (prefill or fixed) and nxt < layer + n_layers:
+            if prefill and nxt >= n_layers:
+                break  # the prompt's pass ends; the next call is a decode step
+            if not prefill and nxt % n_layers not in self._streamed:
+                break  # no decode step streamed that layer yet: nothing to go by
+            guess = (self.store.layer_chunks(nxt, self.settings.prefill_chunk) if prefill
+                     else self._streamed.get(nxt % n_layers, []))
+            out += [(nxt % n_layers, c) for c in guess[:depth - len(out)]]
+            nxt += 1
+        return out
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         self.store.close()
 
 
@@ -278,12 +335,14 @@ class FlashFFN(nn.Module):
         chunk = rt.settings.prefill_chunk
         x32 = to_f32_rows(x) if rt.fast is not None else None
         ids = np.sort(ids)  # the store returns rows in ascending id order
-        for start in range(0, ids.size, chunk):
-            part = ids[start:start + chunk]
+        chunks = [ids[start:start + chunk] for start in range(0, ids.size, chunk)]
+        n = self._rt.manifest.layers[self._layer].n_neurons
+        every = all(t.size == n for t in per_token)  # each token needs every neuron: no masks
+        for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks, False),
+                                    strict=True):
             mask = None
-            if len(per_token) > 1:  # each token only its own neurons
+            if len(per_token) > 1 and not every:  # each token only its own neurons
                 mask = np.stack([np.isin(part, t) for t in per_token]).astype(np.float32)
-            rows, io = rt.store.read(self._layer, part)
             y = self._add_rows(x, x32, y, rows, io, step, mask)
             step.bytes_needed += io.needed
         return y
@@ -350,8 +409,9 @@ class FlashFFN(nn.Module):
         rt = self._rt
         y = mx.zeros_like(x)
         x32 = to_f32_rows(x) if rt.fast is not None else None
-        for _, rows, io in rt.store.iter_layer(self._layer, rt.settings.prefill_chunk):
-            y = self._add_rows(x, x32, y, rows, io, step)  # file order
+        chunks = rt.store.layer_chunks(self._layer, rt.settings.prefill_chunk)  # file order
+        for rows, io in rt.read_chunks(self._layer, chunks, not rt.settings.naive):
+            y = self._add_rows(x, x32, y, rows, io, step)
         if not rt.settings.naive:
             self._seed_window(x[-rt.settings.window:], step)
         return y

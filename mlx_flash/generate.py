@@ -117,7 +117,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default float32 on CPU)")
     p.add_argument("--threads", type=int, default=8, help="parallel reads")
-    p.add_argument("--direct", action="store_true", help="O_DIRECT reads (bypass page cache)")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="O_DIRECT reads that bypass the page cache (default: on with "
+                        "--dram-budget where the OS has O_DIRECT)")
     p.add_argument("--read-planner", default="cost", choices=["cost", "runs", "neuron"],
                    help="cost: merge reads across gaps by the disk's cost model (calibrate-disk)")
     p.add_argument("--pin-hot", type=float, default=0.0,

@@ -32,7 +32,7 @@ from .ffn import (
 )
 from .format import RESIDENT, Manifest, read_manifest
 from .stats import current_rss_bytes
-from .store import NeuronStore
+from .store import DIRECT_ALIGN, MAX_READ, NeuronStore, supports_direct
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -290,9 +290,10 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                 settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
                 runtime_bytes: int, resident_bits: int = 16,
                 resident_group_size: int = 64, kv_itemsize: int | None = None,
-                selector_bytes: int | None = None) -> MemoryPlan:
+                selector_bytes: int | None = None, threads: int = 8) -> MemoryPlan:
     """kv_itemsize: bytes per KV element when it is not the compute dtype's. selector_bytes:
-    what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any)."""
+    what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any).
+    threads: the store's reading threads (each may hold an O_DIRECT buffer)."""
     itemsize = dtype.size
     sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
              for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
@@ -301,8 +302,8 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
     per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
                      for parts, width, dt in cache_buffers(layout, dtype).values())
-    scratch = 3 * settings.prefill_chunk * (layout.elements * itemsize
-                                            + manifest.layers[0].stride) + CODE_PAGES
+    scratch = stream_scratch(settings, layout.elements * itemsize,
+                             max(e.stride for e in manifest.layers), threads) + CODE_PAGES
     predictors = selector_bytes or 0
     if selector_bytes is None and manifest.predictors:
         predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
@@ -315,6 +316,17 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
         plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
     plan.caches = plan.capacity * plan.per_neuron
     return plan
+
+
+def stream_scratch(settings: FlashSettings, chunk_weight_bytes_per_neuron: int, stride: int,
+                   threads: int) -> int:
+    """Bytes the streamed chunks take while in use: the read-ahead's buffers (one per chunk in
+    flight, plus the one being computed), two chunks of weights converted for compute (the
+    MLX path; the fast path computes from the raw rows), and one O_DIRECT buffer per thread."""
+    chunk = settings.prefill_chunk
+    return ((settings.read_ahead + 1) * chunk * stride
+            + 2 * chunk * chunk_weight_bytes_per_neuron
+            + threads * (MAX_READ + 2 * DIRECT_ALIGN))
 
 
 def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
@@ -374,13 +386,13 @@ def flash_embedding(root: Path, dtype: mx.Dtype) -> FlashEmbedding:
 
 def load(path: str | Path, dram_budget: str | float | int | None = None, *, window: int = 5,
          selector: str = "oracle", oracle_rule: str = "all", keep: float | None = None,
-         dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool = False,
+         dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool | None = None,
          store_mode: str = "pread", embed_on_flash: bool | None = None,
          max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
          min_capacity: int | None = None, naive: bool = False,
          resident_bits: int | None = None, resident_group_size: int = 64,
          fast_cpu: bool | None = None, predictor_recall: float | None = None,
-         read_planner: str = "cost", pin_hot: float = 0.0):
+         read_planner: str = "cost", pin_hot: float = 0.0, read_ahead: int = 3):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
@@ -396,8 +408,14 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     of their calibrated operating points, None = their default), "quant" (a 4-bit copy of the
     FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5) or
     "auto" (predictor when the dir has them, else oracle). read_planner: "cost" (spans chosen
-    by this disk's cost model, see planner.py), "runs" or "neuron". pin_hot: fraction of each neuron cache given to the
+    by this disk's cost model, see planner.py), "runs" or "neuron". direct: O_DIRECT reads
+    that bypass the page cache; None = on under a budget where the dir's filesystem allows
+    O_DIRECT (a budget
+    means the streamed bytes cannot stay cached: the page cache only churns, and on Linux its
+    copies and reclaim cost more CPU than the reads, BENCHMARKS.md issue 8). pin_hot: fraction of each neuron cache given to the
     layer's most often active neurons for the whole run (needs a placed dir; 0: none).
+    read_ahead: streamed chunks in flight on a background reader (the one computed next
+    included); 0 reads each chunk when it is needed.
     naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
     stats is `model.flash`.
@@ -405,9 +423,12 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     root = Path(path)
     manifest = read_manifest(root)
     settings = FlashSettings(window=window, compute_on=compute_on,
-                             max_sparse_tokens=max_sparse_tokens, naive=naive)
+                             max_sparse_tokens=max_sparse_tokens, naive=naive,
+                             read_ahead=read_ahead)
     model_bytes = manifest.ffn_bytes + manifest.resident["size"]
     budget = parse_budget(dram_budget, model_bytes)
+    if direct is None:
+        direct = budget is not None and supports_direct(root / manifest.layers[0].file)
     tokenizer = load_tokenizer(root, manifest)
     runtime_bytes = current_rss_bytes()
     tied = manifest.config.get("tie_word_embeddings", True) and "lm_head.weight" not in \
@@ -429,7 +450,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
 
     def planned(dtype, on_flash, rbits):
         return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
-                           runtime_bytes, rbits, resident_group_size, kv_itemsize, held)
+                           runtime_bytes, rbits, resident_group_size, kv_itemsize, held, threads)
 
     # Without explicit choices, fit the budget: full caches first, then the embedding table
     # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.

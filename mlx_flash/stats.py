@@ -30,6 +30,7 @@ class TokenStats:
     neurons_hit: int = 0  # active and already cached
     neurons_cached: int = 0  # live rows over all layers after the update
     truncated: int = 0  # active neurons the caches could not hold (streamed, not cached)
+    bytes_wasted: int = 0  # read ahead for chunks that were then not needed (in bytes_read)
     emitted: int = 0  # tokens a speculative verification call produced (0: not one)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(TIME_KEYS, 0.0))
 

@@ -23,7 +23,8 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .format import Manifest
 from .planner import PLANNERS, plan_reads, spans_across, split_spans
 
 DIRECT_ALIGN = 4096
+MAX_READ = 1 << 20  # bytes per syscall: larger spans are split so they spread over the threads
 
 
 class StoreReadError(OSError):
@@ -81,7 +83,7 @@ class NeuronStore:
     """
 
     def __init__(self, root: str | Path, manifest: Manifest, *, threads: int = 8,
-                 direct: bool = False, mode: str = "pread", max_read: int = 1 << 20,
+                 direct: bool = False, mode: str = "pread", max_read: int = MAX_READ,
                  max_gap: int = 0, planner: str = "runs", cost: CostModel | None = None):
         """planner: "neuron", "runs" (crossing gaps of up to max_gap) or "cost" (gaps chosen by
         the disk cost model `cost`, see planner.py)."""
@@ -111,6 +113,7 @@ class NeuronStore:
         self._maps: list[mmap.mmap | None] = [None] * len(self.paths)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="neuron-read")
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # per reading thread: O_DIRECT's aligned buffer
         self.stats = IOStats()
 
     # -- lifecycle
@@ -132,11 +135,13 @@ class NeuronStore:
 
     # -- reads
 
-    def read(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, IOStats]:
+    def read(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None
+             ) -> tuple[np.ndarray, IOStats]:
         """Bundles of `ids` (original ids, any order, unique) of one layer.
 
         Returns (rows, stats): rows is (k, stride) uint8 in ascending id order, stats the I/O
-        of this call (also added to `self.stats`).
+        of this call (also added to `self.stats`). out: a reused uint8 buffer of at least
+        k * stride bytes to read into (rows is then a view of it); a fresh array otherwise.
         """
         if len(ids) == 0:  # the usual decode step once every active neuron is cached
             return np.empty((0, self.strides[layer]), dtype=np.uint8), IOStats()
@@ -145,13 +150,14 @@ class NeuronStore:
         n = self.manifest.layers[layer].n_neurons
         if ids.size and (ids[0] < 0 or ids[-1] >= n):
             raise IndexError(f"neuron ids out of range [0, {n}) for layer {layer}")
+        rows = rows_in(out, ids.size, self.strides[layer])
         if self.positions[layer] is None:
-            rows, stats = self._read_positions(layer, ids)
+            stats = self._read_positions(layer, ids, rows)
         else:
             pos = self.positions[layer][ids]
             by_pos = np.argsort(pos)
-            got, stats = self._read_positions(layer, pos[by_pos])
-            rows = np.empty_like(got)
+            got = np.empty_like(rows)
+            stats = self._read_positions(layer, pos[by_pos], got)
             rows[by_pos] = got
         stats.seconds = time.perf_counter() - t0
         with self._lock:
@@ -171,12 +177,20 @@ class NeuronStore:
         for start in range(0, n, chunk):
             t0 = time.perf_counter()
             pos = np.arange(start, min(n, start + chunk))
-            rows, stats = self._read_positions(layer, pos, planned=False)  # one span
+            rows = np.empty((pos.size, self.strides[layer]), dtype=np.uint8)
+            stats = self._read_positions(layer, pos, rows, planned=False)  # one span
             stats.seconds = time.perf_counter() - t0
             with self._lock:
                 self.stats.add(stats)
             order = self.orders[layer]
             yield (pos if order is None else order[pos]), rows, stats
+
+    def layer_chunks(self, layer: int, chunk: int) -> list[np.ndarray]:
+        """A whole layer as pieces of `chunk` neurons in file order, each one contiguous read:
+        original ids, ascending within a piece (the order `read` returns rows in)."""
+        n, order = self.manifest.layers[layer].n_neurons, self.orders[layer]
+        return [np.arange(s, min(n, s + chunk)) if order is None else np.sort(order[s:s + chunk])
+                for s in range(0, n, chunk)]
 
     def plan(self, layer: int, pos: np.ndarray):
         """The spans this store reads for sorted unique file positions (see planner.py)."""
@@ -184,13 +198,13 @@ class NeuronStore:
                           threads=self.threads, direct=self.direct, max_read=self.max_read,
                           max_gap=self.max_gap)
 
-    def _read_positions(self, layer: int, pos: np.ndarray, planned: bool = True
-                        ) -> tuple[np.ndarray, IOStats]:
-        """Rows at sorted unique file positions `pos`, in that order (seconds left 0).
+    def _read_positions(self, layer: int, pos: np.ndarray, rows: np.ndarray,
+                        planned: bool = True) -> IOStats:
+        """Read the rows at sorted unique file positions `pos` into rows (k, stride), in that
+        order; the stats' seconds are left 0.
 
         planned=False: pos is one contiguous range, read as such whatever the planner."""
         stride = self.strides[layer]
-        rows = np.empty((pos.size, stride), dtype=np.uint8)
         spans = (self.plan(layer, pos).spans if planned or not pos.size
                  else [(int(pos[0]), int(pos[-1]) + 1)])
         spans = split_spans(spans, max(1, self.max_read // stride))
@@ -198,7 +212,7 @@ class NeuronStore:
             nbytes = self._read_mmap(layer, pos, rows)
         else:
             nbytes = self._read_pread(layer, pos, rows, spans)
-        return rows, IOStats(nbytes, len(spans), 0.0, int(pos.size), int(pos.size) * stride)
+        return IOStats(nbytes, len(spans), 0.0, int(pos.size), int(pos.size) * stride)
 
     def _read_pread(self, layer, pos, rows, spans) -> int:
         """Issue one preadv per span on the pool; rows are filled in place."""
@@ -234,16 +248,21 @@ class NeuronStore:
         lo = offset - offset % DIRECT_ALIGN
         hi = min(-(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN,
                  -(-self.sizes[layer] // DIRECT_ALIGN) * DIRECT_ALIGN)
-        scratch = mmap.mmap(-1, hi - lo)  # anonymous maps are page aligned, as O_DIRECT needs
-        try:
-            view = np.frombuffer(scratch, dtype=np.uint8)
-            want = min(hi, self.sizes[layer]) - lo  # the file's tail is not a full page
-            self._preadv_exact(fd, view, lo, want, layer, request=hi - lo)
-            out.reshape(-1)[:] = view[offset - lo:offset - lo + length]
-            del view
-        finally:
-            scratch.close()
+        view = self._direct_scratch(hi - lo)
+        want = min(hi, self.sizes[layer]) - lo  # the file's tail is not a full page
+        self._preadv_exact(fd, view, lo, want, layer, request=hi - lo)
+        out.reshape(-1)[:] = view[offset - lo:offset - lo + length]
         return hi - lo
+
+    def _direct_scratch(self, size: int) -> np.ndarray:
+        """This thread's page-aligned buffer for O_DIRECT reads, kept between reads (a fresh
+        map per read cost a page fault and a zeroed page per 4 KiB read)."""
+        held = getattr(self._scratch, "map", None)
+        if held is None or len(held) < size:
+            if held is not None:
+                held.close()
+            held = self._scratch.map = mmap.mmap(-1, max(size, self.max_read + 2 * DIRECT_ALIGN))
+        return np.frombuffer(held, dtype=np.uint8, count=size)
 
     def _preadv_exact(self, fd, buf: np.ndarray, offset: int, want: int, layer: int,
                       request: int | None = None) -> None:
@@ -273,6 +292,28 @@ class NeuronStore:
         return int(ids.size) * self.strides[layer]
 
 
+def supports_direct(path: str | Path) -> bool:
+    """Whether `path` can be opened with O_DIRECT (tmpfs and some FUSE filesystems refuse)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def rows_in(out: np.ndarray | None, k: int, stride: int) -> np.ndarray:
+    """A (k, stride) uint8 array: a view of the start of `out`, or a fresh one if out is None."""
+    if out is None:
+        return np.empty((k, stride), dtype=np.uint8)
+    if out.dtype != np.uint8 or not out.flags.c_contiguous or out.size < k * stride:
+        raise ValueError(f"read buffer must be C-contiguous uint8 of at least {k * stride} "
+                         f"bytes, got {out.dtype} {out.shape}")
+    return out.reshape(-1)[: k * stride].reshape(k, stride)
+
+
 def bundles_as(rows: np.ndarray, manifest: Manifest) -> np.ndarray:
     """View raw rows (k, stride) uint8 as (k, stride / itemsize) of the storage dtype.
 
@@ -280,3 +321,94 @@ def bundles_as(rows: np.ndarray, manifest: Manifest) -> np.ndarray:
     """
     storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
     return rows.view(storage[manifest.ffn.dtype])
+
+
+class ReadAhead:
+    """Reads the chunks the runtime expects to need next on a background thread, so the disk
+    works while the previous chunk is computed (at most `depth` chunks in flight or waiting).
+
+    The runtime announces chunks in the order it will ask for them (`expect`) and then asks
+    (`read`). A read of an announced chunk waits for its background read; the chunks announced
+    before it were wrong guesses: they are dropped and their bytes counted in `wasted` (they
+    were read all the same). A read nobody announced drops every announced chunk and is issued
+    directly. The runtime announces the chunk it reads next too, so `depth` counts it.
+
+    Chunks are read into `depth + 1` preallocated buffers of `chunk` neurons, reused: fresh
+    buffers cost a page fault per 4 KiB, which on a 2-core machine streaming ~550 MB per token
+    was more system time than the reads. So the rows `read` returns stay valid only until the
+    next `read`.
+    """
+
+    def __init__(self, store: NeuronStore, depth: int, chunk: int):
+        if depth < 1:
+            raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
+        self.store, self.depth, self.chunk = store, depth, chunk
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self._queue: deque[tuple[int, np.ndarray, np.ndarray, Future]] = deque()
+        size = chunk * max(store.strides)
+        self._free = [np.ones(size, dtype=np.uint8) for _ in range(depth + 1)]  # pages touched
+        self._lent: np.ndarray | None = None  # the buffer of the rows last returned
+        self._lock = threading.Lock()
+        self.wasted = IOStats()  # announced, read, not asked for (see take_wasted)
+
+    def expect(self, layer: int, ids: np.ndarray) -> None:
+        """Start reading `ids` of `layer` unless already announced or `depth` are in flight."""
+        if (len(self._queue) >= self.depth or ids.size > self.chunk
+                or any(q_layer == layer and np.array_equal(q_ids, ids)
+                       for q_layer, q_ids, _, _ in self._queue)):
+            return
+        buf = self._free.pop()
+        self._queue.append((layer, ids, buf,
+                            self._pool.submit(self.store.read, layer, ids, buf)))
+
+    def read(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, IOStats]:
+        """Like `NeuronStore.read`; stats.seconds is the time this call waited."""
+        self._give_back()
+        match = next((i for i, (q_layer, q_ids, _, _) in enumerate(self._queue)
+                      if q_layer == layer and np.array_equal(q_ids, ids)), None)
+        if match is None:  # the run left the announced order: none of it is to be trusted
+            self.clear()
+            return self.store.read(layer, ids)
+        for _ in range(match):  # announced before this one and skipped: wrong guesses
+            self._drop(self._queue.popleft())
+        _, _, self._lent, future = self._queue.popleft()
+        t0 = time.perf_counter()
+        rows, stats = future.result()
+        stats.seconds = time.perf_counter() - t0
+        return rows, stats
+
+    def take_wasted(self) -> IOStats:
+        """The wasted reads counted since the last call."""
+        with self._lock:
+            out, self.wasted = self.wasted, IOStats()
+        return out
+
+    def clear(self) -> None:
+        """Drop every announced chunk (their bytes count as wasted)."""
+        while self._queue:
+            self._drop(self._queue.popleft())
+
+    def close(self) -> None:
+        self.clear()
+        self._pool.shutdown(wait=True)
+
+    def _give_back(self) -> None:
+        if self._lent is not None:
+            self._free.append(self._lent)
+            self._lent = None
+
+    def _drop(self, entry: tuple[int, np.ndarray, np.ndarray, Future]) -> None:
+        """Forget an announced chunk; its buffer is free once its read has ended."""
+        *_, buf, future = entry
+        if future.cancel():
+            self._free.append(buf)
+            return
+        try:
+            self.wasted_add(future.result()[1])  # running: wait, its buffer is being written
+        except OSError:
+            pass  # a wrong guess that failed: the read that is wanted reports its own errors
+        self._free.append(buf)
+
+    def wasted_add(self, stats: IOStats) -> None:
+        with self._lock:
+            self.wasted.add(stats)

@@ -138,3 +138,44 @@ def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
         generate(dense, tokenizer, prompt, max_tokens=6)
     steps = model.flash.stats.decode_steps()
     assert sum(s.truncated for s in steps) > 0 and sum(s.bytes_read for s in steps) > 0
+
+
+def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(tiny_dirs, monkeypatch):
+    """The overflow stream of a fixed selection is read ahead across layers and steps: the
+    same tokens and bytes as reading each chunk when needed, and no guess is wrong."""
+    from mlx_flash import model as model_module
+
+    plan_memory = model_module.plan_memory
+
+    def three_neurons(*args, **kwargs):
+        plan = plan_memory(*args, **kwargs)
+        plan.capacity = 3
+        return plan
+
+    monkeypatch.setattr(model_module, "plan_memory", three_neurons)
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    prompt, runs = [5, 9, 17, 33], {}
+    for depth in (0, 3):
+        model, tokenizer = load(flash_dir, fast_cpu=False, dtype="float32", read_ahead=depth)
+        model.flash.settings.prefill_chunk = 16  # several chunks per layer
+        tokens = generate(model, tokenizer, prompt, max_tokens=6)
+        steps = model.flash.stats.decode_steps()
+        runs[depth] = tokens, [s.bytes_read for s in steps], sum(s.bytes_wasted for s in steps)
+        model.flash.close()
+    assert runs[3][0] == runs[0][0]
+    assert runs[3][1] == runs[0][1] and runs[3][2] == 0
+
+
+def test_direct_reads_are_on_under_a_budget(tiny_dirs):
+    from mlx_flash.store import supports_direct
+
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    model, _ = load(flash_dir)
+    assert model.flash.store.direct is False  # no budget: the page cache may keep it all
+    model.flash.close()
+    model, _ = load(flash_dir, dram_budget="16GB")
+    manifest = model.flash.manifest
+    assert model.flash.store.direct == supports_direct(flash_dir / manifest.layers[0].file)
+    model.flash.close()
+    with pytest.raises(ValueError, match="read_ahead"):
+        load(flash_dir, read_ahead=-1)

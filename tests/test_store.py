@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from mlx_flash.format import read_manifest
-from mlx_flash.store import NeuronStore, StoreReadError, runs_of, split_runs
+from mlx_flash.store import (
+    NeuronStore,
+    ReadAhead,
+    StoreReadError,
+    runs_of,
+    split_runs,
+    supports_direct,
+)
 
 
 @pytest.fixture
@@ -82,3 +91,55 @@ def test_bad_arguments(flash):
         NeuronStore(flash, manifest, mode="carrier-pigeon")
     with pytest.raises(ValueError, match="threads"):
         NeuronStore(flash, manifest, threads=0)
+
+
+def test_read_into_a_reused_buffer(flash):
+    manifest = read_manifest(flash)
+    want = file_rows(flash, manifest, 0)
+    stride = manifest.layers[0].stride
+    buf = np.zeros(10 * stride, dtype=np.uint8)
+    with NeuronStore(flash, manifest, direct=True) as store:
+        for ids in (np.array([7, 2, 9]), np.arange(10)):
+            rows, _ = store.read(0, ids, buf)
+            assert np.shares_memory(rows, buf)
+            assert np.array_equal(rows, want[np.sort(ids)])
+        with pytest.raises(ValueError, match="at least"):
+            store.read(0, np.arange(11), buf)
+
+
+def test_read_ahead_serves_announced_chunks_and_counts_wrong_guesses(flash):
+    manifest = read_manifest(flash)
+    want = [file_rows(flash, manifest, i) for i in (0, 1)]
+    a, b, c = np.arange(0, 4), np.arange(4, 8), np.arange(8, 12)
+    with NeuronStore(flash, manifest) as store:
+        ahead = ReadAhead(store, depth=2, chunk=4)
+        ahead.expect(0, a)
+        ahead.expect(0, b)
+        ahead.expect(0, c)  # over the depth: not announced
+        rows, _ = ahead.read(0, a)
+        assert np.array_equal(rows, want[0][a])
+        first = rows.__array_interface__["data"][0]
+        rows, _ = ahead.read(0, b)  # the rows of `a` are given back to the pool here
+        assert np.array_equal(rows, want[0][b])
+        assert ahead.take_wasted().bytes == 0
+        ahead.expect(1, a)  # a wrong guess: layer 0's `c` is read next
+        ahead._queue[-1][3].result()  # read already (a guess not yet started is cancelled)
+        ahead.expect(0, c)
+        rows, _ = ahead.read(0, c)
+        assert np.array_equal(rows, want[0][c])
+        wasted = ahead.take_wasted()
+        assert wasted.neurons == 4 and wasted.bytes == 4 * manifest.layers[1].stride
+        ahead.expect(1, b)
+        ahead._queue[-1][3].result()
+        rows, _ = ahead.read(1, c)  # never announced: read directly, the guess dropped
+        assert np.array_equal(rows, want[1][c])
+        assert ahead.take_wasted().neurons == 4
+        buffers = {first} | {buf.__array_interface__["data"][0] for buf in ahead._free}
+        assert len(buffers) == 3  # depth + 1 buffers, reused: no new ones were made
+        ahead.close()
+
+
+def test_supports_direct(flash, tmp_path):
+    manifest = read_manifest(flash)
+    assert supports_direct(flash / manifest.layers[0].file) == hasattr(os, "O_DIRECT")
+    assert not supports_direct(tmp_path / "missing.bin")
