@@ -288,6 +288,21 @@ def drafter_paths(path: str | Path) -> tuple[Path, Path]:
     return weights, weights.with_suffix(".json")
 
 
+def drafter_bytes(path: str | Path, d_model: int) -> int:
+    """DRAM a drafter holds once loaded and attached, from its file's header: its float32
+    weights and the float32 lm_head rows of its vocabulary. 0 when there is no file (loading
+    it then fails with the reason)."""
+    from .model import tensor_sizes
+
+    weights, _ = drafter_paths(path)
+    if not weights.exists():
+        return 0
+    sizes = tensor_sizes(weights)
+    params = sum(e.nbytes for name, e in sizes.items() if name != "vocab")
+    vocab = sizes["vocab"].shape[0] if "vocab" in sizes else 0
+    return params + 4 * vocab * d_model
+
+
 def model_identity(flash_dir: Path) -> dict:
     """What ties a drafter to a model: the architecture numbers and the resident file's hash."""
     manifest = read_manifest(flash_dir)

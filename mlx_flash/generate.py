@@ -182,4 +182,15 @@ def load_model(args: argparse.Namespace):
                 oracle_rule=args.rule, keep=args.keep, dtype=args.dtype, threads=args.threads,
                 direct=args.direct, embed_on_flash=args.embed_on_flash or None,
                 resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens,
-                read_planner=args.read_planner, pin_hot=args.pin_hot, fast_cpu=args.fast_cpu)
+                read_planner=args.read_planner, pin_hot=args.pin_hot, fast_cpu=args.fast_cpu,
+                reserve=drafter_reserve(args, path))
+
+
+def drafter_reserve(args: argparse.Namespace, root: Path) -> int:
+    """Bytes the --drafter will take, for the DRAM plan (0 without one)."""
+    if getattr(args, "drafter", None) is None:
+        return 0
+    from .drafter import drafter_bytes
+    from .format import read_manifest
+
+    return drafter_bytes(args.drafter or root, read_manifest(root).config["hidden_size"])

@@ -221,11 +221,12 @@ class MemoryPlan:
     capacity: int
     n_neurons: int
     per_neuron: int  # bytes one cached neuron costs, summed over the layers
+    reserved: int = 0  # what the caller holds besides the model (a drafter)
 
     @property
     def minimum(self) -> int:
         return (self.runtime + self.resident + self.embedding + self.predictors + self.kv_cache
-                + self.scratch)
+                + self.scratch + self.reserved)
 
 
 class TensorEntry(NamedTuple):
@@ -245,7 +246,8 @@ def tensor_sizes(path: Path) -> dict[str, TensorEntry]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return {k: TensorEntry(tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                           v["data_offsets"][1] - v["data_offsets"][0], _ST_NAMES[v["dtype"]])
+                           v["data_offsets"][1] - v["data_offsets"][0],
+                           _ST_NAMES.get(v["dtype"], v["dtype"]))
             for k, v in header.items()}
 
 
@@ -290,10 +292,12 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                 settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
                 runtime_bytes: int, resident_bits: int = 16,
                 resident_group_size: int = 64, kv_itemsize: int | None = None,
-                selector_bytes: int | None = None, threads: int = 8) -> MemoryPlan:
+                selector_bytes: int | None = None, threads: int = 8,
+                reserved: int = 0) -> MemoryPlan:
     """kv_itemsize: bytes per KV element when it is not the compute dtype's. selector_bytes:
     what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any).
-    threads: the store's reading threads (each may hold an O_DIRECT buffer)."""
+    threads: the store's reading threads (each may hold an O_DIRECT buffer). reserved: bytes
+    the caller holds besides the model (a drafter)."""
     itemsize = dtype.size
     sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
              for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
@@ -311,7 +315,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
                       kv_bytes(manifest.config, max_kv_tokens, kv_itemsize or itemsize),
                       scratch, 0, n, n,
-                      per_neuron * manifest.n_layers)
+                      per_neuron * manifest.n_layers, reserved)
     if budget is not None:
         plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
     plan.caches = plan.capacity * plan.per_neuron
@@ -338,7 +342,7 @@ def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
         " or keep the embedding table on flash (embed_on_flash=True, --embed-on-flash)")
     breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
                           if k in ("runtime", "resident", "embedding", "predictors", "kv_cache",
-                                   "scratch"))
+                                   "scratch", "reserved"))
     dtype_hint = "" if dtype.size <= 2 else ", use bf16 compute (--dtype bfloat16)"
     if resident_bits > 4:
         dtype_hint += f", quantize the resident part (--resident-bits {resident_bits // 2})"
@@ -392,7 +396,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
          min_capacity: int | None = None, naive: bool = False,
          resident_bits: int | None = None, resident_group_size: int = 64,
          fast_cpu: bool | None = None, predictor_recall: float | None = None,
-         read_planner: str = "cost", pin_hot: float = 0.0, read_ahead: int = 3):
+         read_planner: str = "cost", pin_hot: float = 0.0, read_ahead: int = 3,
+         reserve: int = 0):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
@@ -415,7 +420,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     copies and reclaim cost more CPU than the reads, BENCHMARKS.md issue 8). pin_hot: fraction of each neuron cache given to the
     layer's most often active neurons for the whole run (needs a placed dir; 0: none).
     read_ahead: streamed chunks in flight on a background reader (the one computed next
-    included); 0 reads each chunk when it is needed.
+    included); 0 reads each chunk when it is needed. reserve: bytes of the budget the caller
+    will hold besides the model (a drafter: `drafter.drafter_bytes`).
     naive: the paper's baseline, every layer's whole FFN
     streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
     stats is `model.flash`.
@@ -450,7 +456,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
 
     def planned(dtype, on_flash, rbits):
         return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
-                           runtime_bytes, rbits, resident_group_size, kv_itemsize, held, threads)
+                           runtime_bytes, rbits, resident_group_size, kv_itemsize, held, threads,
+                           reserve)
 
     # Without explicit choices, fit the budget: full caches first, then the embedding table
     # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.

@@ -14,6 +14,7 @@ from test_real_model import dense, dense_text, real_dir  # noqa: F401 (fixtures)
 from mlx_flash.drafter import (
     Drafter,
     DrafterConfig,
+    drafter_bytes,
     hidden_and_logits,
     init_params,
     load_drafter,
@@ -253,6 +254,10 @@ def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
     assert back.meta == {"note": "x"} and np.array_equal(back.vocab, drafter.vocab)
     for k, v in drafter.params.items():
         np.testing.assert_array_equal(back.params[k], v)
+    back.attach(model, flash_dir)  # what the DRAM plan reserves is what it holds
+    held = sum(v.astype(np.float32).nbytes for v in back.params.values()) + back.head.nbytes
+    assert drafter_bytes(path, back.d_model) == held
+    assert drafter_bytes(tmp_path / "none.safetensors", back.d_model) == 0
     _, other_dir = tiny_dirs("llama")
     with pytest.raises(FormatError, match="trained for another model"):
         load_drafter(path, other_dir)
@@ -291,7 +296,9 @@ def test_cli_generate_with_drafter_matches_plain(tiny_dirs, tmp_path, capsys):
     assert main(args + ["--drafter", str(tmp_path), "--stats-json", str(stats)]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "tokens per verification step" in captured.err
-    assert json.loads(stats.read_text())["speculative"]["verify_steps"] >= 1
+    data = json.loads(stats.read_text())
+    assert data["speculative"]["verify_steps"] >= 1
+    assert data["memory"]["reserved"] == drafter_bytes(tmp_path, model.args.hidden_size) > 0
     assert main(args + ["--drafter", str(tmp_path), "--temp", "0.5"]) == 2
     assert "greedy only" in capsys.readouterr().err
 
