@@ -142,8 +142,9 @@ def add_drafter_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding (greedy only) with a drafter: the model dir's "
                         "(made by `mlx-flash train-drafter`) or PATH (a dir or .safetensors)")
     p.add_argument("--beam-width", type=int, default=1,
-                   help="drafter beams per step (1x2 was fastest here: BENCHMARKS.md, issue 8)")
-    p.add_argument("--draft-length", type=int, default=2, help="tokens drafted per beam")
+                   help="drafter beams per step (1x3 was fastest here, dense and under a "
+                        "cap: BENCHMARKS.md, issue 8)")
+    p.add_argument("--draft-length", type=int, default=3, help="tokens drafted per beam")
     p.add_argument("--window-policy", default="keep", choices=["keep", "drop"],
                    help="flash: neurons read only for rejected drafts stay in the window "
                         "(keep) or are evicted first (drop)")

@@ -279,8 +279,8 @@ class SpecStats:
 
 @dataclass
 class SpecSettings:
-    beam_width: int = 1  # 1 x 2 was the fastest here (BENCHMARKS.md, issue 8)
-    draft_length: int = 2
+    beam_width: int = 1  # 1 x 3 was the fastest here, dense and under a cap (BENCHMARKS.md)
+    draft_length: int = 3
     window_policy: str = "keep"
 
     def __post_init__(self):
