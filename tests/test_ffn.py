@@ -111,11 +111,8 @@ def test_naive_flash_reads_everything_every_token(tiny_dirs):
     assert all(s.bytes_read == ffn_bytes for s in model.flash.stats.decode_steps())
 
 
-@pytest.mark.parametrize("fast_cpu", [False, True])
-def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
-    """A cache smaller than the active set: the rest is read and computed each call, so flash
-    with every neuron stays equal to dense (it used to drop them)."""
-    from mlx_flash import cpu
+def caches_of_three_neurons(monkeypatch) -> None:
+    """Make `load` plan 3 neurons per layer's cache, whatever the budget."""
     from mlx_flash import model as model_module
 
     plan_memory = model_module.plan_memory
@@ -126,6 +123,15 @@ def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
         return plan
 
     monkeypatch.setattr(model_module, "plan_memory", three_neurons)
+
+
+@pytest.mark.parametrize("fast_cpu", [False, True])
+def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
+    """A cache smaller than the active set: the rest is read and computed each call, so flash
+    with every neuron stays equal to dense (it used to drop them)."""
+    from mlx_flash import cpu
+
+    caches_of_three_neurons(monkeypatch)
     if fast_cpu and cpu.unavailable_reason():
         pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
     _, flash_dir = tiny_dirs("qwen2", "float16")
@@ -143,16 +149,7 @@ def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
 def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(tiny_dirs, monkeypatch):
     """The overflow stream of a fixed selection is read ahead across layers and steps: the
     same tokens and bytes as reading each chunk when needed, and no guess is wrong."""
-    from mlx_flash import model as model_module
-
-    plan_memory = model_module.plan_memory
-
-    def three_neurons(*args, **kwargs):
-        plan = plan_memory(*args, **kwargs)
-        plan.capacity = 3
-        return plan
-
-    monkeypatch.setattr(model_module, "plan_memory", three_neurons)
+    caches_of_three_neurons(monkeypatch)
     _, flash_dir = tiny_dirs("qwen2", "float16")
     prompt, runs = [5, 9, 17, 33], {}
     for depth in (0, 3):
