@@ -343,6 +343,8 @@ def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
     breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
                           if k in ("runtime", "resident", "embedding", "predictors", "kv_cache",
                                    "scratch", "reserved"))
+    if plan.reserved:
+        hint += f", or hold less beside the model (a drafter: {plan.reserved / 2**20:.0f} MiB)"
     dtype_hint = "" if dtype.size <= 2 else ", use bf16 compute (--dtype bfloat16)"
     if resident_bits > 4:
         dtype_hint += f", quantize the resident part (--resident-bits {resident_bits // 2})"

@@ -176,3 +176,13 @@ def test_direct_reads_are_on_under_a_budget(tiny_dirs):
     model.flash.close()
     with pytest.raises(ValueError, match="read_ahead"):
         load(flash_dir, read_ahead=-1)
+
+
+def test_reserved_bytes_come_out_of_the_budget(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    model, _ = load(flash_dir, dram_budget="16GB", reserve=1 << 30)
+    plan = model.flash.stats.memory
+    assert plan["reserved"] == 1 << 30 and plan["capacity"] == plan["n_neurons"]
+    model.flash.close()
+    with pytest.raises(ValueError, match=r"hold less beside the model \(a drafter: 16384 MiB\)"):
+        load(flash_dir, dram_budget="16GB", reserve=16 << 30)
