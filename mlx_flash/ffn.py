@@ -12,7 +12,9 @@ that sync is inherent to the method (the paper's implementation does the same pe
 
 A call with more than `max_sparse_tokens` tokens (a prompt) streams the layer's whole FFN from
 flash in chunks instead (exact, one pass over the weights for all prompt tokens), then seeds the
-window with the active sets of the prompt's last tokens.
+window with the active sets of the prompt's last tokens. Streamed chunks (a prompt's, and the
+active neurons a too-small cache cannot hold) are read ahead on a background reader while the
+previous chunk is computed (`FlashRuntime.read_chunks`, `store.ReadAhead`).
 """
 
 from __future__ import annotations
@@ -221,7 +223,8 @@ class FlashRuntime:
             step.bytes_wasted += wasted.bytes
             yield rows, io
 
-    def _upcoming(self, layer: int, rest: list[np.ndarray], prefill: bool):
+    def _upcoming(self, layer: int, rest: list[np.ndarray], prefill: bool
+                  ) -> list[tuple[int, np.ndarray]]:
         """(layer, ids) of the `depth` chunks this runtime expects to stream next, starting with
         `rest`, what is left of this layer's."""
         depth, n_layers = self.ahead.depth, self.manifest.n_layers
@@ -234,7 +237,7 @@ class FlashRuntime:
             if not prefill and nxt % n_layers not in self._streamed:
                 break  # no decode step streamed that layer yet: nothing to go by
             guess = (self.store.layer_chunks(nxt, self.settings.prefill_chunk) if prefill
-                     else self._streamed.get(nxt % n_layers, []))
+                     else self._streamed[nxt % n_layers])
             out += [(nxt % n_layers, c) for c in guess[:depth - len(out)]]
             nxt += 1
         return out
