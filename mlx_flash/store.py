@@ -336,7 +336,7 @@ class ReadAhead:
     Chunks are read into `depth + 1` preallocated buffers of `chunk` neurons, reused: fresh
     buffers cost a page fault per 4 KiB, which on a 2-core machine streaming ~550 MB per token
     was more system time than the reads. So the rows `read` returns stay valid only until the
-    next `read`.
+    next `read`. Used from one thread (the runtime's); only the reads run on the reader.
     """
 
     def __init__(self, store: NeuronStore, depth: int, chunk: int):
@@ -348,7 +348,6 @@ class ReadAhead:
         size = chunk * max(store.strides)
         self._free = [np.ones(size, dtype=np.uint8) for _ in range(depth + 1)]  # pages touched
         self._lent: np.ndarray | None = None  # the buffer of the rows last returned
-        self._lock = threading.Lock()
         self.wasted = IOStats()  # announced, read, not asked for (see take_wasted)
 
     def expect(self, layer: int, ids: np.ndarray) -> None:
@@ -379,8 +378,7 @@ class ReadAhead:
 
     def take_wasted(self) -> IOStats:
         """The wasted reads counted since the last call."""
-        with self._lock:
-            out, self.wasted = self.wasted, IOStats()
+        out, self.wasted = self.wasted, IOStats()
         return out
 
     def clear(self) -> None:
@@ -404,11 +402,7 @@ class ReadAhead:
             self._free.append(buf)
             return
         try:
-            self.wasted_add(future.result()[1])  # running: wait, its buffer is being written
+            self.wasted.add(future.result()[1])  # running: wait, its buffer is being written
         except OSError:
             pass  # a wrong guess that failed: the read that is wanted reports its own errors
         self._free.append(buf)
-
-    def wasted_add(self, stats: IOStats) -> None:
-        with self._lock:
-            self.wasted.add(stats)
