@@ -339,7 +339,7 @@ class FlashFFN(nn.Module):
         x32 = to_f32_rows(x) if rt.fast is not None else None
         ids = np.sort(ids)  # the store returns rows in ascending id order
         chunks = [ids[start:start + chunk] for start in range(0, ids.size, chunk)]
-        n = self._rt.manifest.layers[self._layer].n_neurons
+        n = rt.manifest.layers[self._layer].n_neurons
         every = all(t.size == n for t in per_token)  # each token needs every neuron: no masks
         for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks, False),
                                     strict=True):

@@ -119,7 +119,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=8, help="parallel reads")
     p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
                    help="O_DIRECT reads that bypass the page cache (default: on with "
-                        "--dram-budget where the OS has O_DIRECT)")
+                        "--dram-budget where the model dir's filesystem allows it)")
     p.add_argument("--read-planner", default="cost", choices=["cost", "runs", "neuron"],
                    help="cost: merge reads across gaps by the disk's cost model (calibrate-disk)")
     p.add_argument("--pin-hot", type=float, default=0.0,

@@ -417,10 +417,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     "auto" (predictor when the dir has them, else oracle). read_planner: "cost" (spans chosen
     by this disk's cost model, see planner.py), "runs" or "neuron". direct: O_DIRECT reads
     that bypass the page cache; None = on under a budget where the dir's filesystem allows
-    O_DIRECT (a budget
-    means the streamed bytes cannot stay cached: the page cache only churns, and on Linux its
-    copies and reclaim cost more CPU than the reads, BENCHMARKS.md issue 8). pin_hot: fraction of each neuron cache given to the
-    layer's most often active neurons for the whole run (needs a placed dir; 0: none).
+    O_DIRECT (under a budget the streamed bytes cannot stay cached: the page cache only
+    churns, and on Linux its copies and reclaim cost more CPU than the reads, BENCHMARKS.md
+    issue 8). pin_hot: fraction of each neuron cache given to the layer's most often active
+    neurons for the whole run (needs a placed dir; 0: none).
     read_ahead: streamed chunks in flight on a background reader (the one computed next
     included); 0 reads each chunk when it is needed. reserve: bytes of the budget the caller
     will hold besides the model (a drafter: `drafter.drafter_bytes`).

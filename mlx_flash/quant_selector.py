@@ -7,8 +7,8 @@ gate/up rows quantized to 4 bits (MLX's affine quantization, groups of 64) rank 
 true activations: keeping each token's top 50% by |act(g^ x) * (u^ x)| gave perplexity 13.88
 against 13.95 dense and 13.85 for the oracle's top 50% (`scripts/quant_selector_probe.py`).
 The copy costs ~a fifth of the FFN's 16-bit bytes in DRAM (125 MiB for the default model, f32
-scales and biases included) and
-is built at load from the bundles themselves: no training, no calibration data.
+scales and biases included) and is built at load from the bundles themselves: no training, no
+calibration data.
 
 Scores are `linear_q` on the fast CPU path and `mx.quantized_matmul` elsewhere; selection is
 per token (top k by score, best first), like the oracle's "top" rule.
