@@ -230,8 +230,9 @@ class UnbundledStore(NeuronStore):
             os.close(fd)
         self._ufds = []
 
-    def read(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None):
-        rows, stats = super().read(layer, ids, out)
+    def read(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None,
+             planned: bool = True):
+        rows, stats = super().read(layer, ids, out, planned)
         extra = stats.reads * (len(self._segs[layer]) - 1)
         stats.reads += extra
         with self._lock:

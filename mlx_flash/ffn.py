@@ -199,9 +199,10 @@ class FlashRuntime:
                       if settings.read_ahead else None)
         self._streamed: dict[int, list[np.ndarray]] = {}  # layer -> its last overflow chunks
 
-    def read_chunks(self, layer: int, chunks: list[np.ndarray], prefill: bool
-                    ) -> Iterator[tuple[np.ndarray, IOStats]]:
-        """The rows of each chunk of `layer` in turn (one alive at a time for the caller).
+    def read_chunks(self, layer: int, chunks: list[np.ndarray], prefill: bool,
+                    planned: bool = True) -> Iterator[tuple[np.ndarray, IOStats]]:
+        """The rows of each chunk of `layer` in turn (one alive at a time for the caller);
+        planned=False: whole-layer pieces (`layer_chunks`), one read span each.
 
         With read-ahead the disk works while the caller computes: the rest of this layer's
         chunks are announced first, then what the next layers will stream if that can be known
@@ -211,11 +212,11 @@ class FlashRuntime:
             self._streamed[layer] = chunks
         for i, part in enumerate(chunks):
             if self.ahead is None:
-                yield self.store.read(layer, part)
+                yield self.store.read(layer, part, planned=planned)
                 continue
             for chunk_layer, chunk in self._upcoming(layer, chunks[i:], prefill):
-                self.ahead.expect(chunk_layer, chunk)
-            rows, io = self.ahead.read(layer, part)
+                self.ahead.expect(chunk_layer, chunk, planned)  # the next layers alike
+            rows, io = self.ahead.read(layer, part, planned)
             wasted = self.ahead.take_wasted()  # wrong guesses were read all the same
             step = self.stats.current
             step.bytes_read += wasted.bytes
@@ -413,7 +414,7 @@ class FlashFFN(nn.Module):
         y = mx.zeros_like(x)
         x32 = to_f32_rows(x) if rt.fast is not None else None
         chunks = rt.store.layer_chunks(self._layer, rt.settings.prefill_chunk)  # file order
-        for rows, io in rt.read_chunks(self._layer, chunks, not rt.settings.naive):
+        for rows, io in rt.read_chunks(self._layer, chunks, not rt.settings.naive, False):
             y = self._add_rows(x, x32, y, rows, io, step)
         if not rt.settings.naive:
             self._seed_window(x[-rt.settings.window:], step)

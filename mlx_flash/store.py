@@ -135,13 +135,15 @@ class NeuronStore:
 
     # -- reads
 
-    def read(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None
-             ) -> tuple[np.ndarray, IOStats]:
+    def read(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None,
+             planned: bool = True) -> tuple[np.ndarray, IOStats]:
         """Bundles of `ids` (original ids, any order, unique) of one layer.
 
         Returns (rows, stats): rows is (k, stride) uint8 in ascending id order, stats the I/O
         of this call (also added to `self.stats`). out: a reused uint8 buffer of at least
         k * stride bytes to read into (rows is then a view of it); a fresh array otherwise.
+        planned=False: the ids fill one contiguous range of the file (a `layer_chunks` piece),
+        read as one span whatever the planner (streaming, like `iter_layer`).
         """
         if len(ids) == 0:  # the usual decode step once every active neuron is cached
             return np.empty((0, self.strides[layer]), dtype=np.uint8), IOStats()
@@ -152,12 +154,12 @@ class NeuronStore:
             raise IndexError(f"neuron ids out of range [0, {n}) for layer {layer}")
         rows = rows_in(out, ids.size, self.strides[layer])
         if self.positions[layer] is None:
-            stats = self._read_positions(layer, ids, rows)
+            stats = self._read_positions(layer, ids, rows, planned)
         else:
             pos = self.positions[layer][ids]
             by_pos = np.argsort(pos)
             got = np.empty_like(rows)
-            stats = self._read_positions(layer, pos[by_pos], got)
+            stats = self._read_positions(layer, pos[by_pos], got, planned)
             rows[by_pos] = got
         stats.seconds = time.perf_counter() - t0
         with self._lock:
@@ -205,6 +207,9 @@ class NeuronStore:
 
         planned=False: pos is one contiguous range, read as such whatever the planner."""
         stride = self.strides[layer]
+        if not planned and pos.size and pos[-1] - pos[0] + 1 != pos.size:
+            raise ValueError(f"an unplanned read must be one contiguous range of file positions "
+                             f"(layer {layer}: {pos.size} neurons over [{pos[0]}, {pos[-1]}])")
         spans = (self.plan(layer, pos).spans if planned or not pos.size
                  else [(int(pos[0]), int(pos[-1]) + 1)])
         spans = split_spans(spans, max(1, self.max_read // stride))
@@ -350,24 +355,26 @@ class ReadAhead:
         self._lent: np.ndarray | None = None  # the buffer of the rows last returned
         self.wasted = IOStats()  # announced, read, not asked for (see take_wasted)
 
-    def expect(self, layer: int, ids: np.ndarray) -> None:
-        """Start reading `ids` of `layer` unless already announced or `depth` are in flight."""
+    def expect(self, layer: int, ids: np.ndarray, planned: bool = True) -> None:
+        """Start reading `ids` of `layer` unless already announced or `depth` are in flight
+        (`planned` as in `NeuronStore.read`)."""
         if (len(self._queue) >= self.depth or ids.size > self.chunk
                 or any(q_layer == layer and np.array_equal(q_ids, ids)
                        for q_layer, q_ids, _, _ in self._queue)):
             return
         buf = self._free.pop()
         self._queue.append((layer, ids, buf,
-                            self._pool.submit(self.store.read, layer, ids, buf)))
+                            self._pool.submit(self.store.read, layer, ids, buf, planned)))
 
-    def read(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, IOStats]:
+    def read(self, layer: int, ids: np.ndarray, planned: bool = True
+             ) -> tuple[np.ndarray, IOStats]:
         """Like `NeuronStore.read`; stats.seconds is the time this call waited."""
         self._give_back()
         match = next((i for i, (q_layer, q_ids, _, _) in enumerate(self._queue)
                       if q_layer == layer and np.array_equal(q_ids, ids)), None)
         if match is None:  # the run left the announced order: none of it is to be trusted
             self.clear()
-            return self.store.read(layer, ids)
+            return self.store.read(layer, ids, planned=planned)
         for _ in range(match):  # announced before this one and skipped: wrong guesses
             self._drop(self._queue.popleft())
         _, _, self._lent, future = self._queue.popleft()

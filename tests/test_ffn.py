@@ -186,3 +186,23 @@ def test_reserved_bytes_come_out_of_the_budget(tiny_dirs):
     model.flash.close()
     with pytest.raises(ValueError, match=r"hold less beside the model \(a drafter: 16384 MiB\)"):
         load(flash_dir, dram_budget="16GB", reserve=16 << 30)
+
+
+@pytest.mark.parametrize("read_ahead", [0, 3])
+def test_prefill_streams_one_read_per_chunk_whatever_the_planner(tiny_dirs, read_ahead):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    model, tokenizer = load(flash_dir, read_planner="neuron", read_ahead=read_ahead)
+    model.flash.settings.prefill_chunk = 50  # 128 neurons: chunks of 50, 50, 28
+    store, seen = model.flash.store, []
+    read = store.read
+
+    def spy(layer, ids, out=None, planned=True):
+        rows, stats = read(layer, ids, out, planned)
+        if not planned:
+            seen.append(stats.reads)
+        return rows, stats
+
+    store.read = spy
+    generate(model, tokenizer, list(range(3, 40)), max_tokens=1)  # > 16 tokens: streamed
+    assert seen == [1] * 3 * model.flash.manifest.n_layers
+    model.flash.close()

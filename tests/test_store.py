@@ -143,3 +143,15 @@ def test_supports_direct(flash, tmp_path):
     manifest = read_manifest(flash)
     assert supports_direct(flash / manifest.layers[0].file) == hasattr(os, "O_DIRECT")
     assert not supports_direct(tmp_path / "missing.bin")
+
+
+def test_unplanned_reads_are_one_span_and_must_be_contiguous(flash):
+    manifest = read_manifest(flash)
+    want = file_rows(flash, manifest, 0)
+    with NeuronStore(flash, manifest, planner="neuron") as store:
+        piece = store.layer_chunks(0, 50)[1]
+        rows, stats = store.read(0, piece, planned=False)
+        assert stats.reads == 1 and np.array_equal(rows, want[piece])
+        assert store.read(0, piece)[1].reads == piece.size  # planned: one read per neuron
+        with pytest.raises(ValueError, match="one contiguous range"):
+            store.read(0, np.array([1, 2, 5]), planned=False)
