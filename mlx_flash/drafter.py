@@ -609,15 +609,41 @@ def train_drafter(model: nn.Module, model_dir: str | Path, tokens: np.ndarray,
 PROMPT_TAIL = 16  # prompt tokens kept before each self-generated answer
 
 
-def answer_prompts(documents: Iterator[str], n: int, chars: int = 400) -> list[str]:
-    """n requests made from calibration documents: explain a piece of prose or code."""
-    prompts = []
+# What a request asks of a calibration document, round by round: the first round explains an
+# excerpt and adds an example (code-heavy answers); the second asks for prose only (the kind of
+# answer the first round rarely gives); the third for new code. A round is one request per
+# document, so n requests take ceil(n / documents) rounds.
+REQUEST_ROUNDS = (
+    ("Explain this Python {kind} and give a short example:\n\n{excerpt}", 400),
+    ("In a few paragraphs of plain prose, with no code, explain the ideas behind this Python "
+     "{kind} and when they matter:\n\n{excerpt}", 240),
+    ("Write a different short Python program in the spirit of this {kind}, then explain it in "
+     "two sentences:\n\n{excerpt}", 240),
+)
+
+
+def answer_prompts(documents: Iterator[str], n: int) -> list[str]:
+    """n requests made from calibration documents: each round of REQUEST_ROUNDS makes one per
+    document (its excerpt from the document's start), until n are made."""
+    docs = []
     for doc in documents:
-        kind = "code" if "def " in doc or "import " in doc else "text"
-        prompts.append(f"Explain this Python {kind} and give a short example:\n\n{doc[:chars]}")
-        if len(prompts) == n:
+        docs.append(doc)
+        if len(docs) == n:
             break
-    return prompts
+    if not docs:
+        raise ValueError("no calibration documents to make requests from")
+    rounds = -(-n // len(docs))
+    if rounds > len(REQUEST_ROUNDS):
+        raise ValueError(f"{n} requests need {rounds} rounds of the {len(docs)} calibration "
+                         f"documents, more than the {len(REQUEST_ROUNDS)} kinds of request; "
+                         f"give more text (--text) or ask for at most "
+                         f"{len(REQUEST_ROUNDS) * len(docs)} answers")
+    prompts = []
+    for template, chars in REQUEST_ROUNDS[:rounds]:
+        for doc in docs:
+            kind = "code" if "def " in doc or "import " in doc else "text"
+            prompts.append(template.format(kind=kind, excerpt=doc[:chars]))
+    return prompts[:n]
 
 
 def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
@@ -840,7 +866,9 @@ def add_arguments(subparsers) -> None:
     add_text_arguments(p)
     p.add_argument("--answers", type=int, default=0,
                    help="train on the model's own greedy answers to this many requests made "
-                        "from the calibration text (seq-len tokens each) instead of the text")
+                        "from the calibration text (seq-len tokens each) instead of the text; "
+                        "up to 3 per document: explain with an example, explain in prose, "
+                        "write new code")
     p.add_argument("--answer-batch", type=int, default=16,
                    help="answers generated together (one forward call per token for all)")
     p.add_argument("--steps", type=int, default=DrafterConfig.steps, help="training steps")

@@ -327,6 +327,25 @@ def test_real_model_greedy_identical_with_the_drafter(real_dir, dense, dense_tex
     assert generate_text(model, tokenizer, ids, TOKENS, speculative=spec).text == dense_text
 
 
+def test_requests_take_rounds_of_the_documents():
+    """Requests go round the documents, one kind of request per round (the first round as it
+    always was, so cached answers stay valid); more than every round can make is refused."""
+    from mlx_flash.drafter import REQUEST_ROUNDS, answer_prompts
+
+    docs = ["def f():\n    return 1\n" * 40, "A paragraph about names. " * 40]
+    first = answer_prompts(iter(docs), 2)
+    assert first[0].startswith("Explain this Python code and give a short example:\n\ndef f")
+    assert first[1].startswith("Explain this Python text")
+    assert len(first[0]) == len(first[0].split("\n\n", 1)[0]) + 2 + 400
+    every = answer_prompts(iter(docs), 2 * len(REQUEST_ROUNDS))
+    assert every[:2] == first and len(set(every)) == len(every)
+    assert answer_prompts(iter(docs), 3) == every[:3]
+    with pytest.raises(ValueError, match="give more text"):
+        answer_prompts(iter(docs), 2 * len(REQUEST_ROUNDS) + 1)
+    with pytest.raises(ValueError, match="no calibration documents"):
+        answer_prompts(iter([]), 1)
+
+
 def test_self_generated_answers_agree_with_the_teacher(tiny_dirs):
     """The model's own answers: the teacher pass's argmax is the next token everywhere."""
     from mlx_flash.drafter import PROMPT_TAIL, answer_prompts, answer_sequences, teacher_outputs
