@@ -293,11 +293,12 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
                 runtime_bytes: int, resident_bits: int = 16,
                 resident_group_size: int = 64, kv_itemsize: int | None = None,
                 selector_bytes: int | None = None, threads: int = 8,
-                reserved: int = 0) -> MemoryPlan:
+                reserved: int = 0, fast: bool = False) -> MemoryPlan:
     """kv_itemsize: bytes per KV element when it is not the compute dtype's. selector_bytes:
     what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any).
     threads: the store's reading threads (each may hold an O_DIRECT buffer). reserved: bytes
-    the caller holds besides the model (a drafter)."""
+    the caller holds besides the model (a drafter). fast: the fast CPU path computes streamed
+    chunks from their raw rows (no converted copies)."""
     itemsize = dtype.size
     sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
              for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
@@ -306,7 +307,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dt
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
     per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
                      for parts, width, dt in cache_buffers(layout, dtype).values())
-    scratch = stream_scratch(settings, layout.elements * itemsize,
+    scratch = stream_scratch(settings, 0 if fast else layout.elements * itemsize,
                              max(e.stride for e in manifest.layers), threads) + CODE_PAGES
     predictors = selector_bytes or 0
     if selector_bytes is None and manifest.predictors:
@@ -326,7 +327,8 @@ def stream_scratch(settings: FlashSettings, chunk_weight_bytes_per_neuron: int, 
                    threads: int) -> int:
     """Bytes the streamed chunks take while in use: the read-ahead's buffers (one per chunk in
     flight, plus the one being computed), two chunks of weights converted for compute (the
-    MLX path; the fast path computes from the raw rows), and one O_DIRECT buffer per thread."""
+    MLX path; the fast path computes from the raw rows: pass 0 bytes per neuron), and one
+    O_DIRECT buffer per thread."""
     chunk = settings.prefill_chunk
     return ((settings.read_ahead + 1) * chunk * stride
             + 2 * chunk * chunk_weight_bytes_per_neuron
@@ -459,7 +461,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
     def planned(dtype, on_flash, rbits):
         return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
                            runtime_bytes, rbits, resident_group_size, kv_itemsize, held, threads,
-                           reserve)
+                           reserve, fast)
 
     # Without explicit choices, fit the budget: full caches first, then the embedding table
     # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.

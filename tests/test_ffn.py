@@ -188,6 +188,23 @@ def test_reserved_bytes_come_out_of_the_budget(tiny_dirs):
         load(flash_dir, dram_budget="16GB", reserve=16 << 30)
 
 
+def test_fast_path_plans_no_converted_chunks(tiny_dirs):
+    """The fast CPU path computes streamed chunks from their raw rows: its plan's scratch
+    leaves out the MLX path's two converted chunks, and nothing else."""
+    from mlx_flash import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    scratch = {}
+    for fast in (False, True):
+        model, _ = load(flash_dir, dram_budget="16GB", fast_cpu=fast, dtype="float16")
+        settings, layout = model.flash.settings, model.flash.manifest.ffn
+        scratch[fast] = model.flash.stats.memory["scratch"]
+        model.flash.close()
+    assert scratch[False] - scratch[True] == 2 * settings.prefill_chunk * layout.elements * 2
+
+
 @pytest.mark.parametrize("read_ahead", [0, 3])
 def test_prefill_streams_one_read_per_chunk_whatever_the_planner(tiny_dirs, read_ahead):
     _, flash_dir = tiny_dirs("qwen2", "float16")
