@@ -22,9 +22,11 @@ after reading g_i..g_{i+k-1}. Both the forward and the backward pass are numpy (
 faster than the `mlx[cpu]` wheel's reference BLAS for these matmuls, see predictor.py); the
 gradients are checked against finite differences in tests/test_drafter.py.
 
-On disk, in the model dir: `drafter.safetensors` (the weights and `vocab`, header metadata with
-the format and the config) and `drafter.json` (file size, sha256, model identity, training
-report). A file whose checksum, format or shapes disagree is rejected with the fix.
+On disk, in the model dir: `drafter.safetensors` (the weights, matrices as float16, and
+`vocab`; header metadata with the format and the config) and `drafter.json` (file size,
+sha256, model identity, training report). A file whose checksum, format or shapes disagree is
+rejected with the fix. Loaded for drafting where the CPU kernels run, the matrices and head
+rows stay float16 (`HalfRows`, 20 MiB for the default model instead of 39 in float32).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ FILE_VERSION = "1"
 # ---------------------------------------------------------------- the model's frozen parts
 
 
-def head_weight_rows(model_dir: str | Path, ids: np.ndarray) -> np.ndarray:
-    """Rows `ids` of the model's output projection as float32 (k, d), read from the dir's
+def head_weight_rows(model_dir: str | Path, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Rows `ids` of the model's output projection (k, d) as `dtype`, read from the dir's
     resident.safetensors (lm_head, or the tied embedding table): whatever form the loaded
     model keeps them in (quantized, fast-path views, on flash), these are the stored values."""
     from .format import RESIDENT
@@ -70,9 +72,9 @@ def head_weight_rows(model_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     shape, offset, _, dtype = tensors[name]
     storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[dtype]
     rows = np.memmap(path, mode="r", offset=offset, shape=shape, dtype=storage)[ids]
-    if dtype == "bfloat16":
-        return (rows.astype(np.uint32) << 16).view(np.float32)
-    return rows.astype(np.float32)
+    if storage is np.uint16:  # bfloat16
+        rows = (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(dtype)
 
 
 def embed_tokens(model: nn.Module, ids: np.ndarray) -> np.ndarray:
@@ -136,11 +138,51 @@ def n_resblocks(params: dict[str, np.ndarray]) -> int:
     return sum(1 for k in params if k.startswith("R"))
 
 
+class HalfRows:
+    """A matrix kept as float16 rows (half the DRAM) and multiplied by the CPU kernels'
+    linear16, which reads the rows once and accumulates in float32. For drafting only: the
+    training's backward pass needs float32 matrices."""
+
+    def __init__(self, bits: np.ndarray):
+        self.bits = np.ascontiguousarray(bits).view(np.uint16)  # (rows, d) float16 bits
+
+    @classmethod
+    def of(cls, w: np.ndarray) -> HalfRows:
+        return cls(np.asarray(w, dtype=np.float16))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.bits.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """x (B, d) -> x @ W.T (B, rows) float32."""
+        from .cpu import kernels
+
+        return kernels().linear16(self.bits, "float16",
+                                  np.ascontiguousarray(x, dtype=np.float32))
+
+
+def half_available() -> bool:
+    """Whether drafting can keep its matrices as float16 (the CPU kernels built here)."""
+    from .cpu import unavailable_reason
+
+    return unavailable_reason() is None
+
+
+def matmul_t(x: np.ndarray, w: np.ndarray | HalfRows) -> np.ndarray:
+    """x @ w.T, for a float32 matrix or HalfRows."""
+    return w.apply(x) if isinstance(w, HalfRows) else x @ w.T
+
+
 def rnn_step(params: dict, s: np.ndarray | None, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """s: (B, d) or None (first step), e: (B, d) -> (pre-activation a, new state s)."""
-    a = e @ params["W"].T + params["b"]
+    a = matmul_t(e, params["W"]) + params["b"]
     if s is not None:
-        a = a + s @ params["U"].T
+        a = a + matmul_t(s, params["U"])
     return a, silu(a)
 
 
@@ -149,10 +191,10 @@ def head_forward(params: dict, s: np.ndarray, h: np.ndarray) -> tuple[np.ndarray
     x = np.concatenate([s, h], axis=1)  # (B, 2d)
     saved = []
     for i in range(n_resblocks(params)):
-        r = x @ params[f"R{i}"].T + params[f"c{i}"]
+        r = matmul_t(x, params[f"R{i}"]) + params[f"c{i}"]
         saved.append((x, r))
         x = x + silu(r)
-    return x @ params["P"].T + params["p"], saved + [x]
+    return matmul_t(x, params["P"]) + params["p"], saved + [x]
 
 
 def head_backward(params: dict, saved: list, dz: np.ndarray, grads: dict) -> np.ndarray:
@@ -233,24 +275,46 @@ class Drafter:
     params: dict[str, np.ndarray]
     vocab: np.ndarray  # (V,) model token ids the drafter can propose
     meta: dict = field(default_factory=dict)
-    head: np.ndarray | None = None  # (V, d) float32: lm_head rows `vocab`
+    head: np.ndarray | HalfRows | None = None  # (V, d): lm_head rows `vocab`
     embed: Callable[[np.ndarray], np.ndarray] | None = None  # ids (k,) -> (k, d) float32
 
     @property
     def d_model(self) -> int:
         return self.params["W"].shape[1]
 
+    @property
+    def half(self) -> bool:
+        return isinstance(self.params["W"], HalfRows)
+
+    @property
+    def nbytes(self) -> int:
+        """DRAM held by the weights and the head rows."""
+        return sum(v.nbytes for v in self.params.values()) + self.head.nbytes
+
     def attach(self, model: nn.Module, model_dir: str | Path) -> Drafter:
-        """Read the model's frozen head rows (from its dir) and use its embedding table;
-        returns self."""
-        self.head = head_weight_rows(model_dir, self.vocab)
+        """Read the model's frozen head rows (from its dir; float16 for a half drafter) and
+        use its embedding table; returns self."""
+        if self.half:
+            self.head = HalfRows.of(head_weight_rows(model_dir, self.vocab, np.float16))
+        else:
+            self.head = head_weight_rows(model_dir, self.vocab)
         self.embed = lambda ids: embed_tokens(model, ids)
+        return self
+
+    def compact(self) -> Drafter:
+        """Keep the matrices and head rows as float16 (HalfRows) where the CPU kernels run
+        (else unchanged): half the DRAM, for drafting only. Returns self."""
+        if half_available() and not self.half:
+            self.params = {k: HalfRows.of(v) if v.ndim == 2 else v
+                           for k, v in self.params.items()}
+            if self.head is not None:
+                self.head = HalfRows.of(self.head)
         return self
 
     def log_probs(self, s: np.ndarray, h: np.ndarray) -> np.ndarray:
         """s, h: (B, d) -> (B, V) log-probabilities over `vocab`."""
         z, _ = head_forward(self.params, s, h)
-        logits = z @ self.head.T
+        logits = matmul_t(z, self.head)
         logits -= logits.max(1, keepdims=True)
         return logits - np.log(np.exp(logits).sum(1, keepdims=True))
 
@@ -288,19 +352,22 @@ def drafter_paths(path: str | Path) -> tuple[Path, Path]:
     return weights, weights.with_suffix(".json")
 
 
-def drafter_bytes(path: str | Path, d_model: int) -> int:
-    """DRAM a drafter holds once loaded and attached, from its file's header: its float32
-    weights and the float32 lm_head rows of its vocabulary. 0 when there is no file (loading
-    it then fails with the reason)."""
+def drafter_bytes(path: str | Path, d_model: int, half: bool | None = None) -> int:
+    """DRAM a drafter holds once loaded and attached, from its file's header: its weights
+    and the lm_head rows of its vocabulary, matrices float16 when `half` (None: as
+    `load_drafter` decides), biases float32. 0 when there is no file (loading it then fails
+    with the reason)."""
     from .model import tensor_sizes
 
     weights, _ = drafter_paths(path)
     if not weights.exists():
         return 0
+    matrix = 2 if (half_available() if half is None else half) else 4
     sizes = tensor_sizes(weights)
-    params = sum(e.nbytes for name, e in sizes.items() if name != "vocab")
+    held = sum((matrix if len(e.shape) == 2 else 4) * int(np.prod(e.shape))
+               for name, e in sizes.items() if name != "vocab")
     vocab = sizes["vocab"].shape[0] if "vocab" in sizes else 0
-    return params + 4 * vocab * d_model
+    return held + matrix * vocab * d_model
 
 
 def model_identity(flash_dir: Path) -> dict:
@@ -316,7 +383,8 @@ def save_drafter(drafter: Drafter, flash_dir: str | Path, path: str | Path | Non
     """Write the drafter (temp file, fsync, rename; then the sidecar). Returns the file."""
     root = Path(flash_dir)
     weights, sidecar = drafter_paths(path or root)
-    arrays = {k: mx.array(v.astype(np.float32)) for k, v in drafter.params.items()}
+    arrays = {k: mx.array(v.astype(np.float16 if v.ndim == 2 else np.float32))
+              for k, v in drafter.params.items()}
     arrays["vocab"] = mx.array(drafter.vocab.astype(np.int32))
     tmp = weights.with_name(".drafter-tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata={
@@ -336,9 +404,11 @@ def save_drafter(drafter: Drafter, flash_dir: str | Path, path: str | Path | Non
     return weights
 
 
-def load_drafter(path: str | Path, flash_dir: str | Path | None = None) -> Drafter:
+def load_drafter(path: str | Path, flash_dir: str | Path | None = None,
+                 half: bool | None = None) -> Drafter:
     """Read and check a drafter: sha256 against its sidecar, format, shapes, and (with
-    flash_dir) that it was trained for this model. Raises FormatError naming the file."""
+    flash_dir) that it was trained for this model. Raises FormatError naming the file.
+    half: keep the matrices float16 (HalfRows; None: where the CPU kernels run), else float32."""
     weights, sidecar = drafter_paths(path)
     fix = f"train one with `mlx-flash train-drafter {flash_dir or weights.parent}`"
     if not sidecar.exists() or not weights.exists():
@@ -349,18 +419,20 @@ def load_drafter(path: str | Path, flash_dir: str | Path | None = None) -> Draft
         raise FormatError(f"{sidecar}: not valid JSON ({e}); {fix}") from e
     arrays, metadata = load_checked_safetensors(weights, entry.get("sha256"), sidecar.name,
                                                 FILE_FORMAT, FILE_VERSION, "drafter", fix)
-    drafter = _from_arrays(arrays, weights, fix)
+    drafter = _from_arrays(arrays, weights, fix,
+                           half_available() if half is None else half)
     drafter.meta = json.loads(metadata.get("meta", "{}"))
     if flash_dir is not None:
         _check_identity(entry.get("model", {}), model_identity(Path(flash_dir)), weights, fix)
     return drafter
 
 
-def _from_arrays(arrays: dict[str, mx.array], where: Path, fix: str) -> Drafter:
+def _from_arrays(arrays: dict[str, mx.array], where: Path, fix: str, half: bool) -> Drafter:
     if "W" not in arrays or "vocab" not in arrays:
         raise FormatError(f"{where}: missing tensors W/vocab; {fix}")
     d = arrays["W"].shape[1]
-    params = {k: np.array(v.astype(mx.float32)) for k, v in arrays.items() if k != "vocab"}
+    params = {k: HalfRows.of(np.array(v.astype(mx.float16))) if half and v.ndim == 2
+              else np.array(v.astype(mx.float32)) for k, v in arrays.items() if k != "vocab"}
     got = {k: v.shape for k, v in params.items()}
     if got != param_shapes(d, n_resblocks(params)):
         raise FormatError(f"{where}: tensor shapes {got} are not a drafter for d_model {d}; "

@@ -250,17 +250,39 @@ def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
     drafter = random_drafter(model, flash_dir)
     drafter.meta = {"note": "x"}
     path = save_drafter(drafter, flash_dir, tmp_path / "d.safetensors")
-    back = load_drafter(path, flash_dir)
+    back = load_drafter(path, flash_dir, half=False)
     assert back.meta == {"note": "x"} and np.array_equal(back.vocab, drafter.vocab)
-    for k, v in drafter.params.items():
-        np.testing.assert_array_equal(back.params[k], v)
+    for k, v in drafter.params.items():  # matrices are stored as float16
+        stored = v.astype(np.float16).astype(np.float32) if v.ndim == 2 else v
+        np.testing.assert_array_equal(back.params[k], stored)
     back.attach(model, flash_dir)  # what the DRAM plan reserves is what it holds
-    held = sum(v.astype(np.float32).nbytes for v in back.params.values()) + back.head.nbytes
-    assert drafter_bytes(path, back.d_model) == held
+    assert drafter_bytes(path, back.d_model, half=False) == back.nbytes
     assert drafter_bytes(tmp_path / "none.safetensors", back.d_model) == 0
     _, other_dir = tiny_dirs("llama")
     with pytest.raises(FormatError, match="trained for another model"):
         load_drafter(path, other_dir)
+
+
+def test_half_drafter_drafts_like_float32_in_half_the_memory(tiny_dirs, tmp_path):
+    """Loaded half, the matrices and head rows stay float16 (multiplied by the CPU kernel):
+    the plan's bytes are what it holds, about half, and its log-probabilities are float32's
+    up to float16 rounding."""
+    from mlx_flash import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load_dense(flash_dir)
+    path = save_drafter(random_drafter(model, flash_dir), flash_dir, tmp_path / "d.safetensors")
+    full = load_drafter(path, flash_dir, half=False).attach(model, flash_dir)
+    half = load_drafter(path, flash_dir, half=True).attach(model, flash_dir)
+    assert half.half and not full.half
+    assert drafter_bytes(path, half.d_model, half=True) == half.nbytes < 0.6 * full.nbytes
+    rng = np.random.default_rng(0)
+    s, h = (rng.standard_normal((3, half.d_model)).astype(np.float32) for _ in range(2))
+    np.testing.assert_allclose(half.log_probs(s, h), full.log_probs(s, h), atol=2e-2)
+    compacted = load_drafter(path, flash_dir, half=False).attach(model, flash_dir).compact()
+    np.testing.assert_array_equal(compacted.log_probs(s, h), half.log_probs(s, h))
 
 
 def test_corrupt_or_missing_drafter_is_rejected(tiny_dirs, tmp_path):
