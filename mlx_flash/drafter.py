@@ -825,6 +825,8 @@ def cached_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int
                 for i, key in enumerate(data["keys"]):
                     rows[str(key)] = tuple(a[i] for a in arrays)
     missing = [i for i, key in enumerate(keys) if key not in rows]
+    if progress is not None:  # the bar counts what is generated, not what is cached
+        progress("teacher-total", len(missing) * (seq_len - PROMPT_TAIL), 0.0)
     for first in range(0, len(missing), batch):
         todo = missing[first:first + batch]
         got = batched_answers(model, tokenizer, [prompts[i] for i in todo], seq_len, batch,
@@ -894,6 +896,10 @@ class _Progress:
         self.train = tqdm(total=steps, desc="training", unit="step", file=sys.stderr)
 
     def __call__(self, stage: str, n: int, loss: float) -> None:
+        if stage == "teacher-total":  # answers found in the cache are not generated
+            self.teacher.total = n
+            self.teacher.refresh()
+            return
         bar = self.teacher if stage == "teacher" else self.train
         bar.update(n)
         if stage == "train":
@@ -911,7 +917,7 @@ def train_drafter_cli(args) -> int:
                         hidden_weight=args.hidden_weight, seed=args.seed)
     n_tokens = (args.tokens // args.seq_len) * args.seq_len
     if args.answers:
-        n_tokens = args.answers * (args.seq_len - PROMPT_TAIL)  # generated (cached: none)
+        n_tokens = args.answers * (args.seq_len - PROMPT_TAIL)  # less what the cache holds
     bars = _Progress(n_tokens, cfg.steps)
     try:
         path, report = make_drafter(args.dir, cfg, args.text, args.tokens, args.seq_len,
