@@ -69,8 +69,8 @@ def head_weight_rows(model_dir: str | Path, ids: np.ndarray, dtype=np.float32) -
     path = Path(model_dir) / RESIDENT
     tensors = tensor_sizes(path)
     name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-    shape, offset, _, dtype = tensors[name]
-    storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[dtype]
+    shape, offset, _, stored = tensors[name]
+    storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[stored]
     rows = np.memmap(path, mode="r", offset=offset, shape=shape, dtype=storage)[ids]
     if storage is np.uint16:  # bfloat16
         rows = (rows.astype(np.uint32) << 16).view(np.float32)

@@ -263,6 +263,25 @@ def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
         load_drafter(path, other_dir)
 
 
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_head_rows_come_in_the_dtype_asked_whatever_the_storage(storage, tiny_dirs):
+    """The drafter's head rows: float32 for training and float32 drafting, float16 for a half
+    drafter, from 16-bit stored weights alike (the stored values, converted)."""
+    from mlx_flash.drafter import head_weight_rows
+
+    _, flash_dir = tiny_dirs("qwen2", storage)
+    model, _ = load_dense(flash_dir, dtype="float32", fast_cpu=False)
+    head = model["lm_head"] if "lm_head" in model else model.model.embed_tokens
+    ids = np.array([3, 7, 200])
+    want = np.array(head.weight[mx.array(ids)].astype(mx.float32))
+    rows = head_weight_rows(flash_dir, ids)
+    assert rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, want)
+    half = head_weight_rows(flash_dir, ids, np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, want.astype(np.float16))
+
+
 def test_half_drafter_drafts_like_float32_in_half_the_memory(tiny_dirs, tmp_path):
     """Loaded half, the matrices and head rows stay float16 (multiplied by the CPU kernel):
     the plan's bytes are what it holds, about half, and its log-probabilities are float32's
