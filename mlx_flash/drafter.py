@@ -166,8 +166,11 @@ class HalfRows:
                                   np.ascontiguousarray(x, dtype=np.float32))
 
 
-def half_available() -> bool:
-    """Whether drafting can keep its matrices as float16 (the CPU kernels built here)."""
+def keeps_half(half: bool | None = None) -> bool:
+    """Whether a loaded drafter keeps its matrices float16: `half`, or where None, whether the
+    CPU kernels that multiply them run here. One rule for `load_drafter` and `drafter_bytes`."""
+    if half is not None:
+        return half
     from .cpu import unavailable_reason
 
     return unavailable_reason() is None
@@ -301,16 +304,6 @@ class Drafter:
         self.embed = lambda ids: embed_tokens(model, ids)
         return self
 
-    def compact(self) -> Drafter:
-        """Keep the matrices and head rows as float16 (HalfRows) where the CPU kernels run
-        (else unchanged): half the DRAM, for drafting only. Returns self."""
-        if half_available() and not self.half:
-            self.params = {k: HalfRows.of(v) if v.ndim == 2 else v
-                           for k, v in self.params.items()}
-            if self.head is not None:
-                self.head = HalfRows.of(self.head)
-        return self
-
     def log_probs(self, s: np.ndarray, h: np.ndarray) -> np.ndarray:
         """s, h: (B, d) -> (B, V) log-probabilities over `vocab`."""
         z, _ = head_forward(self.params, s, h)
@@ -362,7 +355,7 @@ def drafter_bytes(path: str | Path, d_model: int, half: bool | None = None) -> i
     weights, _ = drafter_paths(path)
     if not weights.exists():
         return 0
-    matrix = 2 if (half_available() if half is None else half) else 4
+    matrix = 2 if keeps_half(half) else 4
     sizes = tensor_sizes(weights)
     held = sum((matrix if len(e.shape) == 2 else 4) * int(np.prod(e.shape))
                for name, e in sizes.items() if name != "vocab")
@@ -419,8 +412,7 @@ def load_drafter(path: str | Path, flash_dir: str | Path | None = None,
         raise FormatError(f"{sidecar}: not valid JSON ({e}); {fix}") from e
     arrays, metadata = load_checked_safetensors(weights, entry.get("sha256"), sidecar.name,
                                                 FILE_FORMAT, FILE_VERSION, "drafter", fix)
-    drafter = _from_arrays(arrays, weights, fix,
-                           half_available() if half is None else half)
+    drafter = _from_arrays(arrays, weights, fix, keeps_half(half))
     drafter.meta = json.loads(metadata.get("meta", "{}"))
     if flash_dir is not None:
         _check_identity(entry.get("model", {}), model_identity(Path(flash_dir)), weights, fix)
