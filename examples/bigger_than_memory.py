@@ -45,7 +45,7 @@ class Run:
 
 def model_bytes(path: Path) -> tuple[int, int]:
     """(resident, FFN) bytes on disk of a flash model dir."""
-    from mlx_flash.format import read_manifest
+    from mlx_flash.format.manifest import read_manifest
 
     manifest = read_manifest(path)
     return manifest.resident["size"], manifest.ffn_bytes
@@ -145,8 +145,8 @@ def main() -> int:
     p.add_argument("--no-cgroup", action="store_true", help="declare the budget only")
     args = p.parse_args()
 
-    from mlx_flash.__main__ import default_model_dir
-    from mlx_flash.model import parse_budget
+    from mlx_flash.cli.common import default_model_dir
+    from mlx_flash.runtime.memory import parse_budget
 
     model = Path(args.model) if args.model else default_model_dir()
     resident, ffn = model_bytes(model)

@@ -6,7 +6,7 @@
     print(generate(model, tokenizer, prompt="hello", max_tokens=50))
 """
 
-from .model import load, load_dense
+from .runtime.loader import load, load_dense
 
-__all__ = ["load", "load_dense"]  # the converter: mlx_flash.convert.convert
+__all__ = ["load", "load_dense"]  # the converter: mlx_flash.offline.convert.convert
 __version__ = "0.1.0"

@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_flash.kernels import ffn_over_rows, ffn_over_slots
+from mlx_flash.compute.reference import ffn_over_rows, ffn_over_slots
 
 D_MODEL, NEURONS = 896, 4864
 FRACTIONS = (0.1, 0.3, 0.5, 1.0)

@@ -42,12 +42,18 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx_flash.bench.baselines as bench_baselines
+import mlx_flash.offline.calibrate_disk as offline_calibrate_disk
+import mlx_flash.offline.placement as offline_placement
+import mlx_flash.runtime.disk as runtime_disk
+import mlx_flash.runtime.loader as runtime_loader
+
 REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("mlx_flash") is None:
     sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 
-from mlx_flash import disk as disk_model  # noqa: E402  (after the path fix above)
-from mlx_flash.disk import drop_page_cache  # noqa: E402
+pass  # noqa: E402  (after the path fix above)
+from mlx_flash.offline.calibrate_disk import drop_page_cache  # noqa: E402
 
 DEFAULT_CAPS = ("0.4", "0.5", "0.7", "1.0")
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
@@ -61,7 +67,7 @@ MIB = 2**20
 
 def model_bytes(root: Path) -> int:
     """Bytes of the model on flash: resident.safetensors plus every bundle file."""
-    from mlx_flash.format import read_manifest
+    from mlx_flash.format.manifest import read_manifest
 
     manifest = read_manifest(root)
     return manifest.ffn_bytes + manifest.resident["size"]
@@ -69,7 +75,7 @@ def model_bytes(root: Path) -> int:
 
 def parse_cap(value: str, size: int) -> int | None:
     """A cap in bytes from "0.5" (fraction of the model), "1.5x", "700MiB", "2GB" or "none"."""
-    from mlx_flash.model import parse_budget
+    from mlx_flash.runtime.memory import parse_budget
 
     text = str(value).strip().lower()
     if text in ("none", "inf", "uncapped"):
@@ -402,7 +408,7 @@ def _ratio(num: float, den: float) -> float | None:
 
 def load_flash(spec: dict):
     """load() a flash contender from worker args; returns (model, extra result fields)."""
-    from mlx_flash.model import load
+    from mlx_flash.runtime.loader import load
 
     opts = dict(spec["options"])
     unbundled = opts.pop("unbundled", False)
@@ -411,7 +417,7 @@ def load_flash(spec: dict):
         opts["direct"] = True
     model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"], **opts)
     if unbundled:
-        from mlx_flash.baselines import use_unbundled
+        from mlx_flash.bench.baselines import use_unbundled
 
         use_unbundled(model, spec["model"], spec["unbundled_dir"])
     if spec.get("record_ids"):
@@ -424,8 +430,8 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
     import mlx.core as mx  # noqa: F401  (the baseline RSS includes MLX and mlx_lm)
     import mlx_lm  # noqa: F401
 
-    from mlx_flash import baselines  # noqa: F401
-    from mlx_flash import model as flash_model
+    pass  # noqa: F401
+    pass
 
     result["baseline_rss_bytes"] = rss_bytes()
     spec = dict(spec, options=dict(spec["options"]))
@@ -434,10 +440,10 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
     kind, probe = spec["kind"], None
     try:
         if kind == "dense":
-            model, _ = flash_model.load_dense(spec["model"], dtype=spec["dtype"],
+            model, _ = runtime_loader.load_dense(spec["model"], dtype=spec["dtype"],
                                               **spec["options"])
         elif kind == "mmap":
-            model, _ = baselines.load_mmap(spec["model"], dtype=spec["dtype"], **spec["options"])
+            model, _ = bench_baselines.load_mmap(spec["model"], dtype=spec["dtype"], **spec["options"])
             layers = [layer.mlp for layer in model.layers]
             probe = lambda: sum(m.seconds for m in layers)  # noqa: E731
         else:
@@ -685,7 +691,7 @@ def window_sweep(ids_file: Path, model: Path, capacity: int, windows=range(1, 9)
     a fresh NeuronCache of the same capacity per window; new neurons x stride = bytes read (as
     with buffered reads; O_DIRECT alignment not included). Returns {window: bytes/token}.
     """
-    from mlx_flash.format import read_manifest
+    from mlx_flash.format.manifest import read_manifest
 
     manifest = read_manifest(model)
     calls = load_calls(ids_file)
@@ -696,7 +702,7 @@ def _replay(calls: list, manifest, capacity: int, window: int) -> float:
     """Bytes/token of one window size; like flash_result, the first decode call is skipped."""
     import mlx.core as mx
 
-    from mlx_flash.cache import NeuronCache
+    from mlx_flash.runtime.cache import NeuronCache
 
     caches: dict[int, NeuronCache] = {}
     decoded: dict[int, int] = {}
@@ -936,7 +942,7 @@ def replay_sets(calibration: Path, manifest, keep: float, tokens: int,
     """Per layer, per held-out calibration token: its top-`keep` ids, largest |h| first."""
     import numpy as np
 
-    from mlx_flash.placement import calibration_mags, split_holdout
+    from mlx_flash.offline.placement import calibration_mags, split_holdout
 
     info = json.loads((calibration / "calibration.json").read_text())
     out = []
@@ -956,12 +962,12 @@ def replay_io(model: Path, sets: list[list], planner: str, window: int, capacity
     import mlx.core as mx
     import numpy as np
 
-    from mlx_flash.cache import NeuronCache
-    from mlx_flash.format import read_manifest
-    from mlx_flash.store import IOStats, NeuronStore
+    from mlx_flash.format.manifest import read_manifest
+    from mlx_flash.runtime.cache import NeuronCache
+    from mlx_flash.runtime.store import IOStats, NeuronStore
 
     manifest = read_manifest(model)
-    cost = disk_model.cost_model_for(model) or disk_model.FALLBACK
+    cost = runtime_disk.cost_model_for(model) or runtime_disk.FALLBACK
     caches = [NeuronCache(e.n_neurons, capacity, 1, 1, mx.float32, window)
               for e in manifest.layers]
     if pin:
@@ -983,7 +989,7 @@ def replay_io(model: Path, sets: list[list], planner: str, window: int, capacity
 
 def io_replay(args) -> int:
     """The --io-replay mode: every (dir, planner, pin) combination, one table."""
-    from mlx_flash.format import read_manifest
+    from mlx_flash.format.manifest import read_manifest
 
     dirs = [Path(args.model)] + [Path(d) for d in filter(None, (args.placed or "").split(","))]
     manifest = read_manifest(dirs[0])
@@ -1025,26 +1031,26 @@ def placement_study(calibration: Path, model: Path, keep: float, window: int, to
     bundles; per token and layer."""
     import numpy as np
 
-    from mlx_flash import placement as pl
-    from mlx_flash.format import read_manifest
+    pass
+    from mlx_flash.format.manifest import read_manifest
 
     manifest = read_manifest(model)
-    cost = disk_model.cost_model_for(model) or disk_model.FALLBACK
+    cost = runtime_disk.cost_model_for(model) or runtime_disk.FALLBACK
     info = json.loads((calibration / "calibration.json").read_text())
     names = ("one read per neuron", "cost planner, id order", "cost planner, hot-first",
              "cost planner, co-activation order", "closest-friend bundles (paper)")
-    totals = {name: pl.ReadTotals() for name in names}
+    totals = {name: offline_placement.ReadTotals() for name in names}
     for layer in layers:
-        mag = pl.calibration_mags(calibration, manifest, layer)
-        train = pl.split_holdout(len(mag), 0.2, int(info.get("seq_len", 1)))
-        fit = pl.active_sets(mag[:train], keep)
-        new = pl.new_sets(pl.active_sets(mag[train:train + tokens], keep), window)
+        mag = offline_placement.calibration_mags(calibration, manifest, layer)
+        train = offline_placement.split_holdout(len(mag), 0.2, int(info.get("seq_len", 1)))
+        fit = offline_placement.active_sets(mag[:train], keep)
+        new = offline_placement.new_sets(offline_placement.active_sets(mag[train:train + tokens], keep), window)
         stride, ident = manifest.layers[layer].stride, np.arange(mag.shape[1])
-        pl.evaluate(ident, new, stride, cost, "neuron", totals=totals[names[0]])
-        for name, order in zip(names[1:4], (ident, pl.hot_order(fit), pl.coact_order(fit)),
+        offline_placement.evaluate(ident, new, stride, cost, "neuron", totals=totals[names[0]])
+        for name, order in zip(names[1:4], (ident, offline_placement.hot_order(fit), offline_placement.coact_order(fit)),
                                strict=True):
-            pl.evaluate(order, new, stride, cost, "cost", totals=totals[name])
-        pl.friend_bundles(pl.closest_friends(fit), new, stride, cost, totals=totals[names[4]])
+            offline_placement.evaluate(order, new, stride, cost, "cost", totals=totals[name])
+        offline_placement.friend_bundles(offline_placement.closest_friends(fit), new, stride, cost, totals=totals[names[4]])
     return [{"layout": name, **t.per_token()} for name, t in totals.items()]
 
 
@@ -1102,9 +1108,9 @@ def source_stamp() -> dict:
 
 def prompt_token_ids(model: Path, prompt: str) -> list[int]:
     """The chat-templated prompt, tokenized once so every contender gets the same ids."""
-    from mlx_flash.format import read_manifest
-    from mlx_flash.generate import format_prompt
-    from mlx_flash.model import load_tokenizer
+    from mlx_flash.format.manifest import read_manifest
+    from mlx_flash.runtime.generate import format_prompt
+    from mlx_flash.runtime.loader import load_tokenizer
 
     tokenizer = load_tokenizer(model, read_manifest(model))
     ids = list(format_prompt(tokenizer, prompt))
@@ -1115,7 +1121,7 @@ def prompt_token_ids(model: Path, prompt: str) -> list[int]:
 
 
 def default_gguf(model: Path) -> Path | None:
-    from mlx_flash.format import read_manifest
+    from mlx_flash.format.manifest import read_manifest
 
     source = read_manifest(model).source
     return Path(source["path"]) if source.get("kind") == "gguf" and source.get("path") else None
@@ -1191,7 +1197,7 @@ def sweeps(rows: list[dict], model: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The benchmark from parsed arguments (also `mlx-flash bench`)."""
-    from mlx_flash.format import read_manifest
+    from mlx_flash.format.manifest import read_manifest
 
     model = source = Path(args.model)
     gguf = Path(args.gguf) if args.gguf else default_gguf(model)
@@ -1208,7 +1214,7 @@ def run(args: argparse.Namespace) -> int:
                                   Path(args.placed.split(",")[0]) if args.placed else None,
                                   args.pin_hot)
     if any(c.name == "flash-no-bundling" and not c.skip for c in contenders):
-        from mlx_flash.baselines import write_unbundled
+        from mlx_flash.bench.baselines import write_unbundled
 
         print("[bench] writing the unbundled copy for flash-no-bundling ...", file=sys.stderr)
         setup.unbundled_dir = write_unbundled(model, Path(args.out) / "unbundled")
@@ -1240,13 +1246,13 @@ def run(args: argparse.Namespace) -> int:
 def disk_report(model: Path, manifest, args) -> dict:
     """The disk table: this device's stored cost model (`mlx-flash calibrate-disk`), else
     measured now on the model's bundle files and stored for next time."""
-    stored = None if args.measure_disk else disk_model.cost_model_for(model)
+    stored = None if args.measure_disk else runtime_disk.cost_model_for(model)
     if stored is None:
         print("[bench] measuring the disk (stored for later runs) ...", file=sys.stderr)
-        stored = disk_model.calibrate(model, [model / e.file for e in manifest.layers],
+        stored = offline_calibrate_disk.calibrate(model, [model / e.file for e in manifest.layers],
                                       args.disk_seconds)
-        disk_model.save(stored, disk_model.model_path(model))
-    return disk_model.as_report(stored)
+        runtime_disk.save(stored, runtime_disk.model_path(model))
+    return runtime_disk.as_report(stored)
 
 
 def write_report(report: dict, out: Path) -> None:

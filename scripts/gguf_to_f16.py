@@ -39,7 +39,7 @@ from gguf.quants import dequantize
 
 if importlib.util.find_spec("mlx_flash") is None:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlx_flash.gguf import (  # noqa: E402  (the repo root is put on sys.path first)
+from mlx_flash.offline.sources.gguf import (
     GGUF_ALIGNMENT,
     SCRATCH_BYTES,
     GGUFTensor,

@@ -29,8 +29,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_flash import cpu
-from mlx_flash.model import load, load_dense
+import mlx_flash.accel.build as accel_build
+import mlx_flash.accel.kernels as accel_kernels
+import mlx_flash.accel.linear as accel_linear
+
+pass
+from mlx_flash.runtime.loader import load, load_dense
 
 MODES = ("mlx-dense", "mlx-glue", "fast-dense", "fast-flash", "fast-pred")
 
@@ -67,7 +71,7 @@ class Timers:
 
 def instrument(timers: Timers) -> None:
     """Time the kernels by kind and the MLX evaluation that `to_f32_rows` forces."""
-    k = cpu.CpuKernels
+    k = accel_kernels.CpuKernels
 
     def linear_kind(args) -> str:
         if timers.in_predictor:
@@ -79,7 +83,7 @@ def instrument(timers: Timers) -> None:
     k.linear_q = timers.wrap(linear_kind, k.linear_q)
     k.ffn16 = timers.wrap(lambda a: "kernel FFN", k.ffn16)
     k.ffnq = timers.wrap(lambda a: "kernel FFN", k.ffnq)
-    from mlx_flash.predictor import PredictorSelector
+    from mlx_flash.runtime.selectors.predictor import PredictorSelector
 
     select = PredictorSelector.select
 
@@ -93,7 +97,7 @@ def instrument(timers: Timers) -> None:
             timers.now.pop("_inside_predictor", None)
 
     PredictorSelector.select = timed_select
-    original = cpu.to_f32_rows
+    original = accel_linear.to_f32_rows
 
     def to_rows(x):
         t0 = time.perf_counter()
@@ -101,10 +105,10 @@ def instrument(timers: Timers) -> None:
         timers.now["MLX graph eval"] += time.perf_counter() - t0
         return original(x)
 
-    cpu.to_f32_rows = to_rows
-    import mlx_flash.ffn as ffn
+    accel_linear.to_f32_rows = to_rows
+    pass
 
-    ffn.to_f32_rows = to_rows
+    accel_linear.to_f32_rows = to_rows
 
 
 class ZeroLinear(nn.Module):
@@ -177,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     if any(m.startswith("fast") for m in modes):
-        if cpu.unavailable_reason():
-            p.error(f"the fast CPU path is unavailable: {cpu.unavailable_reason()}")
+        if accel_build.unavailable_reason():
+            p.error(f"the fast CPU path is unavailable: {accel_build.unavailable_reason()}")
         instrument(TIMERS)
     report = {}
     for mode in modes:

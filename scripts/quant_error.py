@@ -19,8 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_flash.format import read_manifest
-from mlx_flash.model import load_dense, read_layer_dense
+from mlx_flash.format.manifest import read_manifest
+from mlx_flash.runtime.loader import load_dense, read_layer_dense
 
 
 def perplexity(model, ids: list[int]) -> float:

@@ -21,10 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_flash.evaluate import perplexity, read_text_tokens
-from mlx_flash.format import read_manifest
-from mlx_flash.model import load_dense
-from mlx_flash.predictor import layer_weights, np_activation, numpy_linears, recording
+from mlx_flash.format.arch import np_activation
+from mlx_flash.format.manifest import read_manifest
+from mlx_flash.offline.calibration import numpy_linears, recording
+from mlx_flash.offline.evaluate import perplexity, read_text_tokens
+from mlx_flash.offline.train_predictors import layer_weights
+from mlx_flash.runtime.loader import load_dense
 
 
 def quantized_copy(w: np.ndarray, bits: int, group_size: int = 64) -> np.ndarray:

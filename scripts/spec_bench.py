@@ -18,10 +18,10 @@ import os
 import sys
 import time
 
-from mlx_flash.drafter import load_drafter
-from mlx_flash.generate import format_prompt, generate_text
-from mlx_flash.model import load, load_dense
-from mlx_flash.speculative import SpecSettings, Speculation
+from mlx_flash.runtime.generate import format_prompt, generate_text
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.spec.drafter import load_drafter
+from mlx_flash.spec.speculative import SpecSettings, Speculation
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 

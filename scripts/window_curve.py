@@ -18,10 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_flash.cache import NeuronCache
-from mlx_flash.generate import format_prompt, generate_text
-from mlx_flash.model import load
-from mlx_flash.store import runs_of
+from mlx_flash.runtime.cache import NeuronCache
+from mlx_flash.runtime.generate import format_prompt, generate_text
+from mlx_flash.runtime.loader import load
+from mlx_flash.runtime.store import runs_of
 
 PROMPT = "Write a Python function that checks whether a string is a palindrome, with tests."
 

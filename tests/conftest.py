@@ -13,7 +13,7 @@ from tiny import make_source  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """arch -> (source dir, flash dir), converted once per session."""
-    from mlx_flash.convert import convert
+    from mlx_flash.offline.convert import convert
 
     cache = {}
 

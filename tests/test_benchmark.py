@@ -14,10 +14,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash.baselines import UnbundledStore, load_mmap, segments, write_unbundled
-from mlx_flash.format import read_manifest
-from mlx_flash.model import load_dense
-from mlx_flash.store import NeuronStore
+import mlx_flash.accel.build as accel_build
+from mlx_flash.bench.baselines import UnbundledStore, load_mmap, segments, write_unbundled
+from mlx_flash.format.manifest import read_manifest
+from mlx_flash.runtime.loader import load_dense
+from mlx_flash.runtime.store import NeuronStore
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 MIB = 2**20
@@ -193,10 +194,9 @@ def test_mmap_ffn_equals_dense(tiny_dirs, arch, dtype):
 
 @pytest.mark.parametrize("arch,dtype", [("qwen2", "float16"), ("starcoder2", "bfloat16")])
 def test_mmap_fast_cpu_equals_dense(tiny_dirs, arch, dtype):
-    from mlx_flash import cpu
 
-    if cpu.unavailable_reason():
-        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    if accel_build.unavailable_reason():
+        pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
     _, flash = tiny_dirs(arch, dtype)
     dense, _ = load_dense(flash, dtype="float32")
     mapped, _ = load_mmap(flash, chunk=48, fast_cpu=True)

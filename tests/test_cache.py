@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flash.cache import NeuronCache
-from mlx_flash.kernels import window_update
+from mlx_flash.compute.reference import window_update
+from mlx_flash.runtime.cache import NeuronCache
 
 N = 40
 

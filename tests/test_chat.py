@@ -12,7 +12,8 @@ import pytest
 from mlx_lm import generate
 
 import mlx_flash
-from mlx_flash.chat import Conversation, Status, StatusBar, conversation_ids
+from mlx_flash.cli.chat import Conversation, Status, StatusBar
+from mlx_flash.runtime.generate import conversation_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS_DRAW = re.compile(r"\x1b7.*?\x1b8", re.DOTALL)  # save cursor .. restore cursor
@@ -33,7 +34,7 @@ def greedy(flash_dir, messages: list[dict], max_tokens: int) -> str:
 def test_chat_in_a_terminal_answers_and_shows_the_status_line(flash_dir):
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, TERM="xterm", PYTHONPATH=str(ROOT))
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_flash.chat", "--model", str(flash_dir),
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_flash", "chat", "--model", str(flash_dir),
                                            "--max-tokens", "8"],
                           cwd=str(ROOT), env=env, dimensions=(24, 120), encoding="utf-8",
                           timeout=60)

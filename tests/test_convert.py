@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from tiny import ARCHS, make_source
 
-import mlx_flash.convert as convert_mod
-from mlx_flash.__main__ import main
-from mlx_flash.checkpoint import SafetensorsCheckpoint, open_checkpoint
-from mlx_flash.format import FormatError, read_manifest, verify_checksums
-from mlx_flash.model import load_dense
-from mlx_flash.store import bundles_as
+import mlx_flash.offline.convert as convert_mod
+import mlx_flash.offline.convert as offline_convert
+from mlx_flash.cli.main import main
+from mlx_flash.format.errors import FormatError
+from mlx_flash.format.manifest import read_manifest, verify_checksums
+from mlx_flash.offline.sources import open_checkpoint
+from mlx_flash.offline.sources.safetensors import SafetensorsCheckpoint
+from mlx_flash.runtime.loader import load_dense
+from mlx_flash.runtime.store import bundles_as
 
 TOKENS = mx.array([[5, 9, 17, 33, 65, 129]])
 
@@ -63,7 +66,7 @@ def test_bundle_bytes_equal_source_rows(arch, tiny_dirs):
 
 def test_bf16_source_round_trips_bits(tmp_path):
     src = make_source(tmp_path / "src", "llama", dtype="bfloat16")
-    convert_mod.convert(src, tmp_path / "flash")
+    offline_convert.convert(src, tmp_path / "flash")
     manifest = read_manifest(tmp_path / "flash")
     assert manifest.ffn.dtype == "bfloat16"
     dense, _ = load_dense(tmp_path / "flash", dtype="float32")
@@ -77,8 +80,8 @@ def test_out_exists_needs_force(tiny_dirs, tmp_path):
     out = tmp_path / "flash"
     out.mkdir()
     with pytest.raises(FileExistsError, match="--force"):
-        convert_mod.convert(src, out)
-    convert_mod.convert(src, out, force=True)
+        offline_convert.convert(src, out)
+    offline_convert.convert(src, out, force=True)
     assert read_manifest(out).n_layers == 2
 
 
@@ -111,10 +114,10 @@ def test_interrupted_convert_leaves_nothing(tiny_dirs, tmp_path, monkeypatch, fa
             raise failure
         return real(path, *args, **kwargs)
 
-    real = convert_mod.write_layer
+    real = offline_convert.write_layer
     monkeypatch.setattr(convert_mod, "write_layer", failing_write_layer)
     with pytest.raises(type(failure)):
-        convert_mod.convert(src, tmp_path / "flash")
+        offline_convert.convert(src, tmp_path / "flash")
     assert list(tmp_path.iterdir()) == []  # no OUT, no partial temp dir
 
 
@@ -181,7 +184,7 @@ def traced_convert_peak(tmp_path, n_layers: int) -> int:
     src = make_source(tmp_path / f"src{n_layers}", "llama", num_hidden_layers=n_layers,
                       hidden_size=128, intermediate_size=2048)
     tracemalloc.start()
-    convert_mod.convert(src, tmp_path / f"flash{n_layers}")
+    offline_convert.convert(src, tmp_path / f"flash{n_layers}")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return peak

@@ -9,14 +9,18 @@ import pytest
 from mlx_lm import generate
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_flash import cpu
-from mlx_flash.ffn import split_bundles
-from mlx_flash.format import read_manifest
-from mlx_flash.kernels import ffn_over_rows, ffn_over_slots
-from mlx_flash.model import load, load_dense
-from mlx_flash.store import NeuronStore
+import mlx_flash.accel.build as accel_build
+import mlx_flash.accel.build as cpu
+import mlx_flash.accel.ffn as accel_ffn
+import mlx_flash.accel.kernels as accel_kernels
+import mlx_flash.accel.linear as accel_linear
+from mlx_flash.compute.reference import ffn_over_rows, ffn_over_slots
+from mlx_flash.format.manifest import read_manifest
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.rows import split_bundles
+from mlx_flash.runtime.store import NeuronStore
 
-REASON = cpu.unavailable_reason()
+REASON = accel_build.unavailable_reason()
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels: {REASON}")
 DTYPES = [("float16", mx.float16), ("bfloat16", mx.bfloat16)]
 
@@ -37,9 +41,9 @@ def test_linear16_equals_f32_matmul(name, dtype, tokens, bias):
     w = as16(rand((90, 101), 0), dtype)  # 101: a tail past the 8-wide vectors
     x = rand((tokens, 101), 1)
     b = rand(90, 2) if bias else None
-    view, storage = cpu.storage_view(w)
+    view, storage = accel_linear.storage_view(w)
     assert storage == name
-    got = cpu.kernels().linear16(view, storage, x, b)
+    got = accel_build.kernels().linear16(view, storage, x, b)
     want = x @ np.asarray(w.astype(mx.float32)).T + (0 if b is None else b)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -54,8 +58,8 @@ def test_ffn16_equals_reference(name, dtype, activation, parts):
     x = rand((tokens, d), 4)
     mask = (np.random.default_rng(5).random((tokens, n)) < 0.5).astype(np.float32)
     in_bias = rand((parts - 1, capacity), 6)
-    base, storage = cpu.storage_view(weights)
-    got = cpu.kernels().ffn16(base, (capacity * d, d), parts, n, d, storage, x, activation,
+    base, storage = accel_linear.storage_view(weights)
+    got = accel_build.kernels().ffn16(base, (capacity * d, d), parts, n, d, storage, x, activation,
                               mask, in_bias)
     want = ffn_over_rows(mx.array(x), weights.astype(mx.float32), n, activation,
                          mx.array(mask), mx.array(in_bias))
@@ -67,8 +71,8 @@ def test_ffn16_over_slots_and_empty():
     weights = as16(rand((3, 30, 16), 7, 0.3), mx.float16)
     x = rand((2, 16), 8)
     slots = np.array([29, 3, 17, 0, 8], dtype=np.int32)
-    base, storage = cpu.storage_view(weights)
-    k = cpu.kernels()
+    base, storage = accel_linear.storage_view(weights)
+    k = accel_build.kernels()
     got = k.ffn16(base, (30 * 16, 16), 3, slots.size, 16, storage, x, "silu", slots=slots)
     want = ffn_over_slots(mx.array(x), weights.astype(mx.float32), mx.array(slots), "silu")
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
@@ -78,7 +82,7 @@ def test_ffn16_over_slots_and_empty():
 
 @needs_kernels
 def test_kernels_reject_bad_operands():
-    k = cpu.kernels()
+    k = accel_build.kernels()
     w = np.zeros((4, 8), np.uint16)
     with pytest.raises(ValueError, match="float32"):
         k.linear16(w, "float16", np.zeros((1, 8), np.float64))
@@ -90,18 +94,18 @@ def test_kernels_reject_bad_operands():
 
 def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(cpu.CpuKernelsUnavailable, match="does not run"):
-        cpu.build_library(out_dir=tmp_path)
+    with pytest.raises(accel_build.CpuKernelsUnavailable, match="does not run"):
+        accel_build.build_library(out_dir=tmp_path)
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left
 
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(cpu, "_state", {})
-    monkeypatch.setenv(cpu.ENV_CPU_KERNELS, "0")
-    assert cpu.unavailable_reason() == f"{cpu.ENV_CPU_KERNELS}=0"
-    assert not cpu.wanted(False)
-    with pytest.raises(cpu.CpuKernelsUnavailable, match="fast_cpu=True"):
-        cpu.wanted(True)
+    monkeypatch.setenv(accel_build.ENV_CPU_KERNELS, "0")
+    assert accel_build.unavailable_reason() == f"{accel_build.ENV_CPU_KERNELS}=0"
+    assert not accel_build.wanted(False)
+    with pytest.raises(accel_build.CpuKernelsUnavailable, match="fast_cpu=True"):
+        accel_build.wanted(True)
 
 
 @needs_kernels
@@ -113,7 +117,7 @@ def test_bundle_ffn_equals_split_bundles(tiny_dirs, arch):
     with NeuronStore(flash_dir, manifest) as store:
         rows, _ = store.read(1, np.arange(manifest.layers[1].n_neurons))
     x = rand((2, manifest.ffn.d_model), 9)
-    got = cpu.BundleFFN(manifest.ffn).over_rows(rows, x, n=rows.shape[0] - 3)
+    got = accel_ffn.BundleFFN(manifest.ffn).over_rows(rows, x, n=rows.shape[0] - 3)
     weights, bias = split_bundles(rows[:-3], manifest, mx.float32)
     want = ffn_over_rows(mx.array(x), weights, weights.shape[1], manifest.ffn.activation,
                          None, bias)
@@ -126,9 +130,9 @@ def test_accelerate_fuses_siblings_and_matches(tiny_dirs):
     ref, _ = load_dense(flash_dir, dtype="float32")
     fast, _ = load_dense(flash_dir, fast_cpu=True)
     attn = fast.model.layers[0].self_attn
-    assert type(attn.q_proj) is cpu.FastLinear and attn.q_proj._fused is attn.v_proj._fused
-    assert type(fast.model.layers[0].mlp.down_proj) is cpu.FastLinear
-    assert type(fast.model.embed_tokens) is cpu.FastEmbedding
+    assert type(attn.q_proj) is accel_linear.FastLinear and attn.q_proj._fused is attn.v_proj._fused
+    assert type(fast.model.layers[0].mlp.down_proj) is accel_linear.FastLinear
+    assert type(fast.model.embed_tokens) is accel_linear.FastEmbedding
     ids = mx.array([[5, 9, 17, 33, 2]])
     want = ref(ids, cache=make_prompt_cache(ref))
     got = fast(ids, cache=make_prompt_cache(fast))
@@ -171,14 +175,14 @@ def test_fast_path_window_matches_mlx_window(tiny_dirs):
 def test_fast_path_on_quantized_bundles(tiny_dirs, tmp_path, bits, arch):
     """ffnq over the cache (window path, small cache so some neurons stream) and over read
     chunks (prefill) against the MLX quantized path on the same bundles."""
-    from mlx_flash.convert import convert
+    from mlx_flash.offline.convert import convert
 
     src, _ = tiny_dirs(arch, "float16")
     out = tmp_path / f"q{bits}"
     convert(src, out, bits=bits, group_size=32)
     kwargs = dict(selector="oracle", oracle_rule="top", keep=0.5, window=2)
     model, tokenizer = load(out, fast_cpu=True, **kwargs)
-    assert type(model.flash.fast) is cpu.QuantBundleFFN
+    assert type(model.flash.fast) is accel_ffn.QuantBundleFFN
     ref, _ = load(out, fast_cpu=False, dtype="float32", **kwargs)
     for prompt in ([5, 9, 17, 33], list(range(3, 40))):
         assert generate(model, tokenizer, prompt, max_tokens=8) == \
@@ -188,8 +192,8 @@ def test_fast_path_on_quantized_bundles(tiny_dirs, tmp_path, bits, arch):
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
 def test_ffnq_equals_quantized_reference(bits):
-    from mlx_flash.format import FFNLayout
-    from mlx_flash.quant import ffn_over_qrows
+    from mlx_flash.compute.reference import ffn_over_qrows
+    from mlx_flash.format.manifest import FFNLayout
 
     d, n, tokens = 64, 20, 3
     layout = FFNLayout(kind="gated", activation="silu", d_model=d, dtype="float16",
@@ -199,8 +203,8 @@ def test_ffnq_equals_quantized_reference(bits):
     scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
     x = rand((tokens, d), 17)
     mask = (np.random.default_rng(18).random((tokens, n)) < 0.6).astype(np.float32)
-    got = cpu.kernels().ffnq(np.asarray(q), cpu.storage_view(scales)[0],
-                             cpu.storage_view(biases)[0], "float16", n, bits, 32, x, "silu",
+    got = accel_build.kernels().ffnq(np.asarray(q), accel_linear.storage_view(scales)[0],
+                             accel_linear.storage_view(biases)[0], "float16", n, bits, 32, x, "silu",
                              mask)
     want = ffn_over_qrows(mx.array(x), q, scales.astype(mx.float32),
                           biases.astype(mx.float32), n, layout, mx.array(mask))
@@ -218,7 +222,7 @@ def test_mlx_linear_kept_for_f32_weights():
     half = nn.Linear(8, 8)
     half.set_dtype(mx.float16)
     model = Holder(kept=nn.Linear(8, 8), swapped=half)
-    assert cpu.accelerate(model) == 1
+    assert accel_linear.accelerate(model) == 1
     assert type(model.kept) is nn.Linear
 
 
@@ -232,7 +236,7 @@ def test_quantized_linear_equals_mlx(bits, group_size, tokens):
     x = mx.array(rand((tokens, 128), 11))
     want = linear(x)
     model = Holder(proj=linear)
-    assert cpu.accelerate(model) == 1
+    assert accel_linear.accelerate(model) == 1
     got = model.proj(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
@@ -243,7 +247,7 @@ def test_flash_fast_path_with_quantized_resident(tiny_dirs):
     model, tokenizer = load(flash_dir, fast_cpu=True, resident_bits=8, resident_group_size=32)
     ref, _ = load(flash_dir, fast_cpu=False, dtype="float32", resident_bits=8,
                   resident_group_size=32)
-    assert type(model.layers[0].self_attn.q_proj) is cpu.FastLinear
+    assert type(model.layers[0].self_attn.q_proj) is accel_linear.FastLinear
     prompt = [5, 9, 17, 33]
     assert generate(model, tokenizer, prompt, max_tokens=8) == \
         generate(ref, tokenizer, prompt, max_tokens=8)
@@ -252,7 +256,7 @@ def test_flash_fast_path_with_quantized_resident(tiny_dirs):
 @needs_kernels
 @pytest.mark.parametrize("kind", ["ffn", "linear"])
 def test_fast_predictor_scores(kind):
-    from mlx_flash.predictor import FastLayerPredictor, LayerPredictor
+    from mlx_flash.runtime.selectors.predictor import FastLayerPredictor, LayerPredictor
 
     a, b, x = rand((64, 12), 12, 0.3), rand((12, 300), 13, 0.3), rand((3, 64), 14)
     if kind == "ffn":
@@ -269,20 +273,20 @@ def test_fast_predictor_scores(kind):
 @needs_kernels
 def test_portable_scalar_build_matches_the_vector_one(tmp_path):
     """The path any non-x86 CPU gets: built without -march=native (no AVX2/F16C), no OpenMP."""
-    scalar = cpu.CpuKernels(cpu.build_library(out_dir=tmp_path, flag_sets=(["-O3"],)))
-    vector = cpu.kernels()
+    scalar = accel_kernels.CpuKernels(accel_build.build_library(out_dir=tmp_path, flag_sets=(["-O3"],)))
+    vector = accel_build.kernels()
     assert not scalar.vector and scalar.threads == 1
     w = as16(rand((40, 72), 20, 0.3), mx.bfloat16)
-    view, storage = cpu.storage_view(w)
+    view, storage = accel_linear.storage_view(w)
     x = rand((3, 72), 21)
     np.testing.assert_allclose(scalar.linear16(view, storage, x), vector.linear16(view, storage, x),
                                rtol=1e-5, atol=1e-5)
     weights = as16(rand((3, 30, 72), 22, 0.3), mx.float16)
-    base, storage = cpu.storage_view(weights)
+    base, storage = accel_linear.storage_view(weights)
     args = (base, (30 * 72, 72), 3, 25, 72, storage, x, "gelu_approx")
     np.testing.assert_allclose(scalar.ffn16(*args), vector.ffn16(*args), rtol=1e-4, atol=1e-4)
     q, s, b = mx.quantize(mx.array(rand((3, 30, 64), 23, 0.3)), group_size=32, bits=4)
-    s16, b16 = (cpu.storage_view(a.astype(mx.float16))[0] for a in (s, b))
+    s16, b16 = (accel_linear.storage_view(a.astype(mx.float16))[0] for a in (s, b))
     xq = rand((2, 64), 24)
     qargs = (np.asarray(q), s16, b16, "float16", 30, 4, 32, xq, "silu")
     np.testing.assert_allclose(scalar.ffnq(*qargs), vector.ffnq(*qargs), rtol=1e-4, atol=1e-4)

@@ -11,12 +11,14 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.models.rope_utils import initialize_rope
 
-from mlx_flash import cpu, cpu_decode
-from mlx_flash.drafter import Drafter, init_params
-from mlx_flash.model import load, load_dense
-from mlx_flash.speculative import SpecSettings, SpecStats, make_cache, speculative_tokens
+import mlx_flash.accel.blocks as accel_blocks
+import mlx_flash.accel.build as accel_build
+import mlx_flash.process as process
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.spec.drafter import Drafter, init_params
+from mlx_flash.spec.speculative import SpecSettings, SpecStats, make_cache, speculative_tokens
 
-REASON = cpu.unavailable_reason()
+REASON = accel_build.unavailable_reason()
 needs_kernels = pytest.mark.skipif(REASON is not None, reason=f"CPU kernels: {REASON}")
 FAMILY = ["llama", "qwen2", "mistral", "qwen3"]
 
@@ -37,7 +39,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 def test_rope_table_equals_the_module(traditional, dims, scaling):
     rope = (initialize_rope(16, 10000.0, traditional, scaling, 2048) if scaling
             else nn.RoPE(dims, traditional=traditional, base=10000.0))
-    table = cpu_decode.RopeTable(rope, 16)
+    table = accel_blocks.RopeTable(rope, 16)
     x = rand((1, 3, 5, 16), 0)  # (B, heads, L, D): mlx's layout
     for offset in (0, 7, 1500):  # 1500: past the first table, which then grows
         want = np.asarray(rope(mx.array(x), offset=offset))
@@ -59,18 +61,18 @@ def test_attend_equals_mlx_sdpa(length, span, mask_kind):
     want = mx.fast.scaled_dot_product_attention(
         mx.array(q), mx.array(k), mx.array(v), scale=0.25,
         mask=mask if mask is None or isinstance(mask, str) else mx.array(mask))
-    got = cpu_decode.attend(q, k, v, 0.25, mask)
+    got = accel_blocks.attend(q, k, v, 0.25, mask)
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_attend_rejects_unknown_named_mask():
     q = rand((1, 2, 2, 8), 0)
     with pytest.raises(ValueError, match="causal"):
-        cpu_decode.attend(q, q, q, 1.0, "sliding")
+        accel_blocks.attend(q, q, q, 1.0, "sliding")
 
 
 def test_numpy_kv_cache_grows_trims_and_serves_mlx_modules():
-    cache = cpu_decode.NumpyKVCache()
+    cache = accel_blocks.NumpyKVCache()
     cache.step = 4  # grow every 4 positions
     a, b = rand((1, 2, 3, 8), 0), rand((1, 2, 3, 8), 1)
     k, v = cache.append_f32(a, a + 1)
@@ -90,12 +92,12 @@ def test_numpy_kv_cache_grows_trims_and_serves_mlx_modules():
 def test_blocks_are_swapped_and_match_mlx(tiny_dirs, arch, monkeypatch):
     _, flash_dir = tiny_dirs(arch, "float16")
     fast, _ = load_dense(flash_dir, fast_cpu=True)
-    monkeypatch.setenv(cpu_decode.ENV_CPU_BLOCKS, "0")
+    monkeypatch.setenv(accel_blocks.ENV_CPU_BLOCKS, "0")
     mlx_blocks, _ = load_dense(flash_dir, fast_cpu=True)
-    assert all(cpu_decode.is_fast(b) for b in fast.layers)
-    assert not any(cpu_decode.is_fast(b) for b in mlx_blocks.layers)
+    assert all(accel_blocks.is_fast(b) for b in fast.layers)
+    assert not any(accel_blocks.is_fast(b) for b in mlx_blocks.layers)
     caches = make_prompt_cache(fast), make_prompt_cache(mlx_blocks)
-    assert isinstance(caches[0][0], cpu_decode.NumpyKVCache)
+    assert isinstance(caches[0][0], accel_blocks.NumpyKVCache)
     assert type(caches[1][0]) is KVCache
     for ids in ([[5, 9, 17, 33, 2]], [[7]], [[8]]):  # a prompt, then two decode steps
         got = fast(mx.array(ids), cache=caches[0])
@@ -121,7 +123,7 @@ def test_flash_generation_with_numpy_blocks_equals_reference(tiny_dirs, arch):
     _, flash_dir = tiny_dirs(arch, "float16")
     ref, tokenizer = load_dense(flash_dir, dtype="float32")
     model, _ = load(flash_dir, fast_cpu=True, selector="oracle", oracle_rule="all")
-    assert all(cpu_decode.is_fast(b) for b in model.layers)
+    assert all(accel_blocks.is_fast(b) for b in model.layers)
     for prompt in ([5, 9, 17, 33], list(range(3, 40))):  # window path, then prefill stream
         assert generate(model, tokenizer, prompt, max_tokens=8) == \
             generate(ref, tokenizer, prompt, max_tokens=8)
@@ -146,7 +148,7 @@ def test_speculative_tree_on_numpy_blocks_is_greedy(tiny_dirs, arch):
     """Tree verification (depth positions, tree mask) and rollback on numpy caches."""
     _, flash_dir = tiny_dirs(arch, "float16")
     model, _ = load_dense(flash_dir, fast_cpu=True)
-    assert isinstance(make_cache(model)[0], cpu_decode.NumpyKVCache)
+    assert isinstance(make_cache(model)[0], accel_blocks.NumpyKVCache)
     prompt = [5, 9, 17, 33, 65, 129, 7, 8]
     want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=16)]
     drafters = [Drafter(init_params(64, 1, seed=1), np.arange(256)).attach(model, flash_dir),
@@ -173,14 +175,14 @@ class ShiftedRoPE(nn.Module):
 @needs_kernels
 def test_a_variant_the_numpy_block_does_not_reproduce_keeps_mlx(tiny_dirs, monkeypatch):
     _, flash_dir = tiny_dirs("qwen2", "float16")
-    monkeypatch.setenv(cpu_decode.ENV_CPU_BLOCKS, "0")
+    monkeypatch.setenv(accel_blocks.ENV_CPU_BLOCKS, "0")
     model, _ = load_dense(flash_dir, fast_cpu=True)
-    monkeypatch.delenv(cpu_decode.ENV_CPU_BLOCKS)
+    monkeypatch.delenv(accel_blocks.ENV_CPU_BLOCKS)
     for block in model.layers:
         block.self_attn.rope = ShiftedRoPE()
     with pytest.warns(UserWarning, match="keeping MLX's blocks"):
-        assert cpu_decode.install(model) == 0
-    assert not any(cpu_decode.is_fast(b) for b in model.layers)
+        assert accel_blocks.install(model) == 0
+    assert not any(accel_blocks.is_fast(b) for b in model.layers)
     assert not hasattr(model, "make_cache") or type(model.make_cache()[0]) is KVCache
 
 
@@ -193,9 +195,9 @@ def test_numpy_blas_is_put_on_one_thread(monkeypatch):
     libs = sorted({ln.split()[-1] for ln in maps.splitlines() if "openblas" in ln.lower()
                    and ln.split()[-1].startswith("/")})
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    assert cpu.single_threaded_blas() is False  # the user's setting wins
+    assert process.single_threaded_blas() is False  # the user's setting wins
     monkeypatch.delenv("OPENBLAS_NUM_THREADS")
-    assert cpu.single_threaded_blas() is bool(libs)
+    assert process.single_threaded_blas() is bool(libs)
     for path in libs:
         getter = getattr(ctypes.CDLL(path), "scipy_openblas_get_num_threads64_", None)
         if getter is not None:
@@ -216,15 +218,15 @@ class ScaledMLP(nn.Module):
 @needs_kernels
 def test_any_other_mlp_runs_through_mlx_inside_the_numpy_block(tiny_dirs, monkeypatch):
     _, flash_dir = tiny_dirs("llama", "float16")
-    monkeypatch.setenv(cpu_decode.ENV_CPU_BLOCKS, "0")
+    monkeypatch.setenv(accel_blocks.ENV_CPU_BLOCKS, "0")
     mlx_blocks, _ = load_dense(flash_dir, fast_cpu=True)
     fast, _ = load_dense(flash_dir, fast_cpu=True)
-    monkeypatch.delenv(cpu_decode.ENV_CPU_BLOCKS)
+    monkeypatch.delenv(accel_blocks.ENV_CPU_BLOCKS)
     for a, b in zip(mlx_blocks.layers, fast.layers, strict=True):
         a.mlp = ScaledMLP(64)
         b.mlp = a.mlp
     mx.eval(mlx_blocks.parameters())
-    assert cpu_decode.install(fast) == len(fast.layers)
+    assert accel_blocks.install(fast) == len(fast.layers)
     caches = make_prompt_cache(fast), make_prompt_cache(mlx_blocks)
     for ids in ([[5, 9, 17]], [[7]]):
         got = fast(mx.array(ids), cache=caches[0])

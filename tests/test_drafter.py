@@ -11,21 +11,24 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache
 from test_real_model import dense, dense_text, real_dir  # noqa: F401 (fixtures)
 
-from mlx_flash.drafter import (
-    Drafter,
+import mlx_flash.accel.build as accel_build
+from mlx_flash.format.errors import FormatError
+from mlx_flash.offline.train_drafter import (
     DrafterConfig,
+    loss_and_grads,
+    make_examples,
+    train_drafter,
+)
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.spec.drafter import (
+    Drafter,
     drafter_bytes,
     hidden_and_logits,
     init_params,
     load_drafter,
-    loss_and_grads,
-    make_examples,
     save_drafter,
-    train_drafter,
 )
-from mlx_flash.format import FormatError
-from mlx_flash.model import load, load_dense
-from mlx_flash.speculative import (
+from mlx_flash.spec.speculative import (
     SpecSettings,
     SpecStats,
     TokenTree,
@@ -267,7 +270,7 @@ def test_save_load_round_trip_and_identity(tiny_dirs, tmp_path):
 def test_head_rows_come_in_the_dtype_asked_whatever_the_storage(storage, tiny_dirs):
     """The drafter's head rows: float32 for training and float32 drafting, float16 for a half
     drafter, from 16-bit stored weights alike (the stored values, converted)."""
-    from mlx_flash.drafter import head_weight_rows
+    from mlx_flash.spec.drafter import head_weight_rows
 
     _, flash_dir = tiny_dirs("qwen2", storage)
     model, _ = load_dense(flash_dir, dtype="float32", fast_cpu=False)
@@ -286,10 +289,9 @@ def test_half_drafter_drafts_like_float32_in_half_the_memory(tiny_dirs, tmp_path
     """Loaded half, the matrices and head rows stay float16 (multiplied by the CPU kernel):
     the plan's bytes are what it holds, about half, and its log-probabilities are float32's
     up to float16 rounding."""
-    from mlx_flash import cpu
 
-    if cpu.unavailable_reason():
-        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    if accel_build.unavailable_reason():
+        pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
     _, flash_dir = tiny_dirs("qwen2")
     model, _ = load_dense(flash_dir)
     path = save_drafter(random_drafter(model, flash_dir), flash_dir, tmp_path / "d.safetensors")
@@ -322,7 +324,7 @@ def test_corrupt_or_missing_drafter_is_rejected(tiny_dirs, tmp_path):
 
 
 def test_cli_generate_with_drafter_matches_plain(tiny_dirs, tmp_path, capsys):
-    from mlx_flash.__main__ import main
+    from mlx_flash.cli.main import main
 
     _, flash_dir = tiny_dirs("mistral")  # its tiny tokenizer encodes "w1 w2 w3"
     model, _ = load_dense(flash_dir)
@@ -351,9 +353,9 @@ def test_real_model_greedy_identical_with_the_drafter(real_dir, dense, dense_tex
     from test_real_model import PROMPT as REAL_PROMPT
     from test_real_model import TOKENS
 
-    from mlx_flash.drafter import DRAFTER
-    from mlx_flash.generate import format_prompt, generate_text
-    from mlx_flash.speculative import Speculation
+    from mlx_flash.runtime.generate import format_prompt, generate_text
+    from mlx_flash.spec.drafter import DRAFTER
+    from mlx_flash.spec.speculative import Speculation
 
     model, tokenizer = dense
     if (real_dir / DRAFTER).exists():
@@ -369,7 +371,7 @@ def test_real_model_greedy_identical_with_the_drafter(real_dir, dense, dense_tex
 def test_requests_take_rounds_of_the_documents():
     """Requests go round the documents, one kind of request per round (the first round as it
     always was, so cached answers stay valid); more than every round can make is refused."""
-    from mlx_flash.drafter import REQUEST_ROUNDS, answer_prompts
+    from mlx_flash.offline.answers import REQUEST_ROUNDS, answer_prompts
 
     docs = ["def f():\n    return 1\n" * 40, "A paragraph about names. " * 40]
     first = answer_prompts(iter(docs), 2)
@@ -387,7 +389,8 @@ def test_requests_take_rounds_of_the_documents():
 
 def test_self_generated_answers_agree_with_the_teacher(tiny_dirs):
     """The model's own answers: the teacher pass's argmax is the next token everywhere."""
-    from mlx_flash.drafter import PROMPT_TAIL, answer_prompts, answer_sequences, teacher_outputs
+    from mlx_flash.offline.answers import PROMPT_TAIL, answer_prompts, answer_sequences
+    from mlx_flash.offline.train_drafter import teacher_outputs
 
     _, flash_dir = tiny_dirs("mistral")
     model, tokenizer = load_dense(flash_dir)
@@ -403,14 +406,14 @@ def test_self_generated_answers_agree_with_the_teacher(tiny_dirs):
 def test_batched_answers_equal_one_at_a_time_and_are_cached(tiny_dirs, tmp_path):
     """Left-padded batches generate the same answers as one prompt at a time, with the teacher
     pass's hidden states and argmax; the cache reuses rows and generates only missing ones."""
-    from mlx_flash.drafter import (
+    from mlx_flash.offline.answers import (
         PROMPT_TAIL,
         answer_prompts,
         answer_sequences,
         batched_answers,
         cached_answers,
-        teacher_outputs,
     )
+    from mlx_flash.offline.train_drafter import teacher_outputs
 
     _, flash_dir = tiny_dirs("mistral")
     model, tokenizer = load_dense(flash_dir)

@@ -8,7 +8,10 @@ import pytest
 from mlx_lm import generate
 from tiny import ARCHS
 
-from mlx_flash.model import load, load_dense
+import mlx_flash.accel.build as accel_build
+import mlx_flash.runtime.loader as model_module
+import mlx_flash.runtime.memory as runtime_memory
+from mlx_flash.runtime.loader import load, load_dense
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
 
@@ -113,9 +116,8 @@ def test_naive_flash_reads_everything_every_token(tiny_dirs):
 
 def caches_of_three_neurons(monkeypatch) -> None:
     """Make `load` plan 3 neurons per layer's cache, whatever the budget."""
-    from mlx_flash import model as model_module
 
-    plan_memory = model_module.plan_memory
+    plan_memory = runtime_memory.plan_memory
 
     def three_neurons(*args, **kwargs):
         plan = plan_memory(*args, **kwargs)
@@ -129,11 +131,10 @@ def caches_of_three_neurons(monkeypatch) -> None:
 def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
     """A cache smaller than the active set: the rest is read and computed each call, so flash
     with every neuron stays equal to dense (it used to drop them)."""
-    from mlx_flash import cpu
 
     caches_of_three_neurons(monkeypatch)
-    if fast_cpu and cpu.unavailable_reason():
-        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    if fast_cpu and accel_build.unavailable_reason():
+        pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
     _, flash_dir = tiny_dirs("qwen2", "float16")
     dense, tokenizer = load_dense(flash_dir, dtype="float32")
     model, _ = load(flash_dir, selector="oracle", oracle_rule="all", fast_cpu=fast_cpu,
@@ -164,7 +165,7 @@ def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(tiny_dirs, monk
 
 
 def test_direct_reads_are_on_under_a_budget(tiny_dirs):
-    from mlx_flash.store import supports_direct
+    from mlx_flash.runtime.store import supports_direct
 
     _, flash_dir = tiny_dirs("qwen2", "float16")
     model, _ = load(flash_dir)
@@ -191,10 +192,9 @@ def test_reserved_bytes_come_out_of_the_budget(tiny_dirs):
 def test_fast_path_plans_no_converted_chunks(tiny_dirs):
     """The fast CPU path computes streamed chunks from their raw rows: its plan's scratch
     leaves out the MLX path's two converted chunks, and nothing else."""
-    from mlx_flash import cpu
 
-    if cpu.unavailable_reason():
-        pytest.skip(f"CPU kernels: {cpu.unavailable_reason()}")
+    if accel_build.unavailable_reason():
+        pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
     _, flash_dir = tiny_dirs("qwen2", "float16")
     scratch = {}
     for fast in (False, True):

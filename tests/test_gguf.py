@@ -21,14 +21,14 @@ from gguf import TokenType
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_tokenizer
 
-from mlx_flash.gguf import (
+from mlx_flash.offline.sources.gguf import (
     GGUFCheckpoint,
     llama3_factors,
     read_header,
     sliding_window_pattern,
-    spm_merges,
     unpermute_rows,
 )
+from mlx_flash.offline.sources.gguf_tokenizer import spm_merges
 
 D, FFN, VOCAB_EXTRA = 64, 128, 8
 
@@ -440,7 +440,7 @@ def test_gpt2_tokenizer_round_trip(models, tmp_path):
 
 @pytest.mark.parametrize("prefix", [True, False])
 def test_sentencepiece_tokenizer_round_trip(tmp_path, prefix):
-    from mlx_flash.gguf import build_tokenizer, tokenizer_config
+    from mlx_flash.offline.sources.gguf_tokenizer import build_tokenizer, tokenizer_config
 
     meta = spm_vocab(add_space_prefix=prefix)
     build_tokenizer(meta).save(str(tmp_path / "tokenizer.json"))
@@ -467,7 +467,8 @@ def test_spm_merges_rank_by_score():
 def real_gguf() -> Path | None:
     """/tmp/qwen.gguf or the pulled default model; pulled when MLX_FLASH_REQUIRE_REAL_MODEL is
     set (CI: a missing model is an error there, not a skip)."""
-    from mlx_flash.pull import DEFAULT_MODEL, default_models_dir, pull
+    from mlx_flash.format.home import default_models_dir
+    from mlx_flash.offline.pull import DEFAULT_MODEL, pull
 
     for path in (Path("/tmp/qwen.gguf"), default_models_dir() / DEFAULT_MODEL / "model.gguf"):
         if path.is_file() and path.stat().st_size == 491400064:
@@ -512,7 +513,7 @@ VOCAB_DIR = os.environ.get("LLAMA_CPP_VOCAB_DIR")
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", ["qwen2", "llama-bpe", "gpt-2", "llama-spm", "phi-3"])
 def test_llama_cpp_vocab_fixtures(name):
-    from mlx_flash.gguf import build_tokenizer
+    from mlx_flash.offline.sources.gguf_tokenizer import build_tokenizer
 
     path = Path(VOCAB_DIR or "/nonexistent") / f"ggml-vocab-{name}.gguf"
     if not (path.exists() and path.with_suffix(".gguf.out").exists()):

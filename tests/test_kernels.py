@@ -27,21 +27,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flash import kernels
-from mlx_flash.kernels import (
-    ACTIVATION_FNS,
+import mlx_flash.compute.gpu as compute_gpu
+import mlx_flash.compute.gpu as kernels
+from mlx_flash.compute.gpu import (
     apply_window_update,
     backend,
     compute_ffn,
     compute_ffn_slots,
     ffn_kernel,
-    ffn_over_rows,
-    ffn_over_slots,
     force_reference,
     kernel_sources,
-    window_update,
     window_update_kernel,
 )
+from mlx_flash.compute.reference import ffn_over_rows, ffn_over_slots, window_update
+from mlx_flash.format.arch import ACTIVATION_FNS
 
 ACTIVATIONS = sorted(ACTIVATION_FNS)
 HAS_METAL = mx.metal.is_available()
@@ -229,10 +228,10 @@ def test_backend_is_reference_when_the_default_device_is_cpu(monkeypatch):
 
 
 def test_env_var_forces_reference(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_KERNELS, "reference")
+    monkeypatch.setenv(compute_gpu.ENV_KERNELS, "reference")
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     assert backend() == "reference"
-    monkeypatch.setenv(kernels.ENV_KERNELS, "fast")
+    monkeypatch.setenv(compute_gpu.ENV_KERNELS, "fast")
     with pytest.raises(ValueError, match="MLX_FLASH_KERNELS"):
         backend()
 
@@ -276,7 +275,7 @@ def test_dispatcher_rejects_bad_arguments():
 
 def test_kernel_sources_are_found_and_paired():
     """Both back ends define the same kernels with the same inputs and outputs."""
-    assert (kernels.kernel_dir() / "sparse_ffn.metal").is_file()
+    assert (compute_gpu.kernel_dir() / "sparse_ffn.metal").is_file()
     metal, cuda = kernel_sources("metal"), kernel_sources("cuda")
     assert set(metal) == set(cuda) == {"flash_ffn_act", "flash_ffn_down", "flash_window_update"}
     for name in metal:
@@ -432,7 +431,7 @@ INT_INPUTS = {"idx", "params", "code"}
 LOCKSTEP = {"flash_ffn_act"}
 
 
-def _emu_kernel(src: kernels.KernelSource, which: str) -> str:
+def _emu_kernel(src: compute_gpu.KernelSource, which: str) -> str:
     consts = EMU_CONSTANTS[src.name]
     args = [f"const {'int32_t' if n in INT_INPUTS else 'float'}* {n}" for n in src.input_names]
     args += [f"float* {n}" for n in src.output_names]
@@ -550,7 +549,7 @@ def test_emulated_ffn_kernel_edge_cases(use_emulator):
 def test_emulated_dispatch_routes_by_shape(use_emulator, monkeypatch):
     """compute_ffn takes the kernel for small T, the reference above MAX_KERNEL_TOKENS."""
     calls = []
-    real = kernels._kernel
+    real = compute_gpu._kernel
 
     def counting(name, which):
         calls.append(name)
@@ -559,8 +558,8 @@ def test_emulated_dispatch_routes_by_shape(use_emulator, monkeypatch):
     monkeypatch.setattr(kernels, "_kernel", counting)
     monkeypatch.setattr(kernels, "backend", lambda: use_emulator)
     rng = np.random.default_rng(4)
-    x, w, _ = make_case(rng, kernels.MAX_KERNEL_TOKENS + 1, 40, 10, 3)
-    for tokens in (2, kernels.MAX_KERNEL_TOKENS + 1):
+    x, w, _ = make_case(rng, compute_gpu.MAX_KERNEL_TOKENS + 1, 40, 10, 3)
+    for tokens in (2, compute_gpu.MAX_KERNEL_TOKENS + 1):
         got = compute_ffn(as_mx(x[:tokens]), as_mx(w), 10, "silu")
         assert_close(got, np_ffn(x[:tokens], w, np.arange(10), "silu"), mx.float32)
     assert calls == ["flash_ffn_act", "flash_ffn_down"]
@@ -570,12 +569,12 @@ def test_emulated_dispatch_routes_by_shape(use_emulator, monkeypatch):
 @given(case=window_updates())
 def test_emulated_window_kernel_matches_numpy_model(emulated, case):
     which, table = emulated
-    kernels_kernel = kernels._kernel
+    kernels_kernel = compute_gpu._kernel
     try:
-        kernels._kernel = lambda name, _which: table[name]  # hypothesis: no monkeypatch fixture
+        compute_gpu._kernel = lambda name, _which: table[name]  # hypothesis: no monkeypatch fixture
         _run_updates(lambda *a: window_update_kernel(*a, which=which), *case)
     finally:
-        kernels._kernel = kernels_kernel
+        compute_gpu._kernel = kernels_kernel
 
 
 # -- the CUDA sources through nvcc, wrapped as MLX's cuda_kernel wraps them ------------------
@@ -590,7 +589,7 @@ MLX_UTILS_STUB = """#pragma once
 """
 
 
-def _mlx_cuda_wrap(src: kernels.KernelSource, tag: str, in_types, out_types, template) -> str:
+def _mlx_cuda_wrap(src: compute_gpu.KernelSource, tag: str, in_types, out_types, template) -> str:
     """The source mx.fast.cuda_kernel compiles (mlx/backend/cuda/custom_kernel.cpp)."""
     args = [f"    const {CUDA_TYPES[t]}* {n}" for n, t in zip(src.input_names, in_types, strict=True)]
     args += [f"    {CUDA_TYPES[t]}* {n}" for n, t in zip(src.output_names, out_types, strict=True)]

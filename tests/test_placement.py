@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from mlx_lm import generate
 
-from mlx_flash import disk
-from mlx_flash.cache import NeuronCache
-from mlx_flash.format import FormatError, decode_ids, encode_ids, read_manifest
-from mlx_flash.model import load, load_dense
-from mlx_flash.placement import (
+import mlx_flash.offline.calibrate_disk as disk
+import mlx_flash.offline.calibrate_disk as offline_calibrate_disk
+import mlx_flash.runtime.disk as runtime_disk
+from mlx_flash.format.errors import FormatError
+from mlx_flash.format.manifest import decode_ids, encode_ids, read_manifest
+from mlx_flash.offline.placement import (
     closest_friends,
     coact_order,
     evaluate,
@@ -22,14 +23,16 @@ from mlx_flash.placement import (
     new_sets,
     place,
 )
-from mlx_flash.planner import plan_reads, span_bytes
-from mlx_flash.store import NeuronStore
+from mlx_flash.runtime.cache import NeuronCache
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.planner import plan_reads, span_bytes
+from mlx_flash.runtime.store import NeuronStore
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
 # A disk where a read costs 100 us up to 64 KiB: crossing gaps pays.
-SLOW_READS = disk.CostModel(device="0:0", random={"8": {"4": 40e6, "64": 640e6, "1024": 1e9}})
+SLOW_READS = runtime_disk.CostModel(device="0:0", random={"8": {"4": 40e6, "64": 640e6, "1024": 1e9}})
 # A disk where every byte costs the same (no per-read cost): crossing gaps never pays.
-FLAT = disk.CostModel(device="0:0", random={"8": {"4": 1e9, "1024": 1e9}})
+FLAT = runtime_disk.CostModel(device="0:0", random={"8": {"4": 1e9, "1024": 1e9}})
 
 
 def greedy(model, tokenizer, n=10):
@@ -95,14 +98,14 @@ def test_streaming_a_layer_is_one_read_per_chunk_whatever_the_planner(tiny_dirs)
 
 def test_cost_model_round_trip_and_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
-    assert disk.cost_model_for(tmp_path) is None
-    dest = disk.save(SLOW_READS, disk.model_path(tmp_path))
+    assert runtime_disk.cost_model_for(tmp_path) is None
+    dest = runtime_disk.save(SLOW_READS, runtime_disk.model_path(tmp_path))
     assert dest.parent == tmp_path / "home" / "disk"
-    back = disk.cost_model_for(tmp_path)
+    back = runtime_disk.cost_model_for(tmp_path)
     assert back == SLOW_READS
     sizes = np.array([4096, 65536, 2 << 20])
     assert np.allclose(back.read_seconds(sizes), [4096 / 40e6, 65536 / 640e6, (2 << 20) / 1e9])
-    assert disk.FALLBACK.latency() > 0 and disk.FALLBACK.bandwidth() > 1e9
+    assert runtime_disk.FALLBACK.latency() > 0 and runtime_disk.FALLBACK.bandwidth() > 1e9
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"device": "1:2"}',
@@ -110,11 +113,11 @@ def test_cost_model_round_trip_and_lookup(tmp_path, monkeypatch):
                                   '{"device": "1:2", "random": {"8": {"4": 1e8}}, "version": 9}'])
 def test_corrupt_cost_model_is_rejected_naming_the_file(tmp_path, monkeypatch, text):
     monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path))
-    path = disk.model_path(tmp_path)
+    path = runtime_disk.model_path(tmp_path)
     path.parent.mkdir(parents=True)
     path.write_text(text)
-    with pytest.raises(disk.CostModelError, match=f"{path.name}.*calibrate-disk"):
-        disk.cost_model_for(tmp_path)
+    with pytest.raises(runtime_disk.CostModelError, match=f"{path.name}.*calibrate-disk"):
+        runtime_disk.cost_model_for(tmp_path)
 
 
 # ---------------------------------------------------------------- placement
@@ -319,10 +322,10 @@ def test_io_replay_reads_what_the_cache_misses(bench, placed, monkeypatch):
 def test_calibrate_measures_a_scratch_file_and_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setattr(disk, "drop_page_cache", lambda: False)  # shared machine: not in tests
     seen = []
-    model = disk.calibrate(tmp_path, seconds=0.005, scratch_bytes=8 * 2**20,
+    model = offline_calibrate_disk.calibrate(tmp_path, seconds=0.005, scratch_bytes=8 * 2**20,
                            progress=seen.append)
-    assert len(seen) == disk.points() and not list(tmp_path.iterdir())
-    assert model.device == disk.device_of(tmp_path) and model.latency() > 0
-    assert disk.CostModel.from_json(model.to_json(), "x") == model
+    assert len(seen) == offline_calibrate_disk.points() and not list(tmp_path.iterdir())
+    assert model.device == runtime_disk.device_of(tmp_path) and model.latency() > 0
+    assert runtime_disk.CostModel.from_json(model.to_json(), "x") == model
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        disk.calibrate(tmp_path / "missing")
+        offline_calibrate_disk.calibrate(tmp_path / "missing")

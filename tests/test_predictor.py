@@ -11,31 +11,36 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash.format import PREDICTORS, FormatError, read_manifest
-from mlx_flash.model import load, load_dense
-from mlx_flash.predictor import (
-    LayerPredictor,
-    Predictors,
-    PredictorSelector,
+from mlx_flash.format.errors import FormatError
+from mlx_flash.format.manifest import PREDICTORS, read_manifest
+from mlx_flash.offline.calibration import (
+    calibration_sequences,
+    default_documents,
+    find_recording,
+    load_layer,
+    mag_file,
+    record_activations,
+    x_file,
+)
+from mlx_flash.offline.train_predictors import (
     Target,
     TrainConfig,
     balanced_bce_mlx,
     balanced_bce_numpy,
     calibrate_thresholds,
-    calibration_sequences,
-    default_documents,
-    find_recording,
-    load_layer,
-    load_predictors,
-    mag_file,
     mass_recall,
     parse_target,
-    record_activations,
     save_predictors,
     target_labels,
     train_layer,
     train_predictors,
-    x_file,
+)
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.selectors.predictor import (
+    LayerPredictor,
+    Predictors,
+    PredictorSelector,
+    load_predictors,
 )
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
@@ -280,7 +285,7 @@ def test_bad_predictors_files_are_rejected_clearly(own_dir, tmp_path):
 
 def _rewrite_entry(flash_dir: Path) -> None:
     """Make the manifest agree with whatever predictors.safetensors now holds."""
-    from mlx_flash.format import file_entry
+    from mlx_flash.format.manifest import file_entry
 
     manifest = json.loads((flash_dir / "manifest.json").read_text())
     manifest["predictors"].update(file_entry(flash_dir, PREDICTORS))
@@ -314,7 +319,7 @@ def test_flash_with_predictors_stays_close_to_dense(own_dir, tmp_path):
 
 
 def test_eval_and_sweep_run_on_a_text_file(own_dir, tmp_path):
-    from mlx_flash.evaluate import EvalConfig, evaluate, sweep
+    from mlx_flash.offline.evaluate import EvalConfig, evaluate, sweep
 
     flash_dir = own_dir("nemotron")
     save_predictors(flash_dir, train_tiny(flash_dir, tmp_path, epochs=5))

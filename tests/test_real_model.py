@@ -19,7 +19,7 @@ TOKENS = 48
 
 @pytest.fixture(scope="module")
 def real_dir():
-    from mlx_flash.__main__ import default_model_dir
+    from mlx_flash.cli.common import default_model_dir
 
     try:
         return default_model_dir()
@@ -31,7 +31,7 @@ def real_dir():
 
 @pytest.fixture(scope="module")
 def dense(real_dir):
-    from mlx_flash import load_dense
+    from mlx_flash.runtime.loader import load_dense
 
     return load_dense(real_dir)
 
@@ -39,7 +39,7 @@ def dense(real_dir):
 def greedy(model, tokenizer) -> str:
     from mlx_lm import generate
 
-    from mlx_flash.generate import format_prompt
+    from mlx_flash.runtime.generate import format_prompt
 
     ids = format_prompt(tokenizer, PROMPT)
     return generate(model, tokenizer, ids, max_tokens=TOKENS, verbose=False)
@@ -72,7 +72,7 @@ def test_dense_equals_mlx_lm_on_the_same_weights(real_dir, dense, dense_text, tm
 
 
 def test_flash_all_neurons_equals_dense(real_dir, dense_text):
-    from mlx_flash import load
+    from mlx_flash.runtime.loader import load
 
     model, tokenizer = load(real_dir, selector="oracle", oracle_rule="all", window=4)
     assert greedy(model, tokenizer) == dense_text

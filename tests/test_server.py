@@ -20,7 +20,7 @@ import uvicorn  # noqa: E402
 from mlx_lm import generate  # noqa: E402
 
 import mlx_flash  # noqa: E402
-from mlx_flash.server import ServeSettings, StopStrings, create_app  # noqa: E402
+from mlx_flash.cli.serve import ServeSettings, StopStrings, create_app  # noqa: E402
 
 PROMPT = "w1 w2 w3"
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mlx_flash.format import read_manifest
-from mlx_flash.store import (
+from mlx_flash.format.manifest import read_manifest
+from mlx_flash.runtime.store import (
     NeuronStore,
     ReadAhead,
     StoreReadError,

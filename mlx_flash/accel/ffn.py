@@ -1,0 +1,126 @@
+"""The FFN over raw bundles on the fast CPU path (16-bit and quantized)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..format.bundles import unpack_bundles
+from ..format.manifest import FFNLayout
+from ..format.storage import storage_to_f32
+from .build import kernels
+from .kernels import DT_CODES
+
+
+def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
+                        slots: np.ndarray, rows: np.ndarray) -> None:
+    """`kernels.window_update` in place on a numpy buffer: swap-delete, then append-insert."""
+    if dst.size:
+        buffer[:, dst] = buffer[:, src]
+    if slots.size:
+        buffer[:, slots] = rows
+
+
+class BundleFFN:
+    """The fast path's FFN over 16-bit bundles. The cache buffer is (capacity, stride) bytes,
+    each slot a bundle exactly as read from flash (gate | up | down | biases, see format.py):
+    the window update moves whole bundles and the kernel reads each neuron from one place."""
+
+    def __init__(self, layout: FFNLayout):
+        self.d, self.parts = layout.d_model, len(layout.matrix_names)
+        self.dtype, self.activation = layout.dtype, layout.activation
+        self.bias_offsets = [p.offset for p in layout.parts if p.name.endswith("_bias")]
+
+    def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
+        """NeuronCache buffers (name -> (parts, width, dtype)) for bundles of `stride` bytes."""
+        return {"bundles": (1, stride, mx.uint8)}
+
+    def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
+               slots: np.ndarray, rows: np.ndarray) -> None:
+        """A window update in place (see `window_update_numpy`); rows: the new neurons'
+        bundles (k, stride) for `slots`."""
+        window_update_numpy(buffers["bundles"], dst, src, slots, rows[None])
+
+    def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self.over_rows(cache.buffers["bundles"][0], x, mask, cache.n)
+
+    def over_rows(self, bundles: np.ndarray, x: np.ndarray, mask: np.ndarray | None = None,
+                  n: int | None = None) -> np.ndarray:
+        """bundles: (k, stride) uint8; x: (T, d) f32 -> (T, d) f32 over bundles [0, n or k)."""
+        n = bundles.shape[0] if n is None else n
+        elems = bundles.view(np.uint16)
+        in_bias = None
+        if self.bias_offsets and n:
+            in_bias = storage_to_f32(elems[:n, self.bias_offsets], self.dtype).T
+        return kernels().ffn16(elems, (self.d, elems.shape[1]), self.parts, n, self.d,
+                               self.dtype, x, self.activation, mask, in_bias)
+
+
+class QuantBundleFFN:
+    """The fast path's FFN over 4/8-bit bundles: the cache keeps the unpacked parts as numpy
+    buffers like the MLX path's ("q" uint32, "scales"/"biases" 16-bit, "bias" f32) and `ffnq`
+    decodes the rows in registers."""
+
+    def __init__(self, layout: FFNLayout):
+        self.layout = layout
+        self.dtype, self.activation = layout.dtype, layout.activation
+        self.bits, self.group_size = layout.bits, layout.group_size
+
+    def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
+        layout = self.layout
+        parts, groups = len(layout.matrix_names), layout.d_model // layout.group_size
+        spec = {"q": (parts, layout.d_model * layout.bits // 32, mx.uint32),
+                "scales": (parts, groups, mx.uint16), "biases": (parts, groups, mx.uint16)}
+        if layout.bias_names:
+            spec["bias"] = (len(layout.bias_names), 1, mx.float32)
+        return spec
+
+    def _unpack(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        parts = unpack_bundles(rows, self.layout)
+        out = {k: np.ascontiguousarray(parts[k]).view(np.uint16 if k != "q" else np.uint32)
+               for k in ("q", "scales", "biases")}
+        if "bias" in parts:
+            out["bias"] = storage_to_f32(parts["bias"].view(np.uint16), self.dtype)[:, :, None]
+        return out
+
+    def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
+               slots: np.ndarray, rows: np.ndarray) -> None:
+        new = self._unpack(rows)
+        for name, buffer in buffers.items():
+            window_update_numpy(buffer, dst, src, slots, new[name])
+
+    def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self._ffn(cache.buffers, cache.n, x, mask)
+
+    def over_rows(self, rows: np.ndarray, x: np.ndarray, mask: np.ndarray | None = None,
+                  n: int | None = None) -> np.ndarray:
+        return self._ffn(self._unpack(rows), rows.shape[0] if n is None else n, x, mask)
+
+    def _ffn(self, b: dict[str, np.ndarray], n: int, x: np.ndarray,
+             mask: np.ndarray | None) -> np.ndarray:
+        in_bias = np.ascontiguousarray(b["bias"][:, :, 0]) if "bias" in b else None
+        return kernels().ffnq(b["q"], b["scales"], b["biases"], self.dtype, n, self.bits,
+                              self.group_size, x, self.activation, mask, in_bias)
+
+
+def fast_ffn(layout: FFNLayout) -> BundleFFN | QuantBundleFFN:
+    """The fast path's FFN for this bundle layout."""
+    if not supports(layout):
+        raise ValueError(f"the fast CPU FFN needs 16-bit storage, got {layout.dtype}")
+    return QuantBundleFFN(layout) if layout.quantized else BundleFFN(layout)
+
+
+def supports(layout: FFNLayout) -> bool:
+    """16-bit bundles, or 4/8-bit ones with 16-bit scales."""
+    return layout.dtype in DT_CODES
+
+
+_NP_DTYPES = {mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32,
+              mx.float32: np.float32}
+
+
+def numpy_zeros(shape: tuple[int, ...], dtype: mx.Dtype) -> np.ndarray:
+    """A zeroed numpy cache buffer, its pages touched now (the budget counts them from load)."""
+    buffer = np.zeros(shape, dtype=_NP_DTYPES[dtype])
+    buffer.fill(0)
+    return buffer

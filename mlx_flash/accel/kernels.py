@@ -1,0 +1,173 @@
+"""The fast CPU path: C kernels over 16-bit weights, called on zero-copy numpy views.
+
+On this project's CPU machine the `mlx[cpu]` wheel multiplies f32 matrices with a reference
+BLAS and runs f16/bf16 matmuls at 1-2.5 GB/s, so a decode step of the default model took ~450 ms
+in MLX (BENCHMARKS.md, issue 11). Here the weights stay in their 16-bit storage type and
+`kernels/cpu_kernels.c` widens them to f32 in registers (F16C/AVX2/FMA, OpenMP threads):
+
+- `FastLinear` replaces `nn.Linear` (attention projections, lm_head, a dense MLP); sibling
+  projections that read the same input (q/k/v, gate/up) are fused into one call.
+- `ffn16` / `ffnq` compute the FFN over the neuron cache's rows (`BundleFFN` /
+  `QuantBundleFFN`); the cache buffers are then numpy arrays that the window update edits in
+  place.
+
+The C file is compiled on first use with the system compiler (`cc`, or $CC) into
+`$MLX_FLASH_HOME/kernels` (default ~/.cache/mlx_flash/kernels), keyed by the source, compiler
+and CPU, written under a temporary name and renamed. Without a compiler the fast path is
+unavailable and the MLX path (the reference, and what runs on a GPU) is used, with the reason in
+`unavailable_reason()`. `MLX_FLASH_CPU_KERNELS=0` turns the fast path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..format.arch import ACTIVATION_CODES
+from ..process import single_threaded_blas
+
+DT_CODES = {"float16": 0, "bfloat16": 1}
+
+
+_VOIDP, _INT, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+
+class CpuKernels:
+    """ctypes bindings of the built library."""
+
+    def __init__(self, path: Path):
+        # OpenMP threads that spin between calls steal the core MLX and the reads need (measured
+        # on 2 busy cores: a 4864-row linear 12 ms spinning, 0.3 ms passive). Read at load.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        single_threaded_blas()
+        lib = ctypes.CDLL(str(path))
+        lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
+        lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _VOIDP, _INT, _INT, _INT, _VOIDP, _INT,
+                              _VOIDP, _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
+        lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _VOIDP, _INT,
+                                 _VOIDP, _VOIDP, _VOIDP]
+        lib.ffnq.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _I64, _INT, _INT, _INT, _INT,
+                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
+        for fn in (lib.linear16, lib.ffn16, lib.linear_q, lib.ffnq):
+            fn.restype = None
+        self._lib, self.path = lib, path
+        self.threads: int = lib.flash_threads()
+        self.vector: bool = bool(lib.flash_vector_path())
+
+    def linear16(self, weight: np.ndarray, dtype: str, x: np.ndarray,
+                 bias: np.ndarray | None = None) -> np.ndarray:
+        """x (T, d) f32 contiguous, weight (rows, d) 16-bit storage -> (T, rows) f32."""
+        rows, d = weight.shape
+        _check_operands(weight, x, d)
+        y = np.empty((x.shape[0], rows), dtype=np.float32)
+        self._lib.linear16(weight.ctypes.data, weight.strides[0] // 2, rows, d, DT_CODES[dtype],
+                           x.ctypes.data, x.shape[0], _ptr(bias), y.ctypes.data)
+        return y
+
+    def linear_q(self, wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+                 group_size: int, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x (T, d) f32 times MLX affine-quantized rows: wq (rows, d * bits / 32) uint32,
+        scales/biases (rows, d / group_size) f32 -> (T, rows) f32."""
+        rows, d = wq.shape[0], wq.shape[1] * 32 // bits
+        if wq.dtype != np.uint32 or not wq.flags.c_contiguous or bits not in (4, 8):
+            raise ValueError(f"linear_q needs contiguous uint32 4/8-bit rows, got {wq.dtype} "
+                             f"{bits}-bit")
+        _check_x(x, d)
+        xsum = _group_sums(x, group_size)
+        y = np.empty((x.shape[0], rows), dtype=np.float32)
+        self._lib.linear_q(wq.ctypes.data, scales.ctypes.data, biases.ctypes.data, rows, d, bits,
+                           group_size, x.ctypes.data, x.shape[0], xsum.ctypes.data, _ptr(bias),
+                           y.ctypes.data)
+        return y
+
+    def ffnq(self, q: np.ndarray, scales: np.ndarray, biases: np.ndarray, dtype: str, n: int,
+             bits: int, group_size: int, x: np.ndarray, activation: str,
+             mask: np.ndarray | None = None, in_bias: np.ndarray | None = None) -> np.ndarray:
+        """`ffn16` over quantized rows: q (P, capacity, d * bits / 32) uint32, scales/biases
+        (P, capacity, d / group_size) uint16 bits of `dtype`, neurons [0, n); in_bias
+        (P - 1, capacity) f32 or None. Returns (T, d) f32."""
+        parts, capacity, words = q.shape
+        d = words * 32 // bits
+        for a in (q, scales, biases):
+            if not a.flags.c_contiguous:
+                raise ValueError("ffnq needs contiguous buffers")
+        if d // group_size > 512:
+            raise ValueError(f"{d // group_size} groups per row: at most 512 supported")
+        tokens = x.shape[0]
+        _check_x(x, d)
+        mask = _mask_rows(mask, tokens, n)
+        xsum = _group_sums(x, group_size)
+        h, partial, y = self._ffn_scratch(tokens, n, d)
+        self._lib.ffnq(q.ctypes.data, scales.ctypes.data, biases.ctypes.data, DT_CODES[dtype],
+                       parts, capacity, n, d, bits, group_size, x.ctypes.data, tokens,
+                       xsum.ctypes.data, _ptr(in_bias), _ptr(mask),
+                       ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
+                       y.ctypes.data)
+        return y
+
+    def ffn16(self, base: np.ndarray, strides: tuple[int, int], parts: int, n: int, d: int,
+              dtype: str, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
+              in_bias: np.ndarray | None = None, slots: np.ndarray | None = None) -> np.ndarray:
+        """The FFN over n neurons of a 16-bit buffer (`kernels.ffn_over_rows`' result).
+
+        base: uint16 array holding the rows; strides: (part, neuron) in elements, e.g.
+        (capacity * d, d) for a part-major (P, capacity, d) buffer or (d, stride / 2) for raw
+        bundles (k, stride). x: (T, d) f32; mask: (T, n) or None; in_bias: (P - 1, m) f32
+        indexed by slot, or None; slots: (n,) int32 or None for neurons [0, n).
+        Returns (T, d) f32.
+        """
+        if base.dtype != np.uint16 or not base.flags.c_contiguous:
+            raise ValueError(f"ffn16 needs a contiguous uint16 buffer, got {base.dtype}")
+        tokens = x.shape[0]
+        _check_operands(base.reshape(-1, base.shape[-1]), x, d)
+        mask = _mask_rows(mask, tokens, n)
+        if in_bias is not None:
+            in_bias = np.ascontiguousarray(in_bias, dtype=np.float32)
+        if slots is not None:
+            slots = np.ascontiguousarray(slots, dtype=np.int32)
+        h, partial, y = self._ffn_scratch(tokens, n, d)
+        self._lib.ffn16(base.ctypes.data, strides[0], strides[1], parts, _ptr(slots), n, d,
+                        DT_CODES[dtype], x.ctypes.data, tokens, _ptr(in_bias),
+                        0 if in_bias is None else in_bias.shape[1], _ptr(mask),
+                        ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
+                        y.ctypes.data)
+        return y
+
+
+    def _ffn_scratch(self, tokens: int, n: int, d: int) -> tuple[np.ndarray, ...]:
+        """The FFN kernels' h (T, n) and per-thread partial sums, and the output (T, d)."""
+        return (np.empty((tokens, max(n, 1)), dtype=np.float32),
+                np.empty((self.threads, tokens, d), dtype=np.float32),
+                np.empty((tokens, d), dtype=np.float32))
+
+
+def _mask_rows(mask: np.ndarray | None, tokens: int, n: int) -> np.ndarray | None:
+    return None if mask is None else \
+        np.ascontiguousarray(mask, dtype=np.float32).reshape(tokens, n)
+
+
+def _group_sums(x: np.ndarray, group_size: int) -> np.ndarray:
+    """(T, d) -> (T, d / group_size): what the affine biases multiply."""
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1, group_size).sum(-1))
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _check_operands(weight: np.ndarray, x: np.ndarray, d: int) -> None:
+    if weight.dtype != np.uint16 or weight.strides[-1] != 2:
+        raise ValueError(f"16-bit weights must be a uint16 view with unit column stride, got "
+                         f"{weight.dtype} strides {weight.strides}")
+    if weight.shape[-1] < d:
+        raise ValueError(f"rows of {weight.shape[-1]} elements cannot hold {d} columns")
+    _check_x(x, d)
+
+
+def _check_x(x: np.ndarray, d: int) -> None:
+    if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"x must be a contiguous (T, {d}) float32 array, got {x.dtype} "
+                         f"{x.shape}")

@@ -1,0 +1,167 @@
+"""Fast linears and embeddings: nn.Linear / nn.QuantizedLinear replaced by the C kernels on their storage-typed weights."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .build import kernels
+
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def storage_view(a: mx.array) -> tuple[np.ndarray, str]:
+    """A 16-bit MLX array as (uint16 numpy array, "float16" | "bfloat16"), zero-copy."""
+    if a.dtype == mx.float16:
+        return np.asarray(a).view(np.uint16), "float16"
+    if a.dtype == mx.bfloat16:
+        return np.asarray(a.view(mx.uint16)), "bfloat16"
+    raise ValueError(f"expected a float16/bfloat16 array, got {a.dtype}")
+
+
+def to_f32_rows(x: mx.array) -> np.ndarray:
+    """(..., d) MLX array -> contiguous (T, d) float32 numpy array (evaluates x)."""
+    flat = np.asarray(x.astype(mx.float32) if x.dtype != mx.float32 else x)
+    return np.ascontiguousarray(flat.reshape(-1, x.shape[-1]))
+
+
+class FastLinear(nn.Module):
+    """nn.Linear over a 16-bit weight, computed by `linear16`; output in float32.
+
+    Several FastLinear may share one fused weight (`_FusedWeight`): the first member called
+    with an input computes every member's output, the others slice it.
+    """
+
+    def __init__(self, fused: _FusedWeight, start: int, stop: int):
+        super().__init__()
+        self._fused, self._start, self._stop = fused, start, stop  # underscored: no parameters
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._fused(x)
+        if (self._start, self._stop) != (0, y.shape[-1]):
+            y = y[..., self._start:self._stop]
+        return y
+
+    @property
+    def fused(self) -> _FusedWeight:
+        """The weight this linear shares with its fused siblings (cpu_decode.py calls it)."""
+        return self._fused
+
+    @property
+    def span(self) -> slice:
+        """This linear's columns in the fused output."""
+        return slice(self._start, self._stop)
+
+
+class _FusedWeight:
+    """The concatenated rows of sibling linears and the last (input, output) pair.
+
+    16-bit weights (zero-copy when there is one member) or MLX affine-quantized ones (4/8 bits,
+    scales and biases widened to f32 once)."""
+
+    def __init__(self, linears: list[nn.Module]):
+        first = linears[0]
+        self.bits = getattr(first, "bits", 16)
+        if self.bits == 16:
+            views = [storage_view(lin.weight) for lin in linears]
+            assert len({dt for _, dt in views}) == 1, "fused linears must share a dtype"
+            self.dtype = views[0][1]
+            self.weight = _concat([v for v, _ in views])
+        else:
+            self.group_size = first.group_size
+            self.weight = _concat([np.asarray(lin.weight) for lin in linears])
+            self.scales, self.biases = (
+                _concat([np.asarray(getattr(lin, k).astype(mx.float32)) for lin in linears])
+                for k in ("scales", "biases"))
+        has_bias = any("bias" in lin for lin in linears)
+        biases = [np.asarray(lin.bias.astype(mx.float32)) if "bias" in lin
+                  else np.zeros(lin.weight.shape[0], np.float32) for lin in linears]
+        self.bias = np.ascontiguousarray(np.concatenate(biases)) if has_bias else None
+        self.rows = self.weight.shape[0]
+        self._last: tuple[mx.array, mx.array] | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        y = self.apply(to_f32_rows(x))
+        out = mx.array(y).reshape(*x.shape[:-1], y.shape[1])
+        self._last = (x, out)
+        return out
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """x: (T, d) contiguous f32 -> (T, rows) f32: every member's output, no MLX graph."""
+        if self.bits == 16:
+            return kernels().linear16(self.weight, self.dtype, x, self.bias)
+        return kernels().linear_q(self.weight, self.scales, self.biases, self.bits,
+                                  self.group_size, x, self.bias)
+
+
+class FastEmbedding(nn.Module):
+    """nn.Embedding over a 16-bit table that returns f32 rows; `as_linear` (a tied lm_head)
+    runs on `linear16`."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.weight = embedding.weight  # a parameter still: the model's weights stay loadable
+        self._head: _FusedWeight | None = None
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight[ids].astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self._head is None:
+            self._head = _FusedWeight([self])
+        return self._head(x)
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """One contiguous array of the members' rows (a copy: the MLX arrays can then go)."""
+    return np.ascontiguousarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _is_fast_linear(module) -> bool:
+    """16-bit nn.Linear, or 4/8-bit affine nn.QuantizedLinear with groups of 8k <= 128."""
+    if type(module) is nn.Linear:
+        return module.weight.dtype in (mx.float16, mx.bfloat16)
+    return (type(module) is nn.QuantizedLinear and module.bits in (4, 8)
+            and getattr(module, "mode", "affine") == "affine" and module.group_size % 8 == 0
+            and module.group_size <= 128)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Swap every 16-bit `nn.Linear` of `model` for a FastLinear, fusing q/k/v and gate/up.
+
+    16-bit embedding tables become FastEmbedding (f32 rows out, fast tied lm_head), and
+    llama-family blocks run in numpy (cpu_decode.install). Returns how many linears were
+    swapped. f32 linears stay MLX's.
+    """
+    swapped = 0
+    for _, parent in model.named_modules():
+        for name, child in parent.children().items():
+            if type(child) is nn.Embedding and child.weight.dtype in (mx.float16, mx.bfloat16):
+                setattr(parent, name, FastEmbedding(child))
+        children = {k: v for k, v in parent.children().items() if _is_fast_linear(v)}
+        for group in FUSED_SIBLINGS:
+            members = [name for name in group if name in children]
+            if len(members) > 1 and len({_fusion_key(children[m]) for m in members}) == 1:
+                fused = _FusedWeight([children.pop(m) for m in members])
+                start = 0
+                for name in members:
+                    rows = parent[name].weight.shape[0]
+                    setattr(parent, name, FastLinear(fused, start, start + rows))
+                    start += rows
+                    swapped += 1
+        for name, linear in children.items():
+            fused = _FusedWeight([linear])
+            setattr(parent, name, FastLinear(fused, 0, fused.rows))
+            swapped += 1
+    mx.clear_cache()  # the replaced MLX weights: give their memory back now
+
+    return swapped
+
+
+def _fusion_key(linear: nn.Module) -> tuple:
+    """Linears fuse when these agree: input width, dtype, quantization."""
+    return (linear.weight.shape[1], linear.weight.dtype, getattr(linear, "bits", 16),
+            getattr(linear, "group_size", 0))

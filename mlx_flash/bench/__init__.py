@@ -1,0 +1,1 @@
+"""The benchmark: harness, contenders and baselines (imported only by the CLI)."""

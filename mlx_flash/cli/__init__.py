@@ -1,0 +1,1 @@
+"""The command line: one module per command; imported by nothing in the package."""

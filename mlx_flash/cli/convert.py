@@ -1,0 +1,13 @@
+"""`mlx-flash convert`."""
+
+from __future__ import annotations
+
+from .common import _convert
+
+
+def cmd_convert(args) -> int:
+    from ..offline.pull import resolve_source
+
+    src = resolve_source(args.src, models_dir=args.models_dir)
+    _convert(src, args.out, args.dtype, args.align, args.force, args.bits, args.group_size)
+    return 0

@@ -1,0 +1,57 @@
+"""`mlx-flash generate`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def cmd_generate(args) -> int:
+    from ..runtime.generate import format_prompt, generate_text
+    from .common import LiveStats, load_model, load_speculation
+
+    model, tokenizer = load_model(args)
+    stats = None if args.dense else model.flash.stats
+    spec = load_speculation(args, model)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    ids = format_prompt(tokenizer, prompt, args.system_prompt,
+                        use_chat_template=not args.ignore_chat_template)
+    live = LiveStats(stats) if args.verbose else None
+    result = generate_text(model, tokenizer, ids, args.max_tokens, args.temp, args.top_p,
+                           args.seed, on_token=_printer(live), speculative=spec)
+    print()
+    print("=" * 10, file=sys.stderr)
+    print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.3f} tokens-per-sec\n"
+          f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} "
+          f"tokens-per-sec\nPeak RSS: {result.peak_rss_bytes / 2**30:.3f} GB", file=sys.stderr)
+    if spec is not None:
+        t = spec.stats.totals()
+        print(f"Speculative: {t['tokens_per_step']:.2f} tokens per verification step "
+              f"({t['verify_steps']} steps, {t['candidates_per_step']:.1f} candidates each), "
+              f"acceptance {t['acceptance_rate']:.1%} of {t['draft_length']} drafted, draft "
+              f"{t['draft_seconds']:.2f} s, verify {t['verify_seconds']:.2f} s", file=sys.stderr)
+        if stats is not None:
+            stats.speculative = t
+    if stats is not None:
+        totals = stats.totals()
+        print(f"Flash: {totals['bytes_read_per_token'] / 2**20:.2f} MiB read/token, "
+              f"{totals['reads_per_token']:.0f} reads/token, hit rate {totals['hit_rate']:.1%}, "
+              f"cache capacity {stats.settings['capacity']} neurons/layer", file=sys.stderr)
+        truncated = sum(s.truncated for s in stats.decode_steps())
+        if truncated:
+            print(f"warning: {truncated / max(1, totals['decode_tokens']):.0f} active neurons per "
+                  "token did not fit the neuron caches and were read again for every token "
+                  "(exact but slow): raise --dram-budget, lower --keep, or use a smaller "
+                  "--window", file=sys.stderr)
+        if args.stats_json:
+            stats.write_json(args.stats_json)
+        model.flash.close()
+    return 0
+
+
+def _printer(live):
+    def on_token(response) -> None:
+        print(response.text, end="", flush=True)
+        if live is not None:
+            live(response)
+
+    return on_token

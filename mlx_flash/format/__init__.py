@@ -1,0 +1,1 @@
+"""The flash model dir: its manifest, storage helpers and architecture table."""

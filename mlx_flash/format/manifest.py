@@ -1,0 +1,386 @@
+"""The flash model dir, format versions 1 and 2: manifest schema, validation, offsets.
+
+A flash model dir holds everything `mlx_flash.load` needs:
+
+    manifest.json           this module's `Manifest`
+    config.json, tokenizer  as mlx_lm expects them
+    resident.safetensors    every weight that is not a per-neuron FFN row (mlx_lm names)
+    ffn/layer_NNN.bin       neuron i of layer N at byte offset i * stride
+    predictors.safetensors  optional low-rank predictors
+
+A bundle is one neuron's rows stored together ("row-column bundling"): for a gated FFN
+`[gate_i | up_i | down_i]` (d_model elements each, `down_i` is column i of down_proj), for a plain
+FFN `[up_i | down_i]`, followed by the neuron's input-bias entries when the FFN has biases. The
+output bias is not per neuron and lives in resident.safetensors.
+
+Quantized bundles (bits 8 or 4) hold the same rows in MLX's affine quantization, each row
+quantized along d_model in groups of `group_size`: `[gate.q | up.q | down.q | gate.scales | ...
+| down.biases | *_bias]` - packed uint32 words, then scales and biases in `dtype`, so one read
+still gets everything a neuron needs (`FFNLayout.segments`).
+
+Version 2 is a placed dir (`placement.py`): the neurons of a layer are stored in another order,
+`LayerEntry.order[p]` = the original id of the neuron at position p (a permutation, checked on
+read), and the store maps ids to positions, so nothing above it sees the order. `convert` writes
+version 1, which every reader still accepts.
+
+The stride is the bundle size rounded up to `align` bytes. We do not pad each bundle to 4096: the
+default model's f16 bundle is 5376 bytes and padding it would read 52% more. The store reads
+the 4096-aligned span around a run of neurons instead when it uses O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..process import trim_heap
+from .arch import ACTIVATIONS, RELU_FAMILY
+from .errors import FormatError
+from .storage import DTYPE_BYTES, sha256_file
+
+FORMAT_VERSION = 1  # what `convert` writes
+
+
+PLACED_FORMAT_VERSION = 2  # a dir whose bundles `mlx-flash place` reordered (LayerEntry.order)
+
+
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PLACED_FORMAT_VERSION)
+
+
+MANIFEST = "manifest.json"
+
+
+RESIDENT = "resident.safetensors"
+
+
+PREDICTORS = "predictors.safetensors"
+
+
+FFN_DIR = "ffn"
+
+
+def layer_file_name(layer: int) -> str:
+    return f"{FFN_DIR}/layer_{layer:03d}.bin"
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Part:
+    """One segment of a bundle: `count` elements starting at element `offset`."""
+
+    name: str  # "gate" | "up" | "down" | "gate_bias" | "up_bias"
+    offset: int
+    count: int
+
+
+@dataclass
+class FFNLayout:
+    """How a neuron's bundle is laid out, shared by every layer of a model."""
+
+    kind: str  # "gated" (gate, up, down) or "plain" (up, down)
+    activation: str  # one of ACTIVATIONS
+    d_model: int
+    dtype: str  # storage dtype of the bundles
+    has_bias: bool
+    parts: list[Part] = field(default_factory=list)
+    bits: int = 16  # 16: rows stored in `dtype`; 8 or 4: affine-quantized rows
+    group_size: int = 64  # quantization group along d_model (bits < 16)
+
+    def __post_init__(self):
+        if self.kind not in ("gated", "plain"):
+            raise FormatError(f"ffn kind must be 'gated' or 'plain', got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise FormatError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.dtype not in DTYPE_BYTES:
+            raise FormatError(f"bundle dtype {self.dtype!r} is not one of {tuple(DTYPE_BYTES)}")
+        self.parts = [p if isinstance(p, Part) else Part(**p) for p in self.parts]
+        if not self.parts:
+            self.parts = self.default_parts()
+        if self.bits not in (16, 8, 4):
+            raise FormatError(f"bits must be 16, 8 or 4, got {self.bits}")
+        if self.quantized and (self.group_size not in (32, 64, 128)
+                               or self.d_model % self.group_size):
+            raise FormatError(f"group_size {self.group_size} must be 32, 64 or 128 and divide "
+                              f"d_model {self.d_model}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def matrix_names(self) -> list[str]:
+        return [p.name for p in self.parts if not p.name.endswith("_bias")]
+
+    @property
+    def bias_names(self) -> list[str]:
+        return [p.name for p in self.parts if p.name.endswith("_bias")]
+
+    def segments(self) -> list[tuple[str, str, int]]:
+        """(name, dtype, count) of each piece of a quantized bundle, in file order."""
+        d, g = self.d_model, self.d_model // self.group_size
+        names = self.matrix_names
+        return ([(f"{m}.q", "uint32", d * self.bits // 32) for m in names]
+                + [(f"{m}.scales", self.dtype, g) for m in names]
+                + [(f"{m}.biases", self.dtype, g) for m in names]
+                + [(b, self.dtype, 1) for b in self.bias_names])
+
+    def default_parts(self) -> list[Part]:
+        names = ["gate", "up", "down"] if self.kind == "gated" else ["up", "down"]
+        parts = [Part(n, i * self.d_model, self.d_model) for i, n in enumerate(names)]
+        if self.has_bias:
+            base = len(names) * self.d_model
+            in_names = names[:-1]
+            parts += [Part(f"{n}_bias", base + i, 1) for i, n in enumerate(in_names)]
+        return parts
+
+    @property
+    def elements(self) -> int:
+        return max(p.offset + p.count for p in self.parts)
+
+    @property
+    def bundle_bytes(self) -> int:
+        if self.quantized:
+            return sum(count * (4 if dt == "uint32" else DTYPE_BYTES[dt])
+                       for _, dt, count in self.segments())
+        return self.elements * DTYPE_BYTES[self.dtype]
+
+    def part(self, name: str) -> Part:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def relu_family(self) -> bool:
+        return self.activation in RELU_FAMILY
+
+
+@dataclass
+class LayerEntry:
+    file: str
+    n_neurons: int
+    stride: int
+    size: int
+    sha256: str
+    # Placement (format version 2, `placement.py`): order[p] is the original id of the neuron
+    # stored at position p (None: position = id); hot is original ids, most often active first.
+    order: np.ndarray | None = None
+    hot: np.ndarray | None = None
+
+    def __post_init__(self):
+        # Stored as base64 of little-endian int32 (`encode_ids`): a JSON list of 2 x 24 x 4864
+        # ints costs ~5 MiB of RSS to parse, which a tight DRAM budget would pay for good.
+        for key in ("order", "hot"):
+            value = getattr(self, key)
+            if value is not None:
+                setattr(self, key, decode_ids(value, f"layer file {self.file} {key}"))
+
+
+def encode_ids(ids: np.ndarray) -> str:
+    """Neuron ids -> base64 of little-endian int32 (one JSON string)."""
+    return base64.b64encode(np.asarray(ids, dtype="<i4").tobytes()).decode("ascii")
+
+
+def decode_ids(value, what: str) -> np.ndarray:
+    """Inverse of encode_ids (a plain list of ints is accepted too)."""
+    if isinstance(value, np.ndarray | list):
+        return np.asarray(value)
+    try:
+        raw = base64.b64decode(value, validate=True)
+        if len(raw) % 4:
+            raise ValueError("length is not a multiple of 4 bytes")
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{what} is not base64 int32 ids ({e}); re-run "
+                          "`mlx-flash place` on the dir (or re-convert it)") from e
+    return np.frombuffer(raw, dtype="<i4").copy()
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    source: dict  # {"path": str, "sha256": str, "kind": "safetensors" | "gguf"}
+    config: dict  # mlx_lm config.json contents
+    ffn: FFNLayout
+    layers: list[LayerEntry]
+    resident: dict  # {"file", "size", "sha256"}
+    align: int = 64
+    predictors: dict | None = None  # {"file", "size", "sha256", ...} when trained
+    placement: dict | None = None  # how the bundles were ordered (method, calibration, ...)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def ffn_bytes(self) -> int:
+        return sum(entry.size for entry in self.layers)
+
+    def to_json(self) -> str:
+        """Indented JSON; absent placement keys left out (so an unplaced dir's manifest is
+        exactly what format version 1 always was)."""
+        data = asdict(self)
+        if data["placement"] is None:
+            del data["placement"]
+        for layer in data["layers"]:
+            for key in ("order", "hot"):
+                if layer[key] is None:
+                    del layer[key]
+                else:
+                    layer[key] = encode_ids(layer[key])
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST) -> Manifest:
+        version = data.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise FormatError(
+                f"{where}: format_version {version!r} is not supported (this mlx-flash reads "
+                f"versions {SUPPORTED_VERSIONS}); re-convert the model with `mlx-flash convert`"
+            )
+        try:
+            manifest = cls(
+                format_version=version,
+                source=data["source"],
+                config=data["config"],
+                ffn=FFNLayout(**data["ffn"]),
+                layers=[LayerEntry(**entry) for entry in data["layers"]],
+                resident=data["resident"],
+                align=data.get("align", 64),
+                predictors=data.get("predictors"),
+                placement=data.get("placement"),
+            )
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{where}: malformed manifest ({e}); re-convert the model") from e
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from e
+        check_placement(manifest, where)
+        return manifest
+
+    def order(self, layer: int) -> np.ndarray | None:
+        """(n,) original id of the neuron at each file position, or None (position = id)."""
+        order = self.layers[layer].order
+        return None if order is None else np.asarray(order)
+
+    def to_original(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """A whole layer's rows in file order -> the same rows in original id order."""
+        order = self.order(layer)
+        if order is None:
+            return rows
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
+
+
+def check_placement(manifest: Manifest, where: str) -> None:
+    """Each layer's order is a permutation of its ids; hot ids are unique and in range."""
+    placed = [i for i, e in enumerate(manifest.layers) if e.order is not None]
+    if placed and manifest.format_version != PLACED_FORMAT_VERSION:
+        raise FormatError(f"{where}: layer {placed[0]} has a neuron order but format_version is "
+                          f"{manifest.format_version}, not {PLACED_FORMAT_VERSION}; the manifest "
+                          "was edited or damaged - re-run `mlx-flash place` or re-convert")
+    for i, entry in enumerate(manifest.layers):
+        for key in ("order", "hot"):
+            ids = getattr(entry, key)
+            if ids is not None:
+                _check_ids(np.asarray(ids), entry.n_neurons, key == "order",
+                           f"{where}: layer {i} {key}")
+
+
+def _check_ids(ids: np.ndarray, n: int, whole: bool, what: str) -> None:
+    fix = "re-run `mlx-flash place` on the dir (or re-convert it)"
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise FormatError(f"{what} must be a list of integer neuron ids; {fix}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise FormatError(f"{what} has ids outside [0, {n}); {fix}")
+    if np.unique(ids).size != ids.size:
+        raise FormatError(f"{what} repeats neuron ids; {fix}")
+    if whole and ids.size != n:
+        raise FormatError(f"{what} has {ids.size} ids, not a permutation of all {n}; {fix}")
+
+
+def file_entry(root: Path, rel: str) -> dict:
+    path = root / rel
+    return {"file": rel, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read and check the manifest of a flash model dir (cheap: sizes, not checksums)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory; pass a flash model dir made by "
+                                "`mlx-flash convert` (or `mlx-flash pull`)")
+    if not path.exists():
+        raise FormatError(f"{path} is missing: {root} is not a flash model dir "
+                          "(make one with `mlx-flash convert SRC OUT`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); re-convert the model") from e
+    manifest = Manifest.from_dict(data, str(path))
+    if manifest.placement:
+        del data
+        trim_heap()  # the parsed placement strings are garbage now: do not keep them as RSS
+    check_shapes(manifest, str(path))
+    check_sizes(root, manifest)
+    return manifest
+
+
+def check_shapes(manifest: Manifest, where: str) -> None:
+    """The FFN layout must agree with the architecture config."""
+    cfg = manifest.config
+    d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
+    if manifest.ffn.d_model != d_model:
+        raise FormatError(f"{where}: bundle d_model {manifest.ffn.d_model} disagrees with "
+                          f"config hidden_size {d_model}")
+    if n_layers is not None and manifest.n_layers != n_layers:
+        raise FormatError(f"{where}: {manifest.n_layers} FFN layers listed but config has "
+                          f"num_hidden_layers={n_layers}")
+    n_ffn = cfg.get("intermediate_size")
+    for i, entry in enumerate(manifest.layers):
+        if n_ffn is not None and entry.n_neurons != n_ffn:
+            raise FormatError(f"{where}: layer {i} has {entry.n_neurons} neurons but config has "
+                              f"intermediate_size={n_ffn}")
+        if entry.stride < manifest.ffn.bundle_bytes:
+            raise FormatError(f"{where}: layer {i} stride {entry.stride} is smaller than the "
+                              f"bundle ({manifest.ffn.bundle_bytes} bytes)")
+        if entry.size != entry.n_neurons * entry.stride:
+            raise FormatError(f"{where}: layer {i} size {entry.size} != n_neurons*stride")
+
+
+def check_sizes(root: Path, manifest: Manifest) -> None:
+    """Every listed file exists with the size the manifest says (catches truncation)."""
+    entries = [manifest.resident, *[{"file": e.file, "size": e.size} for e in manifest.layers]]
+    if manifest.predictors:
+        entries.append(manifest.predictors)
+    for entry in entries:
+        path = root / entry["file"]
+        if not path.exists():
+            raise FormatError(f"{path} is missing; the model dir is incomplete, re-convert it")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise FormatError(f"{path} is {size} bytes but the manifest says {entry['size']}: "
+                              "the file is truncated or was replaced; re-convert the model")
+
+
+def verify_checksums(root: str | Path, manifest: Manifest | None = None, progress=None) -> None:
+    """Full check: sha256 of every file against the manifest. Slow (reads everything)."""
+    root = Path(root)
+    manifest = manifest or read_manifest(root)
+    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
+    if manifest.predictors:
+        entries.append(manifest.predictors)
+    for entry in entries:
+        path = root / entry["file"]
+        if sha256_file(path) != entry["sha256"]:
+            raise FormatError(f"{path}: checksum mismatch, the file is corrupted; re-convert "
+                              "the model")
+        if progress is not None:
+            progress(entry["size"])

@@ -1,0 +1,1 @@
+"""Offline tools: convert, sources, pull, calibration, training, placement, evaluation."""

@@ -1,0 +1,178 @@
+"""The model's own answers to requests made from the calibration text (drafter training data)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..format.storage import save_npz
+from ..spec.drafter import output_head
+
+PROMPT_TAIL = 16  # prompt tokens kept before each self-generated answer
+
+
+# What a request asks of a calibration document, round by round: the first round explains an
+# excerpt and adds an example (code-heavy answers); the second asks for prose only (the kind of
+# answer the first round rarely gives); the third for new code. A round is one request per
+# document, so n requests take ceil(n / documents) rounds.
+REQUEST_ROUNDS = (
+    ("Explain this Python {kind} and give a short example:\n\n{excerpt}", 400),
+    ("In a few paragraphs of plain prose, with no code, explain the ideas behind this Python "
+     "{kind} and when they matter:\n\n{excerpt}", 240),
+    ("Write a different short Python program in the spirit of this {kind}, then explain it in "
+     "two sentences:\n\n{excerpt}", 240),
+)
+
+
+def answer_prompts(documents: Iterator[str], n: int) -> list[str]:
+    """n requests made from calibration documents: each round of REQUEST_ROUNDS makes one per
+    document (its excerpt from the document's start), until n are made."""
+    docs = []
+    for doc in documents:
+        docs.append(doc)
+        if len(docs) == n:
+            break
+    if not docs:
+        raise ValueError("no calibration documents to make requests from")
+    rounds = -(-n // len(docs))
+    if rounds > len(REQUEST_ROUNDS):
+        raise ValueError(f"{n} requests need {rounds} rounds of the {len(docs)} calibration "
+                         f"documents, more than the {len(REQUEST_ROUNDS)} kinds of request; "
+                         f"give more text (--text) or ask for at most "
+                         f"{len(REQUEST_ROUNDS) * len(docs)} answers")
+    prompts = []
+    for template, chars in REQUEST_ROUNDS[:rounds]:
+        for doc in docs:
+            kind = "code" if "def " in doc or "import " in doc else "text"
+            prompts.append(template.format(kind=kind, excerpt=doc[:chars]))
+    return prompts[:n]
+
+
+def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
+                     progress=None) -> tuple[np.ndarray, list[list[int]]]:
+    """The model's own greedy answers, (n, seq_len): the last PROMPT_TAIL prompt tokens (or
+    all of a shorter prompt), then generated ones. Text the model wrote itself agrees with its choices
+    everywhere, so every teacher-forced target counts (see make_examples). Also returns each
+    row's context: the rest of its prompt, for the teacher pass."""
+    from mlx_lm.generate import generate_step
+
+    from ..runtime.generate import format_prompt
+
+    if seq_len <= PROMPT_TAIL + 1:
+        raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
+                         f"{PROMPT_TAIL + 1}")
+    out, contexts = [], []
+    for prompt in prompts:
+        ids = format_prompt(tokenizer, prompt)
+        contexts.append(ids[:-PROMPT_TAIL])
+        tail = ids[-PROMPT_TAIL:]
+        steps = generate_step(mx.array(ids), model, max_tokens=seq_len - len(tail))
+        new = [int(t) for t, _ in steps]
+        out.append(tail + new)
+        if progress is not None:
+            progress("teacher", len(new), 0.0)
+    return np.asarray(out, dtype=np.int32), contexts
+
+
+def _padded_forward(model: nn.Module, inputs: mx.array, cache: list, pad: np.ndarray
+                    ) -> mx.array:
+    """The transformer stack over a left-padded batch: inputs (B, N) -> h (B, N, d).
+
+    Row b's first pad[b] positions are padding: no real position attends to them (each pad
+    position attends to itself only, so nothing is NaN). RoPE depends on relative positions
+    only, so a padded row computes what it would alone (up to rounding)."""
+    inner = model.model
+    h = inner.embed_tokens(inputs)
+    n, start = inputs.shape[1], cache[0].offset
+    q = np.arange(start, start + n)[:, None]
+    k = np.arange(start + n)[None]
+    allowed = (k <= q)[None] & ((k >= pad[:, None, None]) | (k == q)[None])
+    mask = mx.array(allowed[:, None])  # (B, 1, N, start + N)
+    for layer, c in zip(inner.layers, cache, strict=True):
+        h = layer(h, mask, c)
+    return inner.norm(h)
+
+
+def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
+                    batch: int = 16, progress=None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`answer_sequences` for `batch` prompts at a time (left-padded, one forward call per
+    generated token for the whole batch: ~5x the tokens/s of one prompt on a 2-core CPU), and
+    the teacher pass on the way: the generating model's hidden state and argmax at every kept
+    position, so no second pass is needed. Returns tokens (n, seq_len), hidden (n, seq_len, d)
+    f32 and argmax (n, seq_len); argmax[:, i] = tokens[:, i + 1] over the generated part."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from ..runtime.generate import format_prompt
+
+    n_new = seq_len - PROMPT_TAIL
+    if n_new < 1:
+        raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
+                         f"{PROMPT_TAIL + 1}")
+    head = output_head(model)
+    tokens, hidden, argmax = [], [], []
+    for first in range(0, len(prompts), batch):
+        ids = [format_prompt(tokenizer, p) for p in prompts[first:first + batch]]
+        if min(len(i) for i in ids) <= PROMPT_TAIL:
+            raise ValueError(f"prompts need more than {PROMPT_TAIL} tokens")
+        width = max(len(i) for i in ids)
+        pad = np.array([width - len(i) for i in ids])
+        inputs = np.array([[i[0]] * (width - len(i)) + i for i in ids], dtype=np.int32)
+        cache = make_prompt_cache(model)
+        h = _padded_forward(model, mx.array(inputs), cache, pad)[:, -PROMPT_TAIL:]
+        g = mx.argmax(head(h), axis=-1)
+        hs, gs = [np.array(h.astype(mx.float32))], [np.array(g)]
+        new = [gs[0][:, -1]]
+        for step in range(n_new):  # the last step only reads the last token's h and argmax
+            h = _padded_forward(model, mx.array(new[-1][:, None]), cache, pad)
+            g = mx.argmax(head(h), axis=-1)
+            hs.append(np.array(h.astype(mx.float32)))
+            gs.append(np.array(g))
+            if step < n_new - 1:
+                new.append(gs[-1][:, 0])
+            if progress is not None:
+                progress("teacher", len(ids), 0.0)
+        tokens.append(np.concatenate([inputs[:, -PROMPT_TAIL:], np.stack(new, 1)], axis=1))
+        hidden.append(np.concatenate(hs, axis=1))
+        argmax.append(np.concatenate(gs, axis=1))
+    return (np.concatenate(tokens).astype(np.int32), np.concatenate(hidden),
+            np.concatenate(argmax).astype(np.int64))
+
+
+def cached_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
+                   cache: Path | None, identity: str, batch: int = 16, progress=None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`batched_answers`, kept row by row in `cache` (.npz, rewritten after every batch): a row
+    is reused when its prompt, seq_len and model (`identity`) match, so a later run with
+    fewer, the same or more requests generates only the missing answers."""
+    keys = [hashlib.sha256(json.dumps([identity, seq_len, p]).encode()).hexdigest()
+            for p in prompts]
+    rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    if cache is not None and cache.exists():
+        with np.load(cache) as data:
+            if "keys" in data:  # each data[name] reads the whole array: once per name
+                arrays = [data[name] for name in ("tokens", "hidden", "argmax")]
+                for i, key in enumerate(data["keys"]):
+                    rows[str(key)] = tuple(a[i] for a in arrays)
+    missing = [i for i, key in enumerate(keys) if key not in rows]
+    if progress is not None:  # the bar counts what is generated, not what is cached
+        progress("teacher-total", len(missing) * (seq_len - PROMPT_TAIL), 0.0)
+    for first in range(0, len(missing), batch):
+        todo = missing[first:first + batch]
+        got = batched_answers(model, tokenizer, [prompts[i] for i in todo], seq_len, batch,
+                              progress)
+        for j, i in enumerate(todo):
+            rows[keys[i]] = tuple(a[j] for a in got)
+        if cache is not None:
+            names = list(rows)
+            save_npz(cache, keys=np.array(names), **{
+                name: np.stack([rows[k][col] for k in names])
+                for col, name in enumerate(("tokens", "hidden", "argmax"))})
+    tokens, hidden, argmax = (np.stack([rows[k][col] for k in keys]) for col in range(3))
+    return tokens, hidden, argmax

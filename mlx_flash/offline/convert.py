@@ -1,0 +1,251 @@
+"""Source checkpoint -> flash model dir (format v1, see `mlx_flash.format`).
+
+Streams tensor by tensor: the resident part is written by a streaming safetensors writer (the
+header is known up front from the source's shapes), and each layer's FFN is bundled from its
+three tensors only, so peak memory is about one layer's FFN, not the model.
+
+Everything is written into a hidden temp dir beside OUT, fsynced, and renamed into place at the
+end: an interrupted or failed convert never leaves a dir that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..format.manifest import (
+    FFN_DIR,
+    FORMAT_VERSION,
+    MANIFEST,
+    RESIDENT,
+    FFNLayout,
+    LayerEntry,
+    Manifest,
+    file_entry,
+    layer_file_name,
+    round_up,
+)
+from ..format.storage import DTYPE_BYTES, ST_DTYPE, _write_atomic, cast, fsync_dir, sha256_file
+from .sources import open_checkpoint
+from .sources.base import Checkpoint, TensorInfo, layout_for
+
+Progress = Callable[[str, int], None]  # (stage description, bytes done) -> None
+
+
+@dataclass
+class ConvertStats:
+    out: Path
+    resident_bytes: int
+    ffn_bytes: int
+    n_layers: int
+    n_neurons: int
+    bundle_bytes: int
+    stride: int
+
+
+def write_safetensors(path: Path, infos: list[TensorInfo], arrays: Iterable[np.ndarray],
+                      metadata: dict | None = None) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    infos gives names, shapes and dtypes up front (for the header); arrays yields the tensors in
+    the same order. Only one tensor is held at a time.
+    """
+    header, offset = {}, 0
+    for info in infos:
+        nbytes = int(np.prod(info.shape, dtype=np.int64)) * DTYPE_BYTES[info.dtype]
+        header[info.name] = {"dtype": ST_DTYPE[info.dtype], "shape": list(info.shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        count = 0
+        for info, arr in zip(infos, arrays, strict=True):
+            if tuple(arr.shape) != tuple(info.shape):
+                raise ValueError(f"{path}: tensor {info.name} has shape {arr.shape}, "
+                                 f"expected {info.shape}")
+            f.write(np.ascontiguousarray(arr).tobytes())
+            count += 1
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def bundle_rows(parts: dict[str, np.ndarray], layout: FFNLayout, start: int, stop: int,
+                stride_elems: int) -> np.ndarray:
+    """Bundles of neurons [start, stop) as one (stop - start, stride_elems) array.
+
+    parts: role -> tensor in the storage dtype; "gate"/"up" are (n, d), "down" is (d, n),
+    "*_bias" are (n,). Elements past the bundle up to the stride stay zero.
+    """
+    out = np.zeros((stop - start, stride_elems), dtype=parts["down"].dtype)
+    for part in layout.parts:
+        src = parts[part.name]
+        if part.name == "down":
+            block = src[:, start:stop].T
+        elif part.name.endswith("_bias"):
+            block = src[start:stop, None]
+        else:
+            block = src[start:stop]
+        out[:, part.offset:part.offset + part.count] = block
+    return out
+
+
+def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, stride: int,
+                chunk: int = 1024) -> int:
+    """Write one layer's bundle file; returns its size in bytes."""
+    from ..format.bundles import pack_bundles
+
+    n = parts["down"].shape[1]
+    itemsize = DTYPE_BYTES[layout.dtype]
+    if stride % itemsize:
+        raise ValueError(f"stride {stride} is not a multiple of the dtype size {itemsize}")
+    with open(path, "wb") as f:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            if layout.quantized:
+                rows = pack_bundles(parts, layout, start, stop, stride)
+            else:
+                rows = bundle_rows(parts, layout, start, stop, stride // itemsize)
+            f.write(rows.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return n * stride
+
+
+def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int) -> dict[str, np.ndarray]:
+    """One layer's per-neuron FFN tensors, cast to the storage dtype and shape-checked."""
+    infos, parts = ckpt.tensors(), {}
+    for role, name in ckpt.ffn_names(layer).items():
+        if name not in infos:
+            raise ValueError(f"{ckpt.path}: tensor {name} is missing from the source")
+        parts[role] = cast(ckpt.read(name), infos[name].dtype, dtype)
+    n = parts["down"].shape[1] if parts["down"].ndim == 2 else -1
+    for role, arr in parts.items():
+        expected = (d_model, n) if role == "down" else (n,) if role.endswith("_bias") else (n, d_model)
+        if arr.shape != expected:
+            raise ValueError(f"{ckpt.path}: layer {layer} {role} has shape {arr.shape}, expected "
+                             f"{expected} from hidden_size={d_model}")
+    return parts
+
+
+def resident_infos(ckpt: Checkpoint, dtype: str) -> list[TensorInfo]:
+    """Every non-FFN tensor, in the order written, with its stored dtype."""
+    out = []
+    for name, info in ckpt.tensors().items():
+        if ckpt.is_ffn_tensor(name):
+            continue
+        out.append(TensorInfo(name, info.shape, dtype if len(info.shape) >= 2 else info.dtype))
+    return out
+
+
+def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None = None,
+            bits: int = 16, group_size: int = 64, align: int = 64, force: bool = False,
+            progress: Progress | None = None) -> ConvertStats:
+    """Convert a source checkpoint into a flash model dir at `out`.
+
+    dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
+    dtype of the FFN weights. bits: 16 stores FFN rows in `dtype`; 8 or 4 quantizes each row
+    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). align: bundle stride alignment in bytes (the store reads aligned
+    spans for O_DIRECT itself, so padding to 4096 is only worth it for huge bundles).
+    """
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    if align < 1 or align & (align - 1):
+        raise ValueError(f"align must be a power of two, got {align}")
+    n_layers = int(ckpt.config["num_hidden_layers"])
+    d_model = int(ckpt.config["hidden_size"])
+    dtype = dtype or ckpt.tensors()[ckpt.ffn_names(0)["down"]].dtype
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
+    layout = layout_for(ckpt, dtype, bits, group_size)
+    stride = round_up(layout.bundle_bytes, align)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / FFN_DIR).mkdir(parents=True)
+    try:
+        report = progress or (lambda stage, n: None)
+        layers = _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report)
+        _write_resident(ckpt, tmp, dtype, report)
+        _write_metadata(ckpt, tmp, layout, layers, align, report)
+        _replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | FileExistsError):
+            raise OSError(e.errno, f"convert to {out} failed while writing ({e.strerror}); "
+                          "nothing was left behind - free disk space or pick another OUT") from e
+        raise
+    return ConvertStats(out, (out / RESIDENT).stat().st_size, sum(e.size for e in layers),
+                        n_layers, layers[0].n_neurons, layout.bundle_bytes, stride)
+
+
+def _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report) -> list[LayerEntry]:
+    entries = []
+    for layer in range(n_layers):
+        parts = read_layer_parts(ckpt, layer, "float32" if layout.quantized else layout.dtype,
+                                 d_model)
+        rel = layer_file_name(layer)
+        size = write_layer(tmp / rel, parts, layout, stride)
+        entries.append(LayerEntry(rel, parts["down"].shape[1], stride, size,
+                                  sha256_file(tmp / rel)))
+        del parts
+        report(f"ffn layer {layer}", size)
+    return entries
+
+
+def _write_resident(ckpt, tmp, dtype, report) -> None:
+    infos = resident_infos(ckpt, dtype)
+    src = ckpt.tensors()
+    arrays = (cast(ckpt.read(i.name), src[i.name].dtype, i.dtype) for i in infos)
+    write_safetensors(tmp / RESIDENT, infos, arrays, metadata={"format": "mlx"})
+    report("resident", (tmp / RESIDENT).stat().st_size)
+
+
+def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
+    source_hash = _hash_sources(ckpt)
+    ckpt.write_tokenizer(tmp)
+    config = dict(ckpt.config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        source={"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind, "sha256": source_hash},
+        config=config, ffn=layout, layers=layers, resident=file_entry(tmp, RESIDENT), align=align,
+    )
+    _write_atomic(tmp / MANIFEST, manifest.to_json())
+    for d in (tmp / FFN_DIR, tmp):
+        fsync_dir(d)
+    report("metadata", 0)
+
+
+def _hash_sources(ckpt: Checkpoint) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in ckpt.files():
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out (force) is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

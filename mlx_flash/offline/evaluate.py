@@ -1,0 +1,383 @@
+"""`mlx-flash eval`: how faithful flash (with its predictors) is to the dense model, and its cost.
+
+Over any text file:
+
+- Perplexity, dense vs flash, over the first `ppl_tokens` tokens. Flash is fed in chunks of at
+  most `max_sparse_tokens` tokens, so every call takes the sparse (decode) path and each token's
+  FFN uses only that token's selected neurons: the fidelity of decoding, in 16x fewer calls.
+- Greedy agreement: M prompts cut from the text at evenly spaced places, N greedy tokens each.
+  `greedy_match`: the mean fraction of the N tokens before flash first departs from dense;
+  `token_agreement`: flash's top-1 on dense's continuation (teacher forced), which does not
+  compound one early difference.
+- Predictor quality per layer on the dense model's own FFN inputs (the same text): recall of the
+  target set's activation mass, share of all mass kept, precision, neurons predicted per token.
+- Decode cost, from flash's own stats while generating: tokens/s (dense too), bytes and reads
+  per token, neurons active and newly loaded per token, and the predictor's share of the time.
+
+Library code returns an `EvalReport`; `eval_cli` prints it and writes `--json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..format.manifest import read_manifest
+from ..runtime.generate import common_prefix
+from ..runtime.selectors.predictor import Predictors, load_predictors
+from .calibration import numpy_linears, recording
+from .train_predictors import parse_target, target_labels
+
+
+@dataclass
+class EvalConfig:
+    ppl_tokens: int = 256  # tokens scored for perplexity
+    prompts: int = 4  # M prompts for greedy agreement
+    prompt_tokens: int = 32  # length of each prompt
+    max_tokens: int = 32  # N greedy tokens per prompt
+    selector: str = "auto"  # as `load`: auto, predictor, oracle, quant
+    rule: str = "all"  # oracle rule (selector "oracle")
+    keep: float | None = None  # oracle top fraction (1.0) or quant selector's (0.5)
+    recall: float | None = None  # predictors' operating point (None: their default)
+    window: int = 5
+    dram_budget: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if self.ppl_tokens < 2 or self.prompt_tokens < 1 or self.prompts < 0 \
+                or self.max_tokens < 1:
+            raise ValueError("ppl_tokens >= 2, prompt_tokens >= 1, prompts >= 0 and "
+                             "max_tokens >= 1 are needed")
+
+
+@dataclass
+class LayerQuality:
+    layer: int
+    recall: float  # target mass predicted / target mass (mean over tokens)
+    mass_kept: float  # mass predicted / all mass
+    precision: float  # predicted neurons in the target set / predicted neurons
+    predicted: float  # neurons predicted per token (fraction of the layer)
+    target_size: float  # neurons in the target set per token (fraction)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    text: str
+    settings: dict
+    ppl_tokens: int
+    dense_ppl: float
+    flash_ppl: float
+    greedy_match: float
+    token_agreement: float
+    dense_tokens_per_s: float
+    flash_tokens_per_s: float
+    decode: dict  # bytes/reads/neurons per token, hit rate, seconds per token by part
+    predictor_time_share: float  # predictor seconds / decode wall seconds
+    layers: list[LayerQuality] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # prompt, dense and flash continuations
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_text_tokens(tokenizer, path: str | Path) -> np.ndarray:
+    """Token ids of a text file: (L,) int32. Undecodable bytes are replaced, not fatal."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text-file {path} is not a file; pass any UTF-8 text file")
+    ids = np.asarray(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")),
+                     dtype=np.int32)
+    if ids.size < 3:
+        raise ValueError(f"{path} has {ids.size} tokens; evaluation needs a longer text")
+    return ids
+
+
+def cut_prompts(tokens: np.ndarray, count: int, length: int) -> list[np.ndarray]:
+    """`count` prompts of `length` tokens at evenly spaced places of the text."""
+    length = min(length, tokens.size)
+    starts = np.linspace(0, tokens.size - length, num=count).astype(int) if count else []
+    return [tokens[s:s + length] for s in starts]
+
+
+def nll(logits: mx.array, targets: np.ndarray) -> np.ndarray:
+    """logits: (1, T, V), targets: (T,) -> (T,) float64 negative log-likelihoods."""
+    logits = logits[0].astype(mx.float32)
+    picked = mx.take_along_axis(logits, mx.array(targets[:, None].astype(np.int32)), axis=-1)
+    return np.array(mx.logsumexp(logits, axis=-1) - picked[:, 0], dtype=np.float64)
+
+
+def perplexity(model, tokens: np.ndarray, chunk: int) -> float:
+    """exp(mean NLL) of tokens[1:] given the prefix, fed `chunk` tokens per call."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache, losses = make_prompt_cache(model), []
+    for start in range(0, tokens.size - 1, chunk):
+        stop = min(tokens.size - 1, start + chunk)
+        logits = model(mx.array(tokens[None, start:stop]), cache=cache)
+        losses.append(nll(logits, tokens[start + 1:stop + 1]))  # np.array inside evaluates
+    return float(np.exp(np.mean(np.concatenate(losses))))
+
+
+def greedy(model, tokenizer, prompt: np.ndarray, n: int) -> tuple[list[int], float]:
+    """N greedy tokens after `prompt`, and the decode speed (tokens/s, prompt excluded)."""
+    from ..runtime.generate import stream
+
+    out, tps = [], 0.0
+    for response in stream(model, tokenizer, prompt.tolist(), n, temp=0.0):
+        out.append(int(response.token))
+        tps = response.generation_tps
+    return out, tps
+
+
+def teacher_forced_agreement(model, prompt: np.ndarray, continuation: list[int],
+                             chunk: int) -> float:
+    """Fraction of continuation tokens that are the model's top-1 given the true prefix."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    seq = np.concatenate([prompt, np.asarray(continuation, dtype=np.int32)])
+    cache = make_prompt_cache(model)
+    model(mx.array(seq[None, :prompt.size - 1]), cache=cache)  # prefix, as generation does
+    hits = []
+    for start in range(prompt.size - 1, seq.size - 1, chunk):
+        stop = min(seq.size - 1, start + chunk)
+        logits = model(mx.array(seq[None, start:stop]), cache=cache)
+        hits.append(np.array(mx.argmax(logits[0], axis=-1)) == seq[start + 1:stop + 1])
+    return float(np.mean(np.concatenate(hits)))
+
+
+class QualitySink:
+    """Per-layer predictor quality, accumulated from (x, |h|) of the dense model."""
+
+    def __init__(self, predictors: Predictors, target):
+        self.predictors, self.target = predictors, target
+        self.sums: dict[int, np.ndarray] = {}  # layer -> sums of the 5 LayerQuality numbers
+        self.tokens: dict[int, int] = {}
+
+    def __call__(self, layer: int, x: np.ndarray, mag: np.ndarray) -> None:
+        """x: (T, d), mag: (T, n)."""
+        pred = self.predictors.layers[layer]
+        predicted = pred.scores(x) > pred.tau
+        labels = target_labels(mag, self.target)
+        target_mass = np.maximum(np.where(labels, mag, 0).sum(axis=1), 1e-30)
+        total = np.maximum(mag.sum(axis=1), 1e-30)
+        rows = np.stack([
+            np.where(labels & predicted, mag, 0).sum(axis=1) / target_mass,
+            np.where(predicted, mag, 0).sum(axis=1) / total,
+            (labels & predicted).sum(axis=1) / np.maximum(predicted.sum(axis=1), 1),
+            predicted.mean(axis=1), labels.mean(axis=1)], axis=1)  # (T, 5)
+        self.sums[layer] = self.sums.get(layer, 0) + rows.sum(axis=0)
+        self.tokens[layer] = self.tokens.get(layer, 0) + len(x)
+
+    def layers(self) -> list[LayerQuality]:
+        return [LayerQuality(i, *map(float, self.sums[i] / self.tokens[i]))
+                for i in sorted(self.sums)]
+
+
+def _dense_part(root: Path, tokens: np.ndarray, prompts: list[np.ndarray], cfg: EvalConfig,
+                sink: QualitySink | None, progress) -> dict:
+    from ..runtime.loader import load_dense
+
+    manifest = read_manifest(root)
+    model, tokenizer = load_dense(root, dtype=cfg.dtype)
+    progress("dense perplexity")
+    with numpy_linears(model):
+        if sink is not None:
+            with recording(model, manifest, sink):
+                ppl = perplexity(model, tokens, tokens.size)
+        else:
+            ppl = perplexity(model, tokens, tokens.size)
+    runs = []
+    for i, prompt in enumerate(prompts):
+        progress(f"dense greedy {i + 1}/{len(prompts)}")
+        runs.append(greedy(model, tokenizer, prompt, cfg.max_tokens))
+    return {"ppl": ppl, "outputs": [r[0] for r in runs],
+            "tps": float(np.mean([r[1] for r in runs])) if runs else 0.0}
+
+
+def _flash_part(root: Path, tokens: np.ndarray, prompts: list[np.ndarray],
+                dense_outputs: list[list[int]], cfg: EvalConfig, progress) -> dict:
+    from ..runtime.loader import load
+
+    model, tokenizer = load(root, cfg.dram_budget, window=cfg.window, selector=cfg.selector,
+                            oracle_rule=cfg.rule, keep=cfg.keep, dtype=cfg.dtype,
+                            predictor_recall=cfg.recall)
+    rt = model.flash
+    chunk = rt.settings.max_sparse_tokens
+    try:
+        progress("flash perplexity")
+        with numpy_linears(model):  # attention and lm_head only: FlashFFN is no nn.Linear
+            ppl = perplexity(model, tokens, chunk)
+            agreement = []
+            for prompt, dense_out in zip(prompts, dense_outputs, strict=True):
+                agreement.append(teacher_forced_agreement(model, prompt, dense_out, chunk))
+        rt.stats.reset()
+        runs = []
+        for i, prompt in enumerate(prompts):
+            progress(f"flash greedy {i + 1}/{len(prompts)}")
+            runs.append(greedy(model, tokenizer, prompt, cfg.max_tokens))
+        stats = rt.stats
+        texts = [(tokenizer.decode(p.tolist()), tokenizer.decode(d), tokenizer.decode(f))
+                 for p, d, (f, _) in zip(prompts, dense_outputs, runs, strict=True)]
+    finally:
+        rt.close()
+    return {"ppl": ppl, "agreement": float(np.mean(agreement)) if agreement else 1.0,
+            "outputs": [r[0] for r in runs], "texts": texts,
+            "tps": float(np.mean([r[1] for r in runs])) if runs else 0.0,
+            "decode": decode_summary(stats, rt.manifest.n_layers),
+            "settings": stats.settings}
+
+
+def decode_summary(stats, n_layers: int) -> dict:
+    """Per decoded token: I/O, neurons (per layer), seconds by part."""
+    steps = stats.decode_steps()
+    totals = stats.totals()
+    n = max(1, len(steps))
+    return {"tokens": len(steps),
+            "bytes_read_per_token": totals["bytes_read_per_token"],
+            "reads_per_token": totals["reads_per_token"],
+            "hit_rate": totals["hit_rate"],
+            "neurons_active_per_layer": sum(s.neurons_active for s in steps) / n / n_layers,
+            "neurons_loaded_per_layer": sum(s.neurons_new for s in steps) / n / n_layers,
+            "seconds_per_token": totals["ffn_seconds_per_token"]}
+
+
+def evaluate(flash_dir: str | Path, text_file: str | Path, cfg: EvalConfig | None = None,
+             progress=None) -> EvalReport:
+    """Dense vs flash on one text file (see module doc). progress(str) is told each stage."""
+    from ..runtime.loader import load_tokenizer
+
+    cfg = cfg or EvalConfig()
+    progress = progress or (lambda stage: None)
+    root = Path(flash_dir)
+    manifest = read_manifest(root)
+    tokenizer = load_tokenizer(root, manifest)
+    all_tokens = read_text_tokens(tokenizer, text_file)
+    tokens = all_tokens[:cfg.ppl_tokens + 1]
+    prompts = cut_prompts(all_tokens, cfg.prompts, cfg.prompt_tokens)
+    uses_predictor = cfg.selector == "predictor" or (cfg.selector == "auto"
+                                                     and manifest.predictors)
+    sink = None
+    if uses_predictor:
+        predictors = load_predictors(root, manifest, cfg.recall)
+        target = parse_target(predictors.meta.get("target", "auto"), manifest.ffn.relu_family)
+        sink = QualitySink(predictors, target)
+    dense = _dense_part(root, tokens, prompts, cfg, sink, progress)
+    mx.clear_cache()
+    flash = _flash_part(root, tokens, prompts, dense["outputs"], cfg, progress)
+    matches = [common_prefix(d, f) / cfg.max_tokens
+               for d, f in zip(dense["outputs"], flash["outputs"], strict=True)]
+    predictor_s = flash["decode"]["seconds_per_token"].get("predictor", 0.0)
+    return EvalReport(
+        model=str(root), text=str(text_file),
+        settings={**asdict(cfg), **flash["settings"],
+                  "predictors": manifest.predictors and {
+                      k: manifest.predictors.get(k) for k in ("kind", "target", "recall",
+                                                              "rank", "size")}},
+        ppl_tokens=int(tokens.size - 1), dense_ppl=dense["ppl"], flash_ppl=flash["ppl"],
+        greedy_match=float(np.mean(matches)) if matches else 1.0,
+        token_agreement=flash["agreement"], dense_tokens_per_s=dense["tps"],
+        flash_tokens_per_s=flash["tps"], decode=flash["decode"],
+        predictor_time_share=predictor_s * flash["tps"],
+        layers=sink.layers() if sink is not None else [],
+        samples=[{"prompt": p, "dense": d, "flash": f} for p, d, f in flash["texts"]])
+
+
+@dataclass
+class SweepPoint:
+    recall: float  # the predictors' operating point
+    predicted: float  # neurons kept per token, fraction (mean over layers and tokens)
+    mass_kept: float  # sum|h| kept / sum|h| (mean)
+    ppl: float  # dense model whose FFNs keep only the predicted neurons
+    oracle_ppl: float  # ... keep each token's true top neurons, as many as predicted
+
+
+def sweep(flash_dir: str | Path, text_file: str | Path, ppl_tokens: int = 256,
+          recalls: list[float] | None = None, progress=None) -> tuple[float, list[SweepPoint]]:
+    """Perplexity vs operating point, without flash: the dense model with each FFN restricted
+    to the neurons the predictors pick, at every recall they were calibrated for, next to the
+    oracle keeping the same number of true top-|h| neurons per token.
+
+    This is flash's fidelity with compute_on="active" and caches that hold every neuron, at
+    ~10 s per point instead of minutes. Returns (dense perplexity, points).
+    """
+    from ..runtime.loader import load_dense
+
+    progress = progress or (lambda stage: None)
+    root = Path(flash_dir)
+    manifest = read_manifest(root)
+    predictors = load_predictors(root, manifest)
+    model, tokenizer = load_dense(root, dtype="float32")
+    tokens = read_text_tokens(tokenizer, text_file)[:ppl_tokens + 1]
+    with numpy_linears(model):
+        dense = perplexity(model, tokens, tokens.size)
+        points = [_sweep_point(model, manifest, predictors, tokens, r, progress)
+                  for r in (recalls or sorted(predictors.layers[0].taus))]
+    return dense, points
+
+
+def _sweep_point(model, manifest, predictors: Predictors, tokens: np.ndarray, recall: float,
+                 progress) -> SweepPoint:
+    progress(f"sweep recall {recall}")
+    predictors.use_recall(recall)
+    seen: list[tuple[float, float]] = []
+    counts: dict[int, np.ndarray] = {}
+
+    def predicted(layer: int, x: np.ndarray, mag: np.ndarray) -> np.ndarray:
+        keep = predictors.layers[layer].scores(x) > predictors.layers[layer].tau
+        counts[layer] = keep.sum(axis=1)
+        total = np.maximum(mag.sum(axis=1), 1e-30)
+        seen.append((float(keep.mean()), float(np.mean(np.where(keep, mag, 0).sum(1) / total))))
+        return keep
+
+    def oracle(layer: int, x: np.ndarray, mag: np.ndarray) -> np.ndarray:
+        k = np.maximum(counts[layer], 1)[:, None]  # (T, 1) as many as predicted
+        ranks = np.argsort(np.argsort(-mag, axis=1), axis=1)
+        return ranks < k
+
+    with recording(model, manifest, predicted):
+        ppl = perplexity(model, tokens, tokens.size)
+    with recording(model, manifest, oracle):
+        oracle_ppl = perplexity(model, tokens, tokens.size)
+    frac, mass = np.mean(seen, axis=0)
+    return SweepPoint(recall, float(frac), float(mass), ppl, oracle_ppl)
+
+
+def format_sweep(dense: float, points: list[SweepPoint]) -> str:
+    lines = [f"dense perplexity {dense:.3f}",
+             f"{'recall':>7} {'neurons':>8} {'mass':>6} {'ppl':>8} {'oracle ppl':>11}"]
+    lines += [f"{p.recall:>7} {p.predicted:>8.1%} {p.mass_kept:>6.3f} {p.ppl:>8.3f} "
+              f"{p.oracle_ppl:>11.3f}" for p in points]
+    return "\n".join(lines)
+
+
+def format_report(report: EvalReport) -> str:
+    """A human-readable summary of an EvalReport."""
+    d = report.decode
+    lines = [
+        f"model {report.model}  text {report.text}  selector {report.settings.get('selector')}",
+        f"perplexity over {report.ppl_tokens} tokens: dense {report.dense_ppl:.3f}, flash "
+        f"{report.flash_ppl:.3f} ({report.flash_ppl / report.dense_ppl - 1:+.1%})",
+        f"greedy: match before first difference {report.greedy_match:.1%}, teacher-forced "
+        f"top-1 agreement {report.token_agreement:.1%}",
+        f"decode: dense {report.dense_tokens_per_s:.2f} tok/s, flash "
+        f"{report.flash_tokens_per_s:.2f} tok/s; {d['bytes_read_per_token'] / 2**20:.2f} MiB "
+        f"and {d['reads_per_token']:.0f} reads per token; per layer "
+        f"{d['neurons_active_per_layer']:.0f} neurons active, "
+        f"{d['neurons_loaded_per_layer']:.0f} loaded; hit rate {d['hit_rate']:.1%}",
+        f"predictor time share {report.predictor_time_share:.1%} of decode",
+    ]
+    if report.layers:
+        lines.append(f"{'layer':>5} {'recall':>7} {'mass':>6} {'prec':>6} {'pred':>6} "
+                     f"{'target':>6}")
+        lines += [f"{q.layer:>5} {q.recall:>7.3f} {q.mass_kept:>6.3f} {q.precision:>6.3f} "
+                  f"{q.predicted:>6.1%} {q.target_size:>6.1%}" for q in report.layers]
+        lines.append(f"{'mean':>5} {np.mean([q.recall for q in report.layers]):>7.3f} "
+                     f"{np.mean([q.mass_kept for q in report.layers]):>6.3f} "
+                     f"{np.mean([q.precision for q in report.layers]):>6.3f} "
+                     f"{np.mean([q.predicted for q in report.layers]):>6.1%} "
+                     f"{np.mean([q.target_size for q in report.layers]):>6.1%}")
+    return "\n".join(lines)

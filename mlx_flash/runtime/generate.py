@@ -1,0 +1,92 @@
+"""Generation on a loaded model with mlx_lm's own loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .stats import peak_rss_bytes
+
+
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation, ending where the assistant's next reply starts.
+
+    messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. Through the
+    tokenizer's chat template when it has one; a model without a template is a plain language
+    model, so its conversation is the contents joined by newlines (the text just continues).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=True))
+    return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cached_tokens(cache: list) -> int | None:
+    """Tokens held by an mlx_lm prompt cache (None when its kind does not say)."""
+    return getattr(cache[0], "offset", None) if cache else None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_rss_bytes: int
+
+
+def format_prompt(tokenizer, prompt: str, system: str | None = None,
+                  use_chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt, through the chat template when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else [])
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tokenizer.encode(prompt)
+
+
+def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
+           top_p: float = 1.0, seed: int | None = None, speculative=None) -> Iterator:
+    """mlx_lm.stream_generate with a sampler for temp/top_p; yields its responses.
+
+    speculative: a `Speculation` (drafter, settings, stats): greedy speculative decoding."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if speculative is not None:
+        yield from speculative.stream(model, tokenizer, prompt_ids, max_tokens, temp)
+        return
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p)
+    yield from stream_generate(model, tokenizer, prompt_ids, max_tokens=max_tokens,
+                               sampler=sampler)
+
+
+def generate_text(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None, on_token=None,
+                  speculative=None) -> GenerationResult:
+    """Generate and collect the text; `on_token(response)` is called per token."""
+    text, last = "", None
+    for response in stream(model, tokenizer, prompt_ids, max_tokens, temp, top_p, seed,
+                           speculative):
+        text += response.text
+        last = response
+        if on_token is not None:
+            on_token(response)
+    if last is None:
+        return GenerationResult("", len(prompt_ids), 0, 0.0, 0.0, peak_rss_bytes())
+    return GenerationResult(text, last.prompt_tokens, last.generation_tokens, last.prompt_tps,
+                            last.generation_tps, peak_rss_bytes())

@@ -1,0 +1,155 @@
+"""The DRAM plan: what a budget must hold and how much is left for the neuron caches."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..format.manifest import RESIDENT, Manifest
+from ..format.storage import tensor_sizes
+from .ffn import FlashSettings
+from .rows import cache_buffers
+from .store import DIRECT_ALIGN, MAX_READ
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Resident tensors that load-time quantization applies to: 2-D weights of Linear and
+    Embedding modules whose rows split into whole groups."""
+    return len(shape) == 2 and name.endswith(".weight") and shape[-1] % group_size == 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_budget(value: str | float | int | None, model_bytes: int) -> int | None:
+    """Bytes from "4GB", "512MiB", 3_000_000_000, or a fraction of the model's size (0.5)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value * model_bytes) if 0 < value <= 1 else int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"dram_budget {value!r} is not a size: use bytes, '4GB', '512MiB' or a "
+                         "fraction of the model size like 0.5")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "" and 0 < number <= 1:
+        return int(number * model_bytes)
+    if unit not in _UNITS:
+        raise ValueError(f"dram_budget {value!r}: unknown unit {unit!r}")
+    return int(number * _UNITS[unit])
+
+
+@dataclass
+class MemoryPlan:
+    """Where the DRAM budget goes, in bytes; capacity is neurons cached per layer."""
+
+    budget: int | None
+    runtime: int  # the process before any weight is loaded (Python, MLX, tokenizer)
+    resident: int  # attention, norms, lm_head (and embeddings unless on flash)
+    embedding: int  # the embedding table, 0 when it stays on flash
+    predictors: int  # the low-rank predictors, held as float32
+    kv_cache: int  # reserved for max_kv_tokens
+    scratch: int  # prefill / oracle chunks in flight, and the page cache the code needs
+    caches: int  # all layers' neuron caches
+    capacity: int
+    n_neurons: int
+    per_neuron: int  # bytes one cached neuron costs, summed over the layers
+    reserved: int = 0  # what the caller holds besides the model (a drafter)
+
+    @property
+    def minimum(self) -> int:
+        return (self.runtime + self.resident + self.embedding + self.predictors + self.kv_cache
+                + self.scratch + self.reserved)
+
+
+CODE_PAGES = 64 << 20  # libmlx, Python and numpy code must stay in the page cache under a cgroup
+
+
+def kv_bytes(config: dict, tokens: int, itemsize: int) -> int:
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * heads * head_dim * tokens * itemsize
+
+
+def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
+                   group_size: int) -> int:
+    count = int(np.prod(shape))
+    if bits < 16 and quantizable(name, shape, group_size):
+        return count * bits // 8 + 2 * (count // group_size) * itemsize
+    return count * itemsize
+
+
+def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dtype,
+                settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
+                runtime_bytes: int, resident_bits: int = 16,
+                resident_group_size: int = 64, kv_itemsize: int | None = None,
+                selector_bytes: int | None = None, threads: int = 8,
+                reserved: int = 0, fast: bool = False) -> MemoryPlan:
+    """kv_itemsize: bytes per KV element when it is not the compute dtype's. selector_bytes:
+    what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any).
+    threads: the store's reading threads (each may hold an O_DIRECT buffer). reserved: bytes
+    the caller holds besides the model (a drafter). fast: the fast CPU path computes streamed
+    chunks from their raw rows (no converted copies)."""
+    itemsize = dtype.size
+    sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
+             for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
+    embed = sizes.get("model.embed_tokens.weight", 0)
+    resident = sum(sizes.values()) - embed
+    layout, n = manifest.ffn, manifest.layers[0].n_neurons
+    per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
+                     for parts, width, dt in cache_buffers(layout, dtype).values())
+    scratch = stream_scratch(settings, 0 if fast else layout.elements * itemsize,
+                             max(e.stride for e in manifest.layers), threads) + CODE_PAGES
+    predictors = selector_bytes or 0
+    if selector_bytes is None and manifest.predictors:
+        predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
+                             tensor_sizes(root / manifest.predictors["file"]).values())
+    plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
+                      kv_bytes(manifest.config, max_kv_tokens, kv_itemsize or itemsize),
+                      scratch, 0, n, n,
+                      per_neuron * manifest.n_layers, reserved)
+    if budget is not None:
+        plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
+    plan.caches = plan.capacity * plan.per_neuron
+    return plan
+
+
+def stream_scratch(settings: FlashSettings, chunk_weight_bytes_per_neuron: int, stride: int,
+                   threads: int) -> int:
+    """Bytes the streamed chunks take while in use: the read-ahead's buffers (one per chunk in
+    flight, plus the one being computed), two chunks of weights converted for compute (the
+    MLX path; the fast path computes from the raw rows: pass 0 bytes per neuron), and one
+    O_DIRECT buffer per thread."""
+    chunk = settings.prefill_chunk
+    return ((settings.read_ahead + 1) * chunk * stride
+            + 2 * chunk * chunk_weight_bytes_per_neuron
+            + threads * (MAX_READ + 2 * DIRECT_ALIGN))
+
+
+def check_plan(plan: MemoryPlan, min_capacity: int, embed_on_flash: bool,
+               dtype: mx.Dtype, resident_bits: int = 16) -> None:
+    if plan.budget is None or plan.capacity >= min_capacity:
+        return
+    need = plan.minimum + min_capacity * plan.per_neuron
+    hint = "" if embed_on_flash or not plan.embedding else (
+        " or keep the embedding table on flash (embed_on_flash=True, --embed-on-flash)")
+    breakdown = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in asdict(plan).items()
+                          if k in ("runtime", "resident", "embedding", "predictors", "kv_cache",
+                                   "scratch", "reserved"))
+    if plan.reserved:
+        hint += f", or hold less beside the model (a drafter: {plan.reserved / 2**20:.0f} MiB)"
+    dtype_hint = "" if dtype.size <= 2 else ", use bf16 compute (--dtype bfloat16)"
+    if resident_bits > 4:
+        dtype_hint += f", quantize the resident part (--resident-bits {resident_bits // 2})"
+    raise ValueError(
+        f"dram_budget {plan.budget / 2**20:.0f} MiB is too small: the resident part alone needs "
+        f"{plan.minimum / 2**20:.0f} MiB ({breakdown}) and the neuron caches at least "
+        f"{min_capacity} neurons per layer, {need / 2**20:.0f} MiB in all. Raise the budget to "
+        f"at least that{dtype_hint}, lower max_kv_tokens{hint}.")

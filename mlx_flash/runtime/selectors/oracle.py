@@ -1,0 +1,65 @@
+"""The oracle selector: reads every row to compute the true activations (exact; the test reference)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ...compute.reference import neuron_activations
+from ...format.manifest import Manifest
+from ..rows import split_bundles
+from ..store import IOStats, NeuronStore
+from .base import Selection
+
+
+class OracleSelector:
+    """Exact active sets from the true activations (reads all of a layer's rows).
+
+    rule: "all" (every neuron), "nonzero" (activation != 0; exact for ReLU-family FFNs), or
+    "top" (the `keep` fraction of neurons with the largest |activation|). This is the reference
+    for tests and the mode without predictors; it reads the whole layer every token, so it is
+    not a fast mode.
+    """
+
+    def __init__(self, store: NeuronStore, manifest: Manifest, rule: str = "all",
+                 keep: float = 1.0, dtype: mx.Dtype = mx.float32, chunk: int = 4096):
+        if rule not in ("all", "nonzero", "top"):
+            raise ValueError(f"oracle rule must be 'all', 'nonzero' or 'top', got {rule!r}")
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        self.store, self.manifest, self.rule, self.keep = store, manifest, rule, keep
+        self.dtype, self.chunk = dtype, chunk
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every call selects the same neurons (the runtime then reads ahead across
+        layers)."""
+        return self.rule == "all"
+
+    def select(self, layer: int, x: mx.array) -> Selection:
+        """x: (T, d) evaluated. Returns each token's active ids."""
+        n = self.manifest.layers[layer].n_neurons
+        if self.rule == "all":
+            return Selection([np.arange(n)] * x.shape[0])
+        h, io = self.activations(layer, x)
+        return Selection([self._pick(row) for row in np.abs(h)], io)
+
+    def activations(self, layer: int, x: mx.array) -> tuple[np.ndarray, IOStats]:
+        """True activations of every neuron: (T, n) float32, and the I/O it took."""
+        n, io = self.manifest.layers[layer].n_neurons, IOStats()
+        out = np.empty((x.shape[0], n), dtype=np.float32)
+        for ids, rows, stats in self.store.iter_layer(layer, self.chunk):  # file order
+            io.add(stats)
+            weights, bias = split_bundles(rows, self.manifest, self.dtype)
+            h = neuron_activations(x, weights, weights.shape[1], self.manifest.ffn.activation,
+                                   bias)
+            out[:, ids] = np.array(h.astype(mx.float32))  # np.array evaluates: needed now
+        return out, io
+
+    def _pick(self, magnitude: np.ndarray) -> np.ndarray:
+        if self.rule == "nonzero":
+            ids = np.nonzero(magnitude)[0]
+            return ids[np.argsort(-magnitude[ids], kind="stable")]
+        k = max(1, int(np.ceil(self.keep * magnitude.size)))
+        top = np.argpartition(-magnitude, k - 1)[:k]
+        return top[np.argsort(-magnitude[top], kind="stable")]
