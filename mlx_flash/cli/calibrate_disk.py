@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..format.manifest import MANIFEST, read_manifest
 from ..offline import calibrate_disk as offline_calibrate_disk
 from ..runtime import disk as runtime_disk
 
 
 def cmd_calibrate_disk(args) -> int:
     from tqdm import tqdm
-
-    from ..format.manifest import MANIFEST, read_manifest
 
     where = Path(args.dir).expanduser()
     files = None

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..runtime.generate import cached_tokens, common_prefix, conversation_ids
+from ..runtime.stats import current_rss_bytes
 from .common import add_model_arguments, load_model, model_dir
 
 HELP = "Type a message. /reset starts a new conversation; /quit or Ctrl-D leaves."
@@ -119,7 +120,6 @@ class Status:
 
 def status_after(model, response, kv_tokens: int) -> Status:
     """The status after `response` (stats since the last `stats.reset()`, i.e. this reply)."""
-    from ..runtime.stats import current_rss_bytes
 
     stats = getattr(getattr(model, "flash", None), "stats", None)
     if stats is None:  # the dense reference

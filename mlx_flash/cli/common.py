@@ -7,7 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+from ..format.home import default_models_dir
+from ..format.manifest import read_manifest
+from ..offline.convert import convert
+from ..offline.pull import ALIASES, DEFAULT_MODEL, pull
+from ..offline.sources import open_checkpoint
+from ..runtime.loader import load, load_dense
 from ..runtime.stats import RunStats, TokenStats
+from ..spec.drafter import drafter_bytes, load_drafter
+from ..spec.speculative import SpecSettings, Speculation
 from .info import info_bytes
 
 
@@ -20,8 +28,6 @@ def _progress_bar(desc: str, total: int | None):
 
 def default_model_dir(models_dir: str | None = None, name: str | None = None) -> Path:
     """The flash dir of a known model, pulled and converted on first use (with progress)."""
-    from ..format.home import default_models_dir
-    from ..offline.pull import ALIASES, DEFAULT_MODEL, pull
 
     name = ALIASES.get(name, name) if name else DEFAULT_MODEL
     home = Path(models_dir).expanduser() if models_dir else default_models_dir()
@@ -36,9 +42,6 @@ def default_model_dir(models_dir: str | None = None, name: str | None = None) ->
 
 
 def _convert(src, out, dtype, align, force, bits=16, group_size=64) -> None:
-    from ..offline.convert import convert
-    from ..offline.sources import open_checkpoint
-
     ckpt = open_checkpoint(src)
     total = sum(info_bytes(ckpt).values())
     with _progress_bar(f"convert {Path(src).name}", total) as bar:
@@ -133,8 +136,6 @@ def load_speculation(args: argparse.Namespace, model):
     """A Speculation for --drafter, or None without it."""
     if args.drafter is None:
         return None
-    from ..spec.drafter import load_drafter
-    from ..spec.speculative import SpecSettings, Speculation
 
     root = model_dir(args)
     drafter = load_drafter(args.drafter or root, root).attach(model, root)
@@ -153,7 +154,6 @@ def model_dir(args: argparse.Namespace) -> Path:
 
 def load_model(args: argparse.Namespace):
     """(model, tokenizer) for the flags of `add_model_arguments`."""
-    from ..runtime.loader import load, load_dense
 
     path = model_dir(args)
     if args.dense:
@@ -170,7 +170,5 @@ def drafter_reserve(args: argparse.Namespace, root: Path) -> int:
     """Bytes the --drafter will take, for the DRAM plan (0 without one)."""
     if getattr(args, "drafter", None) is None:
         return 0
-    from ..format.manifest import read_manifest
-    from ..spec.drafter import drafter_bytes
 
     return drafter_bytes(args.drafter or root, read_manifest(root).config["hidden_size"])

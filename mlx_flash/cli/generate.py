@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from ..runtime.generate import format_prompt, generate_text
+from .common import LiveStats, load_model, load_speculation
+
 
 def cmd_generate(args) -> int:
-    from ..runtime.generate import format_prompt, generate_text
-    from .common import LiveStats, load_model, load_speculation
-
     model, tokenizer = load_model(args)
     stats = None if args.dense else model.flash.stats
     spec = load_speculation(args, model)

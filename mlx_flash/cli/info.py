@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..format.manifest import read_manifest, verify_checksums
+
 
 def info_bytes(ckpt) -> dict[str, int]:
     """Approximate bytes each convert stage writes (for the progress bar's total)."""
@@ -14,8 +16,6 @@ def info_bytes(ckpt) -> dict[str, int]:
 
 
 def cmd_info(args) -> int:
-    from ..format.manifest import read_manifest, verify_checksums
-
     manifest = read_manifest(args.dir)
     if args.verify:
         verify_checksums(args.dir, manifest)

@@ -9,11 +9,11 @@ from pathlib import Path
 from . import chat as cli_chat
 from . import eval as cli_eval
 from . import place as cli_place
-from . import serve as cli_serve
 from . import train_drafter as cli_train_drafter
 from . import train_predictors as cli_train_predictors
 from .bench import run_bench
 from .calibrate_disk import cmd_calibrate_disk
+from .common import add_drafter_arguments, add_model_arguments
 from .convert import cmd_convert
 from .generate import cmd_generate
 from .info import cmd_info
@@ -23,8 +23,6 @@ DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .common import add_drafter_arguments, add_model_arguments
-
     parser = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
     parser.add_argument("--models-dir", default=None,
                         help="where pulled models live (default $MLX_FLASH_HOME/models or "
@@ -89,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train_drafter.add_arguments(sub)
     cli_eval.add_arguments(sub)
     cli_chat.add_arguments(sub)
-    try:
-        pass
+    try:  # optional dependency: the serve extra (starlette, uvicorn, pydantic)
+        from . import serve as cli_serve
     except ImportError as e:  # the serve extra is not installed
         p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)")
         p.set_defaults(func=lambda args, e=e: _missing_extra("serve", e))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from ..offline.pull import pull
 from .common import _convert, default_model_dir
 
 
 def cmd_pull(args) -> int:
-    from ..offline.pull import pull
-
     path = pull(args.name, models_dir=args.models_dir, progress=True, force=args.force)
     print(path)
     if args.convert:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..offline.answers import PROMPT_TAIL
 from ..offline.train_drafter import DrafterConfig, _Progress, make_drafter
+from .train_predictors import add_text_arguments
 
 
 def train_drafter_cli(args) -> int:
@@ -32,7 +33,6 @@ def train_drafter_cli(args) -> int:
 
 def add_arguments(subparsers) -> None:
     """Register `train-drafter` on the CLI's subparsers."""
-    from .train_predictors import add_text_arguments
 
     p = subparsers.add_parser("train-drafter",
                               help="train the recurrent drafter for speculative decoding")

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..format.storage import save_npz
+from ..runtime.generate import format_prompt
 from ..spec.drafter import output_head
 
 PROMPT_TAIL = 16  # prompt tokens kept before each self-generated answer
@@ -62,8 +63,6 @@ def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: i
     row's context: the rest of its prompt, for the teacher pass."""
     from mlx_lm.generate import generate_step
 
-    from ..runtime.generate import format_prompt
-
     if seq_len <= PROMPT_TAIL + 1:
         raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
                          f"{PROMPT_TAIL + 1}")
@@ -108,8 +107,6 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
     position, so no second pass is needed. Returns tokens (n, seq_len), hidden (n, seq_len, d)
     f32 and argmax (n, seq_len); argmax[:, i] = tokens[:, i + 1] over the generated part."""
     from mlx_lm.models.cache import make_prompt_cache
-
-    from ..runtime.generate import format_prompt
 
     n_new = seq_len - PROMPT_TAIL
     if n_new < 1:

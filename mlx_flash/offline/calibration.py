@@ -17,6 +17,7 @@ import numpy as np
 
 from ..format.arch import ACTIVATION_FNS, ARCHITECTURES
 from ..format.manifest import Manifest, read_manifest
+from ..runtime.loader import load_dense
 
 DEFAULT_TEXT = ("Python's own documentation and source, interleaved: the pydoc topics of the "
                 "language reference (pydoc_data.topics, sorted by name) and the standard "
@@ -287,8 +288,6 @@ def record_activations(flash_dir: str | Path, out_dir: str | Path, tokens: np.nd
     calibration.json (last, so a dir without it is an unfinished recording).
     """
     from tqdm import tqdm
-
-    from ..runtime.loader import load_dense
 
     root, out = Path(flash_dir), Path(out_dir)
     manifest = read_manifest(root)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..format.bundles import pack_bundles
 from ..format.manifest import (
     FFN_DIR,
     FORMAT_VERSION,
@@ -104,7 +105,6 @@ def bundle_rows(parts: dict[str, np.ndarray], layout: FFNLayout, start: int, sto
 def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, stride: int,
                 chunk: int = 1024) -> int:
     """Write one layer's bundle file; returns its size in bytes."""
-    from ..format.bundles import pack_bundles
 
     n = parts["down"].shape[1]
     itemsize = DTYPE_BYTES[layout.dtype]

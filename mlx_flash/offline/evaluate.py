@@ -26,7 +26,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..format.manifest import read_manifest
-from ..runtime.generate import common_prefix
+from ..runtime.generate import common_prefix, stream
+from ..runtime.loader import load, load_dense, load_tokenizer
 from ..runtime.selectors.predictor import Predictors, load_predictors
 from .calibration import numpy_linears, recording
 from .train_predictors import parse_target, target_labels
@@ -124,7 +125,6 @@ def perplexity(model, tokens: np.ndarray, chunk: int) -> float:
 
 def greedy(model, tokenizer, prompt: np.ndarray, n: int) -> tuple[list[int], float]:
     """N greedy tokens after `prompt`, and the decode speed (tokens/s, prompt excluded)."""
-    from ..runtime.generate import stream
 
     out, tps = [], 0.0
     for response in stream(model, tokenizer, prompt.tolist(), n, temp=0.0):
@@ -179,8 +179,6 @@ class QualitySink:
 
 def _dense_part(root: Path, tokens: np.ndarray, prompts: list[np.ndarray], cfg: EvalConfig,
                 sink: QualitySink | None, progress) -> dict:
-    from ..runtime.loader import load_dense
-
     manifest = read_manifest(root)
     model, tokenizer = load_dense(root, dtype=cfg.dtype)
     progress("dense perplexity")
@@ -200,8 +198,6 @@ def _dense_part(root: Path, tokens: np.ndarray, prompts: list[np.ndarray], cfg: 
 
 def _flash_part(root: Path, tokens: np.ndarray, prompts: list[np.ndarray],
                 dense_outputs: list[list[int]], cfg: EvalConfig, progress) -> dict:
-    from ..runtime.loader import load
-
     model, tokenizer = load(root, cfg.dram_budget, window=cfg.window, selector=cfg.selector,
                             oracle_rule=cfg.rule, keep=cfg.keep, dtype=cfg.dtype,
                             predictor_recall=cfg.recall)
@@ -248,7 +244,6 @@ def decode_summary(stats, n_layers: int) -> dict:
 def evaluate(flash_dir: str | Path, text_file: str | Path, cfg: EvalConfig | None = None,
              progress=None) -> EvalReport:
     """Dense vs flash on one text file (see module doc). progress(str) is told each stage."""
-    from ..runtime.loader import load_tokenizer
 
     cfg = cfg or EvalConfig()
     progress = progress or (lambda stage: None)
@@ -304,7 +299,6 @@ def sweep(flash_dir: str | Path, text_file: str | Path, ppl_tokens: int = 256,
     This is flash's fidelity with compute_on="active" and caches that hold every neuron, at
     ~10 s per point instead of minutes. Returns (dense perplexity, points).
     """
-    from ..runtime.loader import load_dense
 
     progress = progress or (lambda stage: None)
     root = Path(flash_dir)

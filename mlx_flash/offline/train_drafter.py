@@ -41,6 +41,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..format.storage import save_npz
+from ..runtime.loader import load_dense
 from ..spec.drafter import (
     Drafter,
     head_forward,
@@ -52,6 +53,14 @@ from ..spec.drafter import (
     save_drafter,
 )
 from .answers import answer_prompts, cached_answers
+from .calibration import (
+    DEFAULT_DOC_CHARS,
+    DEFAULT_TEXT,
+    calibration_sequences,
+    default_documents,
+    numpy_linears,
+    read_documents,
+)
 
 
 def silu_grad(a: np.ndarray) -> np.ndarray:
@@ -170,7 +179,6 @@ def teacher_outputs(model: nn.Module, tokens: np.ndarray, progress=None,
 
     contexts: per sequence, tokens fed before it (a prompt) whose outputs are not kept. The
     linears run in numpy on CPU (big matmuls, see predictor.numpy_linears)."""
-    from .calibration import numpy_linears
 
     hs, gs = [], []
     with numpy_linears(model):
@@ -346,14 +354,6 @@ def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | N
     requests made from it, `answer_batch` at a time, their hidden states kept on the way)
     -> teacher pass of the dense model -> drafter saved in the dir. With answers the
     teacher_cache keeps the answers (see cached_answers)."""
-    from ..runtime.loader import load_dense
-    from .calibration import (
-        DEFAULT_DOC_CHARS,
-        DEFAULT_TEXT,
-        calibration_sequences,
-        default_documents,
-        read_documents,
-    )
 
     root = Path(flash_dir)
     model, tokenizer = load_dense(root, fast_cpu=True)

@@ -51,6 +51,8 @@ import numpy as np
 
 from ..format.manifest import MANIFEST, PREDICTORS, Manifest, file_entry, read_manifest
 from ..format.storage import fsync_dir
+from ..runtime.loader import load_tokenizer
+from ..runtime.rows import split_bundles
 from ..runtime.selectors.predictor import (
     DEFAULT_RECALL,
     FILE_FORMAT,
@@ -447,7 +449,6 @@ def train_layer(x: np.ndarray, mag: np.ndarray, target: Target, rank: int, cfg: 
 def layer_weights(root: Path, manifest: Manifest, layer: int
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """One layer's FFN rows from its bundle file: weights (P, n, d), biases (P - 1, n)."""
-    from ..runtime.rows import split_bundles
 
     entry = manifest.layers[layer]
     raw = np.fromfile(root / entry.file, dtype=np.uint8).reshape(entry.n_neurons, entry.stride)
@@ -584,7 +585,6 @@ def make_predictors(flash_dir: str | Path, cfg: TrainConfig, text: str | Path | 
     calibration_dir: where the activations go; reused when it already holds a recording of
     the same model and tokens. None: a temp dir under $TMPDIR, removed afterwards.
     """
-    from ..runtime.loader import load_tokenizer
 
     root = Path(flash_dir)
     manifest = read_manifest(root)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..format.manifest import RESIDENT
 from ..format.storage import tensor_sizes
+from .rows import to_mx
 
 
 class FlashEmbedding(nn.Module):
@@ -25,8 +26,6 @@ class FlashEmbedding(nn.Module):
                                        "float32": np.float32}[storage])
 
     def __call__(self, ids: mx.array) -> mx.array:
-        from .rows import to_mx
-
         rows = self._table[np.array(ids).reshape(-1)]  # np.array evaluates the ids: needed now
         return to_mx(rows, self._storage, self._dtype).reshape(*ids.shape, self._shape[1])
 

@@ -28,8 +28,10 @@ from .cache import NeuronCache
 from .embedding import flash_embedding
 from .ffn import FlashFFN, FlashRuntime, FlashSettings
 from .memory import CODE_PAGES, check_plan, parse_budget, plan_memory, quantizable
+from .pinning import pin_hot as pin
 from .rows import cache_buffers, split_bundles
 from .selectors import _make_selector
+from .selectors.quant_copy import selector_bytes
 from .stats import current_rss_bytes
 from .store import NeuronStore, supports_direct
 
@@ -241,7 +243,6 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
 
     held = None  # the selector's DRAM: the dir's predictors (counted by plan_memory) or...
     if selector == "quant":
-        from .selectors.quant_copy import selector_bytes
 
         held = selector_bytes(manifest)
 
@@ -301,7 +302,6 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *, wind
         runtime.stats.settings["fast_linears"] = accelerate(model)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
     if pin_hot:
-        from .pinning import pin_hot as pin
 
         runtime.stats.settings["pinned"] = pin(model, int(pin_hot * plan.capacity))
     return model, tokenizer

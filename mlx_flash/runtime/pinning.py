@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compute.gpu import apply_window_update
+from .rows import cache_rows
+
 
 def pin_hot(model, count: int) -> int:
     """Pin each layer's `count` most frequently active neurons (manifest `hot` lists) in its
@@ -32,9 +35,6 @@ def _fill_slots(runtime, cache, slots: np.ndarray, rows: np.ndarray) -> None:
         runtime.fast.update(cache.buffers, empty, empty, slots, rows)
         return
     import mlx.core as mx
-
-    from ..compute.gpu import apply_window_update
-    from .rows import cache_rows
 
     new = cache_rows(rows, runtime.manifest, runtime.dtype)
     none, at = mx.array(empty.astype(np.int32)), mx.array(slots.astype(np.int32))

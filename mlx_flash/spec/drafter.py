@@ -12,9 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..accel.build import kernels, unavailable_reason
 from ..format.errors import FormatError
-from ..format.manifest import read_manifest
-from ..format.storage import fsync_dir, load_checked_safetensors, sha256_file
+from ..format.manifest import RESIDENT, read_manifest
+from ..format.storage import fsync_dir, load_checked_safetensors, sha256_file, tensor_sizes
 
 DRAFTER = "drafter.safetensors"
 
@@ -29,8 +30,6 @@ def head_weight_rows(model_dir: str | Path, ids: np.ndarray, dtype=np.float32) -
     """Rows `ids` of the model's output projection (k, d) as `dtype`, read from the dir's
     resident.safetensors (lm_head, or the tied embedding table): whatever form the loaded
     model keeps them in (quantized, fast-path views, on flash), these are the stored values."""
-    from ..format.manifest import RESIDENT
-    from ..format.storage import tensor_sizes
 
     path = Path(model_dir) / RESIDENT
     tensors = tensor_sizes(path)
@@ -118,7 +117,6 @@ class HalfRows:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """x (B, d) -> x @ W.T (B, rows) float32."""
-        from ..accel.build import kernels
 
         return kernels().linear16(self.bits, "float16",
                                   np.ascontiguousarray(x, dtype=np.float32))
@@ -129,7 +127,6 @@ def keeps_half(half: bool | None = None) -> bool:
     CPU kernels that multiply them run here. One rule for `load_drafter` and `drafter_bytes`."""
     if half is not None:
         return half
-    from ..accel.build import unavailable_reason
 
     return unavailable_reason() is None
 
@@ -234,7 +231,6 @@ def drafter_bytes(path: str | Path, d_model: int, half: bool | None = None) -> i
     and the lm_head rows of its vocabulary, matrices float16 when `half` (None: as
     `load_drafter` decides), biases float32. 0 when there is no file (loading it then fails
     with the reason)."""
-    from ..format.storage import tensor_sizes
 
     weights, _ = drafter_paths(path)
     if not weights.exists():

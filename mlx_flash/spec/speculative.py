@@ -44,6 +44,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..accel.blocks import kv_cache_for
+from ..runtime.ffn import FlashFFN
 from .drafter import Drafter, hidden_and_logits
 
 WINDOW_POLICIES = ("keep", "drop")
@@ -198,14 +200,11 @@ def rollback(cache: list, start: int, path: list[int]) -> None:
 def make_cache(model: nn.Module) -> list:
     """A plain, trimmable KVCache per layer (also for sliding-window layers, see module doc);
     numpy-backed for the fast CPU path's blocks."""
-    from ..accel.blocks import kv_cache_for
 
     return [kv_cache_for(block) for block in model.layers]
 
 
 def flash_layers(model: nn.Module) -> list:
-    from ..runtime.ffn import FlashFFN
-
     return [layer.mlp for layer in model.layers if isinstance(layer.mlp, FlashFFN)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Checkpoint
+from .gguf import GGUFCheckpoint
 from .safetensors import SafetensorsCheckpoint
 
 
@@ -15,7 +16,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"{path} does not exist; pass an HF/mlx_lm safetensors dir or a "
                                 ".gguf file (or run `mlx-flash pull` for the default model)")
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import GGUFCheckpoint
 
         return GGUFCheckpoint(path)
     if path.is_dir() and any(path.glob("*.safetensors")):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .oracle import OracleSelector
+from .predictor import PredictorSelector
+from .quant_copy import DEFAULT_KEEP, QuantCopySelector
 
 
 def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=None,
@@ -13,14 +15,12 @@ def _make_selector(name, store, manifest, rule, keep, dtype, predictor_recall=No
     if name == "auto":
         name = "predictor" if manifest.predictors else "oracle"
     if name == "predictor":
-        from .predictor import PredictorSelector
 
         return PredictorSelector.from_dir(store.root, manifest, predictor_recall, fast_cpu)
     if name == "oracle":
         return OracleSelector(store, manifest, rule=rule, keep=1.0 if keep is None else keep,
                               dtype=dtype)
     if name == "quant":
-        from .quant_copy import DEFAULT_KEEP, QuantCopySelector
 
         return QuantCopySelector(store, manifest, DEFAULT_KEEP if keep is None else keep,
                                  fast_cpu)

@@ -232,7 +232,6 @@ class FastLayerPredictor:
     (measured: the f32 predictor was 15.7% of a fast decode step, BENCHMARKS.md)."""
 
     def __init__(self, layer: LayerPredictor):
-
         self.layer, self.kernels = layer, accel_build.kernels()
         a = layer.A if layer.kind == "ffn" else layer.A[None]
         b = layer.B if layer.kind == "ffn" else layer.B[None]
