@@ -26,9 +26,6 @@ ACTIVATION_FNS = {
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_approx": 2, "relu": 3, "relu2": 4}
 
 
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_approx": 2, "relu": 3, "relu2": 4}
-
-
 def np_activation(name: str, z: np.ndarray) -> np.ndarray:
     """The FFN activations in numpy, for scores (exact gelu is taken as its tanh form)."""
     if name == "silu":
