@@ -43,8 +43,6 @@ ENV_KERNELS = "MLX_FLASH_KERNELS"  # "auto" (default) or "reference"
 ENV_WINDOW_KERNEL = "MLX_FLASH_WINDOW_KERNEL"  # "1": window updates use the GPU kernel
 
 
-
-
 _force_reference: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "mlx_flash_force_reference", default=False)
 

@@ -67,7 +67,6 @@ def build_model(manifest: Manifest) -> nn.Module:
     return model_class(args_class.from_dict(manifest.config))
 
 
-
 def quantize_rows_chunked(path: Path, name: str, dtype: mx.Dtype, bits: int, group_size: int,
                           rows_per_chunk: int = 8192) -> tuple[mx.array, mx.array, mx.array]:
     """mx.quantize of one safetensors tensor, reading and quantizing it a block of rows at a
