@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -27,3 +28,15 @@ def cmd_calibrate_disk(args) -> int:
           f"page cache {'dropped' if model.extra['page_cache_dropped'] else 'NOT dropped (not root)'}"
           f"\nwrote {dest}")
     return 0
+
+
+def add_arguments(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate-disk", help="measure the disk's read cost (once per device; "
+                                              "the read planner and the benchmark use it)")
+    p.add_argument("dir", nargs="?", default=str(Path.home()),
+                   help="a directory on the disk to measure (a flash model dir: its bundle files "
+                        "are read; else a temporary scratch file is written there)")
+    p.add_argument("--seconds", type=float, default=0.5, help="seconds per measured point")
+    p.add_argument("--scratch-mib", type=int, default=512, help="size of the scratch file")
+    p.set_defaults(func=cmd_calibrate_disk)
+    return p

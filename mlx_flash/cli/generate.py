@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..runtime.generate import format_prompt, generate_text
-from .common import LiveStats, load_model, load_speculation
+from .common import (
+    LiveStats,
+    add_drafter_arguments,
+    add_model_arguments,
+    load_model,
+    load_speculation,
+)
+
+DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 
 
 def cmd_generate(args) -> int:
@@ -55,3 +64,20 @@ def _printer(live):
             live(response)
 
     return on_token
+
+
+def add_arguments(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text (flags as in mlx_lm.generate)")
+    add_model_arguments(p)
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt, or - for stdin")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--verbose", action="store_true", help="live per-token flash stats")
+    p.add_argument("--stats-json", default=None, help="write per-token stats to this file")
+    add_drafter_arguments(p)
+    p.set_defaults(func=cmd_generate)
+    return p

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..format.manifest import read_manifest, verify_checksums
 
 
@@ -49,3 +51,11 @@ def _placement_line(manifest) -> str:
         return "neuron id order (not placed; `mlx-flash place` reorders by co-activation)"
     return (f"{placed['method']} order from {placed['calibration']} (top {placed['keep']:.0%}, "
             f"{placed['train_tokens']} tokens); hot-neuron lists for pinning")
+
+
+def add_arguments(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("info", help="describe a flash model dir")
+    p.add_argument("dir")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.set_defaults(func=cmd_info)
+    return p
