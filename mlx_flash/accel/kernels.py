@@ -21,13 +21,12 @@ unavailable and the MLX path (the reference, and what runs on a GPU) is used, wi
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..format.arch import ACTIVATION_CODES
-from ..process import single_threaded_blas
+from ..process import apply_cpu_kernel_settings
 
 DT_CODES = {"float16": 0, "bfloat16": 1}
 
@@ -39,10 +38,7 @@ class CpuKernels:
     """ctypes bindings of the built library."""
 
     def __init__(self, path: Path):
-        # OpenMP threads that spin between calls steal the core MLX and the reads need (measured
-        # on 2 busy cores: a 4864-row linear 12 ms spinning, 0.3 ms passive). Read at load.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        single_threaded_blas()
+        apply_cpu_kernel_settings()  # passive OpenMP, one BLAS thread: before the library loads
         lib = ctypes.CDLL(str(path))
         lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
         lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _VOIDP, _INT, _INT, _INT, _VOIDP, _INT,
