@@ -7,7 +7,7 @@ import numpy as np
 
 from ..format.bundles import unpack_bundles
 from ..format.manifest import FFNLayout
-from ..format.storage import storage_to_f32
+from ..format.storage import to_f32
 from .build import kernels
 from .kernels import DT_CODES
 
@@ -23,7 +23,7 @@ def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
 
 class BundleFFN:
     """The fast path's FFN over 16-bit bundles. The cache buffer is (capacity, stride) bytes,
-    each slot a bundle exactly as read from flash (gate | up | down | biases, see format.py):
+    each slot a bundle exactly as read from flash (gate | up | down | biases, see format/manifest.py):
     the window update moves whole bundles and the kernel reads each neuron from one place."""
 
     def __init__(self, layout: FFNLayout):
@@ -51,7 +51,7 @@ class BundleFFN:
         elems = bundles.view(np.uint16)
         in_bias = None
         if self.bias_offsets and n:
-            in_bias = storage_to_f32(elems[:n, self.bias_offsets], self.dtype).T
+            in_bias = to_f32(elems[:n, self.bias_offsets], self.dtype).T
         return kernels().ffn16(elems, (self.d, elems.shape[1]), self.parts, n, self.d,
                                self.dtype, x, self.activation, mask, in_bias)
 
@@ -80,7 +80,7 @@ class QuantBundleFFN:
         out = {k: np.ascontiguousarray(parts[k]).view(np.uint16 if k != "q" else np.uint32)
                for k in ("q", "scales", "biases")}
         if "bias" in parts:
-            out["bias"] = storage_to_f32(parts["bias"].view(np.uint16), self.dtype)[:, :, None]
+            out["bias"] = to_f32(parts["bias"], self.dtype)[:, :, None]
         return out
 
     def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,

@@ -1,4 +1,5 @@
-"""The architecture table: FFN specs by model_type and the activations (MLX function, numpy function, kernel code) in one place."""
+"""The architecture table: FFN specs by model_type, and the activations (MLX function, numpy
+function, kernel code) in one place."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "mistral": _GATED_SILU,
     "qwen2": _GATED_SILU,
     "qwen3": _GATED_SILU,
-    "gemma3_text": FFNSpec("gated", "gelu_approx", up="up_proj", down="down_proj", gate="gate_proj"),
+    "gemma3_text": FFNSpec("gated", "gelu_approx", up="up_proj", down="down_proj",
+                           gate="gate_proj"),
     "nemotron": FFNSpec("plain", "relu2", up="up_proj", down="down_proj"),
     "starcoder2": FFNSpec("plain", "gelu", up="c_fc", down="c_proj"),
 }

@@ -58,7 +58,7 @@ def unpack_bundles(rows: np.ndarray, layout: FFNLayout) -> dict[str, np.ndarray]
     (nb, k) or absent}, in storage dtypes (numpy views where possible)."""
     pieces, offset = {}, 0
     for name, dtype, count in layout.segments():
-        nbytes = count * np.dtype(NP_STORAGE[dtype]).itemsize
+        nbytes = count * NP_STORAGE[dtype].itemsize
         pieces[name] = rows[:, offset:offset + nbytes].copy().view(NP_STORAGE[dtype])
         offset += nbytes
     names = layout.matrix_names

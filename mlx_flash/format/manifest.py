@@ -18,10 +18,10 @@ quantized along d_model in groups of `group_size`: `[gate.q | up.q | down.q | ga
 | down.biases | *_bias]` - packed uint32 words, then scales and biases in `dtype`, so one read
 still gets everything a neuron needs (`FFNLayout.segments`).
 
-Version 2 is a placed dir (`placement.py`): the neurons of a layer are stored in another order,
-`LayerEntry.order[p]` = the original id of the neuron at position p (a permutation, checked on
-read), and the store maps ids to positions, so nothing above it sees the order. `convert` writes
-version 1, which every reader still accepts.
+Version 2 is a placed dir (`offline/placement.py`): the neurons of a layer are stored in
+another order, `LayerEntry.order[p]` = the original id of the neuron at position p (a
+permutation, checked on read), and the store maps ids to positions, so nothing above it sees the
+order. `convert` writes version 1, which every reader still accepts.
 
 The stride is the bundle size rounded up to `align` bytes. We do not pad each bundle to 4096: the
 default model's f16 bundle is 5376 bytes and padding it would read 52% more. The store reads
@@ -40,7 +40,7 @@ import numpy as np
 from ..process import trim_heap
 from .arch import ACTIVATIONS, RELU_FAMILY
 from .errors import FormatError
-from .storage import DTYPE_BYTES, sha256_file
+from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file
 
 FORMAT_VERSION = 1  # what `convert` writes
 
@@ -147,8 +147,7 @@ class FFNLayout:
     @property
     def bundle_bytes(self) -> int:
         if self.quantized:
-            return sum(count * (4 if dt == "uint32" else DTYPE_BYTES[dt])
-                       for _, dt, count in self.segments())
+            return sum(count * NP_STORAGE[dt].itemsize for _, dt, count in self.segments())
         return self.elements * DTYPE_BYTES[self.dtype]
 
     def part(self, name: str) -> Part:
@@ -169,8 +168,9 @@ class LayerEntry:
     stride: int
     size: int
     sha256: str
-    # Placement (format version 2, `placement.py`): order[p] is the original id of the neuron
-    # stored at position p (None: position = id); hot is original ids, most often active first.
+    # Placement (format version 2, `offline/placement.py`): order[p] is the original id of the
+    # neuron stored at position p (None: position = id); hot is original ids, most often active
+    # first.
     order: np.ndarray | None = None
     hot: np.ndarray | None = None
 
@@ -276,6 +276,21 @@ class Manifest:
         out = np.empty_like(rows)
         out[order] = rows
         return out
+
+
+def read_layer_rows(root: str | Path, manifest: Manifest, layer: int, *,
+                    file_order: bool = False) -> np.ndarray:
+    """One layer's whole bundle file: (n_neurons, stride) uint8, row i the bundle of neuron i
+    (file_order: the rows as stored, a placed dir's order kept). Raises FormatError naming the
+    file when its size is not the manifest's."""
+    entry = manifest.layers[layer]
+    path = Path(root) / entry.file
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size != entry.size:
+        raise FormatError(f"{path}: {raw.size} bytes, manifest says {entry.size}: the file is "
+                          "truncated or was replaced; re-convert the model")
+    rows = raw.reshape(entry.n_neurons, entry.stride)
+    return rows if file_order else manifest.to_original(layer, rows)
 
 
 def check_placement(manifest: Manifest, where: str) -> None:

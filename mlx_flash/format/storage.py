@@ -1,11 +1,15 @@
-"""Storage helpers shared by every reader and writer of a flash dir: dtype tables, bf16 bits, safetensors headers, atomic writes, checksums."""
+"""Storage helpers shared by every reader and writer of a flash dir: the storage dtype tables,
+float32 from stored values, the safetensors header, atomic writes and checksums."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,42 +17,35 @@ import numpy as np
 
 from .errors import FormatError
 
-
-class TensorEntry(NamedTuple):
-    shape: tuple[int, ...]
-    offset: int  # of the data, from the start of the file
-    nbytes: int
-    dtype: str  # "float16" | "bfloat16" | "float32"
-
-
-_ST_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+# Every dtype a flash dir stores, by name, as numpy reads it. numpy has no bfloat16: its values
+# travel as uint16 bit patterns with the name "bfloat16" beside them. "uint32": the packed words
+# of quantized bundles.
+NP_STORAGE: dict[str, np.dtype] = {"float16": np.dtype(np.float16),
+                                   "bfloat16": np.dtype(np.uint16),
+                                   "float32": np.dtype(np.float32),
+                                   "uint32": np.dtype(np.uint32)}
 
 
-def tensor_sizes(path: Path) -> dict[str, TensorEntry]:
-    """name -> TensorEntry from a safetensors header, without loading the data."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: TensorEntry(tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                           v["data_offsets"][1] - v["data_offsets"][0],
-                           _ST_NAMES.get(v["dtype"], v["dtype"]))
-            for k, v in header.items()}
+# The dtypes weights are stored in, and their sizes in bytes.
+DTYPE_BYTES = {name: NP_STORAGE[name].itemsize for name in ("float16", "bfloat16", "float32")}
 
 
-NP_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
-              "uint32": np.uint32}
+ST_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # safetensors' dtype codes
 
 
-def storage_to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
-    """uint16 bits of float16/bfloat16 values -> float32."""
+ST_NAMES = {code: name for name, code in ST_CODES.items()}
+
+
+def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values of storage dtype `dtype` -> float32, any shape.
+
+    arr: in NP_STORAGE[dtype] (bfloat16 as uint16 bits), or the bits of float16 values as uint16.
+    """
     if dtype == "bfloat16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.view(np.float16).astype(np.float32)
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if arr.dtype.kind == "u":  # raw bits of 16/32-bit floats
+        arr = arr.view(NP_STORAGE[dtype])
+    return arr.astype(np.float32)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -58,37 +55,81 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((bits + rounding) >> 16).astype(np.uint16)
 
 
-def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    return bf16_bits_to_f32(arr) if dtype == "bfloat16" else arr.astype(np.float32)
-
-
 def cast(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
     """Cast between storage dtypes; bfloat16 is uint16 bits on both sides."""
     if src == dst:
         return arr
     if dst == "bfloat16":
         return f32_to_bf16_bits(to_f32(arr, src))
-    return to_f32(arr, src).astype(np.dtype(dst))
+    return to_f32(arr, src).astype(NP_STORAGE[dst])
 
 
-_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+class TensorEntry(NamedTuple):
+    """One tensor of a safetensors file, from its header."""
+
+    shape: tuple[int, ...]
+    offset: int  # of the data, from the start of the file
+    nbytes: int
+    dtype: str  # a storage dtype name ("float16" | "bfloat16" | "float32"), else the code ("I32")
+
+    def memmap(self, path: Path) -> np.memmap:
+        """The tensor in the file at `path`, memory-mapped read-only in NP_STORAGE[dtype]."""
+        return np.memmap(path, mode="r", dtype=NP_STORAGE[self.dtype], offset=self.offset,
+                         shape=self.shape)
 
 
-_NP_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+def tensor_sizes(path: Path) -> dict[str, TensorEntry]:
+    """name -> TensorEntry from a safetensors header, without loading the data.
+
+    Raises FormatError naming the file when the header is truncated or not JSON.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
+        if not 0 <= n <= os.fstat(f.fileno()).st_size - 8:
+            raise FormatError(f"{path}: truncated safetensors file")
+        blob = f.read(n)
+    try:
+        header = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    return {k: TensorEntry(tuple(v["shape"]), 8 + n + v["data_offsets"][0],
+                           v["data_offsets"][1] - v["data_offsets"][0],
+                           ST_NAMES.get(v["dtype"], v["dtype"]))
+            for k, v in header.items()}
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` to write the new file at, all or nothing.
+
+    On a clean exit of the block the file is fsynced, renamed onto `path` and the directory
+    fsynced: a crash leaves the old file or the new one, never a torn one. On an exception the
+    temp file is removed and `path` is left as it was. The temp name is hidden and keeps
+    `path`'s suffix (np.savez and mx.save_safetensors append theirs to other names).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez under a temporary name, fsynced, then renamed: a crash leaves the old file or
-    none, never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    with open(tmp, "wb") as f:
+    """np.savez, atomically (`atomic_write`)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-        f.flush()
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -126,15 +167,3 @@ def load_checked_safetensors(path: Path, sha256: str | None, listed_in: str, fil
                           f"(format {metadata.get('format')!r}, version "
                           f"{metadata.get('version')!r}); {fix}")
     return arrays, metadata
-
-
-ST_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -5,8 +5,8 @@ mlx_lm naming, e.g. `model.layers.0.mlp.gate_proj.weight`) with shapes and dtype
 at a time as a numpy array. bfloat16 has no numpy dtype: such tensors travel as `np.uint16` bit
 patterns and carry the dtype name "bfloat16" beside them.
 
-Two readers: `SafetensorsCheckpoint` (an HF / mlx_lm dir of *.safetensors) here, and
-`GGUFCheckpoint` (a .gguf file) in `mlx_flash.gguf`. `open_checkpoint` picks by path.
+Two readers: `SafetensorsCheckpoint` (an HF / mlx_lm dir of *.safetensors, `safetensors.py`)
+and `GGUFCheckpoint` (a .gguf file, `gguf.py`). `open_checkpoint` picks by path.
 """
 
 from __future__ import annotations

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
-from ...format.storage import _NP_STORAGE, _ST_DTYPES, DTYPE_BYTES
+from ...format.storage import DTYPE_BYTES, NP_STORAGE, tensor_sizes
 from .base import Checkpoint, TensorInfo
 
 
@@ -40,25 +39,12 @@ class SafetensorsCheckpoint(Checkpoint):
             raise ValueError(f"{self.path}: no *.safetensors files found")
         index = {}
         for file in files:
-            with open(file, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8:
-                    raise ValueError(f"{file}: truncated safetensors file")
-                (header_len,) = struct.unpack("<Q", raw)
-                try:
-                    header = json.loads(f.read(header_len))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
-            base = 8 + header_len
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                if meta["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{file}: tensor {name} has dtype {meta['dtype']}; only "
+            for name, entry in tensor_sizes(file).items():
+                if entry.dtype not in DTYPE_BYTES:
+                    raise ValueError(f"{file}: tensor {name} has dtype {entry.dtype}; only "
                                      "F16/BF16/F32 sources are supported")
-                start, end = meta["data_offsets"]
-                info = TensorInfo(name, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]])
-                index[name] = (file, base + start, end - start, info)
+                info = TensorInfo(name, entry.shape, entry.dtype)
+                index[name] = (file, entry.offset, entry.nbytes, info)
         return self._sanitize(index)
 
     def _sanitize(self, index: dict) -> dict:
@@ -76,7 +62,7 @@ class SafetensorsCheckpoint(Checkpoint):
         count = int(np.prod(info.shape)) if info.shape else 1
         if nbytes != count * DTYPE_BYTES[info.dtype]:
             raise ValueError(f"{file}: tensor {name} has {nbytes} bytes for shape {info.shape}")
-        arr = np.fromfile(file, dtype=_NP_STORAGE[info.dtype], count=count, offset=offset)
+        arr = np.fromfile(file, dtype=NP_STORAGE[info.dtype], count=count, offset=offset)
         if arr.size != count:
             raise ValueError(f"{file}: truncated while reading tensor {name}")
         return arr.reshape(info.shape)
