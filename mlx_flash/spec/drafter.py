@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,13 @@ import numpy as np
 from ..accel.build import kernels, unavailable_reason
 from ..format.errors import FormatError
 from ..format.manifest import RESIDENT, read_manifest
-from ..format.storage import fsync_dir, load_checked_safetensors, sha256_file, tensor_sizes
+from ..format.storage import (
+    atomic_write,
+    load_checked_safetensors,
+    sha256_file,
+    tensor_sizes,
+    to_f32,
+)
 
 DRAFTER = "drafter.safetensors"
 
@@ -30,16 +35,11 @@ def head_weight_rows(model_dir: str | Path, ids: np.ndarray, dtype=np.float32) -
     """Rows `ids` of the model's output projection (k, d) as `dtype`, read from the dir's
     resident.safetensors (lm_head, or the tied embedding table): whatever form the loaded
     model keeps them in (quantized, fast-path views, on flash), these are the stored values."""
-
     path = Path(model_dir) / RESIDENT
     tensors = tensor_sizes(path)
     name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-    shape, offset, _, stored = tensors[name]
-    storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[stored]
-    rows = np.memmap(path, mode="r", offset=offset, shape=shape, dtype=storage)[ids]
-    if storage is np.uint16:  # bfloat16
-        rows = (rows.astype(np.uint32) << 16).view(np.float32)
-    return rows.astype(dtype)
+    rows = tensors[name].memmap(path)[ids]
+    return to_f32(rows, tensors[name].dtype).astype(dtype, copy=False)
 
 
 def embed_tokens(model: nn.Module, ids: np.ndarray) -> np.ndarray:
@@ -117,7 +117,6 @@ class HalfRows:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """x (B, d) -> x @ W.T (B, rows) float32."""
-
         return kernels().linear16(self.bits, "float16",
                                   np.ascontiguousarray(x, dtype=np.float32))
 
@@ -127,7 +126,6 @@ def keeps_half(half: bool | None = None) -> bool:
     CPU kernels that multiply them run here. One rule for `load_drafter` and `drafter_bytes`."""
     if half is not None:
         return half
-
     return unavailable_reason() is None
 
 
@@ -231,7 +229,6 @@ def drafter_bytes(path: str | Path, d_model: int, half: bool | None = None) -> i
     and the lm_head rows of its vocabulary, matrices float16 when `half` (None: as
     `load_drafter` decides), biases float32. 0 when there is no file (loading it then fails
     with the reason)."""
-
     weights, _ = drafter_paths(path)
     if not weights.exists():
         return 0
@@ -253,27 +250,23 @@ def model_identity(flash_dir: Path) -> dict:
 
 def save_drafter(drafter: Drafter, flash_dir: str | Path, path: str | Path | None = None
                  ) -> Path:
-    """Write the drafter (temp file, fsync, rename; then the sidecar). Returns the file."""
+    """Write the drafter, then its sidecar, each atomically; no sidecar while the weights are
+    replaced (no sidecar = no drafter). Returns the weights file."""
     root = Path(flash_dir)
     weights, sidecar = drafter_paths(path or root)
     arrays = {k: mx.array(v.astype(np.float16 if v.ndim == 2 else np.float32))
               for k, v in drafter.params.items()}
     arrays["vocab"] = mx.array(drafter.vocab.astype(np.int32))
-    tmp = weights.with_name(".drafter-tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={
-        "format": FILE_FORMAT, "version": FILE_VERSION, "n_res": str(n_resblocks(drafter.params)),
-        "meta": json.dumps(drafter.meta)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    sidecar.unlink(missing_ok=True)  # no sidecar = no drafter while the file is replaced
-    os.replace(tmp, weights)
+    with atomic_write(weights) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata={
+            "format": FILE_FORMAT, "version": FILE_VERSION,
+            "n_res": str(n_resblocks(drafter.params)), "meta": json.dumps(drafter.meta)})
+        sidecar.unlink(missing_ok=True)
     entry = {"file": weights.name, "size": weights.stat().st_size,
              "sha256": sha256_file(weights), "format": FILE_FORMAT, "version": FILE_VERSION,
              "model": model_identity(root), **drafter.meta}
-    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_json.write_text(json.dumps(entry, indent=1))
-    os.replace(tmp_json, sidecar)
-    fsync_dir(weights.parent)
+    with atomic_write(sidecar) as tmp:
+        tmp.write_text(json.dumps(entry, indent=1))
     return weights
 
 
