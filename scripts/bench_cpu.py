@@ -1,6 +1,6 @@
 """Decode speed on CPU: MLX's own kernels vs the fast CPU path vs llama.cpp (issue 11).
 
-Every contender runs in its own process (scripts/benchmark.py's workers: same prompt ids, greedy,
+Every contender runs in its own process (mlx_flash.bench's workers: same prompt ids, greedy,
 same token count, page cache dropped before each run, a cgroup v1 memory group per run):
 
   dense-mlx     mlx_lm dense, MLX CPU kernels (f32 compute)      no cap
@@ -23,8 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark as bench  # noqa: E402  (the workers, cgroups and clocks are shared)
+from mlx_flash.bench.caps import model_bytes
+from mlx_flash.bench.contenders import Contender, llama_cpp_available
+from mlx_flash.bench.harness import make_setup, private_copy, run_one
+from mlx_flash.bench.report import fmt, machine_description, source_stamp
 
 # every neuron (exact); a 1024-token KV reserve (the run needs ~120) leaves the half-size cap
 # room for a few hundred cached neurons per layer
@@ -32,31 +34,31 @@ ORACLE_ALL = {"selector": "oracle", "oracle_rule": "all", "window": 5, "threads"
               "max_kv_tokens": 1024}
 
 
-def contenders(gguf: Path | None, gguf_f16: Path | None) -> list[bench.Contender]:
-    llama = bench.llama_cpp_available()
+def contenders(gguf: Path | None, gguf_f16: Path | None) -> list[Contender]:
+    llama = llama_cpp_available()
     out = [
-        bench.Contender("dense-mlx", "dense", "dense mlx_lm, MLX CPU kernels, f32",
-                        {"fast_cpu": False}, capped=False),
-        bench.Contender("dense-fast", "dense", "dense mlx_lm, fast CPU path, f16 weights",
-                        {"fast_cpu": True}, capped=False),
-        bench.Contender("flash-mlx", "flash", "mlx-flash all neurons, MLX CPU kernels, f32",
-                        dict(ORACLE_ALL, fast_cpu=False), capped=False),
-        bench.Contender("flash-fast", "flash", "mlx-flash all neurons, fast CPU path, f16",
-                        dict(ORACLE_ALL, fast_cpu=True)),
-        bench.Contender("flash-fast-mlx-blocks", "flash",
-                        "mlx-flash all neurons, fast CPU path, MLX blocks (no cpu_decode)",
-                        dict(ORACLE_ALL, fast_cpu=True, env={"MLX_FLASH_CPU_BLOCKS": "0"}),
-                        capped=False),
+        Contender("dense-mlx", "dense", "dense mlx_lm, MLX CPU kernels, f32",
+                  {"fast_cpu": False}, capped=False),
+        Contender("dense-fast", "dense", "dense mlx_lm, fast CPU path, f16 weights",
+                  {"fast_cpu": True}, capped=False),
+        Contender("flash-mlx", "flash", "mlx-flash all neurons, MLX CPU kernels, f32",
+                  dict(ORACLE_ALL, fast_cpu=False), capped=False),
+        Contender("flash-fast", "flash", "mlx-flash all neurons, fast CPU path, f16",
+                  dict(ORACLE_ALL, fast_cpu=True)),
+        Contender("flash-fast-mlx-blocks", "flash",
+                  "mlx-flash all neurons, fast CPU path, MLX blocks (no cpu_decode)",
+                  dict(ORACLE_ALL, fast_cpu=True, env={"MLX_FLASH_CPU_BLOCKS": "0"}),
+                  capped=False),
     ]
     for name, path in (("llama.cpp-q4", gguf), ("llama.cpp-f16", gguf_f16)):
-        c = bench.Contender(name, "llama_cpp", f"llama.cpp (llama-cpp-python) on {path}",
-                            {"gguf": str(path) if path else None})
+        c = Contender(name, "llama_cpp", f"llama.cpp (llama-cpp-python) on {path}",
+                      {"gguf": str(path) if path else None})
         c.skip = llama or (None if path and path.exists() else f"no GGUF ({path})")
         out.append(c)
     return out
 
 
-def cap_for(c: bench.Contender, fraction: float, flash_size: int) -> int:
+def cap_for(c: Contender, fraction: float, flash_size: int) -> int:
     """The same fraction of what the contender runs: the flash dir, or the GGUF file."""
     size = Path(c.options["gguf"]).stat().st_size if c.kind == "llama_cpp" else flash_size
     return int(fraction * size)
@@ -66,13 +68,13 @@ def run(args: argparse.Namespace) -> dict:
     copied_from = None
     if args.copy_to:  # files no other process keeps in the page cache (see private_copy)
         copied_from = args.model
-        model, args.gguf = bench.private_copy(Path(args.model), args.gguf, Path(args.copy_to))
-        _, args.gguf_f16 = bench.private_copy(model, args.gguf_f16, Path(args.copy_to))
+        model, args.gguf = private_copy(Path(args.model), args.gguf, Path(args.copy_to))
+        _, args.gguf_f16 = private_copy(model, args.gguf_f16, Path(args.copy_to))
         args.model = str(model)
-    size = bench.model_bytes(Path(args.model))
+    size = model_bytes(Path(args.model))
     args.dtype, args.direct, args.cgroup_parent = None, False, None
     args.prompt_ids = None
-    setup = bench.make_setup(args, size)
+    setup = make_setup(args, size)
     rows = []
     for c in contenders(args.gguf, args.gguf_f16):
         if args.only and c.name not in args.only:
@@ -81,15 +83,15 @@ def run(args: argparse.Namespace) -> dict:
         for fraction in fractions:
             cap = None if fraction is None or c.skip else cap_for(c, fraction, size)
             print(f"[bench-cpu] {c.name} cap {fraction} ...", file=sys.stderr, end="", flush=True)
-            row = bench.run_one(setup, c, cap)
+            row = run_one(setup, c, cap)
             row["cap_fraction"] = fraction
-            print(f" {row['status']} {bench._fmt(row.get('decode_tps'), digits=2)} tok/s",
+            print(f" {row['status']} {fmt(row.get('decode_tps'), digits=2)} tok/s",
                   file=sys.stderr)
             rows.append(row)
-    return {"machine": bench.machine_description(Path(args.model)), "model": args.model,
+    return {"machine": machine_description(Path(args.model)), "model": args.model,
             "copied_from": copied_from,
             "tokens": args.tokens, "prompt_tokens": len(setup.prompt_ids),
-            "load_average_end": os.getloadavg(), "source": bench.source_stamp(), "rows": rows}
+            "load_average_end": os.getloadavg(), "source": source_stamp(), "rows": rows}
 
 
 def markdown(report: dict) -> str:
@@ -104,11 +106,11 @@ def markdown(report: dict) -> str:
         cap = "none" if r["cap_bytes"] is None else \
             f"{r['cap_fraction']:.2f}x ({r['cap_bytes'] / 2**20:.0f} MiB)"
         lines.append(
-            f"| {r['name']} | {cap} | {r['status']} | {bench._fmt(r.get('decode_tps'), digits=2)}"
-            f" | {bench._fmt(r.get('ms_per_token'))} | {bench._fmt(r.get('ttft_s'), digits=2)} | "
-            f"{bench._fmt(r.get('peak_rss_bytes'), 2**20, 0)} | "
-            f"{bench._fmt((r.get('cgroup') or {}).get('max_usage_bytes'), 2**20, 0)} | "
-            f"{bench._fmt(r.get('disk_bytes_per_token'), 2**20)} |")
+            f"| {r['name']} | {cap} | {r['status']} | {fmt(r.get('decode_tps'), digits=2)}"
+            f" | {fmt(r.get('ms_per_token'))} | {fmt(r.get('ttft_s'), digits=2)} | "
+            f"{fmt(r.get('peak_rss_bytes'), 2**20, 0)} | "
+            f"{fmt((r.get('cgroup') or {}).get('max_usage_bytes'), 2**20, 0)} | "
+            f"{fmt(r.get('disk_bytes_per_token'), 2**20)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        sys.exit(bench.worker_main(sys.argv[2]))
     sys.exit(main())

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from mlx_lm import generate
 
+import mlx_flash.bench.contenders as bench_contenders
+import mlx_flash.bench.replay as bench_replay
 import mlx_flash.offline.calibrate_disk as disk
 import mlx_flash.offline.calibrate_disk as offline_calibrate_disk
 import mlx_flash.runtime.disk as runtime_disk
@@ -283,39 +285,28 @@ def test_pin_needs_hot_lists(tiny_dirs):
 # ---------------------------------------------------------------- the benchmark's I/O modes
 
 
-@pytest.fixture(scope="module")
-def bench():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("mlx_flash_benchmark", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_io_contenders(bench, tmp_path):
-    names = list(bench.IO_ABLATIONS)
-    by = {c.name: c for c in bench.build_contenders(names, False, 0.3, None, "no", None)}
+def test_io_contenders(tmp_path):
+    names = list(bench_contenders.IO_ABLATIONS)
+    by = {c.name: c for c in bench_contenders.build_contenders(names, False, 0.3, None, "no",
+                                                               None)}
     assert by["flash-per-neuron"].options["read_planner"] == "neuron"
     assert by["flash-runs"].options["read_planner"] == "runs"
     assert by["flash-placed"].skip and by["flash-placed-pinned"].skip
-    by = {c.name: c for c in bench.build_contenders(names, False, 0.3, None, "no", tmp_path)}
+    by = {c.name: c for c in bench_contenders.build_contenders(names, False, 0.3, None, "no",
+                                                               tmp_path)}
     assert by["flash-placed"].options["model_dir"] == str(tmp_path)
     assert by["flash-placed-pinned"].options["pin_hot"] == 0.25
 
 
-def test_io_replay_reads_what_the_cache_misses(bench, placed, monkeypatch):
+def test_io_replay_reads_what_the_cache_misses(placed, monkeypatch):
     flash, copy, calib, _ = placed
-    monkeypatch.setattr(bench, "drop_page_cache", lambda: False)  # shared machine: not in tests
-    sets = bench.replay_sets(calib, read_manifest(flash), 0.3, 8)
+    # shared machine: no dropping of the page cache in tests
+    monkeypatch.setattr(bench_replay, "drop_page_cache", lambda: False)
+    sets = bench_replay.replay_sets(calib, read_manifest(flash), 0.3, 8)
     stride = read_manifest(flash).layers[0].stride
-    one = bench.replay_io(flash, sets, "neuron", 1, 128)
+    one = bench_replay.replay_io(flash, sets, "neuron", 1, 128)
     assert one["reads"] == pytest.approx(one["needed"] / stride)
-    pinned = bench.replay_io(copy, sets, "cost", 1, 128, pin=32)
+    pinned = bench_replay.replay_io(copy, sets, "cost", 1, 128, pin=32)
     assert pinned["needed"] < one["needed"] and pinned["reads"] < one["reads"]
 
 
