@@ -32,9 +32,9 @@ from mlx_lm.models.cache import make_prompt_cache
 import mlx_flash.accel.build as accel_build
 import mlx_flash.accel.kernels as accel_kernels
 import mlx_flash.accel.linear as accel_linear
-
-pass
+import mlx_flash.runtime.ffn as runtime_ffn
 from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.selectors.predictor import PredictorSelector
 
 MODES = ("mlx-dense", "mlx-glue", "fast-dense", "fast-flash", "fast-pred")
 
@@ -83,8 +83,6 @@ def instrument(timers: Timers) -> None:
     k.linear_q = timers.wrap(linear_kind, k.linear_q)
     k.ffn16 = timers.wrap(lambda a: "kernel FFN", k.ffn16)
     k.ffnq = timers.wrap(lambda a: "kernel FFN", k.ffnq)
-    from mlx_flash.runtime.selectors.predictor import PredictorSelector
-
     select = PredictorSelector.select
 
     def timed_select(self, layer, x):
@@ -106,9 +104,7 @@ def instrument(timers: Timers) -> None:
         return original(x)
 
     accel_linear.to_f32_rows = to_rows
-    pass
-
-    accel_linear.to_f32_rows = to_rows
+    runtime_ffn.to_f32_rows = to_rows  # FlashFFN imported it by name
 
 
 class ZeroLinear(nn.Module):
