@@ -163,16 +163,21 @@ def strategies(layers: Layers, x: mx.array, n: int, idx: mx.array, with_numpy: b
     if x.dtype == mx.float32:  # GatherMM on the CPU supports float32 only (MLX 0.32)
         table["gather_mm"] = (gather_mm, True)
     if with_numpy:
-        np_rows = [np.array(w[:, :n]) for w in buffers]  # float32 copies, outside the clock
-
-        def numpy_f32(i):
-            xn = np.array(x)  # MLX -> numpy (x is already evaluated)
-            w = pick(np_rows, i)
-            gate, up = xn @ w[0].T, xn @ w[1].T
-            return mx.array(((gate / (1.0 + np.exp(-gate))) * up) @ w[2])  # numpy -> MLX
-
-        table["numpy_f32"] = (numpy_f32, False)
+        table["numpy_f32"] = (numpy_strategy(buffers, x, n), False)
     return table
+
+
+def numpy_strategy(buffers: list[mx.array], x: mx.array, n: int) -> Callable[[int], object]:
+    """The FFN in numpy float32 over the first n rows of a buffer, per call index."""
+    np_rows = [np.array(w[:, :n]) for w in buffers]  # float32 copies, outside the clock
+
+    def numpy_f32(i):
+        xn = np.array(x)  # MLX -> numpy (x is already evaluated)
+        w = np_rows[i % len(np_rows)]
+        gate, up = xn @ w[0].T, xn @ w[1].T
+        return mx.array(((gate / (1.0 + np.exp(-gate))) * up) @ w[2])  # numpy -> MLX
+
+    return numpy_f32
 
 
 def bench_dtype(name: str, args: argparse.Namespace, fractions, token_counts) -> list[Row]:
