@@ -168,7 +168,7 @@ def test_placed_dir_is_a_permutation_and_reads_the_same_neurons(placed):
         assert np.array_equal(a.read(0, ids)[0], b.read(0, ids)[0])
         got = np.concatenate([rows for _, rows, _ in b.iter_layer(1, 50)])
         ids_in_file_order = np.concatenate([i for i, _, _ in b.iter_layer(1, 50)])
-        assert np.array_equal(got, a.read_range(1, 0, 128)[0][ids_in_file_order])
+        assert np.array_equal(got, a.read(1, np.arange(128))[0][ids_in_file_order])
     text = (copy / "manifest.json").read_text()
     assert len(text) < 4 * len((flash / "manifest.json").read_text())  # compact permutations
 

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 
 from mlx_flash.format.manifest import read_manifest
-from mlx_flash.runtime.store import (
-    NeuronStore,
-    ReadAhead,
-    StoreReadError,
-    runs_of,
-    split_runs,
-    supports_direct,
-)
+from mlx_flash.runtime.planner import spans_across, split_spans
+from mlx_flash.runtime.store import NeuronStore, ReadAhead, StoreReadError, supports_direct
 
 
 @pytest.fixture
@@ -28,12 +22,16 @@ def file_rows(flash, manifest, layer):
     return np.fromfile(flash / entry.file, dtype=np.uint8).reshape(entry.n_neurons, entry.stride)
 
 
-def test_runs_coalesce_adjacent_ids():
+def test_spans_coalesce_adjacent_ids():
+    def spans(ids, gap):
+        starts, stops = spans_across(ids, gap)
+        return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
     ids = np.array([1, 2, 3, 7, 9, 10])
-    assert runs_of(ids) == [(1, 4), (7, 8), (9, 11)]
-    assert runs_of(ids, max_gap=1) == [(1, 4), (7, 11)]
-    assert runs_of(np.array([], dtype=np.int64)) == []
-    assert split_runs([(0, 5)], 2) == [(0, 2), (2, 4), (4, 5)]
+    assert spans(ids, 0) == [(1, 4), (7, 8), (9, 11)]
+    assert spans(ids, 1) == [(1, 4), (7, 11)]
+    assert spans(np.array([], dtype=np.int64), 0) == []
+    assert split_spans([(0, 5)], 2) == [(0, 2), (2, 4), (4, 5)]
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(threads=1), dict(direct=True),

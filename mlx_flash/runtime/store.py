@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from ..format.manifest import Manifest
+from ..format.storage import NP_STORAGE
 from .disk import CostModel
-from .planner import PLANNERS, plan_reads, spans_across, split_spans
+from .planner import PLANNERS, plan_reads, split_spans
 
 DIRECT_ALIGN = 4096
 
@@ -63,19 +64,6 @@ class IOStats:
     def amplification(self) -> float:
         """Bytes read / bytes needed (1.0 when nothing was read)."""
         return self.bytes / self.needed if self.needed else 1.0
-
-
-def runs_of(ids: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
-    """Coalesce sorted unique ids into [start, stop) runs; ids at most max_gap apart merge.
-
-    ids: (k,) sorted ascending. Merging across a gap reads the neurons in it too (read
-    amplification traded for fewer syscalls).
-    """
-    starts, stops = spans_across(np.asarray(ids), max_gap)
-    return list(zip(starts.tolist(), stops.tolist(), strict=True))
-
-
-split_runs = split_spans
 
 
 class NeuronStore:
@@ -167,10 +155,6 @@ class NeuronStore:
         with self._lock:
             self.stats.add(stats)
         return rows, stats
-
-    def read_range(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, IOStats]:
-        """Bundles of neurons [start, stop) (original ids; scattered reads in a placed dir)."""
-        return self.read(layer, np.arange(start, stop))
 
     def iter_layer(self, layer: int, chunk: int):
         """Stream a whole layer in file order, `chunk` neurons per step (prefill, the oracle).
@@ -326,8 +310,7 @@ def bundles_as(rows: np.ndarray, manifest: Manifest) -> np.ndarray:
 
     bfloat16 comes back as uint16 bits (numpy has no bfloat16).
     """
-    storage = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
-    return rows.view(storage[manifest.ffn.dtype])
+    return rows.view(NP_STORAGE[manifest.ffn.dtype])
 
 
 class ReadAhead:
