@@ -148,7 +148,7 @@ def test_flash_fast_path_generates_like_the_reference(tiny_dirs, arch, dtype):
     _, flash_dir = tiny_dirs(arch, dtype)
     ref, tokenizer = load_dense(flash_dir, dtype="float32")
     model, _ = load(flash_dir, fast_cpu=True, selector="oracle", oracle_rule="all")
-    assert model.flash.fast is not None and model.flash.stats.settings["fast_linears"] > 0
+    assert model.flash.backend.ffn is not None and model.flash.stats.settings["fast_linears"] > 0
     for prompt in ([5, 9, 17, 33], list(range(3, 40))):
         assert generate(model, tokenizer, prompt, max_tokens=8) == \
             generate(ref, tokenizer, prompt, max_tokens=8)
@@ -182,7 +182,7 @@ def test_fast_path_on_quantized_bundles(tiny_dirs, tmp_path, bits, arch):
     convert(src, out, bits=bits, group_size=32)
     kwargs = dict(selector="oracle", oracle_rule="top", keep=0.5, window=2)
     model, tokenizer = load(out, fast_cpu=True, **kwargs)
-    assert type(model.flash.fast) is accel_ffn.QuantBundleFFN
+    assert type(model.flash.backend.ffn) is accel_ffn.QuantBundleFFN
     ref, _ = load(out, fast_cpu=False, dtype="float32", **kwargs)
     for prompt in ([5, 9, 17, 33], list(range(3, 40))):
         assert generate(model, tokenizer, prompt, max_tokens=8) == \

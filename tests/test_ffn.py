@@ -155,7 +155,7 @@ def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(tiny_dirs, monk
     prompt, runs = [5, 9, 17, 33], {}
     for depth in (0, 3):
         model, tokenizer = load(flash_dir, fast_cpu=False, dtype="float32", read_ahead=depth)
-        model.flash.settings.prefill_chunk = 16  # several chunks per layer
+        model.flash.config.prefill_chunk = 16  # several chunks per layer
         tokens = generate(model, tokenizer, prompt, max_tokens=6)
         steps = model.flash.stats.decode_steps()
         runs[depth] = tokens, [s.bytes_read for s in steps], sum(s.bytes_wasted for s in steps)
@@ -199,7 +199,7 @@ def test_fast_path_plans_no_converted_chunks(tiny_dirs):
     scratch = {}
     for fast in (False, True):
         model, _ = load(flash_dir, dram_budget="16GB", fast_cpu=fast, dtype="float16")
-        settings, layout = model.flash.settings, model.flash.manifest.ffn
+        settings, layout = model.flash.config, model.flash.manifest.ffn
         scratch[fast] = model.flash.stats.memory["scratch"]
         model.flash.close()
     assert scratch[False] - scratch[True] == 2 * settings.prefill_chunk * layout.elements * 2
@@ -209,7 +209,7 @@ def test_fast_path_plans_no_converted_chunks(tiny_dirs):
 def test_prefill_streams_one_read_per_chunk_whatever_the_planner(tiny_dirs, read_ahead):
     _, flash_dir = tiny_dirs("qwen2", "float16")
     model, tokenizer = load(flash_dir, read_planner="neuron", read_ahead=read_ahead)
-    model.flash.settings.prefill_chunk = 50  # 128 neurons: chunks of 50, 50, 28
+    model.flash.config.prefill_chunk = 50  # 128 neurons: chunks of 50, 50, 28
     store, seen = model.flash.store, []
     read = store.read
 

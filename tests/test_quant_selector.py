@@ -11,13 +11,14 @@ import mlx_flash.accel.build as accel_build
 from mlx_flash.format.arch import np_activation
 from mlx_flash.format.manifest import read_manifest
 from mlx_flash.offline.train_predictors import layer_weights
+from mlx_flash.runtime.backend import CpuBackend, MlxBackend
 from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.selectors.base import top_ids
 from mlx_flash.runtime.selectors.quant_copy import (
     BITS,
     GROUP_SIZE,
     QuantCopySelector,
     selector_bytes,
-    top_ids,
 )
 from mlx_flash.runtime.store import NeuronStore
 
@@ -51,7 +52,8 @@ def test_scores_equal_the_dequantized_copy(tiny_dirs, arch, fast):
     _, flash_dir = tiny_dirs(arch, "float16")
     manifest = read_manifest(flash_dir)
     with NeuronStore(flash_dir, manifest) as store:
-        selector = QuantCopySelector(store, manifest, keep=0.25, fast_cpu=fast, chunk=48)
+        backend = CpuBackend(manifest, mx.float16) if fast else MlxBackend(manifest, mx.float32)
+        selector = QuantCopySelector(store, manifest, backend, keep=0.25, chunk=48)
     x = np.random.default_rng(0).standard_normal((3, manifest.ffn.d_model)).astype(np.float32)
     for layer in range(manifest.n_layers):
         want = reference_scores(flash_dir, manifest, layer, x)
@@ -87,6 +89,6 @@ def test_selector_bytes_is_what_the_copy_holds(tiny_dirs):
     _, flash_dir = tiny_dirs("starcoder2", "float16")
     manifest = read_manifest(flash_dir)
     with NeuronStore(flash_dir, manifest) as store:
-        selector = QuantCopySelector(store, manifest, fast_cpu=True)
+        selector = QuantCopySelector(store, manifest, CpuBackend(manifest, mx.float16))
     held = sum(a.nbytes for layer in selector.layers for a in layer.values() if a is not None)
     assert held == selector_bytes(manifest)

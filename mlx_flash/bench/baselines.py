@@ -22,20 +22,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..accel import ffn as accel_ffn
 from ..accel import linear as accel_linear
-from ..format.arch import ACTIVATION_FNS, ARCHITECTURES, mlp_prefix
+from ..format.arch import ACTIVATION_FNS
 from ..format.manifest import RESIDENT, FFNLayout, LayerEntry, Manifest, read_manifest
 from ..format.storage import DTYPE_BYTES, tensor_sizes
+from ..runtime.backend import choose_backend
 from ..runtime.embedding import flash_embedding
-from ..runtime.loader import (
-    accelerate,
-    build_model,
-    load_resident,
-    load_tokenizer,
-    use_fast_cpu,
-    weight_dtype,
-)
+from ..runtime.loader import assemble, load_tokenizer, pop_out_bias
 from ..runtime.store import DIRECT_ALIGN, NeuronStore
 
 _STORAGE_NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -128,24 +121,20 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
     """
     root = Path(path)
     manifest = read_manifest(root)
-    fast = use_fast_cpu(fast_cpu, manifest, dtype)
-    dtype = weight_dtype(fast, dtype, manifest)
-    model = build_model(manifest)
+    backend = choose_backend(fast_cpu, manifest, dtype)
     untied = "lm_head.weight" in tensor_sizes(root / RESIDENT)
+
+    def mmap_ffn(model: nn.Module, weights: dict[str, mx.array]) -> None:
+        for i, layer in enumerate(model.layers):
+            entry = manifest.layers[i]
+            layer.mlp = MmapFFN(root / entry.file, entry, manifest.ffn,
+                                pop_out_bias(weights, manifest, i), chunk, backend.weight_dtype,
+                                backend.ffn)
+        if untied:  # memory-mapped rows
+            model.model.embed_tokens = flash_embedding(root, backend.compute_dtype)
+
     skip = ("model.embed_tokens.weight",) if untied else ()
-    weights = load_resident(root, model, dtype, skip)
-    spec = ARCHITECTURES[manifest.config["model_type"]]
-    for i, layer in enumerate(model.layers):
-        entry = manifest.layers[i]
-        out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
-        layer.mlp = MmapFFN(root / entry.file, entry, manifest.ffn, out_bias, chunk, dtype,
-                            accel_ffn.fast_ffn(manifest.ffn) if fast else None)
-    if untied:  # memory-mapped rows
-        model.model.embed_tokens = flash_embedding(root, mx.float32 if fast else dtype)
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    if fast:
-        accelerate(model)
+    model, _ = assemble(root, manifest, backend, mmap_ffn, skip)
     return model, load_tokenizer(root, manifest)
 
 

@@ -202,7 +202,7 @@ def _flash_part(root: Path, tokens: np.ndarray, prompts: list[np.ndarray],
                             oracle_rule=cfg.rule, keep=cfg.keep, dtype=cfg.dtype,
                             predictor_recall=cfg.recall)
     rt = model.flash
-    chunk = rt.settings.max_sparse_tokens
+    chunk = rt.config.max_sparse_tokens
     try:
         progress("flash perplexity")
         with numpy_linears(model):  # attention and lm_head only: FlashFFN is no nn.Linear

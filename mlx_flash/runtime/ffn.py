@@ -7,6 +7,9 @@ For one decoded token and one layer (the numbered steps of DESIGN.md):
   4. window_update(cache, plan, rows)     swap-delete + append-insert in the preallocated buffer
   5. y    = ffn_over_rows(x, cache[:n], mask)
 
+Steps 4 and 5 (and a streamed chunk's FFN) are the runtime's CacheBackend's (backend.py):
+MLX arrays and kernels, or the fast CPU path's numpy buffers and C kernels.
+
 Steps 1-4 need concrete neuron ids, so each FlashFFN call evaluates the graph up to its input:
 that sync is inherent to the method (the paper's implementation does the same per layer).
 
@@ -20,54 +23,33 @@ previous chunk is computed (`FlashRuntime.read_chunks`, `store.ReadAhead`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..accel.ffn import BundleFFN, QuantBundleFFN
-from ..accel.linear import to_f32_rows
-from ..compute.gpu import apply_window_update, compute_ffn
-from ..compute.reference import ffn_over_qrows
-from ..format.manifest import FFNLayout, Manifest
+from ..format.manifest import Manifest
+from .backend import CacheBackend
 from .cache import NeuronCache, WindowPlan
-from .rows import cache_rows, split_bundles
+from .config import FlashConfig
 from .selectors.base import Selection
 from .stats import RunStats, TokenStats
 from .store import IOStats, NeuronStore, ReadAhead
 
 
-@dataclass
-class FlashSettings:
-    window: int = 5  # tokens whose active neurons stay cached
-    compute_on: str = "active"  # "active": this token's neurons only; "cached": every cached row
-    max_sparse_tokens: int = 16  # calls with more tokens stream the dense FFN (prefill)
-    prefill_chunk: int = 1024  # neurons per read when streaming a layer
-    naive: bool = False  # the paper's baseline: stream every layer's whole FFN every token
-    read_ahead: int = 3  # streamed chunks in flight: the next one and those read ahead (0: off)
-
-    def __post_init__(self):
-        if self.compute_on not in ("active", "cached"):
-            raise ValueError(f"compute_on must be 'active' or 'cached', got {self.compute_on!r}")
-        if self.read_ahead < 0:
-            raise ValueError(f"read_ahead must be >= 0, got {self.read_ahead}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-
-
 class FlashRuntime:
-    """What all FlashFFN layers of one model share: the store, the selector, the stats."""
+    """What all FlashFFN layers of one model share: the options, the store, the selector, the
+    cache backend, the stats. `restore` undoes the process-wide settings `load` applied for
+    this model (process.py); close() calls it."""
 
-    def __init__(self, manifest: Manifest, store: NeuronStore, selector, settings: FlashSettings,
-                 dtype: mx.Dtype):
+    def __init__(self, manifest: Manifest, store: NeuronStore, selector, config: FlashConfig,
+                 backend: CacheBackend, restore: Callable[[], None] | None = None):
         self.manifest, self.store, self.selector = manifest, store, selector
-        self.settings, self.dtype = settings, dtype
+        self.config, self.backend, self.restore = config, backend, restore
         self.stats = RunStats()
-        self.fast: BundleFFN | QuantBundleFFN | None = None  # load(): the fast CPU path
-        self.ahead = (ReadAhead(store, settings.read_ahead, settings.prefill_chunk)
-                      if settings.read_ahead else None)
+        self.ahead = (ReadAhead(store, config.read_ahead, config.prefill_chunk)
+                      if config.read_ahead else None)
         self._streamed: dict[int, list[np.ndarray]] = {}  # layer -> its last overflow chunks
 
     def read_chunks(self, layer: int, chunks: list[np.ndarray], prefill: bool,
@@ -101,23 +83,27 @@ class FlashRuntime:
         `rest`, what is left of this layer's."""
         depth, n_layers = self.ahead.depth, self.manifest.n_layers
         out = [(layer, c) for c in rest[:depth]]
-        fixed = self.settings.naive or getattr(self.selector, "fixed", False)
+        fixed = self.config.naive or getattr(self.selector, "fixed", False)
         nxt = layer + 1
         while len(out) < depth and (prefill or fixed) and nxt < layer + n_layers:
             if prefill and nxt >= n_layers:
                 break  # the prompt's pass ends; the next call is a decode step
             if not prefill and nxt % n_layers not in self._streamed:
                 break  # no decode step streamed that layer yet: nothing to go by
-            guess = (self.store.layer_chunks(nxt, self.settings.prefill_chunk) if prefill
+            guess = (self.store.layer_chunks(nxt, self.config.prefill_chunk) if prefill
                      else self._streamed[nxt % n_layers])
             out += [(nxt % n_layers, c) for c in guess[:depth - len(out)]]
             nxt += 1
         return out
 
     def close(self) -> None:
+        """Stop the reader threads, close the files, undo the process-wide settings."""
         if self.ahead is not None:
             self.ahead.close()
         self.store.close()
+        if self.restore is not None:
+            self.restore()
+            self.restore = None
 
 
 class FlashFFN(nn.Module):
@@ -128,7 +114,6 @@ class FlashFFN(nn.Module):
         super().__init__()
         # Underscored attributes are not parameters: nothing here is loaded or saved as weights.
         self._layer, self._rt, self._cache, self._out_bias = layer, runtime, cache, out_bias
-        self._layout: FFNLayout = runtime.manifest.ffn
         self._last_ids: list[np.ndarray] | None = None  # per token, of the last window-path call
 
     @property
@@ -143,7 +128,7 @@ class FlashFFN(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """x: (B, L, d) -> (B, L, d)."""
         rt, shape = self._rt, x.shape
-        x2 = x.reshape(-1, shape[-1]).astype(rt.dtype)  # (T, d)
+        x2 = x.reshape(-1, shape[-1]).astype(rt.backend.compute_dtype)  # (T, d)
         step = self._step(x2.shape[0])
         t0 = time.perf_counter()
         mx.eval(x2)  # the selector and the reads need this layer's input now
@@ -165,9 +150,9 @@ class FlashFFN(nn.Module):
         return self._rt.stats.current
 
     def _forward(self, x: mx.array, step: TokenStats) -> mx.array:
-        """x: (T, d) evaluated, in the runtime's dtype -> (T, d)."""
+        """x: (T, d) evaluated, in the backend's compute dtype -> (T, d)."""
         rt = self._rt
-        if rt.settings.naive or x.shape[0] > rt.settings.max_sparse_tokens:
+        if rt.config.naive or x.shape[0] > rt.config.max_sparse_tokens:
             y = self._dense_stream(x, step)
         else:
             y = self._sparse(x, step)
@@ -185,19 +170,11 @@ class FlashFFN(nn.Module):
         step.neurons_cached += cache.n
         mask = None
         every_slot = len(selection.ids) == 1 and union.size - plan.truncated == cache.n
-        if self._rt.settings.compute_on == "active" and not every_slot:
+        if self._rt.config.compute_on == "active" and not every_slot:
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
             if mask.all():  # every cached neuron is active for every token: no mask pass
                 mask = None
-        if self._rt.fast is not None:
-            y = mx.array(self._rt.fast.over_cache(cache, to_f32_rows(x), mask))
-        elif self._layout.quantized:
-            b = cache.buffers
-            y = ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self._layout,
-                               None if mask is None else mx.array(mask), cache.bias)
-        else:
-            y = compute_ffn(x, cache.weights, cache.n, self._layout.activation,
-                            None if mask is None else mx.array(mask), cache.bias)
+        y = self._rt.backend.over_cache(cache, x, mask)
         if plan.dropped.size:
             y = self._stream_overflow(x, y, plan.dropped, selection.ids, step)
         return y
@@ -207,8 +184,8 @@ class FlashFFN(nn.Module):
         """Active neurons the cache could not hold: read and computed this call, not kept
         (chunked like prefill, so the scratch stays bounded). Exact, at the cost of the reads."""
         rt = self._rt
-        chunk = rt.settings.prefill_chunk
-        x32 = to_f32_rows(x) if rt.fast is not None else None
+        chunk = rt.config.prefill_chunk
+        xin = rt.backend.compute_input(x)
         ids = np.sort(ids)  # the store returns rows in ascending id order
         chunks = [ids[start:start + chunk] for start in range(0, ids.size, chunk)]
         n = rt.manifest.layers[self._layer].n_neurons
@@ -218,21 +195,16 @@ class FlashFFN(nn.Module):
             mask = None
             if len(per_token) > 1 and not every:  # each token only its own neurons
                 mask = np.stack([np.isin(part, t) for t in per_token]).astype(np.float32)
-            y = self._add_rows(x, x32, y, rows, io, step, mask)
+            y = self._add_rows(xin, y, rows, io, step, mask)
             step.bytes_needed += io.needed
         return y
 
-    def _add_rows(self, x: mx.array, x32: np.ndarray | None, y: mx.array, rows: np.ndarray,
-                  io: IOStats, step: TokenStats, mask: np.ndarray | None = None) -> mx.array:
+    def _add_rows(self, xin: object, y: mx.array, rows: np.ndarray, io: IOStats,
+                  step: TokenStats, mask: np.ndarray | None = None) -> mx.array:
         """y + the FFN over a chunk of read bundles, evaluated now (one chunk alive at a time);
-        x32: x as f32 rows on the fast path, else None. Counts the chunk's read and compute."""
+        xin: the backend's `compute_input(x)`. Counts the chunk's read and compute."""
         t1 = time.perf_counter()  # io.seconds is the read's own time
-        if x32 is not None:
-            y = y + mx.array(self._rt.fast.over_rows(rows, x32, mask))
-        else:
-            weights, bias = split_bundles(rows, self._rt.manifest, self._rt.dtype)
-            y = y + compute_ffn(x, weights, weights.shape[1], self._layout.activation,
-                                None if mask is None else mx.array(mask), bias)
+        y = y + self._rt.backend.over_rows(rows, xin, mask)
         mx.eval(y)
         step.seconds["io"] += io.seconds
         step.seconds["compute"] += time.perf_counter() - t1
@@ -255,10 +227,7 @@ class FlashFFN(nn.Module):
         t1 = time.perf_counter()
         rows, io = rt.store.read(self._layer, plan.new_ids)
         t2 = time.perf_counter()
-        if rt.fast is not None:  # numpy buffers, moved in place
-            rt.fast.update(cache.buffers, plan.dst, plan.src, plan.slots, rows)
-        else:
-            self._update_mlx_buffers(plan, rows)
+        rt.backend.write_rows(cache, plan.dst, plan.src, plan.slots, rows)
         t3 = time.perf_counter()
         step.seconds["memory"] += (t1 - t0) + (t3 - t2)
         step.seconds["io"] += t2 - t1
@@ -270,25 +239,17 @@ class FlashFFN(nn.Module):
         step.truncated += plan.truncated
         return plan
 
-    def _update_mlx_buffers(self, plan: WindowPlan, rows: np.ndarray) -> None:
-        cache, rt = self._cache, self._rt
-        new = cache_rows(rows, rt.manifest, rt.dtype)
-        dst, src, slots = (mx.array(a.astype(np.int32)) for a in (plan.dst, plan.src, plan.slots))
-        for name, buffer in cache.buffers.items():
-            cache.buffers[name] = apply_window_update(buffer, dst, src, slots, new[name])
-        mx.eval(*cache.buffers.values())  # time the row moves here, not in the next compute
-
     # -- prefill: stream the whole layer once for all tokens
 
     def _dense_stream(self, x: mx.array, step: TokenStats) -> mx.array:
         rt = self._rt
         y = mx.zeros_like(x)
-        x32 = to_f32_rows(x) if rt.fast is not None else None
-        chunks = rt.store.layer_chunks(self._layer, rt.settings.prefill_chunk)  # file order
-        for rows, io in rt.read_chunks(self._layer, chunks, not rt.settings.naive, False):
-            y = self._add_rows(x, x32, y, rows, io, step)
-        if not rt.settings.naive:
-            self._seed_window(x[-rt.settings.window:], step)
+        xin = rt.backend.compute_input(x)
+        chunks = rt.store.layer_chunks(self._layer, rt.config.prefill_chunk)  # file order
+        for rows, io in rt.read_chunks(self._layer, chunks, not rt.config.naive, False):
+            y = self._add_rows(xin, y, rows, io, step)
+        if not rt.config.naive:
+            self._seed_window(x[-rt.config.window:], step)
         return y
 
     def _seed_window(self, x: mx.array, step: TokenStats) -> None:

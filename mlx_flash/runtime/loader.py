@@ -8,51 +8,31 @@ ordinary mlx_lm model for every comparison. Both return (model, tokenizer) like 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import product
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..accel import blocks as accel_blocks
-from ..accel import build as accel_build
-from ..accel import ffn as accel_ffn
-from ..accel import linear as accel_linear
 from ..format.arch import ARCHITECTURES, mlp_prefix
 from ..format.manifest import RESIDENT, Manifest, read_manifest
 from ..format.storage import tensor_sizes
-from ..process import return_freed_memory_to_os
+from ..process import apply_budget_settings
 from . import disk as runtime_disk
-from .cache import NeuronCache
+from .backend import CacheBackend, MlxBackend, choose_backend
+from .config import DTYPES, FlashConfig, settings_dict
 from .embedding import flash_embedding
-from .ffn import FlashFFN, FlashRuntime, FlashSettings
-from .memory import CODE_PAGES, check_plan, parse_budget, plan_memory, quantizable
+from .ffn import FlashFFN, FlashRuntime
+from .memory import CODE_PAGES, MemoryPlan, check_plan, parse_budget, plan_memory, quantizable
 from .pinning import pin_hot as pin
-from .rows import cache_buffers, split_bundles
-from .selectors import _make_selector
+from .rows import split_bundles
+from .selectors import make_selector
 from .selectors.quant_copy import selector_bytes
 from .stats import current_rss_bytes
 from .store import NeuronStore, supports_direct
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def default_dtype(manifest: Manifest) -> mx.Dtype:
-    """f32 on CPU (f16/bf16 compute is slow there), the storage dtype on a GPU."""
-    if mx.default_device() == mx.cpu:
-        return mx.float32
-    return DTYPES[manifest.ffn.dtype]
-
-
-def resolve_dtype(dtype: str | mx.Dtype | None, manifest: Manifest) -> mx.Dtype:
-    if dtype is None:
-        return default_dtype(manifest)
-    if isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _model_classes(config: dict):
@@ -148,194 +128,182 @@ def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
     return out
 
 
+def pop_out_bias(weights: dict[str, mx.array], manifest: Manifest, layer: int
+                 ) -> mx.array | None:
+    """Take layer `layer`'s down-projection bias (d,) out of the resident weights, if any:
+    the module that replaces `layer.mlp` adds it."""
+    spec = ARCHITECTURES[manifest.config["model_type"]]
+    return weights.pop(f"{mlp_prefix(layer)}.{spec.down}.bias", None)
+
+
+Install = Callable[[nn.Module, dict[str, mx.array]], None]
+
+
+def assemble(root: Path, manifest: Manifest, backend: CacheBackend, install: Install,
+             skip: tuple[str, ...] = (), bits: int = 16, group_size: int = 64
+             ) -> tuple[nn.Module, int]:
+    """The skeleton every loader shares (load, load_dense, bench's load_mmap).
+
+    Builds the mlx_lm model, loads resident.safetensors without `skip` in the backend's weight
+    dtype (`bits` < 16: quantized, see load_resident), lets `install(model, weights)` put the
+    loader's FFN in (it takes its weights out of the dict or adds them), loads the weights and
+    puts the rest of the model on the backend. Returns (model, linears the backend swapped).
+    """
+    model = build_model(manifest)
+    weights = load_resident(root, model, backend.weight_dtype, skip, bits, group_size)
+    install(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())  # load now, as mlx_lm.load does by default
+    model.eval()
+    return model, backend.accelerate(model)
+
+
 def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,
                fast_cpu: bool | None = False):
     """The ordinary mlx_lm model rebuilt from a flash dir (resident + every bundle).
 
     Returns (model, tokenizer). Needs the whole model in memory: it is the reference.
-    fast_cpu: keep the 16-bit weights as stored and compute every linear with cpu.py's kernels
+    fast_cpu: keep the 16-bit weights as stored and compute every linear with accel/'s kernels
     (`load`'s fast path, for a dense comparison on CPU); None: as `load` decides.
     """
     root = Path(path)
     manifest = read_manifest(root)
-    fast = use_fast_cpu(fast_cpu, manifest, dtype)
-    dtype = weight_dtype(fast, dtype, manifest)
-    model = build_model(manifest)
-    weights = load_resident(root, model, dtype)
-    for layer in range(manifest.n_layers):
-        weights.update(read_layer_dense(root, manifest, layer, dtype))
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())  # load now, as mlx_lm.load does by default
-    model.eval()
-    if fast:
-        accelerate(model)
+    backend = choose_backend(fast_cpu, manifest, dtype)
+
+    def dense_ffn(model: nn.Module, weights: dict[str, mx.array]) -> None:
+        for layer in range(manifest.n_layers):
+            weights.update(read_layer_dense(root, manifest, layer, backend.weight_dtype))
+
+    model, _ = assemble(root, manifest, backend, dense_ffn)
     return model, load_tokenizer(root, manifest)
 
 
-def accelerate(model: nn.Module) -> int:
-    """The fast CPU path's two steps, in order: every linear onto the C kernels, then the
-    llama-family blocks onto numpy (no MLX graph per layer). Returns the linears swapped."""
-    swapped = accel_linear.accelerate(model)
-    accel_blocks.install(model)
-    return swapped
-
-
-def load(path: str | Path, dram_budget: str | float | int | None = None, *, window: int = 5,
-         selector: str = "oracle", oracle_rule: str = "all", keep: float | None = None,
-         dtype: str | mx.Dtype | None = None, threads: int = 8, direct: bool | None = None,
-         store_mode: str = "pread", embed_on_flash: bool | None = None,
-         max_kv_tokens: int = 2048, compute_on: str = "active", max_sparse_tokens: int = 16,
-         min_capacity: int | None = None, naive: bool = False,
-         resident_bits: int | None = None, resident_group_size: int = 64,
-         fast_cpu: bool | None = None, predictor_recall: float | None = None,
-         read_planner: str = "cost", pin_hot: float = 0.0, read_ahead: int = 3,
-         reserve: int = 0):
+def load(path: str | Path, dram_budget: str | float | int | None = None, *,
+         config: FlashConfig | None = None, **options):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
     (no limit: every neuron may be cached). It covers the process's baseline, resident weights,
-    KV cache (reserved for max_kv_tokens) and the neuron caches. window: tokens whose neurons
-    stay cached. resident_bits: 16 keeps attention and lm_head in the compute dtype, 8 or 4
-    quantizes them at load (mlx_lm's way); None picks 16, or 8 when the budget needs it.
-    fast_cpu: the C kernels of cpu.py for the FFN and the 16-bit linears, weights kept in
-    their 16-bit storage type, f32 compute; None = on when MLX runs on the CPU, the bundles are
-    16-bit, no `dtype` is asked for and the kernels build (else MLX's kernels, the reference).
-    selector: "oracle" (true activations; rule "all", "nonzero" or "top" with
-    `keep`, default 1.0), "predictor" (the dir's trained predictors; predictor_recall picks one
-    of their calibrated operating points, None = their default), "quant" (a 4-bit copy of the
-    FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5) or
-    "auto" (predictor when the dir has them, else oracle). read_planner: "cost" (spans chosen
-    by this disk's cost model, see planner.py), "runs" or "neuron". direct: O_DIRECT reads
-    that bypass the page cache; None = on under a budget where the dir's filesystem allows
-    O_DIRECT (under a budget the streamed bytes cannot stay cached: the page cache only
-    churns, and on Linux its copies and reclaim cost more CPU than the reads, BENCHMARKS.md
-    issue 8). pin_hot: fraction of each neuron cache given to the layer's most often active
-    neurons for the whole run (needs a placed dir; 0: none).
-    read_ahead: streamed chunks in flight on a background reader (the one computed next
-    included); 0 reads each chunk when it is needed. reserve: bytes of the budget the caller
-    will hold besides the model (a drafter: `drafter.drafter_bytes`).
-    naive: the paper's baseline, every layer's whole FFN
-    streamed from flash every token (no cache, no selection). Returns (model, tokenizer); the FlashRuntime with its
-    stats is `model.flash`.
+    KV cache (reserved for max_kv_tokens) and the neuron caches. options: the fields of
+    `FlashConfig` (window, selector, oracle_rule, keep, dtype, fast_cpu, ...; documented
+    there), or `config=FlashConfig(...)`, whose fields any options given too replace. An
+    unknown option raises TypeError, a bad value ValueError.
+
+    Process-wide settings (process.py): under a budget `load` limits MLX's buffer cache (undone
+    by `model.flash.close()`) and fixes glibc's mmap threshold; the fast CPU path's kernels
+    set OMP_WAIT_POLICY=PASSIVE and put numpy's BLAS on one thread.
+
+    Returns (model, tokenizer); the FlashRuntime with its stats is `model.flash`.
     """
+    config = FlashConfig.from_options(config, **options)
     root = Path(path)
     manifest = read_manifest(root)
-    settings = FlashSettings(window=window, compute_on=compute_on,
-                             max_sparse_tokens=max_sparse_tokens, naive=naive,
-                             read_ahead=read_ahead)
-    model_bytes = manifest.ffn_bytes + manifest.resident["size"]
-    budget = parse_budget(dram_budget, model_bytes)
+    budget = parse_budget(dram_budget, manifest.ffn_bytes + manifest.resident["size"])
+    direct = config.direct
     if direct is None:
         direct = budget is not None and supports_direct(root / manifest.layers[0].file)
     tokenizer = load_tokenizer(root, manifest)
-    runtime_bytes = current_rss_bytes()
+    fit = fit_budget(root, manifest, budget, config, current_rss_bytes())
+    restore = None
+    if budget is not None:  # MLX's freed-buffer cache is RSS the plan did not count
+        restore = apply_budget_settings(fit.plan.scratch - CODE_PAGES)
+    runtime = build_runtime(root, manifest, config, fit, direct, restore)
+    try:
+        model, swapped = assemble(
+            root, manifest, fit.backend, lambda m, w: _install_flash(m, w, root, runtime, fit),
+            ("model.embed_tokens.weight",) if fit.embed_on_flash else (), fit.resident_bits,
+            config.resident_group_size)
+    except BaseException:
+        runtime.close()
+        raise
+    runtime.stats.settings = settings_dict(
+        config, dtype=str(fit.backend.weight_dtype), direct=direct,
+        embed_on_flash=fit.embed_on_flash, resident_bits=fit.resident_bits,
+        capacity=fit.plan.capacity, backend=fit.backend.name,
+        fast_cpu=fit.backend.name == "cpu", fast_linears=swapped, pinned=0)
+    model.flash = runtime  # plain attribute (not a Module or array): stats and store
+    if config.pin_hot:
+        runtime.stats.settings["pinned"] = pin(model, int(config.pin_hot * fit.plan.capacity))
+    return model, tokenizer
+
+
+@dataclass
+class Fit:
+    """What `load` resolved to fit the budget: the plan and the choices it was made for."""
+
+    plan: MemoryPlan
+    backend: CacheBackend  # its weight dtype is the one chosen
+    embed_on_flash: bool
+    resident_bits: int
+
+
+def fit_budget(root: Path, manifest: Manifest, budget: int | None, config: FlashConfig,
+               runtime_bytes: int) -> Fit:
+    """The DRAM plan for `config` under `budget`; raises ValueError when it cannot fit.
+
+    Without explicit choices, fit the budget: full caches first, then the embedding table on
+    flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident. The
+    fast CPU path keeps weights in their 16-bit storage type and computes in f32.
+    """
+    first = choose_backend(config.fast_cpu, manifest, config.dtype)
+    backends = [first]
+    if config.dtype is None and first.weight_dtype == mx.float32:
+        backends.append(MlxBackend(manifest, mx.bfloat16))
+    flash_choices = _embedding_choices(root, manifest, config.embed_on_flash)
+    rbits_choices = [config.resident_bits] if config.resident_bits is not None else [16, 8]
+    # the selector's DRAM: the dir's predictors (counted by plan_memory) or the quantized copy
+    held = selector_bytes(manifest) if config.selector == "quant" else None
+    needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if config.min_capacity is None \
+        else config.min_capacity
+    for rbits, backend in product(rbits_choices, backends):
+        for on_flash in flash_choices:
+            plan = plan_memory(root, manifest, budget, config, backend, on_flash, runtime_bytes,
+                               rbits, held)
+            if budget is None or plan.capacity >= plan.n_neurons:
+                break
+        if budget is None or plan.capacity >= needed:
+            break
+    check_plan(plan, needed, on_flash, backend.weight_dtype, rbits)
+    return Fit(plan, backend, on_flash, rbits)
+
+
+def _embedding_choices(root: Path, manifest: Manifest, embed_on_flash: bool | None
+                       ) -> list[bool]:
+    """The embed_on_flash values the fit may try, in order (a tied table stays resident)."""
     tied = manifest.config.get("tie_word_embeddings", True) and "lm_head.weight" not in \
         tensor_sizes(root / RESIDENT)
     if embed_on_flash and tied:
         raise ValueError(f"{root}: embed_on_flash needs an untied lm_head; this model ties it "
                          "to the embedding table")
-    needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if min_capacity is None \
-        else min_capacity
-
-    fast = use_fast_cpu(fast_cpu, manifest, dtype)
-    kv_itemsize = 4 if fast else None  # the fast linears give f32 keys and values
-
-    held = None  # the selector's DRAM: the dir's predictors (counted by plan_memory) or...
-    if selector == "quant":
-
-        held = selector_bytes(manifest)
-
-    def planned(dtype, on_flash, rbits):
-        return plan_memory(root, manifest, budget, dtype, settings, on_flash, max_kv_tokens,
-                           runtime_bytes, rbits, resident_group_size, kv_itemsize, held, threads,
-                           reserve, fast)
-
-    # Without explicit choices, fit the budget: full caches first, then the embedding table
-    # on flash (untied models), then bf16 compute instead of f32 on CPU, then 8-bit resident.
-    # The fast CPU path keeps weights in their 16-bit storage type and computes in f32.
-    dtypes = [weight_dtype(fast, dtype, manifest)]
-    if dtype is None and dtypes[0] == mx.float32:
-        dtypes.append(mx.bfloat16)
-    flash_choices = [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False,
-                                                                                       True]
-    rbits_choices = [resident_bits] if resident_bits is not None else [16, 8]
-    for rbits, dtype_choice in ((r, d) for r in rbits_choices for d in dtypes):
-        for on_flash in flash_choices:
-            plan = planned(dtype_choice, on_flash, rbits)
-            if budget is None or plan.capacity >= plan.n_neurons:
-                break
-        if budget is None or plan.capacity >= needed:
-            break
-    dtype, embed_on_flash, resident_bits = dtype_choice, on_flash, rbits
-    check_plan(plan, needed, embed_on_flash, dtype, resident_bits)
-    if budget is not None:
-        # MLX keeps freed buffers for reuse; under a budget that cache is RSS we did not plan.
-        mx.set_cache_limit(plan.scratch - CODE_PAGES)
-        return_freed_memory_to_os()
-
-    store = NeuronStore(root, manifest, threads=threads, direct=direct, mode=store_mode,
-                        planner=read_planner, cost=runtime_disk.cost_model_for(root) or runtime_disk.FALLBACK)
-    compute_dtype = mx.float32 if fast else dtype  # the fast path keeps weights 16-bit
-    chooser = _make_selector(selector, store, manifest, oracle_rule, keep, compute_dtype,
-                             predictor_recall, fast)
-    runtime = FlashRuntime(manifest, store, chooser, settings, compute_dtype)
-    if fast:
-        runtime.fast = accel_ffn.fast_ffn(manifest.ffn)
-    runtime.stats.memory = asdict(plan)
-    runtime.stats.settings = {"window": window, "selector": selector, "rule": oracle_rule,
-                              "keep": keep, "dtype": str(dtype), "threads": threads,
-                              "direct": direct, "store_mode": store_mode,
-                              "embed_on_flash": bool(embed_on_flash), "compute_on": compute_on,
-                              "capacity": plan.capacity, "naive": naive,
-                              "resident_bits": resident_bits, "read_planner": read_planner,
-                              "pinned": 0, "fast_cpu": fast}
-    model = build_model(manifest)
-    skip = ("model.embed_tokens.weight",) if embed_on_flash else ()
-    weights = load_resident(root, model, dtype, skip, resident_bits, resident_group_size)
-    _install_flash_layers(model, manifest, runtime, plan.capacity, weights, dtype)
-    if embed_on_flash:
-        model.model.embed_tokens = flash_embedding(root, mx.float32 if fast else dtype)
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    if fast:
-        runtime.stats.settings["fast_linears"] = accelerate(model)
-    model.flash = runtime  # plain attribute (not a Module or array): stats and store
-    if pin_hot:
-
-        runtime.stats.settings["pinned"] = pin(model, int(pin_hot * plan.capacity))
-    return model, tokenizer
+    return [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False, True]
 
 
-def use_fast_cpu(fast_cpu: bool | None, manifest: Manifest, dtype) -> bool:
-    """Whether load() takes the fast CPU path (see its `fast_cpu` argument)."""
-    supported = accel_ffn.supports(manifest.ffn)
-    if fast_cpu is None and (dtype is not None or not supported):
-        return False
-    if fast_cpu and not supported:
-        raise ValueError(f"fast_cpu needs 16-bit (or 4/8-bit with 16-bit scales) bundles; this "
-                         f"dir stores {manifest.ffn.dtype} (convert with --dtype float16)")
-    return accel_build.wanted(fast_cpu)
+def build_runtime(root: Path, manifest: Manifest, config: FlashConfig, fit: Fit, direct: bool,
+                  restore: Callable[[], None] | None) -> FlashRuntime:
+    """The store, the selector and the FlashRuntime that every FlashFFN layer shares."""
+    store = NeuronStore(root, manifest, threads=config.threads, direct=direct,
+                        mode=config.store_mode, planner=config.read_planner,
+                        cost=runtime_disk.cost_model_for(root) or runtime_disk.FALLBACK)
+    try:
+        selector = make_selector(config, store, manifest, fit.backend)
+    except BaseException:
+        store.close()
+        if restore is not None:
+            restore()
+        raise
+    runtime = FlashRuntime(manifest, store, selector, config, fit.backend, restore)
+    runtime.stats.memory = asdict(fit.plan)
+    return runtime
 
 
-def weight_dtype(fast: bool, dtype: str | mx.Dtype | None, manifest: Manifest) -> mx.Dtype:
-    """The dtype resident weights load in: the bundles' 16-bit storage type on the fast CPU
-    path (its kernels compute in f32), else the compute dtype."""
-    return getattr(mx, manifest.ffn.dtype) if fast else resolve_dtype(dtype, manifest)
-
-
-def _install_flash_layers(model, manifest, runtime, capacity, weights, dtype) -> None:
-    spec = ARCHITECTURES[manifest.config["model_type"]]
-    layout = manifest.ffn
-    buffers, zeros = cache_buffers(layout, dtype), None
+def _install_flash(model: nn.Module, weights: dict[str, mx.array], root: Path,
+                   runtime: FlashRuntime, fit: Fit) -> None:
+    """load()'s FFN part: every `layer.mlp` a FlashFFN over a cache of the plan's capacity
+    (the down bias taken from `weights`), and the embedding table on flash if chosen."""
+    backend, manifest = runtime.backend, runtime.manifest
     for i, layer in enumerate(model.layers):
-        if runtime.fast is not None:  # numpy buffers (cpu.py)
-            buffers = runtime.fast.cache_spec(manifest.layers[i].stride)
-            zeros = accel_ffn.numpy_zeros
-        cache = NeuronCache(manifest.layers[i].n_neurons, capacity, 0, layout.d_model, dtype,
-                            runtime.settings.window, buffers=buffers, zeros=zeros)
-        out_bias = weights.pop(f"{mlp_prefix(i)}.{spec.down}.bias", None)
-        if out_bias is not None and runtime.fast is not None:
-            out_bias = out_bias.astype(mx.float32)
-        if zeros is None:
-            mx.eval(*cache.buffers.values())  # allocate now: the budget counts them from load
+        cache = backend.new_cache(i, fit.plan.capacity, runtime.config.window)
+        out_bias = backend.out_bias(pop_out_bias(weights, manifest, i))
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)
+    if fit.embed_on_flash:
+        model.model.embed_tokens = flash_embedding(root, backend.compute_dtype)

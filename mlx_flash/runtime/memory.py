@@ -11,7 +11,8 @@ import numpy as np
 
 from ..format.manifest import RESIDENT, Manifest
 from ..format.storage import tensor_sizes
-from .ffn import FlashSettings
+from .backend import CacheBackend
+from .config import FlashConfig
 from .rows import cache_buffers
 from .store import DIRECT_ALIGN, MAX_READ
 
@@ -86,49 +87,47 @@ def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
     return count * itemsize
 
 
-def plan_memory(root: Path, manifest: Manifest, budget: int | None, dtype: mx.Dtype,
-                settings: FlashSettings, embed_on_flash: bool, max_kv_tokens: int,
-                runtime_bytes: int, resident_bits: int = 16,
-                resident_group_size: int = 64, kv_itemsize: int | None = None,
-                selector_bytes: int | None = None, threads: int = 8,
-                reserved: int = 0, fast: bool = False) -> MemoryPlan:
-    """kv_itemsize: bytes per KV element when it is not the compute dtype's. selector_bytes:
-    what the selector holds in DRAM (None: the dir's trained predictors, as f32, if any).
-    threads: the store's reading threads (each may hold an O_DIRECT buffer). reserved: bytes
-    the caller holds besides the model (a drafter). fast: the fast CPU path computes streamed
-    chunks from their raw rows (no converted copies)."""
+def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: FlashConfig,
+                backend: CacheBackend, embed_on_flash: bool, runtime_bytes: int,
+                resident_bits: int = 16, selector_bytes: int | None = None) -> MemoryPlan:
+    """The plan for `config`'s options (KV tokens, resident group size, threads, reserve,
+    streamed chunks) on `backend` (the weights' itemsize, the KV itemsize, converted chunks).
+    selector_bytes: what the selector holds in DRAM (None: the dir's trained predictors, as
+    f32, if any). Each store thread may hold an O_DIRECT buffer; `config.reserve` is what the
+    caller holds besides the model (a drafter)."""
+    dtype = backend.weight_dtype
     itemsize = dtype.size
-    sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, resident_group_size)
+    sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, config.resident_group_size)
              for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
     embed = sizes.get("model.embed_tokens.weight", 0)
     resident = sum(sizes.values()) - embed
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
     per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
                      for parts, width, dt in cache_buffers(layout, dtype).values())
-    scratch = stream_scratch(settings, 0 if fast else layout.elements * itemsize,
-                             max(e.stride for e in manifest.layers), threads) + CODE_PAGES
+    scratch = stream_scratch(config, backend.chunk_bytes_per_neuron(),
+                             max(e.stride for e in manifest.layers), config.threads) + CODE_PAGES
     predictors = selector_bytes or 0
     if selector_bytes is None and manifest.predictors:
         predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
                              tensor_sizes(root / manifest.predictors["file"]).values())
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
-                      kv_bytes(manifest.config, max_kv_tokens, kv_itemsize or itemsize),
-                      scratch, 0, n, n,
-                      per_neuron * manifest.n_layers, reserved)
+                      kv_bytes(manifest.config, config.max_kv_tokens,
+                               backend.kv_itemsize or itemsize),
+                      scratch, 0, n, n, per_neuron * manifest.n_layers, config.reserve)
     if budget is not None:
         plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
     plan.caches = plan.capacity * plan.per_neuron
     return plan
 
 
-def stream_scratch(settings: FlashSettings, chunk_weight_bytes_per_neuron: int, stride: int,
+def stream_scratch(config: FlashConfig, chunk_weight_bytes_per_neuron: int, stride: int,
                    threads: int) -> int:
     """Bytes the streamed chunks take while in use: the read-ahead's buffers (one per chunk in
     flight, plus the one being computed), two chunks of weights converted for compute (the
     MLX path; the fast path computes from the raw rows: pass 0 bytes per neuron), and one
     O_DIRECT buffer per thread."""
-    chunk = settings.prefill_chunk
-    return ((settings.read_ahead + 1) * chunk * stride
+    chunk = config.prefill_chunk
+    return ((config.read_ahead + 1) * chunk * stride
             + 2 * chunk * chunk_weight_bytes_per_neuron
             + threads * (MAX_READ + 2 * DIRECT_ALIGN))
 

@@ -305,10 +305,10 @@ def check_tree_fits(model: nn.Module, settings: SpecSettings) -> None:
     """The largest tree must take FlashFFN's window path (max_sparse_tokens), not prefill's."""
     rt = getattr(model, "flash", None)
     biggest = 1 + settings.beam_width * settings.draft_length
-    if rt is not None and biggest > rt.settings.max_sparse_tokens:
+    if rt is not None and biggest > rt.config.max_sparse_tokens:
         raise ValueError(f"beam width {settings.beam_width} x draft length "
                          f"{settings.draft_length} gives trees of up to {biggest} tokens, more "
-                         f"than the {rt.settings.max_sparse_tokens} a FlashFFN call computes "
+                         f"than the {rt.config.max_sparse_tokens} a FlashFFN call computes "
                          "sparsely; lower --beam-width or --draft-length")
 
 

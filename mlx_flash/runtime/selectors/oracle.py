@@ -7,9 +7,10 @@ import numpy as np
 
 from ...compute.reference import neuron_activations
 from ...format.manifest import Manifest
+from ..config import ORACLE_RULES, check_fraction
 from ..rows import split_bundles
 from ..store import IOStats, NeuronStore
-from .base import Selection
+from .base import Selection, top_ids
 
 
 class OracleSelector:
@@ -23,10 +24,9 @@ class OracleSelector:
 
     def __init__(self, store: NeuronStore, manifest: Manifest, rule: str = "all",
                  keep: float = 1.0, dtype: mx.Dtype = mx.float32, chunk: int = 4096):
-        if rule not in ("all", "nonzero", "top"):
-            raise ValueError(f"oracle rule must be 'all', 'nonzero' or 'top', got {rule!r}")
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        if rule not in ORACLE_RULES:
+            raise ValueError(f"oracle rule must be one of {ORACLE_RULES}, got {rule!r}")
+        check_fraction("keep", keep)
         self.store, self.manifest, self.rule, self.keep = store, manifest, rule, keep
         self.dtype, self.chunk = dtype, chunk
 
@@ -60,6 +60,4 @@ class OracleSelector:
         if self.rule == "nonzero":
             ids = np.nonzero(magnitude)[0]
             return ids[np.argsort(-magnitude[ids], kind="stable")]
-        k = max(1, int(np.ceil(self.keep * magnitude.size)))
-        top = np.argpartition(-magnitude, k - 1)[:k]
-        return top[np.argsort(-magnitude[top], kind="stable")]
+        return top_ids(magnitude, self.keep)

@@ -204,26 +204,24 @@ class PredictorSelector:
     the size of predictors.safetensors.
     """
 
-    def __init__(self, predictors: Predictors, fast_cpu: bool = False):
+    def __init__(self, predictors: Predictors, backend=None):
+        """backend: the load's CacheBackend, whose `predictor_scorer` scores each layer (the
+        fast CPU path's f16 `FastLayerPredictor`); None: the LayerPredictors in numpy."""
         self.predictors = predictors
-        self.fast = [FastLayerPredictor(p) for p in predictors.layers] if fast_cpu else None
-        if self.fast:  # the f16 copies replace the f32 arrays (the DRAM plan counts f32)
-            for p in predictors.layers:
-                p.A = p.B = None
+        self.scorers = [p if backend is None else backend.predictor_scorer(p)
+                        for p in predictors.layers]
 
     @classmethod
     def from_dir(cls, flash_dir: str | Path, manifest: Manifest | None = None,
-                 recall: float | None = None, fast_cpu: bool = False) -> PredictorSelector:
-        return cls(load_predictors(flash_dir, manifest, recall), fast_cpu)
+                 recall: float | None = None, backend=None) -> PredictorSelector:
+        return cls(load_predictors(flash_dir, manifest, recall), backend)
 
     def select(self, layer: int, x: mx.array) -> Selection:
         """x: (T, d) evaluated, compute dtype -> each token's predicted ids, best first."""
         # x is evaluated: np.array only copies it (and casts when the compute dtype is not f32)
         xs = np.array(x if x.dtype == mx.float32 else x.astype(mx.float32))
-        if self.fast is not None:
-            fast = self.fast[layer]
-            return Selection([ids_above(z, fast.layer.tau) for z in fast.scores(xs)])
-        return Selection(self.predictors.layers[layer].select(xs))
+        tau = self.predictors.layers[layer].tau
+        return Selection([ids_above(z, tau) for z in self.scorers[layer].scores(xs)])
 
 
 class FastLayerPredictor:

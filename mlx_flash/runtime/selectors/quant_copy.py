@@ -10,24 +10,23 @@ The copy costs ~a fifth of the FFN's 16-bit bytes in DRAM (125 MiB for the defau
 scales and biases included) and is built at load from the bundles themselves: no training, no
 calibration data.
 
-Scores are `linear_q` on the fast CPU path and `mx.quantized_matmul` elsewhere; selection is
-per token (top k by score, best first), like the oracle's "top" rule.
+Scores are the load's CacheBackend's `quantized_matmul` (`linear_q` on the fast CPU path,
+`mx.quantized_matmul` elsewhere); selection is per token (`top_ids`: top k by score, best
+first), like the oracle's "top" rule.
 """
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import numpy as np
 
-from ...accel.build import kernels
 from ...accel.linear import to_f32_rows
 from ...format.arch import np_activation
 from ...format.manifest import Manifest
+from ..config import check_fraction
 from ..rows import split_bundles
 from ..store import NeuronStore
-from .base import Selection
+from .base import Selection, top_ids
 
 BITS, GROUP_SIZE = 4, 64
 
@@ -46,14 +45,14 @@ DEFAULT_KEEP = 0.5  # measured: perplexity within noise of dense on the default 
 class QuantCopySelector:
     """FlashFFN's selector from b-bit copies of the input projections (see the module doc)."""
 
-    def __init__(self, store: NeuronStore, manifest: Manifest, keep: float = DEFAULT_KEEP,
-                 fast_cpu: bool = False, chunk: int = 1024):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
+    def __init__(self, store: NeuronStore, manifest: Manifest, backend,
+                 keep: float = DEFAULT_KEEP, chunk: int = 1024):
+        """backend: the load's CacheBackend; it keeps the copies and multiplies by them."""
+        check_fraction("keep", keep)
         if manifest.ffn.d_model % GROUP_SIZE:
             raise ValueError(f"the quantized-copy selector needs d_model divisible by "
                              f"{GROUP_SIZE}, got {manifest.ffn.d_model}; use --selector oracle")
-        self.manifest, self.keep, self.fast_cpu = manifest, keep, fast_cpu
+        self.manifest, self.keep, self.backend = manifest, keep, backend
         self.parts = 2 if manifest.ffn.kind == "gated" else 1
         self.activation = manifest.ffn.activation
         self.layers = [self._copy(store, layer, chunk) for layer in range(manifest.n_layers)]
@@ -76,23 +75,12 @@ class QuantCopySelector:
                     in_bias = np.zeros(self.parts * n, dtype=np.float32)
                 for part in range(self.parts):
                     in_bias[part * n + ids] = np.asarray(bias[part].astype(mx.float32))
-        if self.fast_cpu:
-            return {"q": q, "scales": scales, "biases": biases, "bias": in_bias}
-        return {"q": mx.array(q), "scales": mx.array(scales), "biases": mx.array(biases),
-                "bias": None if in_bias is None else mx.array(in_bias)}
+        return self.backend.quantized_rows({"q": q, "scales": scales, "biases": biases,
+                                            "bias": in_bias})
 
     def scores(self, layer: int, x: np.ndarray) -> np.ndarray:
         """x: (T, d) f32 -> (T, n) estimated |activation| of every neuron."""
-        c = self.layers[layer]
-        if self.fast_cpu:
-            pre = kernels().linear_q(c["q"], c["scales"], c["biases"], BITS, GROUP_SIZE, x,
-                                     c["bias"])
-        else:
-            out = mx.quantized_matmul(mx.array(x), c["q"], c["scales"], c["biases"],
-                                      transpose=True, group_size=GROUP_SIZE, bits=BITS)
-            if c["bias"] is not None:
-                out = out + c["bias"]
-            pre = np.asarray(out)  # evaluates: the ids are needed now
+        pre = self.backend.quantized_matmul(self.layers[layer], x, BITS, GROUP_SIZE)
         n = pre.shape[1] // self.parts
         h = np_activation(self.activation, pre[:, :n])
         return np.abs(h * pre[:, n:] if self.parts == 2 else h)
@@ -101,9 +89,3 @@ class QuantCopySelector:
         """x: (T, d) evaluated -> each token's top `keep` neurons, best first."""
         return Selection([top_ids(z, self.keep) for z in self.scores(layer, to_f32_rows(x))])
 
-
-def top_ids(score: np.ndarray, keep: float) -> np.ndarray:
-    """(n,) scores -> the ceil(keep * n) best ids, best first."""
-    k = max(1, math.ceil(keep * score.size))
-    top = np.argpartition(-score, k - 1)[:k] if k < score.size else np.arange(score.size)
-    return top[np.argsort(-score[top], kind="stable")]
