@@ -21,7 +21,7 @@ import numpy as np
 from mlx_flash.runtime.cache import NeuronCache
 from mlx_flash.runtime.generate import format_prompt, generate_text
 from mlx_flash.runtime.loader import load
-from mlx_flash.runtime.store import runs_of
+from mlx_flash.runtime.planner import spans_across
 
 PROMPT = "Write a Python function that checks whether a string is a palindrome, with tests."
 
@@ -52,7 +52,7 @@ def replay(tokens: list[list[np.ndarray]], n_neurons: int, window: int, capacity
     for step in tokens:
         new = [c.advance(ids).new_ids for c, ids in zip(caches, step, strict=True)]
         bytes_per_token.append(sum(ids.size for ids in new) * stride)
-        reads_per_token.append(sum(len(runs_of(ids)) for ids in new))
+        reads_per_token.append(sum(spans_across(ids, 0)[0].size for ids in new))
     kept = slice(warmup, None)
     return {"window": window, "bytes_per_token": float(np.mean(bytes_per_token[kept])),
             "reads_per_token": float(np.mean(reads_per_token[kept])),
