@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from tiny import ARCHS
 import mlx_flash.accel.build as accel_build
 import mlx_flash.runtime.loader as model_module
 import mlx_flash.runtime.memory as runtime_memory
+from mlx_flash.runtime.config import FlashConfig, option_names
 from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.memory import CODE_PAGES
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
 
@@ -223,3 +227,62 @@ def test_prefill_streams_one_read_per_chunk_whatever_the_planner(tiny_dirs, read
     generate(model, tokenizer, list(range(3, 40)), max_tokens=1)  # > 16 tokens: streamed
     assert seen == [1] * 3 * model.flash.manifest.n_layers
     model.flash.close()
+
+
+@pytest.mark.parametrize("option,value,allowed", [
+    ("window", 0, ">= 1"), ("selector", "best", "'auto', 'predictor', 'oracle', 'quant'"),
+    ("oracle_rule", "some", "'all', 'nonzero', 'top'"), ("keep", 0.0, r"\(0, 1\]"),
+    ("keep", 1.5, r"\(0, 1\]"), ("read_planner", "fast", "'neuron', 'runs', 'cost'"),
+    ("store_mode", "aio", "'pread', 'mmap'"), ("resident_bits", 2, "None, 4, 8, 16"),
+    ("threads", 0, ">= 1"), ("read_ahead", -1, ">= 0"), ("pin_hot", 1.0, r"\[0, 1\)"),
+    ("reserve", -5, ">= 0"), ("compute_on", "all", "'active', 'cached'"),
+    ("dtype", "int8", "float16"), ("predictor_recall", 2.0, r"\(0, 1\]")])
+def test_bad_option_values_name_the_option_and_the_allowed_values(option, value, allowed):
+    with pytest.raises(ValueError, match=f"^{option} must .*{allowed}"):
+        FlashConfig(**{option: value})
+
+
+def test_unknown_options_are_named_with_the_known_ones(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    with pytest.raises(TypeError, match="unknown load.. option windw; the options are: window, "
+                                        "selector, oracle_rule"):
+        load(flash_dir, windw=3)
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
+        load(flash_dir, window=0)
+
+
+def test_settings_are_the_config_plus_what_load_resolved(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    config = FlashConfig(window=2, oracle_rule="top", keep=0.5, fast_cpu=False)
+    model, _ = load(flash_dir, config=config, threads=2)  # options replace config's fields
+    rt = model.flash
+    assert rt.config == replace(config, threads=2) and config.threads == 8
+    settings = rt.stats.settings
+    resolved = {"rule", "dtype", "direct", "embed_on_flash", "resident_bits", "capacity",
+                "backend", "fast_cpu", "fast_linears", "pinned"}
+    assert set(settings) == set(option_names()) - {"oracle_rule"} | resolved
+    for name in option_names():
+        if name not in ("oracle_rule", "dtype", "direct", "embed_on_flash", "resident_bits",
+                        "fast_cpu"):
+            assert settings[name] == getattr(rt.config, name), name
+    assert settings["rule"] == "top" and settings["threads"] == 2
+    assert settings["dtype"] == str(mx.float32) and settings["resident_bits"] == 16
+    assert settings["direct"] is False and settings["embed_on_flash"] is False
+    assert settings["capacity"] == rt.stats.memory["capacity"] and settings["fast_cpu"] is False
+    # the README's --stats-json schema
+    assert {"window", "selector", "rule", "keep", "dtype", "threads", "direct", "store_mode",
+            "embed_on_flash", "compute_on", "capacity", "naive", "read_planner",
+            "pinned"} <= set(settings)
+    rt.close()
+
+
+def test_close_restores_the_cache_limit_a_budget_set(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2", "float16")
+    before = mx.set_cache_limit(12345 << 20)
+    try:
+        model, _ = load(flash_dir, dram_budget="16GB")
+        assert mx.set_cache_limit(model.flash.stats.memory["scratch"] - CODE_PAGES) != 12345 << 20
+        model.flash.close()
+        assert mx.set_cache_limit(before) == 12345 << 20
+    finally:
+        mx.set_cache_limit(before)
