@@ -21,8 +21,12 @@ PACKAGE = Path(__file__).resolve().parents[1]  # the mlx_flash package the worke
 
 def command_line() -> str:
     """How this process was started, shell-quoted (`python -m mlx_flash.bench ...` for -m)."""
-    head, *rest = sys.argv or [""]
-    head = "python -m mlx_flash.bench" if Path(head).name == "__main__.py" else shlex.quote(head)
+    head, *rest = sys.argv
+    start = Path(head).resolve().parent
+    if Path(head).name == "__main__.py" and start.is_relative_to(PACKAGE.parent):
+        head = "python -m " + ".".join(start.relative_to(PACKAGE.parent).parts)
+    else:
+        head = shlex.quote(head)
     return " ".join([head, *(shlex.quote(a) for a in rest)])
 
 
