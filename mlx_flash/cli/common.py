@@ -12,7 +12,9 @@ from ..format.manifest import read_manifest
 from ..offline.convert import convert
 from ..offline.pull import ALIASES, DEFAULT_MODEL, pull
 from ..offline.sources import open_checkpoint
+from ..runtime.config import DTYPES, ORACLE_RULES, SELECTORS
 from ..runtime.loader import load, load_dense
+from ..runtime.planner import PLANNERS
 from ..runtime.stats import RunStats, TokenStats
 from ..spec.drafter import drafter_bytes, load_drafter
 from ..spec.speculative import SpecSettings, Speculation
@@ -87,22 +89,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dram-budget", default=None,
                    help="DRAM budget: bytes, '2GB', '700MiB' or a fraction of the model (0.5)")
     p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
-    p.add_argument("--selector", default="auto",
+    p.add_argument("--selector", default="auto", choices=SELECTORS,
                    help="how active neurons are chosen: auto (predictors when the dir has "
                         "them, else the oracle), predictor, oracle, or quant (a 4-bit copy of "
                         "gate/up in DRAM scores the neurons, each token keeps its top --keep)")
-    p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
+    p.add_argument("--rule", default="all", choices=ORACLE_RULES,
                    help="oracle rule (without predictors)")
     p.add_argument("--keep", type=float, default=None,
                    help="fraction kept by --rule top (default 1.0) or --selector quant "
                         "(default 0.5)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="compute dtype (default float32 on CPU)")
     p.add_argument("--threads", type=int, default=8, help="parallel reads")
     p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
                    help="O_DIRECT reads that bypass the page cache (default: on with "
                         "--dram-budget where the model dir's filesystem allows it)")
-    p.add_argument("--read-planner", default="cost", choices=["cost", "runs", "neuron"],
+    p.add_argument("--read-planner", default="cost", choices=PLANNERS,
                    help="cost: merge reads across gaps by the disk's cost model (calibrate-disk)")
     p.add_argument("--pin-hot", type=float, default=0.0,
                    help="fraction of each neuron cache pinned to hot neurons (placed dirs)")
