@@ -5,8 +5,8 @@
 
 from mlx_lm import generate, stream_generate
 
+from mlx_flash import load  # instead of: from mlx_lm import load
 from mlx_flash.cli.common import default_model_dir
-from mlx_flash.runtime.loader import load  # instead of: from mlx_lm import load
 
 model, tokenizer = load(default_model_dir())  # FFN weights stay on flash; dram_budget="2GB" caps
 messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
