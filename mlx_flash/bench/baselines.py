@@ -1,4 +1,4 @@
-"""Baselines and ablations for the benchmark (scripts/benchmark.py); not used by `load`.
+"""Baselines and ablations for the benchmark (mlx_flash.bench); not used by `load`.
 
 - `MmapFFN` / `load_mmap`: what llama.cpp does with a model larger than DRAM. The bundle files
   are memory-mapped and every token computes the dense FFN from them with numpy; the OS pages in
