@@ -9,8 +9,8 @@ rows n (10/30/50/100% of 4864) and tokens T (1 and 4):
   ffn_over_rows   the shipped reference on the compact part-major buffer (first n rows).
   rows_fused_gu   candidate: gate and up as one batched matmul over weights[:2, :n].
   rows_compiled   candidate: the same three matmuls under mx.compile(shapeless=True).
-  ffn_over_slots  the shipped gathered reference: n random slots gathered by indexing
-               (weights[:, idx]), then the compact FFN.
+  ffn_over_slots  n random slots gathered by indexing (weights[:, idx]), then ffn_over_rows
+               on the gathered rows.
   take_matmul  the same with mx.take(weights, idx, axis=1) as the gather.
   gather_mm    gate/up by mx.gather_mm over single rows, down by take + matmul.
   numpy_f32    numpy (OpenBLAS, its default threads) on float32 copies of the compact rows,
@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_flash.compute.reference import ffn_over_rows, ffn_over_slots
+from mlx_flash.compute.reference import ffn_over_rows
 
 D_MODEL, NEURONS = 896, 4864
 FRACTIONS = (0.1, 0.3, 0.5, 1.0)
@@ -157,7 +157,7 @@ def strategies(layers: Layers, x: mx.array, n: int, idx: mx.array, with_numpy: b
         "ffn_over_rows": (lambda i: ffn_over_rows(x, pick(buffers, i), n, "silu"), True),
         "rows_fused_gu": (fused_gu, True),
         "rows_compiled": (compiled, True),
-        "ffn_over_slots": (lambda i: ffn_over_slots(x, pick(buffers, i), idx, "silu"), True),
+        "ffn_over_slots": (lambda i: ffn_over_rows(x, pick(buffers, i)[:, idx], n, "silu"), True),
         "take_matmul": (take_matmul, True),
     }
     if x.dtype == mx.float32:  # GatherMM on the CPU supports float32 only (MLX 0.32)
