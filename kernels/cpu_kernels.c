@@ -1,4 +1,5 @@
-// CPU kernels for mlx-flash's fast CPU path (mlx_flash/cpu.py builds this file on first use).
+// CPU kernels for mlx-flash's fast CPU path (mlx_flash/accel/build.py builds this file on first
+// use; mlx_flash/accel/kernels.py binds it).
 //
 // Weights stay in their 16-bit storage type (f16 or bf16, passed as uint16) and are widened to
 // f32 in registers, so a decode step streams half the bytes of an f32 copy and the neuron cache
@@ -7,8 +8,8 @@
 // Entry points:
 //   linear16  y[t, r] = W[r, :] . x[t, :] (+ b[r])                 (attention, lm_head)
 //   linear_q  the same over MLX affine-quantized rows (4 or 8 bits): w = scale * q + bias
-//   ffn16     y[t, :] = sum_j h[t, j] * down[s_j, :],  h = act(gate . x) * (up . x) * mask
-//             over the neuron cache's slots s_j (part-major buffer, see mlx_flash/kernels.py)
+//   ffn16     y[t, :] = sum_j h[t, j] * down[j, :],  h = act(gate . x) * (up . x) * mask
+//             over the first n neurons of the cache (part-major buffer, or raw bundles)
 //
 // Both split rows/neurons across OpenMP threads; without OpenMP they run on one thread.
 // x86 with F16C/AVX2/FMA takes the vector path; anything else the portable scalar one.
@@ -197,14 +198,13 @@ void linear16(const uint16_t *W, int64_t ld, int rows, int d, int dt, const floa
     }
 }
 
-// The FFN over n neurons: neuron j is slots[j] (or j when slots is NULL). Part p of neuron s
-// starts at W + p * part_stride + s * neuron_stride (16-bit elements): the neuron cache's
-// part-major buffer has part_stride = capacity * d, neuron_stride = d; raw bundles (gate | up |
-// down | ...) have part_stride = d, neuron_stride = the bundle stride. P = 3 gated (gate, up,
-// down), 2 plain (up, down). in_bias: (P - 1, bias_stride) f32 indexed by s, or NULL.
-// mask: (T, n) f32 0/1 aligned with j, or NULL. h: scratch (T, n). partial: scratch
-// (threads, T, d). y: (T, d) output (overwritten).
-void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P, const int32_t *slots, int n, int d,
+// The FFN over neurons [0, n). Part p of neuron j starts at W + p * part_stride +
+// j * neuron_stride (16-bit elements): the neuron cache's part-major buffer has part_stride =
+// capacity * d, neuron_stride = d; raw bundles (gate | up | down | ...) have part_stride = d,
+// neuron_stride = the bundle stride. P = 3 gated (gate, up, down), 2 plain (up, down).
+// in_bias: (P - 1, bias_stride) f32, or NULL. mask: (T, n) f32 0/1, or NULL. h: scratch (T, n).
+// partial: scratch (threads, T, d). y: (T, d) output (overwritten).
+void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P, int n, int d,
            int dt, const float *x, int T, const float *in_bias, int64_t bias_stride,
            const float *mask, int act, float *h, float *partial, float *y) {
     const int gated = P == 3;
@@ -220,7 +220,7 @@ void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P,
 #pragma omp for schedule(dynamic, 32)
         for (int j = 0; j < n; j++) {
             if (!needed(mask, h, T, n, j)) continue;  // skip the neuron's rows entirely
-            size_t s = slots ? (size_t)slots[j] : (size_t)j;
+            size_t s = (size_t)j;
             for (int t0 = 0; t0 < T; t0 += 64) {
                 int nt = T - t0 < 64 ? T - t0 : 64;
                 const float *xt = x + (size_t)t0 * d;

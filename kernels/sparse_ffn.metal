@@ -1,15 +1,15 @@
 // mlx-flash: the fused sparse FFN over cached neuron rows - Metal bodies for mx.fast.metal_kernel.
 //
-// Reference semantics: mlx_flash/kernels.py `ffn_over_rows` (GATHER = false, neuron i is buffer
-// row i) and `ffn_over_slots` (GATHER = true, neuron i is buffer row idx[i]):
+// Reference semantics: mlx_flash/compute/reference.py `ffn_over_rows` over the first n buffer
+// rows (neuron i is buffer row i):
 //   h[t, i] = act(x[t] . gate_row + b0) * (x[t] . up_row + b1) * mask[t, i]    (P = 3, gated)
 //   h[t, i] = act(x[t] . up_row + b0) * mask[t, i]                             (P = 2, plain)
 //   y[t, :] = sum_i h[t, i] * down_row(i)
 // w is the part-major cache buffer (P, cap, d), row-contiguous: part p of buffer row r starts at
 // element (p * cap + r) * d. bias is (P - 1, cap) float32, mask is (NTOK, n) float32 (both
-// converted by kernels.py; dummies of one element when absent, read only under HAS_*).
+// converted by compute/gpu.py; dummies of one element when absent, read only under HAS_*).
 //
-// File format (parsed by mlx_flash/kernels.py `parse_kernel_source`):
+// File format (parsed by mlx_flash/compute/gpu.py `parse_kernel_source`):
 //   // @header                              helpers, passed as `header=` to every kernel below
 //   // @kernel NAME(in, ...) -> (out, ...)  one kernel: name, input_names, output_names, body
 //
@@ -30,20 +30,20 @@
 //
 // Template constants: WT, XT (dtypes of w and x: f16 / bf16 / f32; every load is converted to
 // float, all sums are float), P (2 or 3), NTOK (tokens T, 1..16: register accumulators), ACT
-// (0 silu, 1 gelu, 2 gelu_approx, 3 relu, 4 relu2: kernels.py ACTIVATION_CODES), HAS_MASK,
-// HAS_BIAS, GATHER.  params (int32[4]): n, d, cap, chunk.
+// (0 silu, 1 gelu, 2 gelu_approx, 3 relu, 4 relu2: format/arch.py ACTIVATION_CODES), HAS_MASK,
+// HAS_BIAS.  params (int32[4]): n, d, cap, chunk.
 //
-// Launch (kernels.py `ffn_kernel`; grid in threads, always a whole number of threadgroups, so
+// Launch (compute/gpu.py `ffn_kernel`; grid in threads, always a whole number of threadgroups, so
 // Metal's dispatchThreads never makes a partial threadgroup and CUDA's rounding up is exact):
 //   flash_ffn_act : grid (32, n_pad, 1), threadgroup (32, 8, 1), n_pad = 8 * ceil(n / 8).
 //     One 32-lane simdgroup / warp per neuron (a threadgroup row is exactly one simdgroup since
 //     the x extent is 32). Out: h (NTOK, n) float32.
 //   flash_ffn_down: grid (128 * ceil(d / 128), ceil(n / chunk), 1), threadgroup (128, 1, 1).
 //     One thread per (output column c, chunk g of neurons). Out: part (chunks, NTOK, d) float32,
-//     summed over chunks by kernels.py (split-K: enough threads when d is small).
+//     summed over chunks by compute/gpu.py (split-K: enough threads when d is small).
 //
 // Edge cases (same in both files):
-//   n == 0      never launched: kernels.py returns zeros.
+//   n == 0      never launched: compute/gpu.py returns zeros.
 //   n % 8 != 0  padding neurons i >= n leave at once; the exit is uniform over the simdgroup
 //               (i is the same on all 32 lanes), so the simd reduction never sees a missing lane.
 //   d % 32 != 0 lanes stride k = lane, lane + 32, ... < d; short lanes add nothing.
@@ -95,7 +95,7 @@ inline float flash_act(float v, int act) {
   return r * r;  // relu2
 }
 
-// @kernel flash_ffn_act(x, w, idx, mask, bias, params) -> (h)
+// @kernel flash_ffn_act(x, w, mask, bias, params) -> (h)
 // Phase 1: h[t, i] for one neuron i per simdgroup. Lane l dots columns l, l + 32, ... of the
 // neuron's first (gate or up) and second (up, gated only) rows with every token, then the
 // simdgroup sums the 32 partials.
@@ -107,7 +107,7 @@ const int i = int(thread_position_in_grid.y);
 if (i >= n) {
   return;  // padding neuron: all 32 lanes leave together
 }
-const int64_t row = GATHER ? int64_t(idx[i]) : int64_t(i);
+const int64_t row = int64_t(i);
 bool live = true;
 if (HAS_MASK) {
   live = false;
@@ -167,7 +167,7 @@ if (lane == 0) {
   }
 }
 
-// @kernel flash_ffn_down(h, w, idx, params) -> (part)
+// @kernel flash_ffn_down(h, w, params) -> (part)
 // Phase 2: part[g, t, c] = sum over neurons i of chunk g of h[t, i] * down_row(i)[c]. Threads of
 // a threadgroup own consecutive columns, so each down row is read coalesced.
 const int n = params[0];
@@ -196,8 +196,7 @@ for (int i = i0; i < i1; ++i) {
   if (!any) {
     continue;  // masked or zero activation for every token: skip the down row
   }
-  const int64_t row = GATHER ? int64_t(idx[i]) : int64_t(i);
-  const float wv = static_cast<float>(w[(down + row) * d + c]);
+  const float wv = static_cast<float>(w[(down + int64_t(i)) * d + c]);
   for (int t = 0; t < NTOK; ++t) {
     acc[t] += hv[t] * wv;
   }

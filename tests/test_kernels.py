@@ -1,11 +1,11 @@
-"""kernels.py: the MLX reference against dense numpy, the dispatcher, and the GPU kernel bodies.
+"""compute/: the MLX reference against dense numpy, the dispatcher, and the GPU kernel bodies.
 
 What runs where:
-- The reference (`ffn_over_rows`, `ffn_over_slots`, `window_update`) against a dense numpy model.
+- The reference (`ffn_over_rows`, `window_update`) against a dense numpy model.
 - The Metal and CUDA kernel bodies, executed on the CPU by a small emulator: the body is compiled
   with g++ inside stand-in definitions of the thread indices, `simd_sum` / `__shfl_xor_sync`
   (one std::thread per lane, lockstep through a barrier) and the Metal address-space words; the
-  production launch code in kernels.py (`ffn_kernel`, `window_update_kernel`) drives it. This
+  production launch code in compute/gpu.py (`ffn_kernel`, `window_update_kernel`) drives it. This
   checks indexing, padding, masks and edge cases; it does not check dtypes other than float32
   (every array is float in the emulator) nor real GPU scheduling.
 - The CUDA sources compiled by nvcc exactly as MLX's cuda_kernel wraps them (when nvcc exists).
@@ -33,13 +33,12 @@ from mlx_flash.compute.gpu import (
     apply_window_update,
     backend,
     compute_ffn,
-    compute_ffn_slots,
     ffn_kernel,
     force_reference,
     kernel_sources,
     window_update_kernel,
 )
-from mlx_flash.compute.reference import ffn_over_rows, ffn_over_slots, window_update
+from mlx_flash.compute.reference import ffn_over_rows, window_update
 from mlx_flash.format.arch import ACTIVATION_FNS
 
 ACTIVATIONS = sorted(ACTIVATION_FNS)
@@ -64,7 +63,7 @@ def np_act(a: np.ndarray, activation: str) -> np.ndarray:
 
 
 def np_ffn(x, weights, rows, activation, mask=None, in_bias=None) -> np.ndarray:
-    """Dense float64 FFN over buffer rows `rows` (any order). x: (T, d); weights: (P, cap, d)."""
+    """Dense float64 FFN over buffer rows `rows`. x: (T, d); weights: (P, cap, d)."""
     x, w = np.asarray(x, np.float64), np.asarray(weights, np.float64)
     first = x @ w[0, rows].T
     if in_bias is not None:
@@ -136,21 +135,6 @@ def test_ffn_over_rows_low_precision(parts, dtype):
                         as_mx(bias, dtype))
     assert got.dtype == dtype
     assert_close(got, np_ffn(x, w, np.arange(29), "silu", mask, bias), dtype)
-
-
-@pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("parts", [3, 2], ids=["gated", "plain"])
-def test_ffn_over_slots_matches_numpy(parts, tokens):
-    rng = np.random.default_rng(3 + parts)
-    d, cap = 40, 23
-    x, w, bias = make_case(rng, tokens, d, cap, parts)
-    for n in (0, 1, 9, cap):
-        idx = rng.permutation(cap)[:n].astype(np.int32)
-        mask = random_mask(rng, tokens, n)
-        for activation in ("silu", "relu"):
-            got = ffn_over_slots(as_mx(x), as_mx(w), mx.array(idx), activation, as_mx(mask),
-                                 as_mx(bias))
-            assert_close(got, np_ffn(x, w, idx, activation, mask, bias), mx.float32)
 
 
 def test_all_neurons_equal_dense_mlx():
@@ -253,10 +237,6 @@ def test_dispatchers_run_the_reference_here():
     want = ffn_over_rows(*args, 9, "gelu", as_mx(mask), as_mx(bias))
     got = compute_ffn(*args, 9, "gelu", as_mx(mask), as_mx(bias))
     assert mx.array_equal(got, want)
-    idx = mx.array(np.arange(9, dtype=np.int32)[::-1].copy())
-    np.testing.assert_allclose(
-        np.array(compute_ffn_slots(*args, idx, "gelu", None, as_mx(bias))),
-        np.array(ffn_over_slots(*args, idx, "gelu", None, as_mx(bias))), rtol=1e-6, atol=1e-6)
     dst, src, slots = mx.array([0]), mx.array([5]), mx.array([7])
     rows = mx.ones((3, 1, 40))
     got_buf = apply_window_update(as_mx(w), dst, src, slots, rows)
@@ -423,11 +403,11 @@ using __nv_bfloat16 = float;
 # Template constants become runtime arguments in the emulator (one build for every case;
 # `float acc[NTOK]` compiles as a GNU variable-length array). Types are all float.
 EMU_CONSTANTS = {
-    "flash_ffn_act": ("P", "NTOK", "ACT", "HAS_MASK", "HAS_BIAS", "GATHER"),
-    "flash_ffn_down": ("P", "NTOK", "GATHER"),
+    "flash_ffn_act": ("P", "NTOK", "ACT", "HAS_MASK", "HAS_BIAS"),
+    "flash_ffn_down": ("P", "NTOK"),
     "flash_window_update": ("P",),
 }
-INT_INPUTS = {"idx", "params", "code"}
+INT_INPUTS = {"params", "code"}
 LOCKSTEP = {"flash_ffn_act"}
 
 
@@ -520,18 +500,14 @@ def test_emulated_ffn_kernel_matches_reference(use_emulator, parts, shape):
     tokens, d, cap, n = shape
     rng = np.random.default_rng(tokens * 1000 + d + n + parts)
     x, w, bias = make_case(rng, tokens, d, cap, parts)
-    idx = rng.permutation(cap)[:n].astype(np.int32)
     mask = random_mask(rng, tokens, n)
     mask[:, : min(2, n)] = 0.0  # some neurons off for every token: the skip paths
     # 32 threads per neuron in the emulator: the large case runs two activations, not five.
     for activation in ACTIVATIONS if n < 16 else ("silu", "gelu"):
         for m, b in ((None, None), (mask, bias)):
             mm, bb = (None if m is None else as_mx(m)), (None if b is None else as_mx(b))
-            got = ffn_kernel(as_mx(x), as_mx(w), n, activation, mm, bb, None, use_emulator)
+            got = ffn_kernel(as_mx(x), as_mx(w), n, activation, mm, bb, use_emulator)
             assert_close(got, np_ffn(x, w, np.arange(n), activation, m, b), mx.float32)
-            got = ffn_kernel(as_mx(x), as_mx(w), n, activation, mm, bb, mx.array(idx),
-                             use_emulator)
-            assert_close(got, np_ffn(x, w, idx, activation, m, b), mx.float32)
 
 
 def test_emulated_ffn_kernel_edge_cases(use_emulator):
@@ -619,11 +595,11 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
                                                      (mx.float16, 2, 16, True),
                                                      (mx.bfloat16, 3, 4, True)]):
         code += _mlx_cuda_wrap(
-            srcs["flash_ffn_act"], str(tag), [wt, wt, i32, f32, f32, i32], [f32],
+            srcs["flash_ffn_act"], str(tag), [wt, wt, f32, f32, i32], [f32],
             [("WT", wt), ("XT", wt), ("P", parts), ("NTOK", tokens), ("ACT", tag + 1),
-             ("HAS_MASK", flag), ("HAS_BIAS", flag), ("GATHER", flag)])
-        code += _mlx_cuda_wrap(srcs["flash_ffn_down"], str(tag), [f32, wt, i32, i32], [f32],
-                               [("WT", wt), ("P", parts), ("NTOK", tokens), ("GATHER", flag)])
+             ("HAS_MASK", flag), ("HAS_BIAS", flag)])
+        code += _mlx_cuda_wrap(srcs["flash_ffn_down"], str(tag), [f32, wt, i32], [f32],
+                               [("WT", wt), ("P", parts), ("NTOK", tokens)])
         code += _mlx_cuda_wrap(srcs["flash_window_update"], str(tag), [wt, i32, wt, i32], [wt],
                                [("WT", wt), ("P", parts)])
     (tmp_path / "k.cu").write_text(code)
@@ -656,19 +632,15 @@ def test_gpu_ffn_kernel_matches_reference(which, dtype, parts):
     for tokens, d, cap, n in GPU_SHAPES:
         rng = np.random.default_rng(tokens + d + n)
         x, w, bias = make_case(rng, tokens, d, cap, parts, dtype)
-        idx = rng.permutation(cap)[:n].astype(np.int32)
         mask = random_mask(rng, tokens, n)
         for activation in ACTIVATIONS:
             for m, b in ((None, None), (mask, bias)):
                 mm = None if m is None else as_mx(m, dtype)
                 bb = None if b is None else as_mx(b, dtype)
                 got = ffn_kernel(as_mx(x, dtype), as_mx(w, dtype), n, activation, mm, bb,
-                                 None, which)
+                                 which)
                 assert got.dtype == dtype
                 assert_close(got, np_ffn(x, w, np.arange(n), activation, m, b), dtype)
-                got = ffn_kernel(as_mx(x, dtype), as_mx(w, dtype), n, activation, mm, bb,
-                                 mx.array(idx), which)
-                assert_close(got, np_ffn(x, w, idx, activation, m, b), dtype)
     x, w, _ = make_case(np.random.default_rng(0), 2, 40, 8, parts, dtype)
     assert mx.array_equal(ffn_kernel(as_mx(x, dtype), as_mx(w, dtype), 0, "silu", which=which),
                           mx.zeros((2, 40), dtype=dtype))

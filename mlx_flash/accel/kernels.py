@@ -41,8 +41,8 @@ class CpuKernels:
         apply_cpu_kernel_settings()  # passive OpenMP, one BLAS thread: before the library loads
         lib = ctypes.CDLL(str(path))
         lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
-        lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _VOIDP, _INT, _INT, _INT, _VOIDP, _INT,
-                              _VOIDP, _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
+        lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP,
+                              _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
         lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _VOIDP, _INT,
                                  _VOIDP, _VOIDP, _VOIDP]
         lib.ffnq.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _I64, _INT, _INT, _INT, _INT,
@@ -106,14 +106,14 @@ class CpuKernels:
 
     def ffn16(self, base: np.ndarray, strides: tuple[int, int], parts: int, n: int, d: int,
               dtype: str, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
-              in_bias: np.ndarray | None = None, slots: np.ndarray | None = None) -> np.ndarray:
-        """The FFN over n neurons of a 16-bit buffer (`kernels.ffn_over_rows`' result).
+              in_bias: np.ndarray | None = None) -> np.ndarray:
+        """The FFN over neurons [0, n) of a 16-bit buffer (`compute.reference.ffn_over_rows`'
+        result).
 
         base: uint16 array holding the rows; strides: (part, neuron) in elements, e.g.
         (capacity * d, d) for a part-major (P, capacity, d) buffer or (d, stride / 2) for raw
-        bundles (k, stride). x: (T, d) f32; mask: (T, n) or None; in_bias: (P - 1, m) f32
-        indexed by slot, or None; slots: (n,) int32 or None for neurons [0, n).
-        Returns (T, d) f32.
+        bundles (k, stride). x: (T, d) f32; mask: (T, n) or None; in_bias: (P - 1, m) f32 or
+        None. Returns (T, d) f32.
         """
         if base.dtype != np.uint16 or not base.flags.c_contiguous:
             raise ValueError(f"ffn16 needs a contiguous uint16 buffer, got {base.dtype}")
@@ -122,16 +122,13 @@ class CpuKernels:
         mask = _mask_rows(mask, tokens, n)
         if in_bias is not None:
             in_bias = np.ascontiguousarray(in_bias, dtype=np.float32)
-        if slots is not None:
-            slots = np.ascontiguousarray(slots, dtype=np.int32)
         h, partial, y = self._ffn_scratch(tokens, n, d)
-        self._lib.ffn16(base.ctypes.data, strides[0], strides[1], parts, _ptr(slots), n, d,
+        self._lib.ffn16(base.ctypes.data, strides[0], strides[1], parts, n, d,
                         DT_CODES[dtype], x.ctypes.data, tokens, _ptr(in_bias),
                         0 if in_bias is None else in_bias.shape[1], _ptr(mask),
                         ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
                         y.ctypes.data)
         return y
-
 
     def _ffn_scratch(self, tokens: int, n: int, d: int) -> tuple[np.ndarray, ...]:
         """The FFN kernels' h (T, n) and per-thread partial sums, and the output (T, d)."""

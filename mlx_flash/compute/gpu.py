@@ -7,11 +7,11 @@ neurons. Biases of the input projections, when the FFN has them, are `(P - 1, ca
 
 This module has two levels:
 
-- The pure-MLX reference (`ffn_over_rows`, `ffn_over_slots`, `window_update`): the definition of
+- The pure-MLX reference (`ffn_over_rows`, `window_update` in `reference.py`): the definition of
   correct, and what runs on CPU. Nothing is computed when they return: they build lazy graphs.
-- Dispatchers (`compute_ffn`, `compute_ffn_slots`, `apply_window_update`) that run the custom GPU
-  kernels from the top-level `kernels/` directory when `backend()` is "metal" or "cuda", and the
-  reference otherwise. `MLX_FLASH_KERNELS=reference` or `with force_reference():` pins the
+- Dispatchers (`compute_ffn`, `apply_window_update`, here) that run the custom GPU kernels from
+  the top-level `kernels/` directory when `backend()` is "metal" or "cuda", and the reference
+  otherwise. `MLX_FLASH_KERNELS=reference` or `with force_reference():` pins the
   reference.
 
 The kernel sources are bodies for `mx.fast.metal_kernel` / `mx.fast.cuda_kernel`, several per file,
@@ -35,7 +35,7 @@ import mlx.core as mx
 
 from ..format.arch import ACTIVATION_CODES
 from ..format.home import kernel_dir as home_kernel_dir
-from .reference import _check_activation, ffn_over_rows, ffn_over_slots, window_update
+from .reference import _check_activation, ffn_over_rows, window_update
 
 ENV_KERNELS = "MLX_FLASH_KERNELS"  # "auto" (default) or "reference"
 
@@ -194,12 +194,11 @@ def _dummy(dtype: mx.Dtype) -> mx.array:
 
 def ffn_kernel(x: mx.array, weights: mx.array, n: int, activation: str,
                mask: mx.array | None = None, in_bias: mx.array | None = None,
-               idx: mx.array | None = None, which: str | None = None) -> mx.array:
-    """The fused sparse FFN on the GPU: `ffn_over_rows`, or `ffn_over_slots` when idx is given.
+               which: str | None = None) -> mx.array:
+    """`ffn_over_rows` on the GPU: the fused sparse FFN over the first n rows of the buffer.
 
     x: (T, d) with T <= MAX_KERNEL_TOKENS; weights: (P, capacity, d) row-contiguous, P in {2, 3};
-    n: neurons (== idx.size when idx is given); mask: (T, n) or (n,) or None; in_bias:
-    (P - 1, capacity) or None; idx: (n,) int32 slots or None for the first n rows.
+    mask: (T, n) or (n,) or None; in_bias: (P - 1, capacity) or None.
     Returns (T, d) in x's dtype. Phase 1 writes h (T, n) in float32, phase 2 writes per-chunk
     partial sums (chunks, T, d) in float32, summed here: accumulation is float32 throughout.
     """
@@ -208,8 +207,6 @@ def ffn_kernel(x: mx.array, weights: mx.array, n: int, activation: str,
     parts, capacity, _ = weights.shape
     if n == 0:
         return mx.zeros_like(x)
-    gather = idx is not None
-    idx_in = idx.astype(mx.int32) if gather else _dummy(mx.int32)
     mask_in = _dummy(mx.float32) if mask is None else \
         mx.broadcast_to(mask.astype(mx.float32), (tokens, n))
     bias_in = _dummy(mx.float32) if in_bias is None else in_bias.astype(mx.float32)
@@ -218,15 +215,15 @@ def ffn_kernel(x: mx.array, weights: mx.array, n: int, activation: str,
     chunks = -(-n // NEURON_CHUNK)
     assert n_pad // ROWS_PER_GROUP <= MAX_GRID_Y and chunks <= MAX_GRID_Y, n
     h = _kernel("flash_ffn_act", which)(
-        inputs=[x, weights, idx_in, mask_in, bias_in, params],
+        inputs=[x, weights, mask_in, bias_in, params],
         template=[("WT", weights.dtype), ("XT", x.dtype), ("P", parts), ("NTOK", tokens),
                   ("ACT", ACTIVATION_CODES[activation]), ("HAS_MASK", mask is not None),
-                  ("HAS_BIAS", in_bias is not None), ("GATHER", gather)],
+                  ("HAS_BIAS", in_bias is not None)],
         grid=(SIMD, n_pad, 1), threadgroup=(SIMD, ROWS_PER_GROUP, 1),
         output_shapes=[(tokens, n)], output_dtypes=[mx.float32])[0]
     partial = _kernel("flash_ffn_down", which)(
-        inputs=[h, weights, idx_in, params],
-        template=[("WT", weights.dtype), ("P", parts), ("NTOK", tokens), ("GATHER", gather)],
+        inputs=[h, weights, params],
+        template=[("WT", weights.dtype), ("P", parts), ("NTOK", tokens)],
         grid=(_round_up(d, COLS_PER_GROUP), chunks, 1), threadgroup=(COLS_PER_GROUP, 1, 1),
         output_shapes=[(chunks, tokens, d)], output_dtypes=[mx.float32])[0]
     return partial.sum(axis=0).astype(x.dtype)
@@ -286,18 +283,7 @@ def compute_ffn(x: mx.array, weights: mx.array, n: int, activation: str,
     which = _kernel_backend(x, weights)
     if which is None:
         return ffn_over_rows(x, weights, n, activation, mask, in_bias)
-    return ffn_kernel(x, weights, n, activation, mask, in_bias, None, which)
-
-
-def compute_ffn_slots(x: mx.array, weights: mx.array, idx: mx.array, activation: str,
-                      mask: mx.array | None = None,
-                      in_bias: mx.array | None = None) -> mx.array:
-    """`ffn_over_slots` on the current back end (same arguments, same result)."""
-    _check_ffn_args(x, weights, 0, activation)
-    which = _kernel_backend(x, weights)
-    if which is None:
-        return ffn_over_slots(x, weights, idx, activation, mask, in_bias)
-    return ffn_kernel(x, weights, idx.shape[0], activation, mask, in_bias, idx, which)
+    return ffn_kernel(x, weights, n, activation, mask, in_bias, which)
 
 
 def window_kernel_enabled() -> bool:

@@ -98,24 +98,6 @@ def ffn_over_rows(x: mx.array, weights: mx.array, n: int, activation: str,
     return h @ weights[-1, :n]  # (T, d)
 
 
-def ffn_over_slots(x: mx.array, weights: mx.array, idx: mx.array, activation: str,
-                   mask: mx.array | None = None, in_bias: mx.array | None = None) -> mx.array:
-    """`ffn_over_rows` over the neurons in slots `idx` of the buffer, in that order.
-
-    x: (T, d); weights: (P, capacity, d); idx: (n,) int32 slots; mask: (T, n) or (n,) aligned with
-    idx, or None; in_bias: (P - 1, capacity) or None. Returns (T, d) in x's dtype.
-    """
-    n = idx.shape[0]
-    if n == 0:
-        return mx.zeros_like(x)
-    # Gather the rows once, then the compact FFN. Measured on this CPU (scripts/bench_kernels.py):
-    # with `weights[:, idx]` the whole call is 2.4-5.7x faster than with `mx.take(weights, idx,
-    # axis=1)`, and faster than mx.gather_mm (float32-only on CPU) in every case measured.
-    rows = weights[:, idx]  # (P, n, d)
-    bias = None if in_bias is None else in_bias[:, idx]  # (P - 1, n)
-    return ffn_over_rows(x, rows, n, activation, mask, bias)
-
-
 def window_update(weights: mx.array, dst: mx.array, src: mx.array, slots: mx.array,
                   rows: mx.array) -> mx.array:
     """Swap-delete then append-insert, in that order.
