@@ -1,10 +1,10 @@
 // mlx-flash: the window update of the neuron cache buffer - CUDA body for mx.fast.cuda_kernel.
 //
-// Reference semantics: mlx_flash/kernels.py `window_update`: first row src[j] moves into hole
-// dst[j] for every part (reading the buffer as it was), then new row j is written into slot
-// slots[j]. MLX custom kernels cannot write into an input, so this kernel writes the whole new
-// buffer out (P, cap, d) as a gather copy. kernels.py `window_update_kernel` folds dst/src/slots
-// into one int32 map first:
+// Reference semantics: mlx_flash/compute/reference.py `window_update`: first row src[j] moves
+// into hole dst[j] for every part (reading the buffer as it was), then new row j is written into
+// slot slots[j]. MLX custom kernels cannot write into an input, so this kernel writes the whole
+// new buffer out (P, cap, d) as a gather copy. compute/gpu.py `window_update_kernel` folds
+// dst/src/slots into one int32 map first:
 //   code = arange(cap); code[dst] = src; code[slots] = cap + j
 //   out[p, s, c] = code[s] < cap ? w[p, code[s], c] : rows[p, code[s] - cap, c]
 // which is exactly the reference's order (moves read the old buffer; inserts win over moves).
