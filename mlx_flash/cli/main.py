@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in COMMANDS:
         command.add_arguments(sub)
-    p = sub.add_parser("bench", help="benchmark under DRAM caps (scripts/benchmark.py; "
+    p = sub.add_parser("bench", help="benchmark under DRAM caps (mlx_flash.bench; "
                                      "--help for its flags)", add_help=False)
     p.set_defaults(func=lambda args: run_bench([]))
     try:  # optional dependency: the serve extra (starlette, uvicorn, pydantic)
