@@ -36,7 +36,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
-from ...format.storage import to_f32
+from ...format.storage import NP_STORAGE, to_f32
 from .base import Checkpoint, TensorInfo
 from .gguf_tokenizer import build_tokenizer, tokenizer_config
 
@@ -93,9 +93,8 @@ GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 SKIPPED = {"rope_freqs.weight"}  # llama3 rope factors: turned into config["rope_scaling"]
 
 
-_NATIVE = {GGMLQuantizationType.F32: ("float32", np.float32),
-           GGMLQuantizationType.F16: ("float16", np.float16),
-           GGMLQuantizationType.BF16: ("bfloat16", np.uint16)}
+_NATIVE = {GGMLQuantizationType.F32: "float32", GGMLQuantizationType.F16: "float16",
+           GGMLQuantizationType.BF16: "bfloat16"}  # unquantized types: their storage dtype
 
 
 @dataclass(frozen=True)
@@ -321,7 +320,8 @@ class GGUFCheckpoint(Checkpoint):
     def _load(self, t: GGUFTensor) -> np.ndarray:
         """The stored tensor: unquantized types as they are, quantized ones dequantized to f16."""
         if t.qtype in _NATIVE:
-            return self._bytes(t.offset, t.nbytes).view(_NATIVE[t.qtype][1]).reshape(t.shape)
+            stored = NP_STORAGE[_NATIVE[t.qtype]]
+            return self._bytes(t.offset, t.nbytes).view(stored).reshape(t.shape)
         rows, cols = t.n_rows, t.shape[-1]
         row_bytes = t.nbytes // rows
         out = np.empty((rows, cols), np.float16)
@@ -434,7 +434,7 @@ class GGUFCheckpoint(Checkpoint):
 
 def _loaded_dtype(t: GGUFTensor) -> str:
     """Unquantized tensors keep their dtype; quantized ones are dequantized to float16."""
-    return _NATIVE[t.qtype][0] if t.qtype in _NATIVE else "float16"
+    return _NATIVE.get(t.qtype, "float16")
 
 
 def _f32(value: float) -> float:
