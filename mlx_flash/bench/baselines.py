@@ -24,14 +24,19 @@ import numpy as np
 
 from ..accel import linear as accel_linear
 from ..format.arch import ACTIVATION_FNS
-from ..format.manifest import RESIDENT, FFNLayout, LayerEntry, Manifest, read_manifest
-from ..format.storage import DTYPE_BYTES, tensor_sizes
+from ..format.manifest import (
+    RESIDENT,
+    FFNLayout,
+    LayerEntry,
+    Manifest,
+    read_layer_rows,
+    read_manifest,
+)
+from ..format.storage import DTYPE_BYTES, NP_STORAGE, tensor_sizes
 from ..runtime.backend import choose_backend
 from ..runtime.embedding import flash_embedding
 from ..runtime.loader import assemble, load_tokenizer, pop_out_bias
 from ..runtime.store import DIRECT_ALIGN, NeuronStore
-
-_STORAGE_NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
 
 class MmapFFN(nn.Module):
@@ -54,7 +59,7 @@ class MmapFFN(nn.Module):
         super().__init__()
         itemsize = DTYPE_BYTES[layout.dtype]
         # Underscored attributes are not parameters: nothing here is loaded or saved as weights.
-        self._table = np.memmap(path, dtype=_STORAGE_NP[layout.dtype], mode="r",
+        self._table = np.memmap(path, dtype=NP_STORAGE[layout.dtype], mode="r",
                                 shape=(entry.n_neurons, entry.stride // itemsize))
         self._layout, self._chunk, self._out_bias = layout, chunk, out_bias
         self._dtype, self._fast = dtype, fast
@@ -178,8 +183,7 @@ def write_unbundled(root: str | Path, out: str | Path) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for i, entry in enumerate(manifest.layers):
-        rows = np.fromfile(root / entry.file, dtype=np.uint8).reshape(entry.n_neurons,
-                                                                      entry.stride)
+        rows = read_layer_rows(root, manifest, i, file_order=True)  # the store maps ids
         segs = segments(manifest.ffn, entry.stride)
         offsets = region_offsets(entry.n_neurons, segs)
         with open(out / f"layer_{i:03d}.bin", "wb") as f:

@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..format.manifest import RESIDENT
-from ..format.storage import tensor_sizes
+from ..format.storage import NP_STORAGE, tensor_sizes
 from .rows import to_mx
 
 
@@ -22,8 +22,7 @@ class FlashEmbedding(nn.Module):
         self._path, self._offset, self._shape = path, offset, shape
         self._storage, self._dtype = storage, dtype
         self._table = np.memmap(path, mode="r", offset=offset, shape=shape,
-                                dtype={"float16": np.float16, "bfloat16": np.uint16,
-                                       "float32": np.float32}[storage])
+                                dtype=NP_STORAGE[storage])
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = self._table[np.array(ids).reshape(-1)]  # np.array evaluates the ids: needed now

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..format.arch import ARCHITECTURES, mlp_prefix
-from ..format.manifest import RESIDENT, Manifest, read_manifest
+from ..format.manifest import RESIDENT, Manifest, read_layer_rows, read_manifest
 from ..format.storage import tensor_sizes
 from ..process import apply_budget_settings
 from . import disk as runtime_disk
@@ -52,9 +52,8 @@ def quantize_rows_chunked(path: Path, name: str, dtype: mx.Dtype, bits: int, gro
     """mx.quantize of one safetensors tensor, reading and quantizing it a block of rows at a
     time into preallocated outputs: the unquantized tensor (272 MB for the default model's
     lm_head in f16) is never in memory whole. Scales and biases come back in `dtype`."""
-    shape, offset, _, stored_as = tensor_sizes(path)[name]
-    storage = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.float32}[stored_as]
-    table = np.memmap(path, mode="r", dtype=storage, offset=offset, shape=shape)
+    entry = tensor_sizes(path)[name]
+    table, shape, stored_as = entry.memmap(path), entry.shape, entry.dtype
     rows, cols = shape
     q = mx.zeros((rows, cols * bits // 32), dtype=mx.uint32)
     scales = mx.zeros((rows, cols // group_size), dtype=dtype)
@@ -113,12 +112,7 @@ def load_tokenizer(root: Path, manifest: Manifest):
 def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
                      ) -> dict[str, mx.array]:
     """One layer's dense MLP weights in mlx_lm naming, rebuilt from its bundle file."""
-    entry = manifest.layers[layer]
-    raw = np.fromfile(root / entry.file, dtype=np.uint8)
-    if raw.size != entry.size:
-        raise ValueError(f"{root / entry.file}: {raw.size} bytes, manifest says {entry.size}")
-    rows = manifest.to_original(layer, raw.reshape(entry.n_neurons, entry.stride))
-    weights, bias = split_bundles(rows, manifest, dtype)
+    weights, bias = split_bundles(read_layer_rows(root, manifest, layer), manifest, dtype)
     spec, prefix = ARCHITECTURES[manifest.config["model_type"]], mlp_prefix(layer)
     ins = [spec.gate, spec.up] if spec.kind == "gated" else [spec.up]
     out = {f"{prefix}.{name}.weight": weights[i] for i, name in enumerate(ins)}
