@@ -19,8 +19,8 @@ Training (`train_drafter`) is distillation from the model's own greedy predictio
 forced: one forward pass of the dense model over calibration text gives, at every position i,
 the hidden state h_i and the model's argmax g_i; the drafter learns to predict g_{i+k} from h_i
 after reading g_i..g_{i+k-1}. Both the forward and the backward pass are numpy (OpenBLAS is ~30x
-faster than the `mlx[cpu]` wheel's reference BLAS for these matmuls, see predictor.py); the
-gradients are checked against finite differences in tests/test_drafter.py.
+faster than the `mlx[cpu]` wheel's reference BLAS for these matmuls, see train_predictors.py);
+the gradients are checked against finite differences in tests/test_drafter.py.
 
 On disk, in the model dir: `drafter.safetensors` (the weights, matrices as float16, and
 `vocab`; header metadata with the format and the config) and `drafter.json` (file size,
@@ -230,7 +230,9 @@ def make_examples(hidden: np.ndarray, argmax: np.ndarray, length: int,
 
 
 class Adam:
-    """Adam on a dict of numpy arrays (the drafter is small: no need for mlx.optimizers)."""
+    """Adam on a dict of numpy arrays. Not mlx.optimizers' Adam (which predictor training uses):
+    the drafter's weights and gradients live in numpy because its matmuls run there (OpenBLAS,
+    ~30x faster than the mlx[cpu] wheel's BLAS), and a step through MLX would copy them both."""
 
     def __init__(self, params: dict[str, np.ndarray], lr: float, betas=(0.9, 0.999),
                  eps: float = 1e-8):
