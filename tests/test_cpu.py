@@ -1,4 +1,4 @@
-"""The fast CPU path (cpu.py + kernels/cpu_kernels.c) computes what the MLX reference computes."""
+"""The fast CPU path (accel/ + kernels/cpu_kernels.c) computes what the MLX reference computes."""
 
 from __future__ import annotations
 

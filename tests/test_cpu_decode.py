@@ -1,4 +1,4 @@
-"""cpu_decode.py: the numpy transformer block computes what mlx_lm's block computes."""
+"""accel/blocks.py: the numpy transformer block computes what mlx_lm's block computes."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ META = {
 }
 MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text"}
 
-# mlx_lm module -> llama.cpp tensor name, written out independently of mlx_flash.gguf
+# mlx_lm module -> llama.cpp tensor name, written out independently of
+# mlx_flash.offline.sources.gguf
 GGUF_BLOCK = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

@@ -475,7 +475,7 @@ class EmulatedKernel:
 
 @pytest.fixture(scope="module", params=["metal", "cuda"])
 def emulated(request, tmp_path_factory):
-    """(back end name, name -> EmulatedKernel), for `kernels._kernel` to return."""
+    """(back end name, name -> EmulatedKernel), for `compute.gpu._kernel` to return."""
     if shutil.which("g++") is None:
         pytest.skip("g++ not found: the kernel-body emulator needs a C++20 compiler")
     lib = _build_emulator(request.param, tmp_path_factory.mktemp(f"emu-{request.param}"))

@@ -1,8 +1,8 @@
 """The fast CPU path's transformer block: norms, RoPE, KV cache and attention in numpy.
 
-With cpu.py the matmuls of a decode step run in C, but the rest of each block (RMSNorm, RoPE,
-the KV cache update, attention, residual adds) stayed an MLX graph that had to be evaluated
-three times per layer to hand the kernels their inputs. Here every MLX evaluation costs
+With linear.py and ffn.py the matmuls of a decode step run in C, but the rest of each block
+(RMSNorm, RoPE, the KV cache update, attention, residual adds) stayed an MLX graph that had to
+be evaluated three times per layer to hand the kernels their inputs. Here every MLX evaluation costs
 ~70 us even for a trivial graph, ~0.4 ms for a layer's small ops: ~30 ms of the default model's
 ~81 ms decode step (BENCHMARKS.md, issue 11). The same work in numpy on one token is ~40 us.
 
@@ -10,8 +10,8 @@ So for the llama family (mlx_lm's llama, mistral, qwen2, qwen3 blocks: pre-norm 
 grouped-query attention with optional q/k norms, a gated MLP or a FlashFFN) each block's class
 is swapped for a subclass whose `__call__` does the block in numpy and the C kernels. It is
 mlx_lm's `TransformerBlock.__call__` / `Attention.__call__` of those files, restated in numpy;
-the modules, parameters and attribute paths stay mlx_lm's, so loading, speculative.py's
-tree attention and evaluate.py see the same model. Nothing else of the model changes: the
+the modules, parameters and attribute paths stay mlx_lm's, so loading, spec/speculative.py's
+tree attention and offline/evaluate.py see the same model. Nothing else of the model changes: the
 embedding, final norm, lm_head and sampling stay MLX (one evaluation per token).
 
 The KV cache is an mlx_lm `KVCache` whose keys and values are numpy arrays (`NumpyKVCache`,

@@ -14,7 +14,7 @@ from .kernels import DT_CODES
 
 def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
                         slots: np.ndarray, rows: np.ndarray) -> None:
-    """`kernels.window_update` in place on a numpy buffer: swap-delete, then append-insert."""
+    """`compute.reference.window_update` in place on a numpy buffer: swap-delete, then append-insert."""
     if dst.size:
         buffer[:, dst] = buffer[:, src]
     if slots.size:
@@ -23,8 +23,9 @@ def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
 
 class BundleFFN:
     """The fast path's FFN over 16-bit bundles. The cache buffer is (capacity, stride) bytes,
-    each slot a bundle exactly as read from flash (gate | up | down | biases, see format/manifest.py):
-    the window update moves whole bundles and the kernel reads each neuron from one place."""
+    each slot a bundle exactly as read from flash (gate | up | down | biases, see
+    format/manifest.py): the window update moves whole bundles and the kernel reads each neuron
+    from one place."""
 
     def __init__(self, layout: FFNLayout):
         self.d, self.parts = layout.d_model, len(layout.matrix_names)

@@ -1,4 +1,5 @@
-"""Fast linears and embeddings: nn.Linear / nn.QuantizedLinear replaced by the C kernels on their storage-typed weights."""
+"""Fast linears and embeddings: nn.Linear / nn.QuantizedLinear replaced by the C kernels on their
+storage-typed weights."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class FastLinear(nn.Module):
 
     @property
     def fused(self) -> _FusedWeight:
-        """The weight this linear shares with its fused siblings (cpu_decode.py calls it)."""
+        """The weight this linear shares with its fused siblings (blocks.py calls it)."""
         return self._fused
 
     @property

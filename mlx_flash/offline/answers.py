@@ -58,9 +58,9 @@ def answer_prompts(documents: Iterator[str], n: int) -> list[str]:
 def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
                      progress=None) -> tuple[np.ndarray, list[list[int]]]:
     """The model's own greedy answers, (n, seq_len): the last PROMPT_TAIL prompt tokens (or
-    all of a shorter prompt), then generated ones. Text the model wrote itself agrees with its choices
-    everywhere, so every teacher-forced target counts (see make_examples). Also returns each
-    row's context: the rest of its prompt, for the teacher pass."""
+    all of a shorter prompt), then generated ones. Text the model wrote itself agrees with its
+    choices everywhere, so every teacher-forced target counts (see make_examples). Also returns
+    each row's context: the rest of its prompt, for the teacher pass."""
     from mlx_lm.generate import generate_step
 
     if seq_len <= PROMPT_TAIL + 1:

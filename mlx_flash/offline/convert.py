@@ -1,4 +1,4 @@
-"""Source checkpoint -> flash model dir (format v1, see `mlx_flash.format`).
+"""Source checkpoint -> flash model dir (format v1, see `format/manifest.py`).
 
 Streams tensor by tensor: the resident part is written by a streaming safetensors writer (the
 header is known up front from the source's shapes), and each layer's FFN is bundled from its
@@ -116,7 +116,8 @@ def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, str
     return n * stride
 
 
-def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int) -> dict[str, np.ndarray]:
+def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int
+                     ) -> dict[str, np.ndarray]:
     """One layer's per-neuron FFN tensors, cast to the storage dtype and shape-checked."""
     infos, parts = ckpt.tensors(), {}
     for role, name in ckpt.ffn_names(layer).items():
@@ -125,7 +126,8 @@ def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int) -> 
         parts[role] = cast(ckpt.read(name), infos[name].dtype, dtype)
     n = parts["down"].shape[1] if parts["down"].ndim == 2 else -1
     for role, arr in parts.items():
-        expected = (d_model, n) if role == "down" else (n,) if role.endswith("_bias") else (n, d_model)
+        expected = ((d_model, n) if role == "down" else (n,) if role.endswith("_bias")
+                    else (n, d_model))
         if arr.shape != expected:
             raise ValueError(f"{ckpt.path}: layer {layer} {role} has shape {arr.shape}, expected "
                              f"{expected} from hidden_size={d_model}")
@@ -149,8 +151,9 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
 
     dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
     dtype of the FFN weights. bits: 16 stores FFN rows in `dtype`; 8 or 4 quantizes each row
-    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). align: bundle stride alignment in bytes (the store reads aligned
-    spans for O_DIRECT itself, so padding to 4096 is only worth it for huge bundles).
+    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). align: bundle
+    stride alignment in bytes (the store reads aligned spans for O_DIRECT itself, so padding to
+    4096 is only worth it for huge bundles).
     """
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     out = Path(out)

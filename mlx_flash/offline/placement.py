@@ -1,9 +1,9 @@
 """Neuron placement: store co-activated neurons next to each other, and pin the hot ones.
 
-The disk is bound by the read count (`disk.py`), so the neurons a token needs should sit in few
-spans of the bundle file. From a calibration recording (`predictor.record_activations`: per
-layer `mag_NNN.npy`, (N tokens, n neurons) |activation|) a neuron is "active" for a token when it
-is in the token's top `keep` fraction (the oracle's rule). Orders:
+The disk is bound by the read count (`runtime/disk.py`), so the neurons a token needs should sit
+in few spans of the bundle file. From a calibration recording (`calibration.record_activations`:
+per layer `mag_NNN.npy`, (N tokens, n neurons) |activation|) a neuron is "active" for a token
+when it is in the token's top `keep` fraction (the oracle's rule). Orders:
 
   hot      most often active first (PowerInfer's hot/cold split, as a file order)
   coact    Ripple's (arXiv 2410.19274) co-activation graph ordering: edge weight = how often two
@@ -21,8 +21,9 @@ old files are deleted after it; an interrupted `place` leaves the old dir intact
 friend, the neuron most often co-active with it) for comparison; `evaluate` replays held-out
 tokens through an order and the read planner.
 
-Hot neurons: `LayerEntry.hot` lists each layer's neurons by calibration frequency; `pin_hot`
-loads the first `count` of them into the neuron caches for the whole run (never evicted).
+Hot neurons: `LayerEntry.hot` lists each layer's neurons by calibration frequency;
+`runtime/pinning.pin_hot` loads the first `count` of them into the neuron caches for the whole
+run (never evicted).
 """
 
 from __future__ import annotations

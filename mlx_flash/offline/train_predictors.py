@@ -16,7 +16,7 @@ This module makes them for any converted model, in four steps:
      |act(gate x) * up x|. For SwiGLU a logit linear in x cannot express |up x| (an even
      function of x); measured on Qwen2.5-0.5B layer 12 at rank 128, the neurons it ranks in
      its top half hold 63% of sum|h| against 70% for this kind (and 87% for the true top
-     half). See notes/predictors.md.
+     half). See BENCHMARKS.md, "What we learned" about predictors.
 4. Thresholds (`calibrate_thresholds`): per layer, on held-out tokens, the highest threshold
    whose prediction keeps `recall` of the target set's activation mass, for a grid of recalls
    (the operating point is chosen at load time).

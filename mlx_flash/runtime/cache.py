@@ -2,7 +2,7 @@
 
 State (all allocated once, at construction):
   buffers     name -> (parts, capacity, width) arrays, slot s of each holding neuron_of[s]:
-              "w" (P, capacity, d_model) rows, part-major (see kernels.py), or for quantized
+              "w" (P, capacity, d_model) rows, part-major (see compute/gpu.py), or for quantized
               bundles "q" / "scales" / "biases"; "bias" (P - 1, capacity, 1) input biases
   slot_of     (n_neurons,) slot of each neuron, -1 when not cached
   neuron_of   (capacity,) neuron in each slot; only the first `n` slots are live
@@ -13,7 +13,8 @@ the window are evicted by moving the last live rows into their holes (swap-delet
 are appended after the live rows (append-insert), so the live rows are always `[:n]` and the FFN
 is one compact matmul. When the window's union is larger than the capacity, the least recently
 active neurons go first. The index math here is numpy; the row moves happen in
-`kernels.window_update` on the plan that `advance` returns.
+`compute.gpu.apply_window_update` (or the fast path's update) on the plan that `advance`
+returns.
 """
 
 from __future__ import annotations

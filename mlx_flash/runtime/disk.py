@@ -108,9 +108,9 @@ class CostModel:
                                  "run `mlx-flash calibrate-disk` again") from e
 
 
-# Measured on this project's development machine (DESIGN.md "Disk here"), 8 threads: the
+# Random O_DIRECT reads measured on this project's development machine, 8 threads: the
 # fallback when a device was never calibrated, so the planner still has a sensible shape.
-FALLBACK = CostModel(device="unknown", measured_on="DESIGN.md (fallback)", random={"8": {
+FALLBACK = CostModel(device="unknown", measured_on="development machine (fallback)", random={"8": {
     "4": 115e6, "8": 250e6, "32": 790e6, "128": 1.47e9, "1024": 1.5e9}})
 
 
