@@ -4,9 +4,12 @@
     from mlx_lm import generate
     model, tokenizer = load("path/to/flash-model", dram_budget="1GB")
     print(generate(model, tokenizer, prompt="hello", max_tokens=50))
+
+`load`'s options are the fields of `FlashConfig` (also accepted whole: `config=`).
 """
 
+from .runtime.config import FlashConfig
 from .runtime.loader import load, load_dense
 
-__all__ = ["load", "load_dense"]  # the converter: mlx_flash.offline.convert.convert
+__all__ = ["FlashConfig", "load", "load_dense"]  # the converter: mlx_flash.offline.convert.convert
 __version__ = "0.1.0"

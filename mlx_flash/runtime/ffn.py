@@ -136,7 +136,7 @@ class FlashFFN(nn.Module):
         return self._forward(x2, step).reshape(shape).astype(x.dtype)
 
     def forward_f32(self, x: np.ndarray) -> np.ndarray:
-        """The fast CPU path's entry (cpu_decode.py): x (T, d) contiguous f32 -> (T, d) f32.
+        """The fast CPU path's entry (accel/blocks.py): x (T, d) contiguous f32 -> (T, d) f32.
 
         The same computation as calling the module, without an MLX graph to evaluate: x is
         wrapped as an evaluated array and the kernels' result comes back as numpy."""
