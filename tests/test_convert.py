@@ -15,7 +15,8 @@ import mlx_flash.offline.convert as convert_mod
 import mlx_flash.offline.convert as offline_convert
 from mlx_flash.cli.main import main
 from mlx_flash.format.errors import FormatError
-from mlx_flash.format.manifest import read_manifest, verify_checksums
+from mlx_flash.format.manifest import read_layer_rows, read_manifest, verify_checksums
+from mlx_flash.format.storage import atomic_write, tensor_sizes
 from mlx_flash.offline.sources import open_checkpoint
 from mlx_flash.offline.sources.safetensors import SafetensorsCheckpoint
 from mlx_flash.runtime.loader import load_dense
@@ -128,6 +129,45 @@ def test_truncated_bundle_file_is_named(tiny_dirs, tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(FormatError, match="layer_001.bin.*truncated"):
         read_manifest(copy)
+
+
+def test_layer_rows_check_the_size_and_undo_the_placement(tiny_dirs, tmp_path):
+    _, flash = tiny_dirs("qwen2")
+    copy = shutil.copytree(flash, tmp_path / "copy")
+    manifest = read_manifest(copy)
+    entry = manifest.layers[0]
+    stored = read_layer_rows(copy, manifest, 0)
+    assert stored.shape == (entry.n_neurons, entry.stride)
+    entry.order = np.arange(entry.n_neurons)[::-1].copy()  # as if placed in reverse
+    assert np.array_equal(read_layer_rows(copy, manifest, 0), stored[::-1])
+    assert np.array_equal(read_layer_rows(copy, manifest, 0, file_order=True), stored)
+    path = copy / entry.file
+    path.write_bytes(path.read_bytes()[:-10])  # truncated after the manifest was read
+    with pytest.raises(FormatError, match="layer_000.bin.*truncated"):
+        read_layer_rows(copy, manifest, 0)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".safetensors")
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    with atomic_write(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_damaged_safetensors_header_is_named(tmp_path):
+    path = tmp_path / "resident.safetensors"
+    path.write_bytes((100).to_bytes(8, "little") + b"{}")
+    with pytest.raises(FormatError, match="resident.safetensors: truncated"):
+        tensor_sizes(path)
+    path.write_bytes((2).to_bytes(8, "little") + b"{x")
+    with pytest.raises(FormatError, match="corrupt safetensors header"):
+        tensor_sizes(path)
 
 
 def test_corrupted_bundle_file_fails_checksum(tiny_dirs, tmp_path):
