@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import socket
 import threading
 import time
@@ -148,6 +149,55 @@ def test_stop_strings_hold_back_a_possible_start():
     assert stops.feed("X") == ("ENX", False)
     assert stops.feed("yE") == ("y", False)
     assert stops.feed("ND more") == ("", True)
+
+
+class NaiveStopStrings:
+    """The first StopStrings: every stop's every prefix checked against the text each token."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending = stops, ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            return buf[: min(hits)], True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])),
+                   default=0)
+        self.pending = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold], False
+
+
+def test_stop_strings_cut_where_a_full_scan_does():
+    rng = random.Random(0)
+    for _ in range(400):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        fast, naive = StopStrings(stops), NaiveStopStrings(stops)
+        text = "".join(rng.choices("abc", k=40))
+        while text:
+            n = rng.randint(1, 4)
+            piece, text = text[:n], text[n:]
+            got = fast.feed(piece)
+            assert got == naive.feed(piece), (stops, piece)
+            if got[1]:
+                break
+        else:
+            assert fast.flush() == naive.pending
+
+
+def test_stop_check_reads_each_character_a_bounded_number_of_times():
+    # The worst case for re-checking held-back text: every new "a" extends a near-match of
+    # hundreds of characters (the first StopStrings did O(len(stop)^2) work per token here).
+    stops = ["a" * 255 + "b", "a" * 254 + "ba", "ab" * 128, "a" * 128 + "b" * 128]
+    checker, emitted = StopStrings(stops), 0
+    for _ in range(4000):
+        out, stopped = checker.feed("a")
+        emitted += len(out)
+        assert not stopped and len(checker.pending) <= 255  # held back: under a stop's length
+    assert emitted == 4000 - 255
+    assert checker.steps <= 2 * len(stops) * 4000  # linear in the text, whatever the stops
+
+
 
 
 # ---------------------------------------------------------------- bad requests

@@ -188,26 +188,61 @@ class Outcome:
     flash: dict | None = None  # per-request flash totals (None for a dense model)
 
 
+def prefix_function(s: str) -> list[int]:
+    """KMP's table: [i] is the length of the longest proper prefix of s[:i + 1] that ends it."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
+
+
 class StopStrings:
-    """Cuts streamed text at the first stop string, holding back what may be one's start."""
+    """Cuts streamed text at the first stop string, holding back what may be one's start.
+
+    Each stop string has a KMP matcher that reads the text once, as it arrives: a piece of n
+    characters costs O(n) per stop string (amortized), however long the stops or the text so
+    far, and what is held back is under the longest stop's length.
+    """
 
     def __init__(self, stops: list[str]):
         self.stops, self.pending = stops, ""
+        self._tables = [prefix_function(s) for s in stops]
+        self._matched = [0] * len(stops)  # per stop: the longest prefix of it the text ends with
+        self.steps = 0  # matcher steps so far (they grow linearly with the text)
+
+    def _advance(self, i: int, text: str) -> int | None:
+        """Run stop i's matcher over `text`: the index in it where the stop ends, if it does."""
+        stop, table, k = self.stops[i], self._tables[i], self._matched[i]
+        for j, char in enumerate(text):
+            while k and stop[k] != char:
+                k = table[k - 1]
+                self.steps += 1
+            k += stop[k] == char
+            self.steps += 1
+            if k == len(stop):
+                return j
+        self._matched[i] = k
+        return None
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached). The stop is not emitted."""
-        buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return buf[: min(hits)], True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])),
-                   default=0)
+        buf, base = self.pending + text, len(self.pending)
+        starts = [base + end + 1 - len(s) for i, s in enumerate(self.stops)
+                  if (end := self._advance(i, text)) is not None]
+        if starts:
+            self.flush()
+            return buf[: min(starts)], True
+        hold = max(self._matched, default=0)
         self.pending = buf[len(buf) - hold:]
         return buf[: len(buf) - hold], False
 
     def flush(self) -> str:
+        """What was held back; the matchers start over."""
         out, self.pending = self.pending, ""
+        self._matched = [0] * len(self.stops)
         return out
 
 
