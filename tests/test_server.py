@@ -21,7 +21,9 @@ import uvicorn  # noqa: E402
 from mlx_lm import generate  # noqa: E402
 
 import mlx_flash  # noqa: E402
-from mlx_flash.cli.serve import ServeSettings, StopStrings, create_app  # noqa: E402
+from mlx_flash.cli import serve as serve_module  # noqa: E402
+from mlx_flash.cli.serve import StopStrings, create_app  # noqa: E402
+from mlx_flash.cli.serve_api import MAX_SEED, ServeSettings  # noqa: E402
 
 PROMPT = "w1 w2 w3"
 
@@ -46,7 +48,8 @@ def reference(flash_dir):
 def server(flash_dir):
     """(base url, app state) of a server running in a thread; stopped after the module."""
     model, tokenizer = mlx_flash.load(flash_dir)
-    app = create_app(model, tokenizer, ServeSettings("tiny", max_queue=1, max_body_bytes=4096))
+    settings = ServeSettings("tiny", max_queue=1, max_body_bytes=16384, max_prompt_chars=1000)
+    app = create_app(model, tokenizer, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
     port = sock.getsockname()[1]
@@ -198,8 +201,6 @@ def test_stop_check_reads_each_character_a_bounded_number_of_times():
     assert checker.steps <= 2 * len(stops) * 4000  # linear in the text, whatever the stops
 
 
-
-
 # ---------------------------------------------------------------- bad requests
 
 
@@ -221,6 +222,58 @@ def test_malformed_requests_get_400(server, body, says):
     assert says in out["error"]["message"]
 
 
+class NoTokenizer:
+    """Stands in for the tokenizer where a request must be refused before tokenizing."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the tokenizer was used ({name}) for a request over a limit")
+
+
+CHAT = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.mark.parametrize("path, body, param, code, says", [
+    ("/v1/completions", {"prompt": PROMPT, "stop": list("abcde")}, "stop",
+     "array_above_max_length", "at most 4"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["w1", "x" * 257]}, "stop",
+     "string_above_max_length", "at most 256 per stop string (--max-stop-chars)"),
+    ("/v1/chat/completions", {"messages": CHAT, "stop": "x" * 10_000}, "stop",
+     "string_above_max_length", "--max-stop-chars"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": -1}, "seed", "integer_below_min_value",
+     "greater than or equal to 0"),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": 2**70}, "seed",
+     "integer_above_max_value", f"less than or equal to {MAX_SEED}"),
+    ("/v1/completions", {"prompt": "w1 " * 400}, "prompt", "context_length_exceeded",
+     "1200 characters; this server takes at most 1000 (--max-prompt-chars"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1 " * 200}] * 2},
+     "messages", "context_length_exceeded", "--max-prompt-chars"),
+    ("/v1/completions", {"prompt": [1] * 2048}, "prompt", "context_length_exceeded",
+     "2048 tokens; this server's context is 2048 (--max-kv-tokens)"),
+])
+def test_limits_get_400_before_tokenizing(server, monkeypatch, path, body, param, code, says):
+    monkeypatch.setattr(server[1], "tokenizer", NoTokenizer())
+    status, out = post(server, path, json.dumps(body).encode())
+    assert status == 400, out
+    assert out["error"]["param"] == param and out["error"]["code"] == code, out
+    assert out["error"]["type"] == "invalid_request_error"
+    assert says in out["error"]["message"]
+
+
+@pytest.mark.parametrize("seed", [0, MAX_SEED])
+def test_seeds_at_the_bounds_are_served(server, seed):
+    status, out = post(server, "/v1/completions",
+                       json.dumps({"prompt": PROMPT, "max_tokens": 2, "seed": seed,
+                                   "temperature": 1.0}).encode())
+    assert status == 200, out
+
+
+def test_prompt_chars_default_to_eight_per_token_of_context():
+    assert ServeSettings("m", max_context=100).max_prompt_chars == 800
+    assert ServeSettings("m", max_context=100, max_prompt_chars=50).max_prompt_chars == 50
+    with pytest.raises(ValueError, match="max_stop_chars"):
+        ServeSettings("m", max_stop_chars=0)
+
+
 def test_the_openai_client_sees_400_for_an_unknown_field(client):
     with pytest.raises(openai.BadRequestError, match="unknown field 'frobnicate'"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w1"}],
@@ -229,7 +282,7 @@ def test_the_openai_client_sees_400_for_an_unknown_field(client):
 
 def test_oversized_body_gets_413(server):
     status, out = post(server, "/v1/completions",
-                       json.dumps({"prompt": "w1 " * 3000}).encode())
+                       json.dumps({"prompt": "w1 " * 6000}).encode())
     assert status == 413 and "--max-body-bytes" in out["error"]["message"]
 
 
@@ -279,3 +332,96 @@ def test_client_gone_mid_stream_does_not_wedge_the_server(server, client, refere
     assert after["cancelled"] == before["cancelled"] + 1  # stopped, not run to 1500 tokens
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
     assert out.choices[0].text == reference(PROMPT, 8)
+
+
+# ---------------------------------------------------------------- tokenizing and failures
+
+
+class BlockingTokenizer:
+    """The real tokenizer, whose encode waits for `gate` (after setting `entered`)."""
+
+    def __init__(self, real, gate: threading.Event):
+        self.real, self.gate, self.entered = real, gate, threading.Event()
+
+    def encode(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.real.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_health_answers_while_a_prompt_is_tokenized(server, monkeypatch, reference):
+    _, state = server
+    gate = threading.Event()
+    stub = BlockingTokenizer(state.tokenizer, gate)
+    monkeypatch.setattr(state, "tokenizer", stub)
+    answer: dict = {}
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 8}).encode()
+    thread = threading.Thread(target=lambda: answer.update(out=post(server, "/v1/completions",
+                                                                    body)))
+    thread.start()
+    try:
+        assert stub.entered.wait(10), "the request never reached the tokenizer"
+        assert health(server)["status"] == "ok"  # within its 10 s timeout, the gate still shut
+        assert not gate.is_set()
+    finally:
+        monkeypatch.setattr(state, "tokenizer", stub.real)  # the generation runs on the real one
+        gate.set()
+        thread.join(30)
+    status, out = answer["out"]
+    assert status == 200 and out["choices"][0]["text"] == reference(PROMPT, 8)
+
+
+def fail_first_generation(monkeypatch, error: Exception) -> None:
+    """The next generation raises `error` after its first piece of text; later ones run."""
+    real, calls = serve_module.run_job, []
+
+    def run_job(model, tokenizer, job, emit):
+        calls.append(job)
+        if len(calls) > 1:
+            return real(model, tokenizer, job, emit)
+
+        def emit_then_fail(text: str) -> None:
+            emit(text)
+            raise error
+
+        return real(model, tokenizer, job, emit_then_fail)
+
+    monkeypatch.setattr(serve_module, "run_job", run_job)
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (OSError(5, "Input/output error", "ffn/layer_00.bin"), 503, "io_error"),
+    (RuntimeError("a kernel failed"), 500, "model_error"),
+])
+def test_a_failed_generation_fails_only_its_request(server, monkeypatch, reference, error,
+                                                    status, code):
+    before = wait_idle(server)
+    fail_first_generation(monkeypatch, error)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 8}).encode()
+    got, out = post(server, "/v1/completions", body)
+    assert got == status, out
+    assert out["error"]["code"] == code and out["error"]["type"] == "server_error"
+    assert str(error) in out["error"]["message"]  # names the cause
+    got, out = post(server, "/v1/completions", body)  # the worker is still there
+    assert got == 200 and out["choices"][0]["text"] == reference(PROMPT, 8)
+    after = wait_idle(server)
+    assert after["failed"] == before["failed"] + 1
+    assert after["served"] == before["served"] + 2
+
+
+def test_a_stream_failing_mid_way_ends_with_an_error_event(server, monkeypatch):
+    fail_first_generation(monkeypatch, OSError(5, "Input/output error", "ffn/layer_00.bin"))
+    conn = http.client.HTTPConnection(*server[0].split(":"), timeout=30)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"prompt": PROMPT, "max_tokens": 8, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200  # the headers went out before the failure
+    events = [e.removeprefix("data: ") for e in response.read().decode().split("\n\n") if e]
+    conn.close()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "io_error" and "Input/output error" in error["message"]
+    assert json.loads(events[0])["choices"][0]["text"]  # text came first, then the error

@@ -4,13 +4,19 @@ Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or server-
 `"stream": true`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. Request fields:
 `model`, `messages` / `prompt`, `max_tokens` (`max_completion_tokens`), `temperature`, `top_p`,
 `stop`, `seed`, `stream`, `stream_options.include_usage`, `n` (1 only), `user`. Any other field
-is a 400 that names it, as is malformed JSON; a body over `max_body_bytes` is a 413.
+is a 400 that names it, as is malformed JSON; a body over `max_body_bytes` is a 413. The
+limits on stop strings, prompt size and seed are in serve_api.py, all refused before the
+tokenizer or the model sees the request.
 
 One model, one request at a time: generations run in arrival order on a single worker thread
 (the FFN caches and the flash store are per model, and two decodes at once would only split the
 same disk and cores). At most `max_queue` requests wait behind the running one; beyond that the
 server answers 503 at once (with Retry-After) rather than holding connections. A client that
 disconnects - mid-stream, or while queued - has its generation stopped at the next token.
+Prompts are tokenized on a separate thread, so the event loop (and /health) keeps answering.
+A generation that raises fails only its own request: 503 `io_error` for an OSError (a failed
+read of the flash store), 500 `model_error` otherwise, or for a stream an error event and then
+`[DONE]`; it is logged, counted in /health's `failed`, and the worker serves the next request.
 
 HTTP is Starlette on uvicorn (h11), not mlx_lm.server: that server is a hand-rolled
 `http.server` handler whose model loader is `mlx_lm.load` (ours is `mlx_flash.load`), it
@@ -43,127 +49,29 @@ from ..runtime.generate import conversation_ids
 from .common import add_model_arguments, load_model, model_dir
 
 try:
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
+
+    from .serve_api import (
+        PROMPT_CHARS_PER_TOKEN,
+        ApiError,
+        ChatRequest,
+        CompletionRequest,
+        SamplingRequest,
+        ServeSettings,
+        check_prompt_size,
+        generation_error,
+        parse,
+    )
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("mlx-flash serve needs pydantic, starlette and uvicorn: "
                       "pip install 'mlx-flash[serve]'") from e
 
 
 log = logging.getLogger("mlx_flash.server")
-
-
-MAX_STOP = 4  # as OpenAI's API
-
-
-@dataclass
-class ServeSettings:
-    """What the server enforces besides the request schema."""
-
-    model_id: str  # the name /v1/models lists and responses carry
-    max_queue: int = 8  # requests that may wait behind the running one; 503 beyond
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413
-    max_context: int = 2048  # prompt + completion tokens (the KV cache the budget reserved)
-    max_tokens: int = 256  # completion tokens when a request does not say
-    temperature: float = 0.0  # when a request does not say (0: greedy)
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-        if self.max_context < 2 or self.max_tokens < 1:
-            raise ValueError(f"max_context ({self.max_context}) must be >= 2 and max_tokens "
-                             f"({self.max_tokens}) >= 1")
-
-
-class _Strict(BaseModel):
-    """Unknown fields are errors, and JSON types are not coerced ("1" is not a number)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def as_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else \
-            "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
-
-
-class _Sampling(_Strict):
-    model: str | None = None  # one model is served: any name is accepted
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOP} non-empty strings")
-        return stops
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-
-
-class ApiError(Exception):
-    """An HTTP error with an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (status, message, param,
-                                                                       code, kind)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-
-def validation_message(error: ValidationError, model: type[BaseModel]) -> tuple[str, str | None]:
-    """A readable 400 message (and the offending field) from a pydantic error."""
-    first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "json_invalid":
-        return f"the request body is not valid JSON ({first['msg']}); send one JSON object", None
-    if first["type"] == "model_type" and not loc:
-        return "the request body must be a JSON object", None
-    if first["type"] == "extra_forbidden":
-        known = ", ".join(model.model_fields)
-        return f"unknown field '{loc}': this server accepts {known}", loc
-    return f"'{loc}': {first['msg']}", loc or None
 
 
 @dataclass
@@ -303,7 +211,7 @@ class ModelWorker:
         self._lock = threading.Lock()
         self._cancels: set[threading.Event] = set()
         self._pending = 0  # running + waiting
-        self.served = self.cancelled = 0
+        self.served = self.cancelled = self.failed = 0
 
     def submit(self, fn: Callable[[], object], cancel: threading.Event | None = None) -> Future:
         """Queue `fn` (QueueFull when the queue is at its bound); `cancel` is set on close."""
@@ -317,6 +225,11 @@ class ModelWorker:
         def run():
             try:
                 return fn()
+            except Exception:  # the request gets the error; the worker serves the next one
+                log.exception("generation failed")
+                with self._lock:
+                    self.failed += 1
+                raise
             finally:
                 with self._lock:
                     self._pending -= 1
@@ -330,7 +243,7 @@ class ModelWorker:
         with self._lock:
             return {"running": min(1, self._pending), "waiting": max(0, self._pending - 1),
                     "max_queue": self.max_queue, "served": self.served,
-                    "cancelled": self.cancelled}
+                    "cancelled": self.cancelled, "failed": self.failed}
 
     def close(self) -> None:
         """Stop the running generation at its next token, drop the waiting ones, and wait
@@ -408,6 +321,10 @@ class ServerState:
     tokenizer: object
     settings: ServeSettings
     worker: ModelWorker
+    # Chat templates and encoding run here, off the event loop, one at a time (so the tokenizer
+    # never encodes on two threads at once). They are pure Python / Rust: no MLX arrays.
+    tokenize_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="mlx-flash-tokenize"))
 
     def vocab_size(self) -> int | None:
         return getattr(getattr(self.model, "args", None), "vocab_size", None)
@@ -429,15 +346,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse(model: type[_Sampling], body: bytes) -> _Sampling:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        message, param = validation_message(e, model)
-        raise ApiError(400, message, param=param) from None
-
-
-def make_job(state: ServerState, req: _Sampling, ids: list[int],
+def make_job(state: ServerState, req: SamplingRequest, ids: list[int],
              max_tokens: int | None) -> Job:
     """A Job from a validated request, its prompt within the context the server allows."""
     limit = state.settings.max_context
@@ -490,6 +399,13 @@ async def _disconnected(receive) -> None:
         pass
 
 
+def job_error(done: Future | asyncio.Future) -> ApiError | None:
+    """The error answering a finished job's future (None when it has an Outcome)."""
+    if done.cancelled():
+        return generation_error(None, cancelled=True)
+    return generation_error(done.exception())
+
+
 async def respond_json(request: Request, state: ServerState, job: Job, reply: Reply) -> Response:
     result = asyncio.wrap_future(submit(state, job, lambda _: None))
     gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -498,6 +414,8 @@ async def respond_json(request: Request, state: ServerState, job: Job, reply: Re
     if not result.done():  # nobody is waiting for the answer any more
         job.cancel.set()
         return Response(status_code=499)
+    if error := job_error(result):
+        raise error
     return JSONResponse(reply.full(result.result()))
 
 
@@ -534,10 +452,9 @@ def respond_stream(state: ServerState, job: Job, reply: Reply,
             yield sse(reply.chunk(role=True))
         while not isinstance(item := await pieces.get(), Future):
             yield sse(reply.chunk(text=item))
-        error = "shut down" if item.cancelled() else item.exception()
-        if error is not None:
-            log.error("generation failed: %s", error)
-            yield sse(ApiError(500, f"generation failed: {error}", kind="server_error").body())
+        if error := job_error(item):  # an error event, then the end of the stream as always
+            yield sse(error.body())
+            yield sse("[DONE]")
             return
         outcome = item.result()
         yield sse(reply.chunk(finish=outcome.finish_reason))
@@ -552,12 +469,11 @@ def respond_stream(state: ServerState, job: Job, reply: Reply,
 async def _complete(request: Request, kind: Literal["chat", "completion"]) -> Response:
     state: ServerState = request.app.state.flash
     body = await read_body(request, state.settings.max_body_bytes)
-    if kind == "chat":
-        req = parse(ChatRequest, body)
-        job = chat_job(state, req)
-    else:
-        req = parse(CompletionRequest, body)
-        job = completion_job(state, req)
+    req = parse(ChatRequest if kind == "chat" else CompletionRequest, body, state.settings)
+    check_prompt_size(state.settings, req)
+    to_job = chat_job if kind == "chat" else completion_job
+    job = await asyncio.get_running_loop().run_in_executor(state.tokenize_pool,
+                                                           partial(to_job, state, req))
     reply = Reply(kind, state.settings.model_id)
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
@@ -626,6 +542,7 @@ def create_app(model, tokenizer, settings: ServeSettings) -> Starlette:
     async def lifespan(app):
         yield
         state.worker.close()
+        state.tokenize_pool.shutdown(wait=True, cancel_futures=True)
 
     routes = [Route("/v1/chat/completions", partial(_complete, kind="chat"), methods=["POST"]),
               Route("/v1/completions", partial(_complete, kind="completion"), methods=["POST"]),
@@ -657,9 +574,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`mlx-flash serve`: load the model, then serve it."""
     path = model_dir(args)
     args.model = str(path)
-    settings = ServeSettings(args.model_id or model_id_for(path), args.max_queue,
-                             args.max_body_bytes, args.max_kv_tokens, args.max_tokens,
-                             args.temp, args.top_p)
+    settings = ServeSettings(
+        args.model_id or model_id_for(path), max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes, max_context=args.max_kv_tokens,
+        max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
+        max_stop_chars=args.max_stop_chars, max_prompt_chars=args.max_prompt_chars)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -688,6 +607,11 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                    help="requests that may wait behind the running one; more get 503")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted (413 beyond)")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt text accepted, checked before tokenizing (400 beyond; "
+                        f"default {PROMPT_CHARS_PER_TOKEN} x --max-kv-tokens)")
+    p.add_argument("--max-stop-chars", type=int, default=256,
+                   help="longest stop string accepted (400 beyond)")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="completion tokens when a request does not set max_tokens")
     p.add_argument("--temp", type=float, default=0.0,
