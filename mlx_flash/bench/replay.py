@@ -146,13 +146,12 @@ def io_replay(args) -> int:
 def placement_study(calibration: Path, model: Path, keep: float, window: int, tokens: int,
                     layers: list[int]) -> list[dict]:
     """Cost-model replay (no I/O) of sample layers: one read per neuron, the cost planner on
-    the id order, on hot-first and on co-activation orders, and the paper's closest-friend
-    bundles; per token and layer."""
+    the id order, on hot-first and on co-activation orders; per token and layer."""
     manifest = read_manifest(model)
     cost = disk.cost_model_for(model) or disk.FALLBACK
     info = json.loads((calibration / "calibration.json").read_text())
     names = ("one read per neuron", "cost planner, id order", "cost planner, hot-first",
-             "cost planner, co-activation order", "closest-friend bundles (paper)")
+             "cost planner, co-activation order")
     totals = {name: placement.ReadTotals() for name in names}
     for layer in layers:
         mag = placement.calibration_mags(calibration, manifest, layer)
@@ -164,8 +163,6 @@ def placement_study(calibration: Path, model: Path, keep: float, window: int, to
         orders = (ident, placement.hot_order(fit), placement.coact_order(fit))
         for name, order in zip(names[1:4], orders, strict=True):
             placement.evaluate(order, new, stride, cost, "cost", totals=totals[name])
-        placement.friend_bundles(placement.closest_friends(fit), new, stride, cost,
-                                 totals=totals[names[4]])
     return [{"layout": name, **t.per_token()} for name, t in totals.items()]
 
 

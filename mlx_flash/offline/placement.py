@@ -17,9 +17,7 @@ predictors, caches and everything above the store keep speaking original ids. Cr
 files get new names (temp name, fsync, rename), the manifest replace is the commit point, the
 old files are deleted after it; an interrupted `place` leaves the old dir intact.
 
-`friend_bundles` evaluates the paper's negative result (bundling each neuron with its closest
-friend, the neuron most often co-active with it) for comparison; `evaluate` replays held-out
-tokens through an order and the read planner.
+`evaluate` replays held-out tokens through an order and the read planner.
 
 Hot neurons: `LayerEntry.hot` lists each layer's neurons by calibration frequency;
 `runtime/pinning.pin_hot` loads the first `count` of them into the neuron caches for the whole
@@ -214,34 +212,6 @@ def evaluate(order: np.ndarray, new: list[np.ndarray], stride: int, cost: CostMo
         plan = plan_reads(pos, stride, planner, cost, threads=threads, direct=direct)
         nbytes = int(span_bytes(plan.starts, plan.stops, stride, direct).sum())
         totals.add(int(plan.starts.size), nbytes, int(ids.size) * stride, plan.seconds)
-    totals.tokens += len(new)
-    return totals
-
-
-def closest_friends(active: np.ndarray) -> np.ndarray:
-    """(n,) each neuron's most co-activated other neuron."""
-    return np.argmax(coactivation(active), axis=1)
-
-
-def friend_bundles(friend: np.ndarray, new: list[np.ndarray], stride: int, cost: CostModel,
-                   *, direct: bool = True, threads: int = 8,
-                   totals: ReadTotals | None = None) -> ReadTotals:
-    """The paper's bundling of each neuron with its closest friend: bundle i = [i | friend(i)]
-    (2 x stride, page-aligned under O_DIRECT: the best case); a token reads the fewest bundles
-    covering its new ids (greedy)."""
-    totals = totals or ReadTotals()
-    size = 2 * stride
-    if direct:
-        size = -(-size // 4096) * 4096
-    for ids in new:
-        covered = np.zeros(friend.size, dtype=bool)
-        reads = 0
-        for i in ids.tolist():
-            if not covered[i]:
-                covered[i] = covered[friend[i]] = True
-                reads += 1
-        seconds = float(cost.read_seconds(np.full(reads, size), threads).sum()) if reads else 0
-        totals.add(reads, reads * size, int(ids.size) * stride, seconds)
     totals.tokens += len(new)
     return totals
 
