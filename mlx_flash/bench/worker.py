@@ -21,6 +21,7 @@ import mlx_lm  # noqa: F401  (the baseline RSS includes MLX and mlx_lm)
 import numpy as np
 from mlx_lm.generate import generate_step
 
+from ..format.storage import write_text_atomic
 from ..runtime.loader import load, load_dense
 from .baselines import load_mmap, use_unbundled
 
@@ -248,9 +249,7 @@ def worker_main(spec_file: str) -> int:
         result.update(status="error", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc()[-3000:])
     result["peak_rss_bytes"] = peak_rss()
-    tmp = Path(spec["result_file"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, spec["result_file"])
+    write_text_atomic(spec["result_file"], json.dumps(result))
     return 0
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
+from ..format.storage import write_text_atomic
 from ..offline.evaluate import EvalConfig, evaluate, format_report, format_sweep, sweep
 
 
@@ -32,10 +32,7 @@ def eval_cli(args) -> int:
         print(format_report(report))
         result = report.to_dict()
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(path)
+        write_text_atomic(args.json, json.dumps(result, indent=1))
     return 0
 
 

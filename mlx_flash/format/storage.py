@@ -121,6 +121,12 @@ def atomic_write(path: Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Path.write_text, atomically (`atomic_write`)."""
+    with atomic_write(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez, atomically (`atomic_write`)."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
