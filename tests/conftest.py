@@ -9,6 +9,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_source  # noqa: E402
 
+from mlx_flash import load  # noqa: E402
+
+
+@pytest.fixture
+def flash_load():
+    """`mlx_flash.load` that closes every runtime it opened (reader threads, files, the
+    process-wide settings it changed) when the test ends, passed or failed."""
+    opened = []
+
+    def load_and_track(path, *args, **kwargs):
+        model, tokenizer = load(path, *args, **kwargs)
+        opened.append(model.flash)
+        return model, tokenizer
+
+    yield load_and_track
+    for runtime in reversed(opened):
+        runtime.close()
+
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):

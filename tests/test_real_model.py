@@ -71,9 +71,7 @@ def test_dense_equals_mlx_lm_on_the_same_weights(real_dir, dense, dense_text, tm
     assert greedy(ref, tokenizer) == dense_text
 
 
-def test_flash_all_neurons_equals_dense(real_dir, dense_text):
-    from mlx_flash.runtime.loader import load
+def test_flash_all_neurons_equals_dense(flash_load, real_dir, dense_text):
 
-    model, tokenizer = load(real_dir, selector="oracle", oracle_rule="all", window=4)
+    model, tokenizer = flash_load(real_dir, selector="oracle", oracle_rule="all", window=4)
     assert greedy(model, tokenizer) == dense_text
-    model.flash.close()

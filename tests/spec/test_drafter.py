@@ -19,7 +19,7 @@ from mlx_flash.offline.train_drafter import (
     make_examples,
     train_drafter,
 )
-from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.loader import load_dense
 from mlx_flash.spec.drafter import (
     Drafter,
     drafter_bytes,
@@ -214,12 +214,12 @@ def test_dense_greedy_identical_when_drafts_are_accepted(tiny_dirs):
 
 
 @pytest.mark.parametrize("policy", ["keep", "drop"])
-def test_flash_greedy_identical_and_stats_count_tokens(policy, tiny_dirs):
+def test_flash_greedy_identical_and_stats_count_tokens(flash_load, policy, tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2")
     settings = SpecSettings(3, 4, policy)
 
     def flash():
-        return load(flash_dir, window=2, oracle_rule="top", keep=0.4)[0]
+        return flash_load(flash_dir, window=2, oracle_rule="top", keep=0.4)[0]
 
     baseline = flash()
     want = reference(baseline)
@@ -232,16 +232,13 @@ def test_flash_greedy_identical_and_stats_count_tokens(policy, tiny_dirs):
         totals = model.flash.stats.totals()
         assert totals["decode_tokens"] >= N_TOKENS - 1  # verification calls count their tokens
         assert model.flash.stats.steps[-1].tokens == stats.steps[-1].candidates
-        model.flash.close()
-    baseline.flash.close()
 
 
-def test_tree_too_big_for_the_sparse_path_is_refused(tiny_dirs):
+def test_tree_too_big_for_the_sparse_path_is_refused(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2")
-    model, _ = load(flash_dir)
+    model, _ = flash_load(flash_dir)
     with pytest.raises(ValueError, match="lower --beam-width"):
         next(speculative_tokens(model, random_drafter(model, flash_dir), PROMPT, SpecSettings(4, 4)))
-    model.flash.close()
 
 
 # ---------------------------------------------------------------- on disk

@@ -12,7 +12,7 @@ from mlx_flash.format.arch import np_activation
 from mlx_flash.format.manifest import read_manifest
 from mlx_flash.offline.train_predictors import layer_weights
 from mlx_flash.runtime.backend import CpuBackend, MlxBackend
-from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.loader import load_dense
 from mlx_flash.runtime.selectors.base import top_ids
 from mlx_flash.runtime.selectors.quant_copy import (
     BITS,
@@ -64,25 +64,23 @@ def test_scores_equal_the_dequantized_copy(tiny_dirs, arch, fast):
             assert ids.size == k and set(ids[:k // 2]) <= set(np.argsort(-row)[:k])
 
 
-def test_keep_everything_generates_like_dense(tiny_dirs):
+def test_keep_everything_generates_like_dense(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2", "float16")
     ref, tokenizer = load_dense(flash_dir, dtype="float32")
-    model, _ = load(flash_dir, selector="quant", keep=1.0)
+    model, _ = flash_load(flash_dir, selector="quant", keep=1.0)
     prompt = [5, 9, 17, 33]
     assert generate(model, tokenizer, prompt, max_tokens=8) == \
         generate(ref, tokenizer, prompt, max_tokens=8)
-    model.flash.close()
 
 
-def test_half_the_neurons_are_computed_and_the_plan_counts_the_copy(tiny_dirs):
+def test_half_the_neurons_are_computed_and_the_plan_counts_the_copy(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2", "float16")
-    model, tokenizer = load(flash_dir, selector="quant")  # default keep 0.5
+    model, tokenizer = flash_load(flash_dir, selector="quant")  # default keep 0.5
     generate(model, tokenizer, [5, 9, 17, 33], max_tokens=6)
     n = read_manifest(flash_dir).layers[0].n_neurons
     last = model.flash.stats.steps[-1]
     assert last.neurons_active == model.flash.manifest.n_layers * n // 2
     assert model.flash.stats.memory["predictors"] == selector_bytes(read_manifest(flash_dir))
-    model.flash.close()
 
 
 def test_selector_bytes_is_what_the_copy_holds(tiny_dirs):

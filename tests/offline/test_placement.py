@@ -174,7 +174,7 @@ def test_placed_dir_is_a_permutation_and_reads_the_same_neurons(placed):
 @pytest.mark.parametrize("kwargs", [dict(), dict(oracle_rule="top", keep=0.5, window=2),
                                     dict(oracle_rule="top", keep=0.5, pin_hot=0.25,
                                          dram_budget=None)])
-def test_placement_does_not_change_generated_tokens(placed, kwargs):
+def test_placement_does_not_change_generated_tokens(flash_load, placed, kwargs):
     flash, copy, _, _ = placed
     dense, tokenizer = load_dense(flash)
     want = greedy(dense, tokenizer)
@@ -182,10 +182,9 @@ def test_placement_does_not_change_generated_tokens(placed, kwargs):
     outs = []
     unpinned = {k: v for k, v in kwargs.items() if k != "pin_hot"}  # no hot lists in flash
     for d, options in ((flash, unpinned), (copy, unpinned), (copy, kwargs)):
-        model, _ = load(d, **options)
+        model, _ = flash_load(d, **options)
         outs.append(greedy(model, tokenizer))
         assert model.flash.stats.settings["pinned"] == (32 if "pin_hot" in options else 0)
-        model.flash.close()
     if not kwargs.get("oracle_rule"):
         assert outs[0] == want
     assert outs[1] == outs[0] and outs[2] == outs[0]

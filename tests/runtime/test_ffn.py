@@ -25,48 +25,44 @@ def greedy(model, tokenizer, n=12):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_all_neurons_equals_dense(arch, tiny_dirs):
+def test_all_neurons_equals_dense(flash_load, arch, tiny_dirs):
     _, flash_dir = tiny_dirs(arch)
     dense, tokenizer = load_dense(flash_dir)
-    flash, _ = load(flash_dir, window=3)
+    flash, _ = flash_load(flash_dir, window=3)
     x = mx.array([PROMPT])
     np.testing.assert_allclose(np.array(flash(x)), np.array(dense(x)), atol=1e-4)
     assert greedy(flash, tokenizer) == greedy(dense, tokenizer)
-    flash.flash.close()
 
 
-def test_relu_family_nonzero_rule_is_exact(tiny_dirs):
+def test_relu_family_nonzero_rule_is_exact(flash_load, tiny_dirs):
     """nemotron's relu^2 FFN: neurons with zero activation contribute nothing."""
     _, flash_dir = tiny_dirs("nemotron")
     dense, tokenizer = load_dense(flash_dir)
-    flash, _ = load(flash_dir, oracle_rule="nonzero", window=2)
+    flash, _ = flash_load(flash_dir, oracle_rule="nonzero", window=2)
     assert greedy(flash, tokenizer) == greedy(dense, tokenizer)
     steps = flash.flash.stats.decode_steps()
     assert np.mean([s.neurons_active for s in steps]) < 0.8 * 2 * 128  # really sparse
-    flash.flash.close()
 
 
-def test_long_prompt_streams_dense_and_stays_exact(tiny_dirs):
+def test_long_prompt_streams_dense_and_stays_exact(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2")
     dense, _ = load_dense(flash_dir)
-    flash, _ = load(flash_dir, max_sparse_tokens=4, oracle_rule="top", keep=0.5)
+    flash, _ = flash_load(flash_dir, max_sparse_tokens=4, oracle_rule="top", keep=0.5)
     x = mx.array([PROMPT])
     np.testing.assert_allclose(np.array(flash(x)), np.array(dense(x)), atol=1e-4)
     step = flash.flash.stats.steps[0]
     assert step.tokens == len(PROMPT) and step.neurons_new > 0  # window seeded
-    flash.flash.close()
 
 
-def test_window_cuts_bytes_per_token(tiny_dirs):
+def test_window_cuts_bytes_per_token(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("llama")
     per_window = {}
     for window in (1, 4):
-        model, tokenizer = load(flash_dir, oracle_rule="top", keep=0.3, window=window)
+        model, tokenizer = flash_load(flash_dir, oracle_rule="top", keep=0.3, window=window)
         greedy(model, tokenizer, n=16)
         steps = model.flash.stats.decode_steps()[4:]
         per_window[window] = np.mean([s.bytes_read for s in steps])
         assert all(s.neurons_hit + s.neurons_new == s.neurons_active for s in steps)
-        model.flash.close()
     assert per_window[4] < per_window[1]
 
 
@@ -151,49 +147,45 @@ def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
     assert sum(s.truncated for s in steps) > 0 and sum(s.bytes_read for s in steps) > 0
 
 
-def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(tiny_dirs, monkeypatch):
+def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(flash_load, tiny_dirs, monkeypatch):
     """The overflow stream of a fixed selection is read ahead across layers and steps: the
     same tokens and bytes as reading each chunk when needed, and no guess is wrong."""
     caches_of_three_neurons(monkeypatch)
     _, flash_dir = tiny_dirs("qwen2", "float16")
     prompt, runs = [5, 9, 17, 33], {}
     for depth in (0, 3):
-        model, tokenizer = load(flash_dir, fast_cpu=False, dtype="float32", read_ahead=depth)
+        model, tokenizer = flash_load(flash_dir, fast_cpu=False, dtype="float32", read_ahead=depth)
         model.flash.config.prefill_chunk = 16  # several chunks per layer
         tokens = generate(model, tokenizer, prompt, max_tokens=6)
         steps = model.flash.stats.decode_steps()
         runs[depth] = tokens, [s.bytes_read for s in steps], sum(s.bytes_wasted for s in steps)
-        model.flash.close()
     assert runs[3][0] == runs[0][0]
     assert runs[3][1] == runs[0][1] and runs[3][2] == 0
 
 
-def test_direct_reads_are_on_under_a_budget(tiny_dirs):
+def test_direct_reads_are_on_under_a_budget(flash_load, tiny_dirs):
     from mlx_flash.runtime.store import supports_direct
 
     _, flash_dir = tiny_dirs("qwen2", "float16")
-    model, _ = load(flash_dir)
+    model, _ = flash_load(flash_dir)
     assert model.flash.store.direct is False  # no budget: the page cache may keep it all
-    model.flash.close()
-    model, _ = load(flash_dir, dram_budget="16GB")
+    model, _ = flash_load(flash_dir, dram_budget="16GB")
     manifest = model.flash.manifest
     assert model.flash.store.direct == supports_direct(flash_dir / manifest.layers[0].file)
-    model.flash.close()
     with pytest.raises(ValueError, match="read_ahead"):
-        load(flash_dir, read_ahead=-1)
+        flash_load(flash_dir, read_ahead=-1)
 
 
-def test_reserved_bytes_come_out_of_the_budget(tiny_dirs):
+def test_reserved_bytes_come_out_of_the_budget(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2", "float16")
-    model, _ = load(flash_dir, dram_budget="16GB", reserve=1 << 30)
+    model, _ = flash_load(flash_dir, dram_budget="16GB", reserve=1 << 30)
     plan = model.flash.stats.memory
     assert plan["reserved"] == 1 << 30 and plan["capacity"] == plan["n_neurons"]
-    model.flash.close()
     with pytest.raises(ValueError, match=r"hold less beside the model \(a drafter: 16384 MiB\)"):
-        load(flash_dir, dram_budget="16GB", reserve=16 << 30)
+        flash_load(flash_dir, dram_budget="16GB", reserve=16 << 30)
 
 
-def test_fast_path_plans_no_converted_chunks(tiny_dirs):
+def test_fast_path_plans_no_converted_chunks(flash_load, tiny_dirs):
     """The fast CPU path computes streamed chunks from their raw rows: its plan's scratch
     leaves out the MLX path's two converted chunks, and nothing else."""
 
@@ -202,17 +194,16 @@ def test_fast_path_plans_no_converted_chunks(tiny_dirs):
     _, flash_dir = tiny_dirs("qwen2", "float16")
     scratch = {}
     for fast in (False, True):
-        model, _ = load(flash_dir, dram_budget="16GB", fast_cpu=fast, dtype="float16")
+        model, _ = flash_load(flash_dir, dram_budget="16GB", fast_cpu=fast, dtype="float16")
         settings, layout = model.flash.config, model.flash.manifest.ffn
         scratch[fast] = model.flash.stats.memory["scratch"]
-        model.flash.close()
     assert scratch[False] - scratch[True] == 2 * settings.prefill_chunk * layout.elements * 2
 
 
 @pytest.mark.parametrize("read_ahead", [0, 3])
-def test_prefill_streams_one_read_per_chunk_whatever_the_planner(tiny_dirs, read_ahead):
+def test_prefill_streams_one_read_per_chunk_whatever_the_planner(flash_load, tiny_dirs, read_ahead):
     _, flash_dir = tiny_dirs("qwen2", "float16")
-    model, tokenizer = load(flash_dir, read_planner="neuron", read_ahead=read_ahead)
+    model, tokenizer = flash_load(flash_dir, read_planner="neuron", read_ahead=read_ahead)
     model.flash.config.prefill_chunk = 50  # 128 neurons: chunks of 50, 50, 28
     store, seen = model.flash.store, []
     read = store.read
@@ -226,7 +217,6 @@ def test_prefill_streams_one_read_per_chunk_whatever_the_planner(tiny_dirs, read
     store.read = spy
     generate(model, tokenizer, list(range(3, 40)), max_tokens=1)  # > 16 tokens: streamed
     assert seen == [1] * 3 * model.flash.manifest.n_layers
-    model.flash.close()
 
 
 @pytest.mark.parametrize("option,value,allowed", [

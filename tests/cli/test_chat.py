@@ -15,7 +15,7 @@ import mlx_flash
 from mlx_flash.cli.chat import Conversation, Status, StatusBar
 from mlx_flash.runtime.generate import conversation_ids
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATUS_DRAW = re.compile(r"\x1b7.*?\x1b8", re.DOTALL)  # save cursor .. restore cursor
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

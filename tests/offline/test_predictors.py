@@ -292,21 +292,20 @@ def _rewrite_entry(flash_dir: Path) -> None:
     (flash_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_no_predictors_means_oracle_for_auto_and_an_error_for_predictor(own_dir):
+def test_no_predictors_means_oracle_for_auto_and_an_error_for_predictor(flash_load, own_dir):
     flash_dir = own_dir("llama")
-    model, _ = load(flash_dir, selector="auto")
+    model, _ = flash_load(flash_dir, selector="auto")
     assert type(model.flash.selector).__name__ == "OracleSelector"
-    model.flash.close()
     with pytest.raises(FormatError, match="lists no predictors.*train-predictors"):
-        load(flash_dir, selector="predictor")
+        flash_load(flash_dir, selector="predictor")
 
 
-def test_flash_with_predictors_stays_close_to_dense(own_dir, tmp_path):
+def test_flash_with_predictors_stays_close_to_dense(flash_load, own_dir, tmp_path):
     """nemotron (relu^2): active = up(x) > 0 is linear in x, so a rank-d predictor learns it."""
     flash_dir = own_dir("nemotron")
     save_predictors(flash_dir, train_tiny(flash_dir, tmp_path, recall=0.99))
     dense, _ = load_dense(flash_dir)
-    flash, _ = load(flash_dir, selector="auto", max_sparse_tokens=len(PROMPT))
+    flash, _ = flash_load(flash_dir, selector="auto", max_sparse_tokens=len(PROMPT))
     assert isinstance(flash.flash.selector, PredictorSelector)
     x = mx.array([PROMPT])
     want, got = np.array(dense(x)), np.array(flash(x))  # sparse path for all 8 tokens
@@ -315,7 +314,6 @@ def test_flash_with_predictors_stays_close_to_dense(own_dir, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 7 / 8
     steps = flash.flash.stats.steps
     assert steps[0].neurons_active < 2 * 128  # the union of 8 tokens is still sparse
-    flash.flash.close()
 
 
 def test_eval_and_sweep_run_on_a_text_file(own_dir, tmp_path):
