@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from ..process import trim_heap
-from .arch import ACTIVATIONS, RELU_FAMILY
+from .checksums import BlockTable, check_file, file_checks
+from .arch import ACTIVATIONS, ARCHITECTURES, RELU_FAMILY
 from .errors import FormatError
-from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file
+from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file, tensor_sizes, write_text_atomic
 
 FORMAT_VERSION = 1  # what `convert` writes
 
@@ -100,15 +101,32 @@ class FFNLayout:
             raise FormatError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.dtype not in DTYPE_BYTES:
             raise FormatError(f"bundle dtype {self.dtype!r} is not one of {tuple(DTYPE_BYTES)}")
+        if not isinstance(self.d_model, int) or isinstance(self.d_model, bool) \
+                or self.d_model < 1:
+            raise FormatError(f"ffn d_model must be a positive integer, got {self.d_model!r}")
         self.parts = [p if isinstance(p, Part) else Part(**p) for p in self.parts]
         if not self.parts:
             self.parts = self.default_parts()
+        self._check_parts()
         if self.bits not in (16, 8, 4):
             raise FormatError(f"bits must be 16, 8 or 4, got {self.bits}")
         if self.quantized and (self.group_size not in (32, 64, 128)
                                or self.d_model % self.group_size):
             raise FormatError(f"group_size {self.group_size} must be 32, 64 or 128 and divide "
                               f"d_model {self.d_model}")
+
+    def _check_parts(self) -> None:
+        """The parts must be exactly what kind, has_bias and d_model imply: readers slice
+        bundles by them, so a lost or moved part would compute garbage."""
+        want = self.default_parts()
+        if self.parts != want:
+            def show(parts: list[Part]) -> str:
+                return "[" + ", ".join(p.name for p in parts) + "]"
+            raise FormatError(
+                f"ffn parts {show(self.parts)} (offsets {[p.offset for p in self.parts]}) are "
+                f"not the {self.kind} layout {show(want)} (offsets {[p.offset for p in want]}) "
+                f"for d_model {self.d_model}, has_bias {self.has_bias}: the manifest was edited "
+                "or damaged; re-convert the model")
 
     @property
     def quantized(self) -> bool:
@@ -173,6 +191,7 @@ class LayerEntry:
     # first.
     order: np.ndarray | None = None
     hot: np.ndarray | None = None
+    blocks: dict | None = None  # per-block crc32 (format/checksums.py); None in older dirs
 
     def __post_init__(self):
         # Stored as base64 of little-endian int32 (`encode_ids`): a JSON list of 2 x 24 x 4864
@@ -229,6 +248,8 @@ class Manifest:
         if data["placement"] is None:
             del data["placement"]
         for layer in data["layers"]:
+            if layer["blocks"] is None:
+                del layer["blocks"]
             for key in ("order", "hot"):
                 if layer[key] is None:
                     del layer[key]
@@ -238,6 +259,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST) -> Manifest:
+        check_structure(data, where)
         version = data.get("format_version")
         if version not in SUPPORTED_VERSIONS:
             raise FormatError(
@@ -282,15 +304,83 @@ def read_layer_rows(root: str | Path, manifest: Manifest, layer: int, *,
                     file_order: bool = False) -> np.ndarray:
     """One layer's whole bundle file: (n_neurons, stride) uint8, row i the bundle of neuron i
     (file_order: the rows as stored, a placed dir's order kept). Raises FormatError naming the
-    file when its size is not the manifest's."""
+    file when its size is not the manifest's, ChecksumError when a block does not match its
+    checksum (format/checksums.py; a dir without them is read unchecked)."""
     entry = manifest.layers[layer]
-    path = Path(root) / entry.file
+    path = contained(root, entry.file, str(Path(root) / MANIFEST))
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size != entry.size:
         raise FormatError(f"{path}: {raw.size} bytes, manifest says {entry.size}: the file is "
                           "truncated or was replaced; re-convert the model")
+    if entry.blocks:
+        table = BlockTable(path, entry.size, entry.blocks)
+        for block in range(table.n_blocks):
+            start, stop = table.span(block)
+            table.check(block, raw[start:stop])
     rows = raw.reshape(entry.n_neurons, entry.stride)
     return rows if file_order else manifest.to_original(layer, rows)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _file_record(value, what: str, where: str) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("file"), str) \
+            or not _is_int(value.get("size")):
+        raise FormatError(f"{where}: {what} must be an object with a string 'file' and an "
+                          f"integer 'size', got {str(value)[:80]!r}; re-convert the model")
+
+
+def check_structure(data, where: str) -> None:
+    """The JSON types every reader relies on, before any dataclass is built: an object, a
+    non-empty list of layers with integer sizes, file records for the resident and predictors
+    files, a power-of-two align. Raises FormatError naming `where`."""
+    fix = "the manifest was edited or damaged; re-convert the model"
+    if not isinstance(data, dict):
+        raise FormatError(f"{where}: not a JSON object (got a {type(data).__name__}); {fix}")
+    for key in ("config", "ffn", "source"):
+        if not isinstance(data.get(key), dict):
+            raise FormatError(f"{where}: '{key}' must be a JSON object; {fix}")
+    layers = data.get("layers")
+    if not isinstance(layers, list):
+        raise FormatError(f"{where}: 'layers' must be a list of layer entries; {fix}")
+    if not layers:
+        raise FormatError(f"{where}: lists no FFN layers ('layers' is empty); {fix}")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise FormatError(f"{where}: layer {i} must be an object with a string 'file'; {fix}")
+        for key in ("n_neurons", "stride", "size"):
+            value = entry.get(key)
+            if not _is_int(value) or value < (0 if key == "size" else 1):
+                raise FormatError(f"{where}: layer {i} {key} must be a positive integer, got "
+                                  f"{value!r}; {fix}")
+    _file_record(data.get("resident"), "'resident'", where)
+    if data.get("predictors") is not None:
+        _file_record(data["predictors"], "'predictors'", where)
+    align = data.get("align", 64)
+    if not _is_int(align) or align < 1 or align & (align - 1):
+        raise FormatError(f"{where}: align must be a power of two, got {align!r}; {fix}")
+
+
+def contained(root: str | Path, rel: str, where: str) -> Path:
+    """root / rel, refused unless it resolves inside root: a manifest may not point at '..',
+    an absolute path or a symlink out of its dir. Raises FormatError naming both."""
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if path == base or not path.is_relative_to(base):
+        raise FormatError(f"{where}: file {rel!r} resolves to {path}, outside the model dir "
+                          f"{base}; a manifest may only list files inside its own dir - "
+                          "re-convert the model (or fix the manifest)")
+    return Path(root) / rel
+
+
+def listed_files(manifest: Manifest) -> list[dict]:
+    """{"file", "size", ...} of every file the manifest lists: resident, layers, predictors."""
+    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
+    if manifest.predictors:
+        entries.append(manifest.predictors)
+    return entries
 
 
 def check_placement(manifest: Manifest, where: str) -> None:
@@ -321,8 +411,43 @@ def _check_ids(ids: np.ndarray, n: int, whole: bool, what: str) -> None:
 
 
 def file_entry(root: Path, rel: str) -> dict:
+    """{"file", "size", "sha256", "blocks"} of root / rel (one pass over it)."""
     path = root / rel
-    return {"file": rel, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    sha256, blocks = file_checks(path)
+    return {"file": rel, "size": path.stat().st_size, "sha256": sha256, "blocks": blocks}
+
+
+def has_block_checksums(manifest: Manifest) -> bool:
+    """Whether every file the manifest lists has block checksums (dirs before them do not)."""
+    return all(entry.get("blocks") for entry in listed_files(manifest))
+
+
+def check_resident(root: str | Path, manifest: Manifest) -> bool:
+    """Check resident.safetensors against its block checksums (read once); False when it has
+    none. Raises ChecksumError naming the file and the block."""
+    entry = manifest.resident
+    return check_file(Path(root) / entry["file"], entry["size"], entry.get("blocks"))
+
+
+def add_block_checksums(root: str | Path, manifest: Manifest) -> Manifest:
+    """Record the block checksums of every listed file that lacks them, after checking each
+    file's sha256 (so damage is not blessed), then replace the manifest atomically."""
+    root = Path(root)
+    for entry in [manifest.resident, manifest.predictors, *manifest.layers]:
+        if not entry:
+            continue
+        rel = entry["file"] if isinstance(entry, dict) else entry.file
+        sha256, blocks = file_checks(root / rel)
+        want = entry["sha256"] if isinstance(entry, dict) else entry.sha256
+        if sha256 != want:
+            raise FormatError(f"{root / rel}: checksum mismatch, the file is corrupted; "
+                              "re-convert the model (no checksums were written)")
+        if isinstance(entry, dict):
+            entry["blocks"] = blocks
+        else:
+            entry.blocks = blocks
+    write_text_atomic(root / MANIFEST, manifest.to_json())
+    return manifest
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -344,13 +469,23 @@ def read_manifest(root: str | Path) -> Manifest:
         del data
         trim_heap()  # the parsed placement strings are garbage now: do not keep them as RSS
     check_shapes(manifest, str(path))
-    check_sizes(root, manifest)
+    check_sizes(root, manifest, str(path))
+    check_headers(root, manifest)
     return manifest
+
+
+def check_headers(root: Path, manifest: Manifest) -> None:
+    """The resident (and predictors) safetensors headers parse and stay inside their files
+    (`tensor_sizes` raises FormatError naming the file); cheap, the data is not read."""
+    tensor_sizes(root / manifest.resident["file"])
+    if manifest.predictors:
+        tensor_sizes(root / manifest.predictors["file"])
 
 
 def check_shapes(manifest: Manifest, where: str) -> None:
     """The FFN layout must agree with the architecture config."""
     cfg = manifest.config
+    check_architecture(manifest, where)
     d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
     if manifest.ffn.d_model != d_model:
         raise FormatError(f"{where}: bundle d_model {manifest.ffn.d_model} disagrees with "
@@ -370,13 +505,27 @@ def check_shapes(manifest: Manifest, where: str) -> None:
             raise FormatError(f"{where}: layer {i} size {entry.size} != n_neurons*stride")
 
 
-def check_sizes(root: Path, manifest: Manifest) -> None:
-    """Every listed file exists with the size the manifest says (catches truncation)."""
-    entries = [manifest.resident, *[{"file": e.file, "size": e.size} for e in manifest.layers]]
-    if manifest.predictors:
-        entries.append(manifest.predictors)
-    for entry in entries:
-        path = root / entry["file"]
+def check_architecture(manifest: Manifest, where: str) -> None:
+    """config's model_type is a supported architecture whose FFN kind and activation are the
+    layout's."""
+    model_type = manifest.config.get("model_type")
+    spec = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if spec is None:
+        raise FormatError(f"{where}: config model_type {model_type!r} is not supported (supported:"
+                          f" {', '.join(sorted(ARCHITECTURES))}); the manifest was edited or is "
+                          "from another tool - re-convert the model")
+    ffn = manifest.ffn
+    if (ffn.kind, ffn.activation) != (spec.kind, spec.activation):
+        raise FormatError(f"{where}: ffn kind {ffn.kind!r} activation {ffn.activation!r} "
+                          f"disagrees with {model_type}, which is {spec.kind!r} "
+                          f"{spec.activation!r}; re-convert the model")
+
+
+def check_sizes(root: Path, manifest: Manifest, where: str = MANIFEST) -> None:
+    """Every listed file is inside `root` (`contained`) and exists with the size the manifest
+    says (catches truncation)."""
+    for entry in listed_files(manifest):
+        path = contained(root, entry["file"], where)
         if not path.exists():
             raise FormatError(f"{path} is missing; the model dir is incomplete, re-convert it")
         size = path.stat().st_size
@@ -389,11 +538,8 @@ def verify_checksums(root: str | Path, manifest: Manifest | None = None, progres
     """Full check: sha256 of every file against the manifest. Slow (reads everything)."""
     root = Path(root)
     manifest = manifest or read_manifest(root)
-    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
-    if manifest.predictors:
-        entries.append(manifest.predictors)
-    for entry in entries:
-        path = root / entry["file"]
+    for entry in listed_files(manifest):
+        path = contained(root, entry["file"], str(root / MANIFEST))
         if sha256_file(path) != entry["sha256"]:
             raise FormatError(f"{path}: checksum mismatch, the file is corrupted; re-convert "
                               "the model")

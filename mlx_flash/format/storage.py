@@ -78,26 +78,69 @@ class TensorEntry(NamedTuple):
                          shape=self.shape)
 
 
+# Bytes per element of every dtype code safetensors defines.
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+MAX_ST_HEADER = 100 << 20  # safetensors' own limit on the header's JSON
+
+
 def tensor_sizes(path: Path) -> dict[str, TensorEntry]:
     """name -> TensorEntry from a safetensors header, without loading the data.
 
-    Raises FormatError naming the file when the header is truncated or not JSON.
+    Raises FormatError naming the file when the header is truncated, absurdly long, not JSON,
+    or lies: an entry that is not {dtype, shape, data_offsets} of the right types, or whose
+    bytes are not shape x dtype size, or lie outside the file.
     """
     with open(path, "rb") as f:
         raw = f.read(8)
+        size = os.fstat(f.fileno()).st_size
         (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
-        if not 0 <= n <= os.fstat(f.fileno()).st_size - 8:
-            raise FormatError(f"{path}: truncated safetensors file")
+        if not 0 <= n <= size - 8:
+            raise FormatError(f"{path}: truncated safetensors file (header of {n} bytes, file "
+                              f"of {size}); the file is incomplete or not safetensors")
+        if n > MAX_ST_HEADER:
+            raise FormatError(f"{path}: safetensors header of {n} bytes (over {MAX_ST_HEADER}): "
+                              "the file is corrupt or not safetensors")
         blob = f.read(n)
     try:
         header = json.loads(blob)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (a JSON "
+                          f"{type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
-    return {k: TensorEntry(tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                           v["data_offsets"][1] - v["data_offsets"][0],
-                           ST_NAMES.get(v["dtype"], v["dtype"]))
-            for k, v in header.items()}
+    return {name: _tensor_entry(path, name, value, 8 + n, size) for name, value in header.items()}
+
+
+def _tensor_entry(path: Path, name: str, value, data_start: int, size: int) -> TensorEntry:
+    """One header entry, checked (see `tensor_sizes`)."""
+    def bad(why: str) -> FormatError:
+        return FormatError(f"{path}: corrupt safetensors header: tensor {name!r} {why}; the "
+                           "file is damaged or was not written by a safetensors writer")
+
+    if not isinstance(value, dict):
+        raise bad(f"is a {type(value).__name__}, not an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if dtype not in ST_ITEMSIZE:
+        raise bad(f"has dtype {dtype!r}, not one of {', '.join(ST_ITEMSIZE)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end] integers")
+    begin, end = offsets
+    nbytes = ST_ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+    if end - begin != nbytes:
+        raise bad(f"spans {end - begin} bytes, but shape {shape} of {dtype} needs {nbytes}")
+    if data_start + end > size:
+        raise bad(f"ends at byte {data_start + end}, past the end of the file ({size} bytes)")
+    return TensorEntry(tuple(shape), data_start + begin, nbytes, ST_NAMES.get(dtype, dtype))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @contextmanager
