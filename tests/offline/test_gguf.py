@@ -527,3 +527,85 @@ def test_llama_cpp_vocab_fixtures(name):
         ids = tok.encode(text, add_special_tokens=False).ids
         assert ids == [int(i) for i in out.split()], text
         assert tok.decode(ids) == text
+
+
+# -- hostile headers, written byte by byte --------------------------------------------------------
+
+def gguf_bytes(kvs: list[bytes], tensors: list[bytes] = (), data: bytes = b"") -> bytes:
+    """A GGUF v3 file from raw key/value and tensor-table records."""
+    head = b"GGUF" + (3).to_bytes(4, "little") + len(tensors).to_bytes(8, "little")
+    body = head + len(kvs).to_bytes(8, "little") + b"".join(kvs) + b"".join(tensors)
+    return body + b"\0" * (-len(body) % 32) + data + b"\0" * 64
+
+
+def gstr(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def kv(key: str, vtype: int, value: bytes) -> bytes:
+    return gstr(key) + vtype.to_bytes(4, "little") + value
+
+
+def nested_array(depth: int) -> bytes:
+    """An ARRAY of one ARRAY of ... (depth levels) of an empty UINT8 array."""
+    array = int(gguf.GGUFValueType.ARRAY)
+    inner = int(gguf.GGUFValueType.UINT8).to_bytes(4, "little") + (0).to_bytes(8, "little")
+    for _ in range(depth - 1):
+        inner = array.to_bytes(4, "little") + (1).to_bytes(8, "little") + inner
+    return inner
+
+
+def tensor_record(name: str, dims: list[int], offset: int = 0) -> bytes:
+    return (gstr(name) + len(dims).to_bytes(4, "little")
+            + b"".join(d.to_bytes(8, "little") for d in dims)
+            + int(Q.F32).to_bytes(4, "little") + offset.to_bytes(8, "little"))
+
+
+ARRAY, UINT32, STRING = (int(gguf.GGUFValueType.ARRAY), int(gguf.GGUFValueType.UINT32),
+                         int(gguf.GGUFValueType.STRING))
+
+
+def test_deeply_nested_arrays_are_refused_by_name(tmp_path):
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(gguf_bytes([kv("x.deep", ARRAY, nested_array(5000))]))
+    with pytest.raises(ValueError, match="deep.gguf.*nested"):
+        read_header(path)
+    ok = tmp_path / "ok.gguf"
+    ok.write_bytes(gguf_bytes([kv("x.shallow", ARRAY, nested_array(3))]))
+    assert read_header(ok)[0]["x.shallow"][0][0].size == 0
+
+
+@pytest.mark.parametrize("align", [0, 3, 1 << 40])
+def test_bad_alignment_is_refused_by_name(tmp_path, align):
+    path = tmp_path / "align.gguf"
+    value = align.to_bytes(8, "little")[:4] if align < 1 << 32 else None
+    record = (kv("general.alignment", UINT32, value) if value is not None
+              else kv("general.alignment", int(gguf.GGUFValueType.UINT64),
+                      align.to_bytes(8, "little")))
+    path.write_bytes(gguf_bytes([record], [tensor_record("w", [4])], b"\0" * 16))
+    with pytest.raises(ValueError, match="align.gguf.*alignment"):
+        read_header(path)
+
+
+def test_alignment_of_the_wrong_type_is_refused_by_name(tmp_path):
+    path = tmp_path / "align.gguf"
+    path.write_bytes(gguf_bytes([kv("general.alignment", STRING, gstr("32"))]))
+    with pytest.raises(ValueError, match="align.gguf.*alignment"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("dims", [[], [4, 1, 1, 1, 1]])
+def test_tensor_with_bad_dims_is_refused_by_name(tmp_path, dims):
+    path = tmp_path / "dims.gguf"
+    path.write_bytes(gguf_bytes([], [tensor_record("w", dims)], b"\0" * 16))
+    with pytest.raises(ValueError, match="dims.gguf.*tensor w"):
+        read_header(path)
+
+
+def test_repeated_tensor_name_is_refused_by_name(tmp_path):
+    path = tmp_path / "twice.gguf"
+    records = [tensor_record("w", [4]), tensor_record("w", [4], offset=32)]
+    path.write_bytes(gguf_bytes([], records, b"\0" * 64))
+    with pytest.raises(ValueError, match="twice.gguf.*w.*twice"):
+        read_header(path)

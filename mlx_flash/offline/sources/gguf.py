@@ -43,6 +43,12 @@ from .gguf_tokenizer import build_tokenizer, tokenizer_config
 GGUF_ALIGNMENT = 32  # default when `general.alignment` is absent (GGUF spec)
 
 
+MAX_ARRAY_DEPTH = 8  # arrays of arrays: llama.cpp writes at most 2 levels; deeper is hostile
+
+
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
 SCRATCH_BYTES = 32 << 20  # f32 rows dequantized per step: bounds the temporary memory
 
 
@@ -140,16 +146,19 @@ class _Cursor:
     def string(self) -> str:
         return self.take(self.uint(8)).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         vtype = self.value_type(vtype)
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ValueError(f"{self.where}: GGUF arrays nested more than {MAX_ARRAY_DEPTH} "
+                                 f"deep at byte {self.pos}; the file is corrupt or hostile")
             item, count = self.value_type(self.uint(4)), self.uint(8)
             if item in _SCALARS:  # numeric arrays in one read (scores, token types)
                 dtype = np.dtype(_SCALARS[item])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype).copy()
-            return [self.value(item) for _ in range(count)]
+            return [self.value(item, depth + 1) for _ in range(count)]
         dtype = np.dtype(_SCALARS[vtype])
         return np.frombuffer(self.take(dtype.itemsize), dtype)[0].item()
 
@@ -182,10 +191,13 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]
             key = cur.string()
             meta[key] = cur.value(cur.uint(4))
         entries = [_tensor_entry(cur) for _ in range(n_tensors)]
-        align = int(meta.get("general.alignment", GGUF_ALIGNMENT))
+        align = _alignment(meta, path)
         base = -(-cur.pos // align) * align  # tensor data starts at the next aligned byte
     tensors = {}
     for name, dims, code, offset in entries:
+        if name in tensors:
+            raise ValueError(f"{path}: tensor {name} is listed twice in the tensor table; the "
+                             "file is corrupt, download or export it again")
         tensors[name] = _tensor(path, name, dims, code, base + offset)
         if tensors[name].offset + tensors[name].nbytes > size:
             raise ValueError(f"{path}: tensor {name} ends past the end of the file ({size} "
@@ -193,9 +205,22 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]
     return meta, tensors
 
 
+def _alignment(meta: dict[str, Any], path: Path) -> int:
+    """`general.alignment`: a power of two (the GGUF spec), GGUF_ALIGNMENT when absent."""
+    align = meta.get("general.alignment", GGUF_ALIGNMENT)
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1 \
+            or align & (align - 1) or align > 1 << 30:
+        raise ValueError(f"{path}: general.alignment {align!r} is not a power of two; the file "
+                         "is corrupt, download or export it again")
+    return align
+
+
 def _tensor_entry(cur: _Cursor) -> tuple[str, list[int], int, int]:
-    name = cur.string()
-    dims = [cur.uint(8) for _ in range(cur.uint(4))]
+    name, n_dims = cur.string(), cur.uint(4)
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise ValueError(f"{cur.where}: tensor {name} has {n_dims} dimensions (GGUF allows 1 to "
+                         f"{MAX_DIMS}); the file is corrupt, download or export it again")
+    dims = [cur.uint(8) for _ in range(n_dims)]
     return name, dims, cur.uint(4), cur.uint(8)
 
 
