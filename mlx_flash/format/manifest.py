@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ..process import trim_heap
-from .checksums import BlockTable, check_file, file_checks
 from .arch import ACTIVATIONS, ARCHITECTURES, RELU_FAMILY
+from .checksums import BlockTable, check_file, file_checks
 from .errors import FormatError
 from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file, tensor_sizes, write_text_atomic
 
@@ -433,19 +433,18 @@ def add_block_checksums(root: str | Path, manifest: Manifest) -> Manifest:
     """Record the block checksums of every listed file that lacks them, after checking each
     file's sha256 (so damage is not blessed), then replace the manifest atomically."""
     root = Path(root)
-    for entry in [manifest.resident, manifest.predictors, *manifest.layers]:
-        if not entry:
-            continue
-        rel = entry["file"] if isinstance(entry, dict) else entry.file
-        sha256, blocks = file_checks(root / rel)
-        want = entry["sha256"] if isinstance(entry, dict) else entry.sha256
-        if sha256 != want:
+
+    def blocks_of(rel: str, sha256: str) -> dict:
+        got, blocks = file_checks(root / rel)
+        if got != sha256:
             raise FormatError(f"{root / rel}: checksum mismatch, the file is corrupted; "
                               "re-convert the model (no checksums were written)")
-        if isinstance(entry, dict):
-            entry["blocks"] = blocks
-        else:
-            entry.blocks = blocks
+        return blocks
+
+    for entry in filter(None, (manifest.resident, manifest.predictors)):
+        entry["blocks"] = blocks_of(entry["file"], entry["sha256"])
+    for layer in manifest.layers:
+        layer.blocks = blocks_of(layer.file, layer.sha256)
     write_text_atomic(root / MANIFEST, manifest.to_json())
     return manifest
 
