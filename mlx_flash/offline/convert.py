@@ -31,9 +31,11 @@ from ..format.manifest import (
     Manifest,
     file_entry,
     layer_file_name,
+    read_manifest,
     round_up,
 )
 from ..format.storage import DTYPE_BYTES, ST_CODES, atomic_write, cast, fsync_dir, sha256_file
+from .source_check import check_config
 from .sources import open_checkpoint
 from .sources.base import Checkpoint, TensorInfo, layout_for
 
@@ -159,6 +161,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    check_config(ckpt)  # a config that disagrees with the tensors would give a dir that fails
     if align < 1 or align & (align - 1):
         raise ValueError(f"align must be a power of two, got {align}")
     n_layers = int(ckpt.config["num_hidden_layers"])
@@ -177,6 +180,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
         layers = _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report)
         _write_resident(ckpt, tmp, dtype, report)
         _write_metadata(ckpt, tmp, layout, layers, align, report)
+        read_manifest(tmp)  # what load checks first, before the dir gets OUT's name
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,6 +43,10 @@ class SafetensorsCheckpoint(Checkpoint):
                 if entry.dtype not in DTYPE_BYTES:
                     raise ValueError(f"{file}: tensor {name} has dtype {entry.dtype}; only "
                                      "F16/BF16/F32 sources are supported")
+                if name in index:
+                    raise ValueError(f"{file}: tensor {name} is also in {index[name][0]}; a "
+                                     "tensor may be in one shard only - remove the stray "
+                                     "*.safetensors file or download the model again")
                 info = TensorInfo(name, entry.shape, entry.dtype)
                 index[name] = (file, entry.offset, entry.nbytes, info)
         return self._sanitize(index)
