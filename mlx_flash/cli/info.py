@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..format.manifest import read_manifest, verify_checksums
+from ..format.manifest import (
+    add_block_checksums,
+    has_block_checksums,
+    read_manifest,
+    verify_checksums,
+)
 
 
 def info_bytes(ckpt) -> dict[str, int]:
@@ -19,7 +24,12 @@ def info_bytes(ckpt) -> dict[str, int]:
 
 def cmd_info(args) -> int:
     manifest = read_manifest(args.dir)
-    if args.verify:
+    if args.write_checksums and not args.verify:
+        raise SystemExit("mlx-flash info: --write-checksums needs --verify (a file's block "
+                         "checksums are written only after its sha256 matched)")
+    if args.write_checksums:
+        add_block_checksums(args.dir, manifest)  # checks each sha256 in the same pass
+    elif args.verify:
         verify_checksums(args.dir, manifest)
     cfg, ffn = manifest.config, manifest.ffn
     pred = manifest.predictors["size"] if manifest.predictors else 0
@@ -37,7 +47,9 @@ def cmd_info(args) -> int:
                    + " | ".join(f"{p.name}[{p.count}]" for p in ffn.parts)
                    + f" = {ffn.bundle_bytes} B, stride {manifest.layers[0].stride} B"),
         ("placement", _placement_line(manifest)),
-        ("checksums", "verified" if args.verify else "not checked (pass --verify)"),
+        ("checksums", ("verified" if args.verify else "not checked (pass --verify)")
+         + ("; block checksums recorded (checked on read)" if has_block_checksums(manifest)
+            else "; no block checksums (add them: --verify --write-checksums)")),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -57,5 +69,8 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="describe a flash model dir")
     p.add_argument("dir")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.add_argument("--write-checksums", action="store_true",
+                   help="with --verify: record the per-block checksums that readers check, for "
+                        "a dir made before them (the manifest is replaced atomically)")
     p.set_defaults(func=cmd_info)
     return p

@@ -1,11 +1,12 @@
 """Per-block checksums of a flash dir's files: what lets a reader catch a damaged file when it
 reads it, not only `mlx-flash info DIR --verify` (whole-file sha256).
 
-Every file entry of the manifest (a layer, resident, predictors; a drafter's sidecar) may carry
-`blocks = {"algo": "crc32", "block_size": B, "sums": <base64 of little-endian uint32>}`: the
-zlib.crc32 of each B-byte block of the file (the last one shorter). Dirs written before these
-existed have no `blocks`; they load with a warning and `mlx-flash info DIR --verify
---write-checksums` adds them.
+Each layer entry of the manifest and its resident entry carry `blocks = {"algo": "crc32",
+"block_size": B, "sums": <base64 of little-endian uint32>}`: the zlib.crc32 of each B-byte block
+of the file (the last one shorter). The store checks a layer's blocks as it reads them,
+`load_dense` and the loaders every block they read, the resident file whole at load. Small side
+files (predictors, drafter) are checked whole by their sha256 at load. Dirs written before
+blocks existed load with a warning; `mlx-flash info DIR --verify --write-checksums` adds them.
 
 Why crc32 over 1 MiB blocks: zlib.crc32 hashes ~6.5 GB/s on one core here (xxh3_64 ~27,
 crc32c ~15, sha256 ~2), faster than the disk it guards, from the standard library; the store
@@ -105,8 +106,8 @@ class BlockTable:
         `data` (the block's bytes) matches."""
         start, stop = self.span(block)
         if len(memoryview(data).cast("B")) != stop - start or block_sum(data) != self.sums[block]:
-            raise ChecksumError(f"{self.path}: block {block} (bytes {start}-{stop}) does not "
-                                f"match its checksum: the file is corrupted; {FIX}")
+            raise ChecksumError(f"{self.path}: checksum mismatch in block {block} (bytes "
+                                f"{start}-{stop}), the file is corrupted; {FIX}")
 
 
 def check_file(path: Path, size: int, entry: dict | None) -> bool:
@@ -121,8 +122,8 @@ def check_file(path: Path, size: int, entry: dict | None) -> bool:
     return True
 
 
-def unverified_message(root: Path, what: str) -> str:
-    """The warning for a dir (or file) without block checksums."""
-    return (f"{root}: {what} has no block checksums (made by an older mlx-flash), so damage is "
-            f"not caught when it is read; add them with `mlx-flash info {root} --verify "
-            "--write-checksums`")
+def unverified_message(root: Path) -> str:
+    """The warning for a flash dir without block checksums."""
+    return (f"{root}: the manifest has no block checksums (made by an older mlx-flash), so "
+            "damage is not caught when a file is read; add them with `mlx-flash info "
+            f"{root} --verify --write-checksums`")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from ..process import trim_heap
 from .arch import ACTIVATIONS, ARCHITECTURES, RELU_FAMILY
-from .checksums import BlockTable, check_file, file_checks
+from .checksums import BLOCK_SIZE, BlockTable, check_file, file_checks, unverified_message
 from .errors import FormatError
 from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file, tensor_sizes, write_text_atomic
 
@@ -410,39 +411,46 @@ def _check_ids(ids: np.ndarray, n: int, whole: bool, what: str) -> None:
         raise FormatError(f"{what} has {ids.size} ids, not a permutation of all {n}; {fix}")
 
 
-def file_entry(root: Path, rel: str) -> dict:
-    """{"file", "size", "sha256", "blocks"} of root / rel (one pass over it)."""
+def file_entry(root: Path, rel: str, blocks: bool = False) -> dict:
+    """{"file", "size", "sha256"} of root / rel, and its "blocks" checksums (one pass) when
+    asked: the files read in parts or big enough for crc32's speed to matter (resident)."""
     path = root / rel
-    sha256, blocks = file_checks(path)
-    return {"file": rel, "size": path.stat().st_size, "sha256": sha256, "blocks": blocks}
+    sha256, sums = file_checks(path)
+    return {"file": rel, "size": path.stat().st_size, "sha256": sha256,
+            **({"blocks": sums} if blocks else {})}
 
 
 def has_block_checksums(manifest: Manifest) -> bool:
-    """Whether every file the manifest lists has block checksums (dirs before them do not)."""
-    return all(entry.get("blocks") for entry in listed_files(manifest))
+    """Whether the resident file and every layer have block checksums (dirs made before them
+    do not; side files such as predictors are checked whole by their sha256 at load)."""
+    return bool(manifest.resident.get("blocks")) and all(e.blocks for e in manifest.layers)
 
 
 def check_resident(root: str | Path, manifest: Manifest) -> bool:
-    """Check resident.safetensors against its block checksums (read once); False when it has
-    none. Raises ChecksumError naming the file and the block."""
+    """What a loader checks before using a dir: resident.safetensors against its block
+    checksums (read once; ChecksumError naming the file and the block). A dir made before
+    block checksums gets one warning (how to add them) and returns False."""
     entry = manifest.resident
+    if not has_block_checksums(manifest):
+        warnings.warn(unverified_message(Path(root)), stacklevel=3)
     return check_file(Path(root) / entry["file"], entry["size"], entry.get("blocks"))
 
 
-def add_block_checksums(root: str | Path, manifest: Manifest) -> Manifest:
-    """Record the block checksums of every listed file that lacks them, after checking each
+def add_block_checksums(root: str | Path, manifest: Manifest,
+                        block_size: int = BLOCK_SIZE) -> Manifest:
+    """Record the block checksums of the resident file and every layer, after checking each
     file's sha256 (so damage is not blessed), then replace the manifest atomically."""
     root = Path(root)
 
     def blocks_of(rel: str, sha256: str) -> dict:
-        got, blocks = file_checks(root / rel)
+        got, blocks = file_checks(root / rel, block_size)
         if got != sha256:
             raise FormatError(f"{root / rel}: checksum mismatch, the file is corrupted; "
                               "re-convert the model (no checksums were written)")
         return blocks
 
-    for entry in filter(None, (manifest.resident, manifest.predictors)):
-        entry["blocks"] = blocks_of(entry["file"], entry["sha256"])
+    manifest.resident["blocks"] = blocks_of(manifest.resident["file"],
+                                            manifest.resident["sha256"])
     for layer in manifest.layers:
         layer.blocks = blocks_of(layer.file, layer.sha256)
     write_text_atomic(root / MANIFEST, manifest.to_json())

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .checksums import check_file
+from .checksums import ChecksumError
 from .errors import FormatError
 
 # Every dtype a flash dir stores, by name, as numpy reads it. numpy has no bfloat16: its values
@@ -199,18 +199,15 @@ def fsync_dir(path: Path) -> None:
 
 
 def load_checked_safetensors(path: Path, sha256: str | None, listed_in: str, file_format: str,
-                             version: str, what: str, fix: str, blocks: dict | None = None
-                             ) -> tuple[dict, dict]:
-    """(arrays, metadata) of a side file (predictors, drafter) after its checks: the block
-    checksums `listed_in` records (ChecksumError naming the block), else its sha256; a readable
-    header, and its format/version metadata. Raises FormatError naming the file, with `fix`."""
+                             version: str, what: str, fix: str) -> tuple[dict, dict]:
+    """(arrays, metadata) of a side file (predictors, drafter) after its checks: the sha256
+    that `listed_in` records (ChecksumError), a readable header, and its format/version
+    metadata. Raises FormatError naming the file, with `fix`."""
     import mlx.core as mx
 
-    if blocks:
-        check_file(path, os.stat(path).st_size, blocks)
-    elif sha256_file(path) != sha256:
-        raise FormatError(f"{path}: checksum mismatch with {listed_in}, the file is corrupted "
-                          f"or was replaced; {fix}")
+    if sha256_file(path) != sha256:
+        raise ChecksumError(f"{path}: checksum mismatch with {listed_in}, the file is "
+                            f"corrupted or was replaced; {fix}")
     try:
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError for a bad header

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..format.bundles import pack_bundles
+from ..format.checksums import file_checks
 from ..format.manifest import (
     FFN_DIR,
     FORMAT_VERSION,
@@ -199,8 +200,9 @@ def _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report) -> list[
                                  d_model)
         rel = layer_file_name(layer)
         size = write_layer(tmp / rel, parts, layout, stride)
-        entries.append(LayerEntry(rel, parts["down"].shape[1], stride, size,
-                                  sha256_file(tmp / rel)))
+        sha256, blocks = file_checks(tmp / rel)
+        entries.append(LayerEntry(rel, parts["down"].shape[1], stride, size, sha256,
+                                  blocks=blocks))
         del parts
         report(f"ffn layer {layer}", size)
     return entries
@@ -222,7 +224,8 @@ def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         source={"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind, "sha256": source_hash},
-        config=config, ffn=layout, layers=layers, resident=file_entry(tmp, RESIDENT), align=align,
+        config=config, ffn=layout, layers=layers, align=align,
+        resident=file_entry(tmp, RESIDENT, blocks=True),
     )
     with atomic_write(tmp / MANIFEST) as path:
         path.write_text(manifest.to_json())

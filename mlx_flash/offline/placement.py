@@ -44,6 +44,7 @@ from ..format.manifest import (
 from ..format.storage import atomic_write, sha256_file
 from ..runtime.disk import CostModel
 from ..runtime.planner import plan_reads, span_bytes
+from .space import check_free, is_full, space_error
 
 METHODS = ("hot", "coact", "identity")
 
@@ -235,37 +236,70 @@ def place(flash_dir: str | Path, calibration: str | Path, method: str = "coact",
     report = progress or (lambda what: None)
     info = json.loads((calibration / "calibration.json").read_text()) \
         if (calibration / "calibration.json").exists() else {}
-    old_files, train = [e.file for e in manifest.layers], 0
-    for layer, entry in enumerate(manifest.layers):
-        mag = calibration_mags(calibration, manifest, layer)
-        train = split_holdout(len(mag), holdout, int(info.get("seq_len", 1)))
-        active = active_sets(mag[:train], keep)
-        order = order_for(method, active)
-        _rewrite_layer(root, manifest, layer, order)
-        entry.hot = hot_order(active)[: entry.n_neurons // 2]
-        report(f"layer {layer}")
-    manifest.format_version = PLACED_FORMAT_VERSION
-    manifest.placement = {"method": method, "keep": keep, "calibration": str(calibration),
-                          "train_tokens": train, "holdout": holdout}
-    _commit(root, manifest, old_files)
+    old_files, train, written = [e.file for e in manifest.layers], 0, []
+    what, fix = f"place {root}", f"{root} was left as it was."
+    need = _space_needed(root, manifest)
+    check_free(what, root / MANIFEST, need, fix)
+    current = root / MANIFEST
+    try:
+        for layer, entry in enumerate(manifest.layers):
+            mag = calibration_mags(calibration, manifest, layer)
+            train = split_holdout(len(mag), holdout, int(info.get("seq_len", 1)))
+            active = active_sets(mag[:train], keep)
+            order = order_for(method, active)
+            current = root / placed_name(entry.file, layer, order)
+            _rewrite_layer(root, manifest, layer, order, written)
+            entry.hot = hot_order(active)[: entry.n_neurons // 2]
+            report(f"layer {layer}")
+        manifest.format_version = PLACED_FORMAT_VERSION
+        manifest.placement = {"method": method, "keep": keep, "calibration": str(calibration),
+                              "train_tokens": train, "holdout": holdout}
+        current = root / MANIFEST
+        _write_manifest(root, manifest)
+    except BaseException as e:
+        for rel in set(written) - set(old_files):  # the old manifest, still in place, does
+            (root / rel).unlink(missing_ok=True)  # not list them
+        if is_full(e):
+            raise space_error(what, current, need, fix, e) from e
+        raise
+    _delete_unreferenced(root, manifest, old_files)
     return PlaceReport(method, keep, train, manifest.n_layers)
 
 
-def _rewrite_layer(root: Path, manifest: Manifest, layer: int, order: np.ndarray) -> None:
-    """Write layer's rows in `order` (original ids) under a new name; update its entry."""
+def _space_needed(root: Path, manifest: Manifest) -> int:
+    """Bytes `place` writes beside the old files: every layer, and the manifest with its
+    orders (base64 int32: ~5.4 bytes per neuron, order and hot)."""
+    neurons = sum(e.n_neurons for e in manifest.layers)
+    return manifest.ffn_bytes + (root / MANIFEST).stat().st_size + 8 * neurons
+
+
+def placed_name(file: str, layer: int, order: np.ndarray) -> str:
+    """The name of a layer file placed in `order`, beside `file` (tagged by the order)."""
+    tag = "p" + hashlib.sha256(order.tobytes()).hexdigest()[:8]
+    return f"{Path(file).parent}/layer_{layer:03d}.{tag}.bin"
+
+
+def _rewrite_layer(root: Path, manifest: Manifest, layer: int, order: np.ndarray,
+                   written: list[str]) -> None:
+    """Write layer's rows in `order` (original ids) under `placed_name` (appended to
+    `written` once it exists); update its entry."""
     entry = manifest.layers[layer]
     rows = read_layer_rows(root, manifest, layer)
-    tag = "p" + hashlib.sha256(order.tobytes()).hexdigest()[:8]
-    rel = f"{Path(entry.file).parent}/layer_{layer:03d}.{tag}.bin"
-    with atomic_write(root / rel) as tmp:
-        np.ascontiguousarray(rows[order]).tofile(tmp)
+    rel = placed_name(entry.file, layer, order)
+    with atomic_write(root / rel) as tmp, open(tmp, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(rows[order])))
+    written.append(rel)
     entry.file, entry.order, entry.sha256 = rel, order, sha256_file(root / rel)
 
 
-def _commit(root: Path, manifest: Manifest, old_files: list[str]) -> None:
-    """Replace the manifest atomically (the commit point), then delete unreferenced files."""
-    with atomic_write(root / MANIFEST) as tmp:
-        tmp.write_text(manifest.to_json())
+def _write_manifest(root: Path, manifest: Manifest) -> None:
+    """Replace the manifest atomically: the commit point of `place`."""
+    with atomic_write(root / MANIFEST) as tmp, open(tmp, "w") as f:
+        f.write(manifest.to_json())
+
+
+def _delete_unreferenced(root: Path, manifest: Manifest, old_files: list[str]) -> None:
+    """After the commit: the old layer files the new manifest does not list."""
     live = {e.file for e in manifest.layers}
     for rel in old_files:
         if rel not in live:

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..format.arch import ARCHITECTURES, mlp_prefix
-from ..format.manifest import RESIDENT, Manifest, read_layer_rows, read_manifest
+from ..format.manifest import RESIDENT, Manifest, check_resident, read_layer_rows, read_manifest
 from ..format.storage import tensor_sizes
 from ..process import apply_budget_settings
 from . import disk as runtime_disk
@@ -144,6 +144,7 @@ def assemble(root: Path, manifest: Manifest, backend: CacheBackend, install: Ins
     puts the rest of the model on the backend. Returns (model, linears the backend swapped).
     """
     model = build_model(manifest)
+    check_resident(root, manifest)  # its block checksums (a dir without them: one warning)
     weights = load_resident(root, model, backend.weight_dtype, skip, bits, group_size)
     install(model, weights)
     model.load_weights(list(weights.items()), strict=True)

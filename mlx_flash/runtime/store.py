@@ -15,6 +15,12 @@ With `direct=True` the files are opened with O_DIRECT (page cache bypassed, what
 gives): each span is widened to 4096-byte boundaries and read into a page-aligned scratch buffer.
 With `mode="mmap"` the files are memory-mapped and rows are copied out (the page cache decides
 what stays; the benchmark compares the two).
+
+Every block of a bundle file (format/checksums.py, 1 MiB) is checked the first time this store
+reads anything in it: the whole block is read once and its crc32 compared, and a bitmap per file
+remembers it, so steady-state decode pays nothing (prefill's whole-layer streaming checks most
+blocks on the first prompt). A mismatch raises ChecksumError naming the file and the block
+before any of that read is returned. A dir without block checksums is read unchecked.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..format.checksums import BlockTable, ChecksumError
 from ..format.manifest import Manifest
 from ..format.storage import NP_STORAGE
 from .disk import CostModel
@@ -105,6 +112,11 @@ class NeuronStore:
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per reading thread: O_DIRECT's aligned buffer
         self.stats = IOStats()
+        self.tables = [BlockTable(p, e.size, e.blocks) if e.blocks else None
+                       for p, e in zip(self.paths, manifest.layers, strict=True)]
+        self.verified = [np.zeros(t.n_blocks if t else 0, dtype=bool) for t in self.tables]
+        self._all_verified = [t is None for t in self.tables]
+        self.blocks_checked = 0  # blocks read and hashed (each once per store)
 
     # -- lifecycle
 
@@ -199,11 +211,37 @@ class NeuronStore:
         spans = (self.plan(layer, pos).spans if planned or not pos.size
                  else [(int(pos[0]), int(pos[-1]) + 1)])
         spans = split_spans(spans, max(1, self.max_read // stride))
+        if not self._all_verified[layer] and pos.size:
+            self._verify(layer, pos)
         if self.mode == "mmap":
             nbytes = self._read_mmap(layer, pos, rows)
         else:
             nbytes = self._read_pread(layer, pos, rows, spans)
         return IOStats(nbytes, len(spans), 0.0, int(pos.size), int(pos.size) * stride)
+
+    def _verify(self, layer: int, pos: np.ndarray) -> None:
+        """Check every not yet verified block the rows at file positions `pos` touch (on the
+        pool), then mark them. Raises ChecksumError (nothing marked) on a mismatch."""
+        table, done = self.tables[layer], self.verified[layer]
+        stride = self.strides[layer]
+        blocks = table.blocks_of(pos.astype(np.int64) * stride, stride)
+        todo = blocks[~done[blocks]]
+        if not todo.size:
+            return
+        list(self._pool.map(self._check_block, [(layer, int(b)) for b in todo]))
+        with self._lock:
+            done[todo] = True
+            self.blocks_checked += int(todo.size)
+            self._all_verified[layer] = bool(done.all())
+
+    def _check_block(self, job: tuple[int, int]) -> None:
+        layer, block = job
+        table = self.tables[layer]
+        start, stop = table.span(block)
+        if self.mode == "mmap":
+            table.check(block, self._map(layer)[start:stop])
+        else:
+            table.check(block, self._read_aligned(layer, start, stop - start))
 
     def _read_pread(self, layer, pos, rows, spans) -> int:
         """Issue one preadv per span on the pool; rows are filled in place."""
@@ -236,14 +274,24 @@ class NeuronStore:
         if not self.direct:
             self._preadv_exact(fd, out, offset, length, layer)
             return length
+        out.reshape(-1)[:] = self._read_aligned(layer, offset, length)
+        return self._aligned_span(layer, offset, length)[1]
+
+    def _aligned_span(self, layer: int, offset: int, length: int) -> tuple[int, int]:
+        """(start, bytes) of the 4096-aligned span around [offset, offset + length)."""
         lo = offset - offset % DIRECT_ALIGN
         hi = min(-(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN,
                  -(-self.sizes[layer] // DIRECT_ALIGN) * DIRECT_ALIGN)
-        view = self._direct_scratch(hi - lo)
-        want = min(hi, self.sizes[layer]) - lo  # the file's tail is not a full page
-        self._preadv_exact(fd, view, lo, want, layer, request=hi - lo)
-        out.reshape(-1)[:] = view[offset - lo:offset - lo + length]
-        return hi - lo
+        return lo, hi - lo
+
+    def _read_aligned(self, layer: int, offset: int, length: int) -> np.ndarray:
+        """Bytes [offset, offset + length) of the layer's file, read as the aligned span
+        around them into this thread's scratch (valid until its next read): O_DIRECT's way."""
+        lo, request = self._aligned_span(layer, offset, length)
+        view = self._direct_scratch(request)
+        want = min(lo + request, self.sizes[layer]) - lo  # the file's tail is not a full page
+        self._preadv_exact(self._fds[layer], view, lo, want, layer, request=request)
+        return view[offset - lo:offset - lo + length]
 
     def _direct_scratch(self, size: int) -> np.ndarray:
         """This thread's page-aligned buffer for O_DIRECT reads, kept between reads (a fresh
@@ -272,10 +320,14 @@ class NeuronStore:
                                      "ended (truncated bundle file? re-convert the model)")
             done += got
 
+    def _map(self, layer: int) -> mmap.mmap:
+        with self._lock:
+            if self._maps[layer] is None:
+                self._maps[layer] = mmap.mmap(self._fds[layer], 0, prot=mmap.PROT_READ)
+        return self._maps[layer]
+
     def _read_mmap(self, layer: int, ids: np.ndarray, rows: np.ndarray) -> int:
-        if self._maps[layer] is None:
-            self._maps[layer] = mmap.mmap(self._fds[layer], 0, prot=mmap.PROT_READ)
-        table = np.frombuffer(self._maps[layer], dtype=np.uint8).reshape(-1, self.strides[layer])
+        table = np.frombuffer(self._map(layer), dtype=np.uint8).reshape(-1, self.strides[layer])
         if table.shape[0] < self.manifest.layers[layer].n_neurons:
             raise StoreReadError(f"{self.paths[layer]} is shorter than the manifest says "
                                  "(truncated bundle file? re-convert the model)")
@@ -395,6 +447,6 @@ class ReadAhead:
             return
         try:
             self.wasted.add(future.result()[1])  # running: wait, its buffer is being written
-        except OSError:
+        except (OSError, ChecksumError):
             pass  # a wrong guess that failed: the read that is wanted reports its own errors
         self._free.append(buf)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from mlx_flash.format.manifest import read_manifest
+import mlx_flash.format.checksums as checksums
+from mlx_flash.format.checksums import ChecksumError
+from mlx_flash.format.manifest import add_block_checksums, read_manifest
 from mlx_flash.runtime.planner import spans_across, split_spans
 from mlx_flash.runtime.store import NeuronStore, ReadAhead, StoreReadError, supports_direct
 
@@ -153,3 +156,78 @@ def test_unplanned_reads_are_one_span_and_must_be_contiguous(flash):
         assert store.read(0, piece)[1].reads == piece.size  # planned: one read per neuron
         with pytest.raises(ValueError, match="one contiguous range"):
             store.read(0, np.array([1, 2, 5]), planned=False)
+
+
+@pytest.fixture
+def damaged(flash, tmp_path):
+    """A copy of the tiny dir with 4 KiB checksum blocks and block 3 of layer 1 damaged:
+    (dir, bad ids: the neurons whose bundle touches that block, good ids: the others)."""
+    root = shutil.copytree(flash, tmp_path / "flash")
+    manifest = add_block_checksums(root, read_manifest(root), block_size=4096)
+    entry = manifest.layers[1]
+    path = root / entry.file
+    data = bytearray(path.read_bytes())
+    data[3 * 4096 + 100:3 * 4096 + 107] = bytes(7)  # 7 bytes in the middle, same size
+    path.write_bytes(bytes(data))
+    starts = np.arange(entry.n_neurons) * entry.stride
+    bad = (starts < 4 * 4096) & (starts + entry.stride > 3 * 4096)
+    return root, np.flatnonzero(bad), np.flatnonzero(~bad)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(direct=True), dict(mode="mmap"),
+                                    dict(max_gap=50)])
+def test_a_damaged_block_is_refused_and_the_rest_read(damaged, kwargs):
+    root, bad, good = damaged
+    manifest = read_manifest(root)
+    want = file_rows(root, manifest, 1)
+    path = root / manifest.layers[1].file
+    with NeuronStore(root, manifest, **kwargs) as store:
+        rows, _ = store.read(1, good[::3])
+        assert np.array_equal(rows, want[good[::3]])
+        out = np.full(manifest.layers[1].n_neurons * manifest.layers[1].stride, 7, np.uint8)
+        for ids in (bad[:1], np.concatenate([good[:5], bad[-1:]])):
+            with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch in block 3 "
+                                                    r"\(bytes 12288-16384\).*re-convert"):
+                store.read(1, ids, out)
+            assert (out == 7).all()  # nothing of a refused read is handed out
+        with pytest.raises(ChecksumError, match="block 3"):
+            list(store.iter_layer(1, 1000))
+        assert np.array_equal(store.read(1, good)[0], want[good])  # still answers the rest
+        assert np.array_equal(store.read(0, np.arange(20))[0], file_rows(root, manifest, 0)[:20])
+
+
+def test_read_ahead_refuses_a_damaged_block_but_drops_a_damaged_guess(damaged):
+    root, bad, good = damaged
+    manifest = read_manifest(root)
+    with NeuronStore(root, manifest) as store:
+        ahead = ReadAhead(store, depth=2, chunk=manifest.layers[1].n_neurons)
+        ahead.expect(1, bad)
+        with pytest.raises(ChecksumError, match="block 3"):
+            ahead.read(1, bad)
+        ahead.expect(1, bad)  # a wrong guess that hits the damage: dropped, not raised
+        ahead._queue[-1][3].exception()
+        rows, _ = ahead.read(1, good[:4])
+        assert np.array_equal(rows, file_rows(root, manifest, 1)[good[:4]])
+        ahead.close()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(direct=True), dict(mode="mmap")])
+def test_each_block_is_hashed_once_per_store(flash, tmp_path, monkeypatch, kwargs):
+    root = shutil.copytree(flash, tmp_path / "flash")
+    manifest = add_block_checksums(root, read_manifest(root), block_size=4096)
+    calls = []
+    real = checksums.block_sum
+    monkeypatch.setattr(checksums, "block_sum", lambda data: calls.append(1) or real(data))
+    n_blocks = -(-manifest.layers[0].size // 4096)
+    with NeuronStore(root, manifest, **kwargs) as store:
+        ids = np.array([0, 1, 2])  # all in block 0
+        store.read(0, ids)
+        assert len(calls) == 1 and store.verified[0].tolist() == [True] + [False] * (n_blocks - 1)
+        store.read(0, ids)
+        store.read(0, np.array([1]))
+        assert len(calls) == 1  # verified: a second read does not hash again
+        for _ in store.iter_layer(0, 40):
+            pass
+        assert len(calls) == n_blocks == store.blocks_checked and store.verified[0].all()
+        store.read(0, np.arange(manifest.layers[0].n_neurons))
+        assert len(calls) == n_blocks

@@ -1,0 +1,138 @@
+"""Block checksums: recorded by convert, checked by every reader; damage is caught when read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import generate
+
+import mlx_flash.format.checksums as checksums
+from mlx_flash import load_dense
+from mlx_flash.cli.main import main as cli_main
+from mlx_flash.format.checksums import BLOCK_SIZE, ChecksumError, check_file, file_checks
+from mlx_flash.format.manifest import (
+    MANIFEST,
+    PREDICTORS,
+    add_block_checksums,
+    file_entry,
+    has_block_checksums,
+    read_manifest,
+)
+from mlx_flash.format.storage import write_text_atomic
+from mlx_flash.runtime.selectors.predictor import load_predictors
+
+PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
+
+
+@pytest.fixture
+def own(tiny_dirs, tmp_path):
+    """A private copy of the tiny qwen2 flash dir (tests damage it)."""
+    return Path(shutil.copytree(tiny_dirs("qwen2")[1], tmp_path / "flash"))
+
+
+def flip(path: Path, offset: int, n: int = 7) -> None:
+    """Overwrite n bytes at offset with their complement: same size, different content."""
+    data = bytearray(path.read_bytes())
+    data[offset:offset + n] = bytes(b ^ 0xFF for b in data[offset:offset + n])
+    path.write_bytes(bytes(data))
+
+
+def strip_blocks(root: Path) -> None:
+    """Make `root` look like a dir converted before block checksums."""
+    data = json.loads((root / MANIFEST).read_text())
+    data["resident"].pop("blocks")
+    for layer in data["layers"]:
+        layer.pop("blocks")
+    write_text_atomic(root / MANIFEST, json.dumps(data))
+
+
+def test_convert_records_blocks_beside_the_sha256(own):
+    manifest = read_manifest(own)
+    assert has_block_checksums(manifest)
+    for entry in [manifest.resident, *[vars(e) for e in manifest.layers]]:
+        sha256, blocks = file_checks(own / entry["file"])
+        assert entry["sha256"] == sha256 and entry["blocks"] == blocks
+        assert blocks["algo"] == "crc32" and blocks["block_size"] == BLOCK_SIZE
+        assert check_file(own / entry["file"], entry["size"], entry["blocks"])
+
+
+def test_flipped_bundle_bytes_are_caught_by_load_dense(own):
+    manifest = read_manifest(own)
+    path = own / manifest.layers[1].file
+    flip(path, path.stat().st_size // 2)
+    with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch in block 0 \(bytes "
+                                            rf"0-{path.stat().st_size}\).*re-convert"):
+        load_dense(own)
+
+
+def test_flipped_bundle_bytes_are_caught_by_the_first_flash_read(flash_load, own):
+    path = own / read_manifest(own).layers[0].file
+    flip(path, 1000)
+    model, tokenizer = flash_load(own, window=2)
+    with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch in block 0"):
+        generate(model, tokenizer, PROMPT, max_tokens=3, verbose=False)
+
+
+def test_flipped_resident_bytes_are_caught_at_load(flash_load, own):
+    path = own / "resident.safetensors"
+    flip(path, path.stat().st_size - 100)
+    with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch in block 0"):
+        load_dense(own)
+    with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch"):
+        flash_load(own)
+
+
+def test_flipped_predictors_bytes_are_caught_at_load(own):
+    path = own / PREDICTORS
+    mx.save_safetensors(str(path), {"x": mx.zeros((64, 64))},
+                        metadata={"format": "mlx-flash-predictors", "version": "1"})
+    manifest = read_manifest(own)
+    manifest.predictors = file_entry(own, PREDICTORS)
+    write_text_atomic(own / MANIFEST, manifest.to_json())
+    flip(path, path.stat().st_size - 100)
+    with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch.*train-predictors"):
+        load_predictors(own)
+
+
+def test_old_dir_loads_with_a_warning_and_write_checksums_makes_it_checked(own, capsys):
+    strip_blocks(own)
+    assert not has_block_checksums(read_manifest(own))
+    with pytest.warns(UserWarning, match=r"no block checksums.*--verify --write-checksums"):
+        reference, _ = load_dense(own)
+    assert cli_main(["info", str(own), "--verify", "--write-checksums"]) == 0
+    assert "block checksums recorded" in capsys.readouterr().out
+    assert has_block_checksums(read_manifest(own))
+    assert not list(own.glob(".manifest*"))  # written atomically, no temp left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dense(own)
+    path = own / read_manifest(own).layers[0].file
+    flip(path, 10)
+    with pytest.raises(ChecksumError, match=str(path)):
+        load_dense(own)
+
+
+def test_write_checksums_refuses_a_damaged_dir(own, capsys):
+    strip_blocks(own)
+    path = own / read_manifest(own).layers[0].file
+    flip(path, 10)
+    assert cli_main(["info", str(own), "--verify", "--write-checksums"]) != 0
+    assert f"{path}: checksum mismatch" in capsys.readouterr().err
+    assert not has_block_checksums(read_manifest(own))
+
+
+def test_block_hashes_are_counted_once(own, monkeypatch):
+    add_block_checksums(own, read_manifest(own), block_size=4096)
+    calls = []
+    real = checksums.block_sum
+    monkeypatch.setattr(checksums, "block_sum", lambda data: calls.append(1) or real(data))
+    load_dense(own)
+    manifest = read_manifest(own)
+    blocks = sum(-(-e.size // 4096) for e in manifest.layers) + -(-manifest.resident["size"]
+                                                                   // 4096)
+    assert len(calls) == blocks
