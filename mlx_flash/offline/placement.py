@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..format.checksums import file_checks
 from ..format.manifest import (
     MANIFEST,
     PLACED_FORMAT_VERSION,
@@ -41,7 +42,7 @@ from ..format.manifest import (
     read_layer_rows,
     read_manifest,
 )
-from ..format.storage import atomic_write, sha256_file
+from ..format.storage import atomic_write
 from ..runtime.disk import CostModel
 from ..runtime.planner import plan_reads, span_bytes
 from .space import check_free, is_full, space_error
@@ -289,7 +290,8 @@ def _rewrite_layer(root: Path, manifest: Manifest, layer: int, order: np.ndarray
     with atomic_write(root / rel) as tmp, open(tmp, "wb") as f:
         f.write(memoryview(np.ascontiguousarray(rows[order])))
     written.append(rel)
-    entry.file, entry.order, entry.sha256 = rel, order, sha256_file(root / rel)
+    entry.file, entry.order = rel, order
+    entry.sha256, entry.blocks = file_checks(root / rel)
 
 
 def _write_manifest(root: Path, manifest: Manifest) -> None:
