@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm import generate
 
@@ -24,7 +26,12 @@ from mlx_flash.format.manifest import (
     read_manifest,
 )
 from mlx_flash.format.storage import write_text_atomic
+from mlx_flash.offline.placement import place
 from mlx_flash.runtime.selectors.predictor import load_predictors
+from mlx_flash.spec.drafter import Drafter, init_params, load_drafter, save_drafter
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "offline"))
+from test_placement import fake_calibration  # noqa: E402
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
 
@@ -59,6 +66,19 @@ def test_convert_records_blocks_beside_the_sha256(own):
         assert entry["sha256"] == sha256 and entry["blocks"] == blocks
         assert blocks["algo"] == "crc32" and blocks["block_size"] == BLOCK_SIZE
         assert check_file(own / entry["file"], entry["size"], entry["blocks"])
+
+
+def test_place_records_the_blocks_of_the_files_it_writes(own, tmp_path):
+    calib, _ = fake_calibration(tmp_path / "calib", read_manifest(own))
+    place(own, calib, "coact", keep=0.3)
+    manifest = read_manifest(own)
+    assert manifest.format_version == 2 and has_block_checksums(manifest)
+    for entry in manifest.layers:
+        assert (entry.sha256, entry.blocks) == file_checks(own / entry.file)
+    path = own / manifest.layers[0].file
+    flip(path, 100)
+    with pytest.raises(ChecksumError, match=str(path)):
+        load_dense(own)
 
 
 def test_flipped_bundle_bytes_are_caught_by_load_dense(own):
@@ -97,6 +117,15 @@ def test_flipped_predictors_bytes_are_caught_at_load(own):
     flip(path, path.stat().st_size - 100)
     with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch.*train-predictors"):
         load_predictors(own)
+
+
+def test_flipped_drafter_bytes_are_caught_at_load(own, tmp_path):
+    model, _ = load_dense(own)
+    drafter = Drafter(init_params(64, 1, seed=1), np.arange(256)).attach(model, own)
+    path = save_drafter(drafter, own, tmp_path / "d.safetensors")
+    flip(path, path.stat().st_size // 2)
+    with pytest.raises(ChecksumError, match=rf"{path}: checksum mismatch.*train-drafter"):
+        load_drafter(path, own)
 
 
 def test_old_dir_loads_with_a_warning_and_write_checksums_makes_it_checked(own, capsys):
