@@ -18,6 +18,10 @@ The kernel sources are bodies for `mx.fast.metal_kernel` / `mx.fast.cuda_kernel`
 separated by marker lines (see `parse_kernel_source`). Each kernel is built once, lazily, on its
 first call; MLX then compiles one specialisation per set of template arguments (dtypes, P, tokens,
 activation, flags) and caches it.
+
+Self-check: the first time the dispatchers meet a specialisation on a GPU they run it and the
+reference on a small random input (`_trusted`). A compile error or a result that disagrees gives
+one RuntimeWarning naming the kernel, and that specialisation runs the reference from then on.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import contextvars
 import functools
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..format.arch import ACTIVATION_CODES
 from ..format.home import kernel_dir as home_kernel_dir
@@ -276,12 +282,67 @@ def _check_ffn_args(x: mx.array, weights: mx.array, n: int, activation: str) -> 
         raise ValueError(f"n={n} is outside the buffer's 0..{weights.shape[1]} rows")
 
 
+_verified: dict[tuple, bool] = {}  # specialisation -> whether its self-check passed
+
+
+SELF_CHECK_TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 5e-2}  # x max |reference|
+
+
+def _trusted(key: tuple, what: str, run: Callable[[], tuple[mx.array, mx.array]],
+             tol: float) -> bool:
+    """Whether the kernel specialisation `key` may run: on first use `run()` gives (kernel,
+    reference) on a small random input; a compile error or a difference over `tol` x the
+    reference's largest value warns once and pins the reference for `key`."""
+    if key in _verified:
+        return _verified[key]
+    try:
+        got, want = (a.astype(mx.float32) for a in run())
+        mx.eval(got, want)
+        err = mx.max(mx.abs(got - want)).item()
+        scale = max(mx.max(mx.abs(want)).item(), 1.0)
+        ok = bool(np.isfinite(err) and err <= tol * scale)
+        reason = f"differs from the MLX reference by {err:.3g} (allowed {tol * scale:.3g})"
+    except Exception as e:  # a kernel that does not compile or launch on this GPU
+        ok, reason = False, f"failed to compile or run ({type(e).__name__}: {e})"
+    if not ok:
+        warnings.warn(f"mlx-flash: kernel {key[0]} on {key[1]} ({what}) {reason}; the MLX "
+                      f"reference runs instead from now on (set {ENV_KERNELS}=reference to use "
+                      "it for every kernel, and please report this GPU)", RuntimeWarning,
+                      stacklevel=4)
+    _verified[key] = ok
+    return ok
+
+
+def _ffn_trusted(which: str, x: mx.array, weights: mx.array, activation: str, masked: bool,
+                 biased: bool) -> bool:
+    """`_trusted` for the FFN kernel pair with x's and weights' template arguments, on
+    (T, 40) inputs and 9 of 12 rows (past one 8-row group)."""
+    tokens, parts = x.shape[0], weights.shape[0]
+    key = ("flash_ffn", which, str(weights.dtype), str(x.dtype), parts, tokens, activation,
+           masked, biased)
+    what = (f"weights {weights.dtype}, x {x.dtype}, P={parts}, tokens={tokens}, activation "
+            f"{activation}, mask {masked}, bias {biased}")
+
+    def run() -> tuple[mx.array, mx.array]:
+        rng = np.random.default_rng(0)
+        xs = mx.array(rng.standard_normal((tokens, 40)), dtype=x.dtype)
+        ws = mx.array(0.3 * rng.standard_normal((parts, 12, 40)), dtype=weights.dtype)
+        mask = mx.array(rng.random((tokens, 9)) < 0.7, dtype=mx.float32) if masked else None
+        bias = mx.array(rng.standard_normal((parts - 1, 12)), dtype=weights.dtype) \
+            if biased else None
+        return (ffn_kernel(xs, ws, 9, activation, mask, bias, which),
+                ffn_over_rows(xs, ws, 9, activation, mask, bias))
+
+    return _trusted(key, what, run, SELF_CHECK_TOL[weights.dtype])
+
+
 def compute_ffn(x: mx.array, weights: mx.array, n: int, activation: str,
                 mask: mx.array | None = None, in_bias: mx.array | None = None) -> mx.array:
     """`ffn_over_rows` on the current back end (same arguments, same result)."""
     _check_ffn_args(x, weights, n, activation)
     which = _kernel_backend(x, weights)
-    if which is None:
+    if which is None or not _ffn_trusted(which, x, weights, activation, mask is not None,
+                                         in_bias is not None):
         return ffn_over_rows(x, weights, n, activation, mask, in_bias)
     return ffn_kernel(x, weights, n, activation, mask, in_bias, which)
 
@@ -300,6 +361,25 @@ def apply_window_update(weights: mx.array, dst: mx.array, src: mx.array, slots: 
                         rows: mx.array) -> mx.array:
     """`window_update` on the current back end. Always use the returned array."""
     which = backend()
-    if which == "reference" or not window_kernel_enabled() or weights.dtype not in KERNEL_DTYPES:
+    if which == "reference" or not window_kernel_enabled() or weights.dtype not in KERNEL_DTYPES \
+            or not _window_trusted(which, weights):
         return window_update(weights, dst, src, slots, rows)
     return window_update_kernel(weights, dst, src, slots, rows, which)
+
+
+def _window_trusted(which: str, weights: mx.array) -> bool:
+    """`_trusted` for the window kernel with weights' dtype and P: moves and inserts into a
+    (P, 6, 8) buffer must equal the reference exactly (it copies)."""
+    parts = weights.shape[0]
+    key = ("flash_window_update", which, str(weights.dtype), parts)
+
+    def run() -> tuple[mx.array, mx.array]:
+        rng = np.random.default_rng(0)
+        buf = mx.array(rng.standard_normal((parts, 6, 8)), dtype=weights.dtype)
+        dst, src = mx.array([0, 1], dtype=mx.int32), mx.array([4, 5], dtype=mx.int32)
+        slots = mx.array([2, 4], dtype=mx.int32)
+        new = mx.array(rng.standard_normal((parts, 2, 8)), dtype=weights.dtype)
+        return (window_update_kernel(buf, dst, src, slots, new, which),
+                window_update(buf, dst, src, slots, new))
+
+    return _trusted(key, f"weights {weights.dtype}, P={parts}", run, 0.0)

@@ -19,6 +19,7 @@ import math
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -533,12 +534,14 @@ def test_emulated_dispatch_routes_by_shape(use_emulator, monkeypatch):
 
     monkeypatch.setattr(kernels, "_kernel", counting)
     monkeypatch.setattr(kernels, "backend", lambda: use_emulator)
+    monkeypatch.setattr(kernels, "_verified", {})
     rng = np.random.default_rng(4)
     x, w, _ = make_case(rng, compute_gpu.MAX_KERNEL_TOKENS + 1, 40, 10, 3)
     for tokens in (2, compute_gpu.MAX_KERNEL_TOKENS + 1):
         got = compute_ffn(as_mx(x[:tokens]), as_mx(w), 10, "silu")
         assert_close(got, np_ffn(x[:tokens], w, np.arange(10), "silu"), mx.float32)
-    assert calls == ["flash_ffn_act", "flash_ffn_down"]
+    # the first use's self-check runs the pair once on its own input, then the call does
+    assert calls == ["flash_ffn_act", "flash_ffn_down"] * 2
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -654,3 +657,91 @@ def test_gpu_window_kernel_matches_reference(which, dtype):
     for parts, cap, d in ((3, 6, 5), (2, 4864, 896), (1, 6, 1)):
         _run_updates(lambda *a: window_update_kernel(*a, which=which), parts, cap, d, steps,
                      dtype)
+
+
+# -- the self-check: a kernel that disagrees with the reference is not trusted -----------------
+
+
+class WrongKernel:
+    """A kernel object whose outputs are wrong (all 7s) or whose build raises (compile=False)."""
+
+    def __init__(self, compiles: bool = True):
+        self.compiles, self.calls = compiles, 0
+
+    def __call__(self, *, output_shapes, output_dtypes, **_):
+        self.calls += 1
+        if not self.compiles:
+            raise RuntimeError("[metal_kernel] Unable to build kernel: error: expected ';'")
+        return [mx.full(shape, 7.0, dtype) for shape, dtype in zip(output_shapes, output_dtypes,
+                                                                    strict=True)]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The dispatchers believe they are on Metal; every self-check result is forgotten."""
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(kernels, "_verified", {}, raising=False)
+    monkeypatch.setenv(compute_gpu.ENV_WINDOW_KERNEL, "1")
+
+
+@pytest.mark.parametrize("compiles", [True, False], ids=["wrong-result", "compile-error"])
+def test_a_kernel_that_disagrees_falls_back_to_the_reference_with_one_warning(
+        fake_gpu, monkeypatch, compiles):
+    wrong = WrongKernel(compiles)
+    monkeypatch.setattr(kernels, "_kernel", lambda name, which: wrong)
+    rng = np.random.default_rng(5)
+    x, w, _ = make_case(rng, 2, 40, 10, 3)
+    want = ffn_over_rows(as_mx(x), as_mx(w), 10, "silu")
+    with pytest.warns(RuntimeWarning, match="flash_ffn.*metal.*MLX_FLASH_KERNELS=reference"):
+        got = compute_ffn(as_mx(x), as_mx(w), 10, "silu")
+    assert mx.array_equal(got, want)
+    calls = wrong.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, and the kernel is not run again
+        assert mx.array_equal(compute_ffn(as_mx(x), as_mx(w), 10, "silu"), want)
+    assert wrong.calls == calls
+
+
+def test_each_specialisation_is_checked_on_its_own(fake_gpu, monkeypatch):
+    wrong = WrongKernel()
+    monkeypatch.setattr(kernels, "_kernel", lambda name, which: wrong)
+    rng = np.random.default_rng(6)
+    x, w, _ = make_case(rng, 2, 40, 10, 3)
+    with pytest.warns(RuntimeWarning, match="silu"):
+        compute_ffn(as_mx(x), as_mx(w), 10, "silu")
+    with pytest.warns(RuntimeWarning, match="relu2"):  # another activation: checked again
+        compute_ffn(as_mx(x), as_mx(w), 10, "relu2")
+    with pytest.warns(RuntimeWarning, match="float16"):  # another dtype too
+        compute_ffn(as_mx(x).astype(mx.float16), as_mx(w).astype(mx.float16), 10, "silu")
+
+
+def test_a_wrong_window_kernel_falls_back_to_the_reference(fake_gpu, monkeypatch):
+    wrong = WrongKernel()
+    monkeypatch.setattr(kernels, "_kernel", lambda name, which: wrong)
+    rng = np.random.default_rng(7)
+    weights = mx.array(rng.standard_normal((3, 6, 8)).astype(np.float32))
+    dst, src = mx.array([0], dtype=mx.int32), mx.array([5], dtype=mx.int32)
+    slots = mx.array([2], dtype=mx.int32)
+    rows = mx.array(rng.standard_normal((3, 1, 8)).astype(np.float32))
+    want = window_update(weights, dst, src, slots, rows)
+    with pytest.warns(RuntimeWarning, match="flash_window_update.*MLX_FLASH_KERNELS"):
+        got = apply_window_update(weights, dst, src, slots, rows)
+    assert mx.array_equal(got, want)
+
+
+def test_a_kernel_that_agrees_is_used_without_a_warning(use_emulator, monkeypatch):
+    monkeypatch.setattr(kernels, "backend", lambda: use_emulator)
+    monkeypatch.setattr(kernels, "_verified", {}, raising=False)
+    rng = np.random.default_rng(8)
+    x, w, _ = make_case(rng, 2, 40, 10, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compute_ffn(as_mx(x), as_mx(w), 10, "silu")
+    assert_close(got, np_ffn(x, w, np.arange(10), "silu"), mx.float32)
+    monkeypatch.setenv(compute_gpu.ENV_WINDOW_KERNEL, "1")
+    weights = mx.array(rng.standard_normal((3, 6, 8)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_window_update(weights, mx.array([0], dtype=mx.int32), mx.array([5], dtype=mx.int32),
+                            mx.array([], dtype=mx.int32), mx.zeros((3, 0, 8)))
+    assert list(kernels._verified.values()) == [True, True]
