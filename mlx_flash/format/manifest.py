@@ -40,7 +40,14 @@ import numpy as np
 
 from ..process import trim_heap
 from .arch import ACTIVATIONS, ARCHITECTURES, RELU_FAMILY
-from .checksums import BLOCK_SIZE, BlockTable, check_file, file_checks, unverified_message
+from .checksums import (
+    BLOCK_SIZE,
+    BlockTable,
+    ChecksumError,
+    check_file,
+    file_checks,
+    unverified_message,
+)
 from .errors import FormatError
 from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file, tensor_sizes, write_text_atomic
 
@@ -542,13 +549,25 @@ def check_sizes(root: Path, manifest: Manifest, where: str = MANIFEST) -> None:
 
 
 def verify_checksums(root: str | Path, manifest: Manifest | None = None, progress=None) -> None:
-    """Full check: sha256 of every file against the manifest. Slow (reads everything)."""
+    """Full check: sha256 of every file against the manifest, and its block checksums where
+    recorded (the same pass; a damaged table would refuse good reads). Slow (reads everything).
+    """
     root = Path(root)
     manifest = manifest or read_manifest(root)
     for entry in listed_files(manifest):
         path = contained(root, entry["file"], str(root / MANIFEST))
-        if sha256_file(path) != entry["sha256"]:
+        blocks = entry.get("blocks")
+        if blocks:
+            BlockTable(path, entry["size"], blocks)  # readable, the right length
+            sha256, got = file_checks(path, blocks["block_size"])
+        else:
+            sha256, got = sha256_file(path), None
+        if sha256 != entry["sha256"]:
             raise FormatError(f"{path}: checksum mismatch, the file is corrupted; re-convert "
                               "the model")
+        if blocks and got != blocks:
+            raise ChecksumError(f"{path}: its sha256 matches but its block checksums in the "
+                                "manifest do not; rewrite them with `mlx-flash info DIR "
+                                "--verify --write-checksums`")
         if progress is not None:
             progress(entry["size"])

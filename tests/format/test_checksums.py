@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import sys
@@ -153,6 +154,17 @@ def test_write_checksums_refuses_a_damaged_dir(own, capsys):
     assert cli_main(["info", str(own), "--verify", "--write-checksums"]) != 0
     assert f"{path}: checksum mismatch" in capsys.readouterr().err
     assert not has_block_checksums(read_manifest(own))
+
+
+def test_verify_checks_the_block_table_too(own, capsys):
+    assert cli_main(["info", str(own), "--verify"]) == 0
+    data = json.loads((own / MANIFEST).read_text())
+    sums = bytearray(base64.b64decode(data["layers"][0]["blocks"]["sums"]))
+    sums[0] ^= 1
+    data["layers"][0]["blocks"]["sums"] = base64.b64encode(bytes(sums)).decode()
+    write_text_atomic(own / MANIFEST, json.dumps(data))
+    assert cli_main(["info", str(own), "--verify"]) != 0
+    assert "sha256 matches but its block checksums" in capsys.readouterr().err
 
 
 def test_block_hashes_are_counted_once(own, monkeypatch):
