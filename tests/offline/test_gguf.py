@@ -21,6 +21,7 @@ from gguf import TokenType
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_tokenizer
 
+import mlx_flash.offline.sources.gguf as gguf_source
 from mlx_flash.offline.sources.gguf import (
     GGUFCheckpoint,
     llama3_factors,
@@ -609,3 +610,20 @@ def test_repeated_tensor_name_is_refused_by_name(tmp_path):
     path.write_bytes(gguf_bytes([], records, b"\0" * 64))
     with pytest.raises(ValueError, match="twice.gguf.*w.*twice"):
         read_header(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("qwen2.attention.head_count", "four"),
+    ("qwen2.attention.head_count", 0),
+    ("qwen2.block_count", -1),
+    ("qwen2.embedding_length", 2.5),
+    ("qwen2.context_length", [1, 2]),
+    ("qwen2.feed_forward_length", "wide"),
+])
+def test_metadata_of_the_wrong_type_is_refused_by_name(models, monkeypatch, key, value):
+    path = models["qwen2"][0]
+    meta, tensors = read_header(path)
+    monkeypatch.setattr(gguf_source, "read_header", lambda p: ({**meta, key: value}, tensors))
+    with pytest.raises(ValueError, match=f"qwen2.gguf.*{key}") as info:
+        GGUFCheckpoint(path)
+    assert repr(value) in str(info.value) or str(value) in str(info.value)

@@ -370,23 +370,32 @@ class GGUFCheckpoint(Checkpoint):
         value = self.meta.get(full, default)
         return value.item() if isinstance(value, np.generic) else value
 
+    def _count(self, key: str, default: Any = None, required: bool = False) -> int:
+        """A positive integer from the metadata; ValueError naming the file and key else."""
+        value = self._get(key, default, required)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{self.path}: GGUF metadata {self.arch}.{key} is {value!r}, not a "
+                             "positive integer; the file is corrupt or was edited - download "
+                             "or export it again")
+        return value
+
     def _build_config(self) -> dict:
-        heads = int(self._get("attention.head_count", required=True))
-        hidden = int(self._get("embedding_length", required=True))
+        heads = self._count("attention.head_count", required=True)
+        hidden = self._count("embedding_length", required=True)
         if "model.embed_tokens.weight" not in self._names:
             raise ValueError(f"{self.path}: no token_embd.weight tensor; not a complete model")
         config = {
             "model_type": MODEL_TYPES[self.arch],
             "hidden_size": hidden,
-            "num_hidden_layers": int(self._get("block_count", required=True)),
+            "num_hidden_layers": self._count("block_count", required=True),
             "intermediate_size": self._ffn_length(),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self._get("attention.head_count_kv", heads)),
+            "num_key_value_heads": self._count("attention.head_count_kv", heads),
             "rms_norm_eps": _f32(self._get("attention.layer_norm_rms_epsilon", required=True)),
             "rope_theta": _f32(self._get("rope.freq_base", 10000.0)),
             "vocab_size": self._names["model.embed_tokens.weight"].shape[0],
             "tie_word_embeddings": "lm_head.weight" not in self._names,
-            "max_position_embeddings": int(self._get("context_length", 4096)),
+            "max_position_embeddings": self._count("context_length", 4096),
             **self._special_ids(),
         }
         rope_scaling = self._rope_scaling(config)
@@ -397,7 +406,12 @@ class GGUFCheckpoint(Checkpoint):
 
     def _ffn_length(self) -> int:
         value = self._get("feed_forward_length", required=True)
-        sizes = {int(v) for v in np.atleast_1d(value)}
+        array = np.atleast_1d(value)
+        if array.dtype.kind not in "iu" or array.size == 0 or array.min() < 1:
+            raise ValueError(f"{self.path}: GGUF metadata {self.arch}.feed_forward_length is "
+                             f"{value!r}, not positive integers; the file is corrupt or was "
+                             "edited - download or export it again")
+        sizes = {int(v) for v in array}
         if len(sizes) != 1:
             raise ValueError(f"{self.path}: per-layer FFN sizes {sorted(sizes)} are not "
                              "supported (mlx-flash needs one intermediate_size)")
