@@ -490,8 +490,15 @@ def read_manifest(root: str | Path) -> Manifest:
 
 def check_headers(root: Path, manifest: Manifest) -> None:
     """The resident (and predictors) safetensors headers parse and stay inside their files
-    (`tensor_sizes` raises FormatError naming the file); cheap, the data is not read."""
-    tensor_sizes(root / manifest.resident["file"])
+    (`tensor_sizes` raises FormatError naming the file); cheap, the data is not read. The
+    resident matrices are stored in the bundles' dtype (`convert` writes both), so a bundle
+    dtype edited to another of the same size still shows."""
+    path = root / manifest.resident["file"]
+    dtypes = {e.dtype for e in tensor_sizes(path).values() if len(e.shape) >= 2}
+    if dtypes and dtypes != {manifest.ffn.dtype}:
+        raise FormatError(f"{root / MANIFEST}: ffn dtype {manifest.ffn.dtype} disagrees with "
+                          f"{path}, whose matrices are {', '.join(sorted(dtypes))}: the manifest "
+                          "was edited or damaged; re-convert the model")
     if manifest.predictors:
         tensor_sizes(root / manifest.predictors["file"])
 
@@ -515,6 +522,12 @@ def check_shapes(manifest: Manifest, where: str) -> None:
         if entry.stride < manifest.ffn.bundle_bytes:
             raise FormatError(f"{where}: layer {i} stride {entry.stride} is smaller than the "
                               f"bundle ({manifest.ffn.bundle_bytes} bytes)")
+        if entry.stride != round_up(manifest.ffn.bundle_bytes, manifest.align):
+            raise FormatError(f"{where}: layer {i} stride {entry.stride} is not the "
+                              f"{manifest.ffn.bundle_bytes}-byte bundle of the ffn layout "
+                              f"(bits {manifest.ffn.bits}, dtype {manifest.ffn.dtype}, has_bias "
+                              f"{manifest.ffn.has_bias}) rounded up to align {manifest.align}: "
+                              "the layout was edited or damaged; re-convert the model")
         if entry.size != entry.n_neurons * entry.stride:
             raise FormatError(f"{where}: layer {i} size {entry.size} != n_neurons*stride")
 

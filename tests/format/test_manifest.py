@@ -161,3 +161,22 @@ def test_honest_safetensors_header_still_reads(tmp_path):
     entries = tensor_sizes(path)
     assert entries["w"].shape == (3, 4) and entries["w"].nbytes == 48
     assert entries["b"].dtype == "I32" and entries["b"].shape == ()
+
+
+@pytest.mark.parametrize("change", [
+    {"dtype": "float16"},  # the bundles are float32: half the bytes per neuron
+    {"bits": 8},
+    {"has_bias": True, "parts": []},  # parts recomputed with biases: 2 more elements
+])
+def test_layout_that_disagrees_with_the_stride_is_refused(flash_copy, change):
+    edit(flash_copy, lambda d: d["ffn"].update(change))
+    with pytest.raises(FormatError, match="manifest.json.*stride"):
+        read_manifest(flash_copy)
+
+
+def test_bundle_dtype_that_disagrees_with_the_resident_is_refused(tiny_dirs, tmp_path):
+    _, flash = tiny_dirs("qwen2", "float16")
+    copy = shutil.copytree(flash, tmp_path / "model")
+    edit(copy, lambda d: d["ffn"].update(dtype="bfloat16"))  # same size: only the dtype tells
+    with pytest.raises(FormatError, match="manifest.json.*bfloat16.*resident.safetensors.*float16"):
+        read_manifest(copy)
