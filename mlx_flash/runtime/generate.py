@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .stats import peak_rss_bytes
 
@@ -38,12 +39,22 @@ def cached_tokens(cache: list) -> int | None:
 
 @dataclass
 class GenerationResult:
+    """One generation's text and the figures mlx_lm's generate prints (tokens/s as mlx_lm
+    counts them: the prompt's prefill, then from the first generated token to the last)."""
+
     text: str
     prompt_tokens: int
     generation_tokens: int
     prompt_tps: float
     generation_tps: float
     peak_rss_bytes: int
+    time_to_first_token_s: float = 0.0  # from the call to the first token, prefill included
+
+    def figures(self) -> dict:
+        """Everything but the text (the "generation" entry of `--stats-json`)."""
+        out = asdict(self)
+        del out["text"]
+        return out
 
 
 def format_prompt(tokenizer, prompt: str, system: str | None = None,
@@ -78,15 +89,27 @@ def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float
 def generate_text(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,
                   top_p: float = 1.0, seed: int | None = None, on_token=None,
                   speculative=None) -> GenerationResult:
-    """Generate and collect the text; `on_token(response)` is called per token."""
-    text, last = "", None
+    """Generate and collect the text; `on_token(response)` is called per token.
+
+    On a flash model the result's figures also go into `model.flash.stats.generation`
+    (`--stats-json`'s "generation" entry)."""
+    text, last, first_at = "", None, None
+    started = time.perf_counter()
     for response in stream(model, tokenizer, prompt_ids, max_tokens, temp, top_p, seed,
                            speculative):
+        if first_at is None:
+            first_at = time.perf_counter()
         text += response.text
         last = response
         if on_token is not None:
             on_token(response)
     if last is None:
-        return GenerationResult("", len(prompt_ids), 0, 0.0, 0.0, peak_rss_bytes())
-    return GenerationResult(text, last.prompt_tokens, last.generation_tokens, last.prompt_tps,
-                            last.generation_tps, peak_rss_bytes())
+        result = GenerationResult("", len(prompt_ids), 0, 0.0, 0.0, peak_rss_bytes())
+    else:
+        result = GenerationResult(text, last.prompt_tokens, last.generation_tokens,
+                                  last.prompt_tps, last.generation_tps, peak_rss_bytes(),
+                                  first_at - started)
+    flash = getattr(model, "flash", None)
+    if flash is not None:
+        flash.stats.generation = result.figures()
+    return result

@@ -7,11 +7,14 @@ Library code only fills these in; the CLI prints them (`--verbose`) or dumps the
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import psutil
+
+from ..format.storage import write_text_atomic
 
 TIME_KEYS = ("predictor", "io", "memory", "compute")
 
@@ -57,6 +60,7 @@ class RunStats:
     settings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)  # planned budget breakdown, bytes
     speculative: dict = field(default_factory=dict)  # SpecStats.totals() with a drafter
+    generation: dict = field(default_factory=dict)  # GenerationResult.figures() of the last run
 
     def new_step(self, tokens: int) -> TokenStats:
         self.steps.append(TokenStats(tokens=tokens))
@@ -95,16 +99,16 @@ class RunStats:
                "steps": [s.to_dict() for s in self.steps]}
         if self.speculative:
             out["speculative"] = self.speculative
+        if self.generation:
+            out["generation"] = self.generation
         return out
 
     def write_json(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     def reset(self) -> None:
         self.steps.clear()
+        self.generation = {}
 
 
 def peak_rss_bytes() -> int:
@@ -114,6 +118,4 @@ def peak_rss_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
