@@ -180,3 +180,11 @@ def test_bundle_dtype_that_disagrees_with_the_resident_is_refused(tiny_dirs, tmp
     edit(copy, lambda d: d["ffn"].update(dtype="bfloat16"))  # same size: only the dtype tells
     with pytest.raises(FormatError, match="manifest.json.*bfloat16.*resident.safetensors.*float16"):
         read_manifest(copy)
+
+
+def test_load_refuses_a_manifest_pointing_outside(flash_copy, tmp_path, flash_load):
+    size = json.loads((flash_copy / "manifest.json").read_text())["layers"][0]["size"]
+    secret(tmp_path, size)
+    edit(flash_copy, lambda d: d["layers"][0].update(file="../secret.bin"))
+    with pytest.raises(FormatError, match="secret.bin.*outside"):
+        flash_load(flash_copy)

@@ -68,3 +68,19 @@ def test_tensor_repeated_across_shards_is_refused(tmp_path):
         SafetensorsCheckpoint(src)
     assert "model.safetensors" in str(info.value) and "model-2.safetensors" in str(info.value)
     shutil.rmtree(src)
+
+
+def test_shard_whose_header_lies_is_refused_by_name(tmp_path):
+    src = make_source(tmp_path / "src", "qwen2")
+    path = src / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = "model.layers.0.mlp.down_proj.weight"
+    begin = header[name]["data_offsets"][0]
+    header[name]["data_offsets"] = [begin, begin + 10 * len(raw)]  # past the end of the file
+    blob = json.dumps(header).encode()
+    blob += b" " * (n - len(blob)) if len(blob) <= n else b""
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    with pytest.raises(ValueError, match=f"model.safetensors.*{name}"):
+        SafetensorsCheckpoint(src)
