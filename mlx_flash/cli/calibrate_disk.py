@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..format.manifest import MANIFEST, read_manifest
 from ..offline import calibrate_disk as offline_calibrate_disk
 from ..runtime import disk as runtime_disk
 
 
 def cmd_calibrate_disk(args) -> int:
-    from tqdm import tqdm
-
     where = Path(args.dir).expanduser()
     files = None
     if (where / MANIFEST).exists():  # a flash model dir: read its own bundle files

@@ -21,6 +21,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.models import cache as kv
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
 from ..runtime.generate import cached_tokens, common_prefix, conversation_ids
 from ..runtime.stats import current_rss_bytes
 from .common import add_model_arguments, load_model, model_dir
@@ -42,8 +48,6 @@ class Conversation:
         self.reset()
 
     def reset(self) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
-
         self.messages: list[dict] = ([{"role": "system", "content": self.system_prompt}]
                                      if self.system_prompt else [])
         self.cache = make_prompt_cache(self.model)
@@ -51,7 +55,6 @@ class Conversation:
 
     def _sync_cache(self, ids: list[int]) -> list[int]:
         """Trim the cache to its common prefix with `ids`; return the ids it still needs."""
-        from mlx_lm.models import cache as kv
 
         keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)  # feed >= 1 for logits
         extra = len(self.cached_ids) - keep
@@ -67,7 +70,6 @@ class Conversation:
 
         The reply joins the conversation when the stream ends, also when it is stopped early.
         """
-        from mlx_lm import stream_generate
 
         self.messages.append({"role": "user", "content": text})
         ids = conversation_ids(self.tokenizer, self.messages)
@@ -188,8 +190,6 @@ class StatusBar:
 
 def run_chat(args: argparse.Namespace) -> int:
     """The interactive loop behind `mlx-flash chat`."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
 
     path = model_dir(args)
     args.model = str(path)
@@ -211,7 +211,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def _loop(conversation: Conversation, bar: StatusBar, max_tokens: int, sampler) -> None:
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  (optional: line editing and history for input())
     except ImportError:
         pass
     while True:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..format.home import default_models_dir
 from ..format.manifest import read_manifest
 from ..offline.convert import convert
@@ -22,8 +24,6 @@ from .info import info_bytes
 
 
 def _progress_bar(desc: str, total: int | None):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 file=sys.stderr, disable=None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -12,7 +13,6 @@ from ..offline.evaluate import EvalConfig, evaluate, format_report, format_sweep
 
 def eval_cli(args) -> int:
     """`mlx-flash eval DIR --text-file F [--json OUT]`."""
-    import json
 
     cfg = EvalConfig(ppl_tokens=args.ppl_tokens, prompts=args.prompts,
                      prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from ..format.manifest import (
     add_block_checksums,
     has_block_checksums,
@@ -14,7 +16,6 @@ from ..format.manifest import (
 
 def info_bytes(ckpt) -> dict[str, int]:
     """Approximate bytes each convert stage writes (for the progress bar's total)."""
-    import numpy as np
 
     ffn = sum(int(np.prod(i.shape)) * 2 for n, i in ckpt.tensors().items() if ckpt.is_ffn_tensor(n))
     res = sum(int(np.prod(i.shape)) * 2 for n, i in ckpt.tensors().items()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
+from tqdm import tqdm
+
 from ..format.manifest import read_manifest
 from ..offline.placement import METHODS, place
 
 
 def place_cli(args) -> int:
-    import sys
-
-    from tqdm import tqdm
-
     manifest = read_manifest(args.dir)
     with tqdm(total=manifest.n_layers, desc=f"place ({args.method})", unit="layer",
               file=sys.stderr, disable=None) as bar:

@@ -45,6 +45,10 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
 from ..runtime.generate import conversation_ids
 from .common import add_model_arguments, load_model, model_dir
 
@@ -167,9 +171,6 @@ def flash_summary(model) -> dict | None:
 
 def run_job(model, tokenizer, job: Job, emit: Callable[[str], None]) -> Outcome:
     """Generate on the calling thread, calling `emit(text)` per new piece of text."""
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
 
     stats = getattr(getattr(model, "flash", None), "stats", None)
     if stats is not None:
@@ -492,7 +493,6 @@ def materialize(model) -> None:
     MLX streams belong to threads: an array still lazy on the loading thread (the neuron
     caches' zeroed buffers) cannot be evaluated later on the worker thread.
     """
-    import mlx.core as mx
 
     arrays = [model.parameters()]
     for layer in getattr(model, "layers", []):
@@ -564,7 +564,7 @@ def model_id_for(path: Path) -> str:
 def serve(model, tokenizer, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080,
           log_level: str = "info") -> None:
     """Serve until interrupted (uvicorn handles SIGINT/SIGTERM with a graceful shutdown)."""
-    import uvicorn
+    import uvicorn  # optional dependency: the serve extra (imported when serving starts)
 
     uvicorn.run(create_app(model, tokenizer, settings), host=host, port=port,
                 log_level=log_level, timeout_graceful_shutdown=5)
