@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -281,8 +282,6 @@ def _reproduces(block: nn.Module, state: FastBlockState, tol: float = 1e-3) -> b
     error = max(float(np.max(np.abs(w - g)) / (np.max(np.abs(w)) + 1e-6))
                 for w, g in zip(want, got, strict=True))
     if error > tol:
-        import warnings
-
         warnings.warn(f"mlx-flash: the numpy attention differs from {type(block.self_attn)} "
                       f"by {error:.2g} (relative): keeping MLX's blocks", stacklevel=3)
         return False

@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -137,7 +138,5 @@ def wanted(fast_cpu: bool | None) -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    import warnings
-
     warnings.warn(f"mlx-flash: fast CPU path unavailable, using MLX's CPU kernels: {reason}",
                   stacklevel=3)

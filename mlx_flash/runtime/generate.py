@@ -6,6 +6,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
 from .stats import peak_rss_bytes
 
 
@@ -72,9 +76,6 @@ def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float
     """mlx_lm.stream_generate with a sampler for temp/top_p; yields its responses.
 
     speculative: a `Speculation` (drafter, settings, stats): greedy speculative decoding."""
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
 
     if speculative is not None:
         yield from speculative.stream(model, tokenizer, prompt_ids, max_tokens, temp)

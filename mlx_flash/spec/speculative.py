@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.generate import GenerationResponse
 
 from ..accel.blocks import kv_cache_for
 from ..runtime.ffn import FlashFFN
@@ -357,7 +358,6 @@ def stream_speculative(model: nn.Module, tokenizer, prompt: list[int], drafter: 
                        max_tokens: int, settings: SpecSettings,
                        stats: SpecStats | None = None) -> Iterator:
     """`mlx_lm.stream_generate`'s responses (GenerationResponse), greedy, with the drafter."""
-    from mlx_lm.generate import GenerationResponse
 
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
