@@ -122,9 +122,10 @@ class MlxBackend(CacheBackend):
                    slots: np.ndarray, rows: np.ndarray) -> None:
         new = cache_rows(rows, self.manifest, self.weight_dtype)
         dst, src, slots = (mx.array(a.astype(np.int32)) for a in (dst, src, slots))
-        for name, buffer in cache.buffers.items():
-            cache.buffers[name] = apply_window_update(buffer, dst, src, slots, new[name])
-        mx.eval(*cache.buffers.values())  # time the row moves here, not in the next compute
+        updated = {name: apply_window_update(buffer, dst, src, slots, new[name])
+                   for name, buffer in cache.buffers.items()}
+        mx.eval(*updated.values())  # time the row moves here, not in the next compute
+        cache.buffers.update(updated)  # only once every buffer's update has run
 
     def over_cache(self, cache: NeuronCache, x: mx.array, mask: np.ndarray | None) -> mx.array:
         mask = None if mask is None else mx.array(mask)

@@ -208,8 +208,11 @@ class NeuronCache:
         self.check()
         return slots
 
-    def reset(self) -> None:
-        """Forget every neuron but the pinned ones (their rows stay in slots [0, pinned))."""
+    def reset(self, unpin: bool = False) -> None:
+        """Forget every neuron but the pinned ones (their rows stay in slots [0, pinned));
+        unpin: those too."""
+        if unpin:
+            self.pinned = 0
         p = self.pinned
         self.slot_of[:] = -1
         self.neuron_of[p:] = -1

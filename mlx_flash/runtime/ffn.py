@@ -22,6 +22,8 @@ previous chunk is computed (`FlashRuntime.read_chunks`, `store.ReadAhead`).
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -48,6 +50,7 @@ class FlashRuntime:
         self.manifest, self.store, self.selector = manifest, store, selector
         self.config, self.backend, self.restore = config, backend, restore
         self.stats = RunStats()
+        self.lock = threading.RLock()  # held across each forward pass (`serialize_calls`)
         self.ahead = (ReadAhead(store, config.read_ahead, config.prefill_chunk)
                       if config.read_ahead else None)
         self._streamed: dict[int, list[np.ndarray]] = {}  # layer -> its last overflow chunks
@@ -114,6 +117,8 @@ class FlashFFN(nn.Module):
         super().__init__()
         # Underscored attributes are not parameters: nothing here is loaded or saved as weights.
         self._layer, self._rt, self._cache, self._out_bias = layer, runtime, cache, out_bias
+        if out_bias is not None:
+            mx.eval(out_bias)  # now: a thread other than the loading one cannot evaluate it
         self._last_ids: list[np.ndarray] | None = None  # per token, of the last window-path call
 
     @property
@@ -220,14 +225,22 @@ class FlashFFN(nn.Module):
         return selection
 
     def _advance(self, ids: np.ndarray, step: TokenStats) -> WindowPlan:
-        """Window bookkeeping, the flash read of the new neurons, and the buffer update."""
+        """Window bookkeeping, the flash read of the new neurons, and the buffer update. If
+        the read or the update fails the cache is reset (pinned neurons kept) and the error
+        raised: no slot claims a row it does not hold."""
         cache, rt = self._cache, self._rt
         t0 = time.perf_counter()
         plan = cache.advance(ids)
         t1 = time.perf_counter()
-        rows, io = rt.store.read(self._layer, plan.new_ids)
-        t2 = time.perf_counter()
-        rt.backend.write_rows(cache, plan.dst, plan.src, plan.slots, rows)
+        try:
+            rows, io = rt.store.read(self._layer, plan.new_ids)
+            t2 = time.perf_counter()
+            rt.backend.write_rows(cache, plan.dst, plan.src, plan.slots, rows)
+        except BaseException:
+            # The plan holds only once its rows are in: forget every unpinned neuron (they
+            # are read again when next active) rather than keep slots that were not written.
+            cache.reset()
+            raise
         t3 = time.perf_counter()
         step.seconds["memory"] += (t1 - t0) + (t3 - t2)
         step.seconds["io"] += t2 - t1
@@ -257,6 +270,24 @@ class FlashFFN(nn.Module):
         selection = self._select(x, step)
         for ids in selection.ids:
             self._advance(ids, step)
+
+
+def serialize_calls(model: nn.Module) -> None:
+    """Make calling `model` hold `model.flash.lock` across the whole forward pass, so threads
+    sharing one loaded model take turns (the caches, the read-ahead and the stats are the
+    runtime's, not the caller's). Swaps the instance's class for a subclass (as accel/blocks.py
+    does for its blocks); the lazy output is evaluated by the caller, after the lock."""
+    model.__class__ = _serialized_class(type(model))
+
+
+@functools.cache
+def _serialized_class(cls: type) -> type:
+    def __call__(self, *args, **kwargs):
+        with self.flash.lock:
+            return cls.__call__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
 
 
 def ordered_union(ids: list[np.ndarray]) -> np.ndarray:

@@ -25,7 +25,7 @@ from . import disk as runtime_disk
 from .backend import CacheBackend, MlxBackend, choose_backend
 from .config import DTYPES, FlashConfig, settings_dict
 from .embedding import flash_embedding
-from .ffn import FlashFFN, FlashRuntime
+from .ffn import FlashFFN, FlashRuntime, serialize_calls
 from .memory import CODE_PAGES, MemoryPlan, check_plan, parse_budget, plan_memory, quantizable
 from .pinning import pin_hot as pin
 from .rows import split_bundles
@@ -188,6 +188,14 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     by `model.flash.close()`) and fixes glibc's mmap threshold; the fast CPU path's kernels
     set OMP_WAIT_POLICY=PASSIVE and put numpy's BLAS on one thread.
 
+    Thread safety: one loaded model may be called from several threads. Each call of the
+    model holds `model.flash.lock` for its whole forward pass, so the threads take turns token
+    by token and each generation gets the tokens it would get alone (with compute_on="active",
+    the default; "cached" computes over whatever the window holds). Calling its submodules
+    (model.model, model.layers) directly bypasses the lock. A failed read (StoreReadError
+    naming the file and the offset) leaves the model as correct as before: the layer's cached
+    neurons are forgotten and read again when next needed.
+
     Returns (model, tokenizer); the FlashRuntime with its stats is `model.flash`.
     """
     config = FlashConfig.from_options(config, **options)
@@ -217,8 +225,13 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
         capacity=fit.plan.capacity, backend=fit.backend.name,
         fast_cpu=fit.backend.name == "cpu", fast_linears=swapped, pinned=0)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
+    serialize_calls(model)
     if config.pin_hot:
-        runtime.stats.settings["pinned"] = pin(model, int(config.pin_hot * fit.plan.capacity))
+        try:
+            runtime.stats.settings["pinned"] = pin(model, int(config.pin_hot * fit.plan.capacity))
+        except BaseException:
+            runtime.close()
+            raise
     return model, tokenizer
 
 
