@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..format.checksums import BlockTable, ChecksumError
+from ..format.checksums import BlockTable
 from ..format.manifest import Manifest
 from ..format.storage import NP_STORAGE
 from .disk import CostModel
@@ -239,7 +239,7 @@ class NeuronStore:
         table = self.tables[layer]
         start, stop = table.span(block)
         if self.mode == "mmap":
-            table.check(block, self._map(layer)[start:stop])
+            table.check(block, self._map(layer, stop)[start:stop])
         else:
             table.check(block, self._read_aligned(layer, start, stop - start))
 
@@ -320,19 +320,30 @@ class NeuronStore:
                                      "ended (truncated bundle file? re-convert the model)")
             done += got
 
-    def _map(self, layer: int) -> mmap.mmap:
+    def _map(self, layer: int, end: int) -> mmap.mmap:
+        """The layer's file mapped, its size checked (fstat) to hold bytes [0, end) now.
+
+        Touching a mapping past its file's end is a SIGBUS: a file truncated while loaded
+        raises StoreReadError here instead (only a truncation racing this check can fault).
+        A mapping made while the file was shorter is made again."""
+        size = os.fstat(self._fds[layer]).st_size
+        if size < end:
+            raise StoreReadError(f"read of {self.paths[layer]} up to offset {end} failed: the "
+                                 f"file is {size} bytes, the manifest says {self.sizes[layer]} "
+                                 "(truncated bundle file? re-convert the model)")
         with self._lock:
-            if self._maps[layer] is None:
-                self._maps[layer] = mmap.mmap(self._fds[layer], 0, prot=mmap.PROT_READ)
-        return self._maps[layer]
+            held = self._maps[layer]
+            if held is None or len(held) < end:  # an old map is closed when its views go
+                held = self._maps[layer] = mmap.mmap(self._fds[layer], 0, prot=mmap.PROT_READ)
+        return held
 
     def _read_mmap(self, layer: int, ids: np.ndarray, rows: np.ndarray) -> int:
-        table = np.frombuffer(self._map(layer), dtype=np.uint8).reshape(-1, self.strides[layer])
-        if table.shape[0] < self.manifest.layers[layer].n_neurons:
-            raise StoreReadError(f"{self.paths[layer]} is shorter than the manifest says "
-                                 "(truncated bundle file? re-convert the model)")
-        np.take(table, ids, axis=0, out=rows)
-        return int(ids.size) * self.strides[layer]
+        """Copy the rows at sorted file positions `ids` out of the mapping."""
+        stride = self.strides[layer]
+        held = self._map(layer, (int(ids[-1]) + 1) * stride if ids.size else 0)
+        table = np.frombuffer(held, dtype=np.uint8, count=len(held) // stride * stride)
+        np.take(table.reshape(-1, stride), ids, axis=0, out=rows)
+        return int(ids.size) * stride
 
 
 def supports_direct(path: str | Path) -> bool:
@@ -416,7 +427,12 @@ class ReadAhead:
             self._drop(self._queue.popleft())
         _, _, self._lent, future = self._queue.popleft()
         t0 = time.perf_counter()
-        rows, stats = future.result()
+        try:
+            rows, stats = future.result()
+        except BaseException:  # the caller gets the error; no guess read beside it is kept
+            self._give_back()
+            self.clear()
+            raise
         stats.seconds = time.perf_counter() - t0
         return rows, stats
 
@@ -447,6 +463,6 @@ class ReadAhead:
             return
         try:
             self.wasted.add(future.result()[1])  # running: wait, its buffer is being written
-        except (OSError, ChecksumError):
+        except Exception:  # OSError, ChecksumError...: the buffer must come back all the same
             pass  # a wrong guess that failed: the read that is wanted reports its own errors
         self._free.append(buf)
