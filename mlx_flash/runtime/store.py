@@ -19,8 +19,10 @@ what stays; the benchmark compares the two).
 Every block of a bundle file (format/checksums.py, 1 MiB) is checked the first time this store
 reads anything in it: the whole block is read once and its crc32 compared, and a bitmap per file
 remembers it, so steady-state decode pays nothing (prefill's whole-layer streaming checks most
-blocks on the first prompt). A mismatch raises ChecksumError naming the file and the block
-before any of that read is returned. A dir without block checksums is read unchecked.
+blocks on the first prompt). The rows are then read as usual: from the page cache the check
+just filled, or with O_DIRECT from the disk a second time (first touch only). A mismatch raises
+ChecksumError naming the file and the block before any of that read is returned, the block
+left unverified. A dir without block checksums is read unchecked.
 """
 
 from __future__ import annotations
