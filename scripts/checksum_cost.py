@@ -102,7 +102,7 @@ def last_response(model, tokenizer, prompt: str | list[int], tokens: int):
     return last
 
 
-def decode_tps(root: Path, verify: bool, budget: float | None, prompt: str | list[int],
+def decode_tps(root: Path, verify: bool, budget: float | str | None, prompt: str | list[int],
                tokens: int) -> dict:
     """Decode tok/s of the second generation after a load (the first one warms up)."""
     with verification(verify):
@@ -117,11 +117,20 @@ def decode_tps(root: Path, verify: bool, budget: float | None, prompt: str | lis
             model.flash.close()
 
 
+def budget_arg(text: str) -> float | str | None:
+    """--budget: a fraction (0: None, no limit) or a size string for load."""
+    try:
+        return float(text) or None
+    except ValueError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dir", type=Path)
-    ap.add_argument("--budget", type=float, default=None,
-                    help="dram_budget for load (a fraction of the model); default no limit")
+    ap.add_argument("--budget", type=budget_arg, default=0.5,
+                    help="dram_budget for load: a fraction of the model or a size (2GB); 0: no "
+                         "limit, every neuron cached, so decode reads nothing")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--prompt-ids", help="token ids instead of --prompt, e.g. 5,9,17")
