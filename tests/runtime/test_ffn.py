@@ -11,8 +11,6 @@ from mlx_lm import generate
 from tiny import ARCHS
 
 import mlx_flash.accel.build as accel_build
-import mlx_flash.runtime.loader as model_module
-import mlx_flash.runtime.memory as runtime_memory
 from mlx_flash.runtime.config import FlashConfig, option_names
 from mlx_flash.runtime.loader import load, load_dense
 from mlx_flash.runtime.memory import CODE_PAGES
@@ -114,25 +112,11 @@ def test_naive_flash_reads_everything_every_token(tiny_dirs):
     assert all(s.bytes_read == ffn_bytes for s in model.flash.stats.decode_steps())
 
 
-def caches_of_three_neurons(monkeypatch) -> None:
-    """Make `load` plan 3 neurons per layer's cache, whatever the budget."""
-
-    plan_memory = runtime_memory.plan_memory
-
-    def three_neurons(*args, **kwargs):
-        plan = plan_memory(*args, **kwargs)
-        plan.capacity = 3
-        return plan
-
-    monkeypatch.setattr(model_module, "plan_memory", three_neurons)
-
-
 @pytest.mark.parametrize("fast_cpu", [False, True])
-def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
+def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, caches_of_three_neurons):
     """A cache smaller than the active set: the rest is read and computed each call, so flash
     with every neuron stays equal to dense (it used to drop them)."""
 
-    caches_of_three_neurons(monkeypatch)
     if fast_cpu and accel_build.unavailable_reason():
         pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
     _, flash_dir = tiny_dirs("qwen2", "float16")
@@ -147,10 +131,10 @@ def test_overflow_is_streamed_not_dropped(tiny_dirs, fast_cpu, monkeypatch):
     assert sum(s.truncated for s in steps) > 0 and sum(s.bytes_read for s in steps) > 0
 
 
-def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(flash_load, tiny_dirs, monkeypatch):
+def test_read_ahead_streams_the_same_bytes_without_wrong_guesses(flash_load, tiny_dirs,
+                                                                 caches_of_three_neurons):
     """The overflow stream of a fixed selection is read ahead across layers and steps: the
     same tokens and bytes as reading each chunk when needed, and no guess is wrong."""
-    caches_of_three_neurons(monkeypatch)
     _, flash_dir = tiny_dirs("qwen2", "float16")
     prompt, runs = [5, 9, 17, 33], {}
     for depth in (0, 3):
