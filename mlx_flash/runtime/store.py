@@ -19,10 +19,12 @@ what stays; the benchmark compares the two).
 Every block of a bundle file (format/checksums.py, 1 MiB) is checked the first time this store
 reads anything in it: the whole block is read once and its crc32 compared, and a bitmap per file
 remembers it, so steady-state decode pays nothing (prefill's whole-layer streaming checks most
-blocks on the first prompt). The rows are then read as usual: from the page cache the check
-just filled, or with O_DIRECT from the disk a second time (first touch only). A mismatch raises
-ChecksumError naming the file and the block before any of that read is returned, the block
-left unverified. A dir without block checksums is read unchecked.
+blocks on the first prompt). A contiguous read (a streamed chunk) checks the blocks wholly
+inside it from the rows it read; the others it touches are read whole for their check first,
+then the rows as usual (from the page cache just filled, or with O_DIRECT from the disk again:
+first touch only). A mismatch raises ChecksumError naming the file and the block before any of
+that read is returned, the block left unverified. A dir without block checksums is read
+unchecked.
 """
 
 from __future__ import annotations
@@ -213,27 +215,55 @@ class NeuronStore:
         spans = (self.plan(layer, pos).spans if planned or not pos.size
                  else [(int(pos[0]), int(pos[-1]) + 1)])
         spans = split_spans(spans, max(1, self.max_read // stride))
-        if not self._all_verified[layer] and pos.size:
-            self._verify(layer, pos)
+        inner = (self._verify(layer, pos) if not self._all_verified[layer] and pos.size
+                 else None)
         if self.mode == "mmap":
             nbytes = self._read_mmap(layer, pos, rows)
         else:
             nbytes = self._read_pread(layer, pos, rows, spans)
+        if inner is not None and inner.size:
+            self._verify_rows(layer, inner, int(pos[0]) * stride, rows)
         return IOStats(nbytes, len(spans), 0.0, int(pos.size), int(pos.size) * stride)
 
-    def _verify(self, layer: int, pos: np.ndarray) -> None:
-        """Check every not yet verified block the rows at file positions `pos` touch (on the
-        pool), then mark them. Raises ChecksumError (nothing marked) on a mismatch."""
-        table, done = self.tables[layer], self.verified[layer]
-        stride = self.strides[layer]
+    def _verify(self, layer: int, pos: np.ndarray) -> np.ndarray:
+        """Check the not yet verified blocks the rows at file positions `pos` touch, each read
+        whole on the pool, then mark them. Raises ChecksumError (nothing marked) on a mismatch.
+
+        Returns the blocks left for `_verify_rows`: when pos is one contiguous range (prefill's
+        streaming), the blocks lying wholly inside it are checked from the rows it reads, so
+        they cost no second read; only the two at its edges are read here."""
+        table, stride = self.tables[layer], self.strides[layer]
         blocks = table.blocks_of(pos.astype(np.int64) * stride, stride)
-        todo = blocks[~done[blocks]]
-        if not todo.size:
-            return
-        list(self._pool.map(self._check_block, [(layer, int(b)) for b in todo]))
+        todo = blocks[~self.verified[layer][blocks]]
+        inner = todo[:0]
+        if todo.size and pos[-1] - pos[0] + 1 == pos.size:
+            lo, hi = int(pos[0]) * stride, (int(pos[-1]) + 1) * stride
+            start = todo * table.block_size
+            within = (start >= lo) & (np.minimum(start + table.block_size, table.size) <= hi)
+            inner, todo = todo[within], todo[~within]
+        if todo.size:
+            list(self._pool.map(self._check_block, [(layer, int(b)) for b in todo]))
+            self._mark(layer, todo)
+        return inner
+
+    def _verify_rows(self, layer: int, blocks: np.ndarray, offset: int, rows: np.ndarray
+                     ) -> None:
+        """Check `blocks` against the bytes just read into rows (which start at file byte
+        `offset`; every block lies inside them), then mark them; ChecksumError on a mismatch."""
+        table, flat = self.tables[layer], rows.reshape(-1)
+
+        def check(block: int) -> None:
+            start, stop = table.span(block)
+            table.check(block, flat[start - offset:stop - offset])
+
+        list(self._pool.map(check, blocks.tolist()))
+        self._mark(layer, blocks)
+
+    def _mark(self, layer: int, blocks: np.ndarray) -> None:
+        done = self.verified[layer]
         with self._lock:
-            done[todo] = True
-            self.blocks_checked += int(todo.size)
+            done[blocks] = True
+            self.blocks_checked += int(blocks.size)
             self._all_verified[layer] = bool(done.all())
 
     def _check_block(self, job: tuple[int, int]) -> None:

@@ -231,3 +231,21 @@ def test_each_block_is_hashed_once_per_store(flash, tmp_path, monkeypatch, kwarg
         assert len(calls) == n_blocks == store.blocks_checked and store.verified[0].all()
         store.read(0, np.arange(manifest.layers[0].n_neurons))
         assert len(calls) == n_blocks
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(direct=True), dict(mode="mmap")])
+def test_a_streamed_layer_is_checked_from_the_rows_it_read(flash, tmp_path, kwargs):
+    root = shutil.copytree(flash, tmp_path / "flash")
+    manifest = add_block_checksums(root, read_manifest(root), block_size=4096)
+    n = manifest.layers[0].n_neurons
+    with NeuronStore(root, manifest, **kwargs) as store:
+        reads = []
+        real = store._check_block
+        store._check_block = lambda job: reads.append(job) or real(job)
+        (_, rows, _), = store.iter_layer(0, n)  # the whole layer: every block inside the read
+        assert reads == [] and store.verified[0].all()
+        assert np.array_equal(rows, file_rows(root, manifest, 0))
+        store.read(1, np.arange(10, 40))  # edge blocks are read for their check, inner ones not
+        stride = manifest.layers[1].stride
+        edges = {10 * stride // 4096, (40 * stride - 1) // 4096}
+        assert {b for _, b in reads} == edges and len(reads) == 2
