@@ -272,18 +272,22 @@ class FlashFFN(nn.Module):
             self._advance(ids, step)
 
 
-def serialize_calls(model: nn.Module) -> None:
-    """Make calling `model` hold `model.flash.lock` across the whole forward pass, so threads
-    sharing one loaded model take turns (the caches, the read-ahead and the stats are the
-    runtime's, not the caller's). Swaps the instance's class for a subclass (as accel/blocks.py
-    does for its blocks); the lazy output is evaluated by the caller, after the lock."""
-    model.__class__ = _serialized_class(type(model))
+def serialize_calls(model: nn.Module, lock: threading.RLock) -> None:
+    """Make each call of `model`, and of its transformer stack `model.model` (what speculative
+    decoding calls), hold `lock` across the whole forward pass, so threads sharing one loaded
+    model take turns (the caches, the read-ahead and the stats are the runtime's, not the
+    caller's). Swaps each instance's class for a subclass, as accel/blocks.py does for its
+    blocks; the lazy output is evaluated by the caller, after the lock."""
+    for module in (model, getattr(model, "model", None)):
+        if isinstance(module, nn.Module):
+            object.__setattr__(module, "_flash_lock", lock)  # not a parameter
+            module.__class__ = _serialized_class(type(module))
 
 
 @functools.cache
 def _serialized_class(cls: type) -> type:
     def __call__(self, *args, **kwargs):
-        with self.flash.lock:
+        with self._flash_lock:
             return cls.__call__(self, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,

@@ -189,10 +189,10 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     set OMP_WAIT_POLICY=PASSIVE and put numpy's BLAS on one thread.
 
     Thread safety: one loaded model may be called from several threads. Each call of the
-    model holds `model.flash.lock` for its whole forward pass, so the threads take turns token
-    by token and each generation gets the tokens it would get alone (with compute_on="active",
-    the default; "cached" computes over whatever the window holds). Calling its submodules
-    (model.model, model.layers) directly bypasses the lock. A failed read (StoreReadError
+    model (or of model.model) holds `model.flash.lock` for its whole forward pass, so the
+    threads take turns token by token and each generation gets the tokens it would get alone
+    (with compute_on="active", the default; "cached" computes over whatever the window holds).
+    Calling single layers directly bypasses the lock. A failed read (StoreReadError
     naming the file and the offset) leaves the model as correct as before: the layer's cached
     neurons are forgotten and read again when next needed.
 
@@ -225,7 +225,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
         capacity=fit.plan.capacity, backend=fit.backend.name,
         fast_cpu=fit.backend.name == "cpu", fast_linears=swapped, pinned=0)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
-    serialize_calls(model)
+    serialize_calls(model, runtime.lock)
     if config.pin_hot:
         try:
             runtime.stats.settings["pinned"] = pin(model, int(config.pin_hot * fit.plan.capacity))
