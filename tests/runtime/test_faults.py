@@ -99,6 +99,22 @@ def test_a_failed_read_leaves_the_model_correct(flash_load, tiny_dirs, monkeypat
     if budget:
         request.getfixturevalue("caches_of_three_neurons")
     model, tokenizer, reference = load_pair(flash_load, tiny_dirs, kind, fast_cpu)
+    fault_every_read(model, tokenizer, reference, monkeypatch, how)
+
+
+@pytest.mark.parametrize("fast_cpu", [False, True])
+def test_a_failed_read_keeps_the_pinned_neurons(flash_load, tiny_dirs, monkeypatch, fast_cpu):
+    fast_cpu_or_skip(fast_cpu)
+    model, tokenizer, reference = load_pair(flash_load, tiny_dirs, "plain", fast_cpu)
+    give_hot_lists(model)
+    assert pin_hot(model, 16) == 16
+    fault_every_read(model, tokenizer, reference, monkeypatch, "eio")
+    assert all(layer.mlp.cache.pinned == 16 for layer in model.layers)
+
+
+def fault_every_read(model, tokenizer, reference: str, monkeypatch, how: str) -> None:
+    """For k = 1, 2, ... up to the reads of a first generation: a generation with a fault at
+    its k-th read, then one without, which must equal `reference`."""
     disk = FlakyDisk(os.preadv, how)
     monkeypatch.setattr(os, "preadv", disk)
     assert greedy(model, tokenizer) == reference
@@ -115,16 +131,21 @@ def test_a_failed_read_leaves_the_model_correct(flash_load, tiny_dirs, monkeypat
 
 
 def forget_every_neuron(model) -> None:
-    """Back to the caches of a model just loaded: no neuron cached, zeroed rows."""
+    """Back to the caches of a model just loaded (and pinned): no unpinned neuron cached,
+    their rows zeroed."""
     for layer in model.layers:
         cache = layer.mlp.cache
         cache.reset()
-        for name, buffer in cache.buffers.items():
-            if isinstance(buffer, np.ndarray):
-                buffer.fill(0)
-            else:
-                cache.buffers[name] = mx.zeros_like(buffer)
-                mx.eval(cache.buffers[name])
+        for buffer in cache.buffers.values():  # numpy or MLX: both assign in place
+            buffer[:, cache.pinned:] = 0
+            if isinstance(buffer, mx.array):
+                mx.eval(buffer)
+
+
+def give_hot_lists(model) -> None:
+    """Every neuron "hot", most active first by id, as a placed dir's manifest would say."""
+    for entry in model.flash.manifest.layers:
+        entry.hot = np.arange(entry.n_neurons)
 
 
 SHORT = PROMPT[:4]  # <= max_sparse_tokens: the prompt goes the window path, not the stream
@@ -191,9 +212,7 @@ def test_a_failed_pin_leaves_no_neuron_pinned(flash_load, tiny_dirs, monkeypatch
     caches stay empty, so the next try works."""
     fast_cpu_or_skip(fast_cpu)
     model, tokenizer, reference = load_pair(flash_load, tiny_dirs, "gated", fast_cpu)
-    manifest = model.flash.manifest
-    for entry in manifest.layers:
-        entry.hot = list(range(entry.n_neurons))  # as a placed dir's
+    give_hot_lists(model)
     disk = FlakyDisk(os.preadv, how)
     monkeypatch.setattr(os, "preadv", disk)
     disk.fail_at = {2}  # the second layer's read
