@@ -489,18 +489,17 @@ def read_manifest(root: str | Path) -> Manifest:
 
 
 def check_headers(root: Path, manifest: Manifest) -> None:
-    """The resident (and predictors) safetensors headers parse and stay inside their files
-    (`tensor_sizes` raises FormatError naming the file); cheap, the data is not read. The
-    resident matrices are stored in the bundles' dtype (`convert` writes both), so a bundle
-    dtype edited to another of the same size still shows."""
+    """The resident safetensors header parses and stays inside its file (`tensor_sizes` raises
+    FormatError naming the file); cheap, the data is not read. The resident matrices are stored
+    in the bundles' dtype (`convert` writes both), so a bundle dtype edited to another of the
+    same size still shows. The predictors file is checked when it is loaded, not here: a
+    damaged one must not stop `train-predictors` from replacing it."""
     path = root / manifest.resident["file"]
     dtypes = {e.dtype for e in tensor_sizes(path).values() if len(e.shape) >= 2}
     if dtypes and dtypes != {manifest.ffn.dtype}:
         raise FormatError(f"{root / MANIFEST}: ffn dtype {manifest.ffn.dtype} disagrees with "
                           f"{path}, whose matrices are {', '.join(sorted(dtypes))}: the manifest "
                           "was edited or damaged; re-convert the model")
-    if manifest.predictors:
-        tensor_sizes(root / manifest.predictors["file"])
 
 
 def check_shapes(manifest: Manifest, where: str) -> None:
