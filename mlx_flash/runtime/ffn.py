@@ -100,13 +100,15 @@ class FlashRuntime:
         return out
 
     def close(self) -> None:
-        """Stop the reader threads, close the files, undo the process-wide settings."""
-        if self.ahead is not None:
-            self.ahead.close()
-        self.store.close()
-        if self.restore is not None:
-            self.restore()
-            self.restore = None
+        """Stop the reader threads, close the files, undo the process-wide settings (after
+        the forward pass another thread may be running)."""
+        with self.lock:
+            if self.ahead is not None:
+                self.ahead.close()
+            self.store.close()
+            if self.restore is not None:
+                self.restore()
+                self.restore = None
 
 
 class FlashFFN(nn.Module):
