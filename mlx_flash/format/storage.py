@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+import mlx.core as mx
 import numpy as np
 
 from .checksums import ChecksumError
@@ -203,7 +204,6 @@ def load_checked_safetensors(path: Path, sha256: str | None, listed_in: str, fil
     """(arrays, metadata) of a side file (predictors, drafter) after its checks: the sha256
     that `listed_in` records (ChecksumError), a readable header, and its format/version
     metadata. Raises FormatError naming the file, with `fix`."""
-    import mlx.core as mx
 
     if sha256_file(path) != sha256:
         raise ChecksumError(f"{path}: checksum mismatch with {listed_in}, the file is "

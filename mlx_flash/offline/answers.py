@@ -10,6 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..format.storage import save_npz
 from ..runtime.generate import format_prompt
@@ -61,7 +63,6 @@ def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: i
     all of a shorter prompt), then generated ones. Text the model wrote itself agrees with its
     choices everywhere, so every teacher-forced target counts (see make_examples). Also returns
     each row's context: the rest of its prompt, for the teacher pass."""
-    from mlx_lm.generate import generate_step
 
     if seq_len <= PROMPT_TAIL + 1:
         raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
@@ -106,7 +107,6 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
     the teacher pass on the way: the generating model's hidden state and argmax at every kept
     position, so no second pass is needed. Returns tokens (n, seq_len), hidden (n, seq_len, d)
     f32 and argmax (n, seq_len); argmax[:, i] = tokens[:, i + 1] over the generated part."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     n_new = seq_len - PROMPT_TAIL
     if n_new < 1:

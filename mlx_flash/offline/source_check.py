@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
 
 from .sources.base import Checkpoint, TensorInfo
 
@@ -61,7 +62,6 @@ def _tensor_counts(ckpt: Checkpoint, infos: dict[str, TensorInfo]) -> dict[str, 
 def _check_model_shapes(ckpt: Checkpoint, infos: dict[str, TensorInfo], where: Path) -> None:
     """Each tensor has the shape the mlx_lm model built from the config gives it (lazily: no
     weight is allocated)."""
-    from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(ckpt.config)
     model = model_class(args_class.from_dict(ckpt.config))

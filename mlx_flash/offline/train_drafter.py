@@ -31,6 +31,7 @@ rows stay float16 (`HalfRows`, 20 MiB for the default model instead of 39 in flo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tqdm import tqdm
 
 from ..format.storage import save_npz
 from ..runtime.loader import load_dense
@@ -386,10 +388,6 @@ class _Progress:
     """tqdm bars for the teacher pass and the training steps (the CLI's progress)."""
 
     def __init__(self, n_tokens: int, steps: int):
-        import sys
-
-        from tqdm import tqdm
-
         self.teacher = tqdm(total=n_tokens, desc="teacher pass", unit="tok", file=sys.stderr)
         self.train = tqdm(total=steps, desc="training", unit="step", file=sys.stderr)
 

@@ -47,6 +47,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from tqdm import tqdm
 
 from ..format.manifest import (
     MANIFEST,
@@ -467,7 +468,6 @@ def train_predictors(calibration_dir: str | Path, cfg: TrainConfig,
 
     flash_dir (the recorded model) is needed by kind "ffn", which reads the FFN weights.
     """
-    from tqdm import tqdm
 
     root = Path(calibration_dir)
     info = CalibrationInfo(**json.loads(CalibrationInfo.path(root).read_text()))

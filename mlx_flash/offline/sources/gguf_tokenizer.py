@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import TokenType
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from tokenizers.models import BPE
 
 # Pre-tokenizer split patterns, by `tokenizer.ggml.pre` (the same as the HF tokenizer.json).
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -47,8 +57,6 @@ def build_tokenizer(meta: dict, where: str = "GGUF"):
 
 def _byte_level_bpe(meta: dict, where: str):
     """GPT-2 style byte-level BPE (qwen2, llama3): vocab + ranked merges + a split regex."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
 
     tokens, _ = _token_meta(meta, where)
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -83,8 +91,6 @@ def _sentencepiece_bpe(meta: dict, where: str):
     SentencePiece merges the adjacent pair whose merged piece has the highest score; the
     equivalent ranked merge list is every split of every piece into two pieces, by that score.
     """
-    from tokenizers import Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
 
     tokens, types = _token_meta(meta, where)
     scores = meta.get("tokenizer.ggml.scores")
@@ -129,7 +135,6 @@ def _added_tokens(tokens: list[str], types: np.ndarray) -> list:
     Both are matched whole before pre-tokenization; only special ones are dropped by
     `decode(skip_special_tokens=True)` (HF's Qwen2 marks `<tool_call>` the same way).
     """
-    from tokenizers import AddedToken
 
     special = (TokenType.CONTROL, TokenType.UNKNOWN)
     wanted = np.flatnonzero(np.isin(types, (*special, TokenType.USER_DEFINED)))
@@ -139,7 +144,6 @@ def _added_tokens(tokens: list[str], types: np.ndarray) -> list:
 
 def _post_processor(meta: dict, tokens: list[str], where: str):
     """bos/eos around each sequence when the GGUF asks for them (llama2/3, gemma)."""
-    from tokenizers import processors
 
     add_bos, add_eos = _add_flags(meta)
     if not (add_bos or add_eos):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,6 @@ class SafetensorsCheckpoint(Checkpoint):
         return arr.reshape(info.shape)
 
     def write_tokenizer(self, out_dir: Path) -> None:
-        import shutil
-
         names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
                  "added_tokens.json", "chat_template.jinja"]
