@@ -18,7 +18,15 @@ import mlx.nn as nn
 import numpy as np
 
 from ..format.arch import ARCHITECTURES, mlp_prefix
-from ..format.manifest import RESIDENT, Manifest, check_resident, read_layer_rows, read_manifest
+from ..format.errors import FormatError
+from ..format.manifest import (
+    MANIFEST,
+    RESIDENT,
+    Manifest,
+    check_resident,
+    read_layer_rows,
+    read_manifest,
+)
 from ..format.storage import tensor_sizes
 from ..process import apply_budget_settings
 from . import disk as runtime_disk
@@ -147,7 +155,12 @@ def assemble(root: Path, manifest: Manifest, backend: CacheBackend, install: Ins
     check_resident(root, manifest)  # its block checksums (a dir without them: one warning)
     weights = load_resident(root, model, backend.weight_dtype, skip, bits, group_size)
     install(model, weights)
-    model.load_weights(list(weights.items()), strict=True)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:  # a config that does not describe these weights
+        raise FormatError(f"{root / MANIFEST}: the weights in {root / manifest.resident['file']} "
+                          f"do not fit the model its config describes ({e}); the manifest was "
+                          "edited or damaged: re-convert the model") from e
     mx.eval(model.parameters())  # load now, as mlx_lm.load does by default
     model.eval()
     return model, backend.accelerate(model)

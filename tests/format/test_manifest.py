@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from mlx_flash import load_dense
 from mlx_flash.format.errors import FormatError
 from mlx_flash.format.manifest import read_manifest
 from mlx_flash.format.storage import tensor_sizes
@@ -187,4 +188,12 @@ def test_load_refuses_a_manifest_pointing_outside(flash_copy, tmp_path, flash_lo
     secret(tmp_path, size)
     edit(flash_copy, lambda d: d["layers"][0].update(file="../secret.bin"))
     with pytest.raises(FormatError, match="secret.bin.*outside"):
+        flash_load(flash_copy)
+
+
+def test_a_config_that_does_not_describe_the_resident_weights_is_named(flash_copy, flash_load):
+    edit(flash_copy, lambda d: d["config"].update(num_key_value_heads=1))  # k/v shapes change
+    with pytest.raises(FormatError, match="manifest.json.*do not fit the model.*re-convert"):
+        load_dense(flash_copy)
+    with pytest.raises(FormatError, match="manifest.json.*do not fit the model.*re-convert"):
         flash_load(flash_copy)
