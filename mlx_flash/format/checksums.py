@@ -32,6 +32,13 @@ ALGO = "crc32"
 BLOCK_SIZE = 1 << 20
 
 
+def bundle_block_size(stride: int, target: int = BLOCK_SIZE) -> int:
+    """The block size of a layer file: the most whole bundles that fit `target` bytes (at least
+    one). Blocks of whole bundles let a streamed chunk of whole blocks (`NeuronStore`'s chunks
+    are snapped to them) be verified from the rows it reads, with no block read twice."""
+    return stride * max(1, target // stride)
+
+
 FIX = "re-convert the model (`mlx-flash convert`, or re-pull it with `mlx-flash pull`)"
 
 

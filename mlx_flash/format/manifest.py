@@ -44,6 +44,7 @@ from .checksums import (
     BLOCK_SIZE,
     BlockTable,
     ChecksumError,
+    bundle_block_size,
     check_file,
     file_checks,
     unverified_message,
@@ -444,13 +445,16 @@ def check_resident(root: str | Path, manifest: Manifest) -> bool:
 
 
 def add_block_checksums(root: str | Path, manifest: Manifest,
-                        block_size: int = BLOCK_SIZE) -> Manifest:
+                        block_size: int | None = None) -> Manifest:
     """Record the block checksums of the resident file and every layer, after checking each
-    file's sha256 (so damage is not blessed), then replace the manifest atomically."""
+    file's sha256 (so damage is not blessed), then replace the manifest atomically.
+
+    block_size: None = what convert writes (BLOCK_SIZE for the resident file, whole bundles
+    for a layer: `bundle_block_size`)."""
     root = Path(root)
 
-    def blocks_of(rel: str, sha256: str) -> dict:
-        got, blocks = file_checks(root / rel, block_size)
+    def blocks_of(rel: str, sha256: str, default: int = BLOCK_SIZE) -> dict:
+        got, blocks = file_checks(root / rel, block_size or default)
         if got != sha256:
             raise FormatError(f"{root / rel}: checksum mismatch, the file is corrupted; "
                               "re-convert the model (no checksums were written)")
@@ -459,7 +463,7 @@ def add_block_checksums(root: str | Path, manifest: Manifest,
     manifest.resident["blocks"] = blocks_of(manifest.resident["file"],
                                             manifest.resident["sha256"])
     for layer in manifest.layers:
-        layer.blocks = blocks_of(layer.file, layer.sha256)
+        layer.blocks = blocks_of(layer.file, layer.sha256, bundle_block_size(layer.stride))
     write_text_atomic(root / MANIFEST, manifest.to_json())
     return manifest
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..format.bundles import pack_bundles
-from ..format.checksums import file_checks
+from ..format.checksums import bundle_block_size, file_checks
 from ..format.manifest import (
     FFN_DIR,
     FORMAT_VERSION,
@@ -201,7 +201,7 @@ def _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report) -> list[
                                  d_model)
         rel = layer_file_name(layer)
         size = write_layer(tmp / rel, parts, layout, stride)
-        sha256, blocks = file_checks(tmp / rel)
+        sha256, blocks = file_checks(tmp / rel, bundle_block_size(stride))
         entries.append(LayerEntry(rel, parts["down"].shape[1], stride, size, sha256,
                                   blocks=blocks))
         del parts

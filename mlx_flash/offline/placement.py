@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..format.checksums import file_checks
+from ..format.checksums import bundle_block_size, file_checks
 from ..format.manifest import (
     MANIFEST,
     PLACED_FORMAT_VERSION,
@@ -291,7 +291,7 @@ def _rewrite_layer(root: Path, manifest: Manifest, layer: int, order: np.ndarray
         f.write(memoryview(np.ascontiguousarray(rows[order])))
     written.append(rel)
     entry.file, entry.order = rel, order
-    entry.sha256, entry.blocks = file_checks(root / rel)
+    entry.sha256, entry.blocks = file_checks(root / rel, bundle_block_size(entry.stride))
 
 
 def _write_manifest(root: Path, manifest: Manifest) -> None:

@@ -177,7 +177,7 @@ class NeuronStore:
 
         Yields (ids, rows, stats): ids (k,) the original ids of rows (k, stride).
         """
-        n = self.manifest.layers[layer].n_neurons
+        n, chunk = self.manifest.layers[layer].n_neurons, self.whole_blocks(layer, chunk)
         for start in range(0, n, chunk):
             t0 = time.perf_counter()
             pos = np.arange(start, min(n, start + chunk))
@@ -193,8 +193,20 @@ class NeuronStore:
         """A whole layer as pieces of `chunk` neurons in file order, each one contiguous read:
         original ids, ascending within a piece (the order `read` returns rows in)."""
         n, order = self.manifest.layers[layer].n_neurons, self.orders[layer]
+        chunk = self.whole_blocks(layer, chunk)
         return [np.arange(s, min(n, s + chunk)) if order is None else np.sort(order[s:s + chunk])
                 for s in range(0, n, chunk)]
+
+    def whole_blocks(self, layer: int, chunk: int) -> int:
+        """`chunk` neurons rounded down to whole checksum blocks, where the layer's blocks are
+        whole bundles (what convert writes): a streamed chunk then verifies its blocks from the
+        rows it reads, and no block is read twice. Never more than `chunk` (the DRAM plan
+        sized the chunk buffers for it); unchanged without block checksums."""
+        table, stride = self.tables[layer], self.strides[layer]
+        if table is None or table.block_size % stride:
+            return chunk
+        per_block = table.block_size // stride
+        return chunk // per_block * per_block if chunk >= per_block else chunk
 
     def plan(self, layer: int, pos: np.ndarray):
         """The spans this store reads for sorted unique file positions (see planner.py)."""

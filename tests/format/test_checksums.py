@@ -17,7 +17,13 @@ from mlx_lm import generate
 import mlx_flash.format.checksums as checksums
 from mlx_flash import load_dense
 from mlx_flash.cli.main import main as cli_main
-from mlx_flash.format.checksums import BLOCK_SIZE, ChecksumError, check_file, file_checks
+from mlx_flash.format.checksums import (
+    BLOCK_SIZE,
+    ChecksumError,
+    bundle_block_size,
+    check_file,
+    file_checks,
+)
 from mlx_flash.format.manifest import (
     MANIFEST,
     PREDICTORS,
@@ -62,11 +68,16 @@ def strip_blocks(root: Path) -> None:
 def test_convert_records_blocks_beside_the_sha256(own):
     manifest = read_manifest(own)
     assert has_block_checksums(manifest)
-    for entry in [manifest.resident, *[vars(e) for e in manifest.layers]]:
-        sha256, blocks = file_checks(own / entry["file"])
+    sizes = [BLOCK_SIZE] + [bundle_block_size(e.stride) for e in manifest.layers]
+    for entry, size in zip([manifest.resident, *[vars(e) for e in manifest.layers]], sizes,
+                           strict=True):
+        sha256, blocks = file_checks(own / entry["file"], size)
         assert entry["sha256"] == sha256 and entry["blocks"] == blocks
-        assert blocks["algo"] == "crc32" and blocks["block_size"] == BLOCK_SIZE
+        assert blocks["algo"] == "crc32" and blocks["block_size"] == size
         assert check_file(own / entry["file"], entry["size"], entry["blocks"])
+    # a layer's blocks are whole bundles: the most that fit BLOCK_SIZE
+    stride = manifest.layers[0].stride
+    assert sizes[1] % stride == 0 and BLOCK_SIZE - stride < sizes[1] <= BLOCK_SIZE
 
 
 def test_place_records_the_blocks_of_the_files_it_writes(own, tmp_path):
@@ -75,7 +86,8 @@ def test_place_records_the_blocks_of_the_files_it_writes(own, tmp_path):
     manifest = read_manifest(own)
     assert manifest.format_version == 2 and has_block_checksums(manifest)
     for entry in manifest.layers:
-        assert (entry.sha256, entry.blocks) == file_checks(own / entry.file)
+        assert (entry.sha256, entry.blocks) == file_checks(own / entry.file,
+                                                           bundle_block_size(entry.stride))
     path = own / manifest.layers[0].file
     flip(path, 100)
     with pytest.raises(ChecksumError, match=str(path)):

@@ -249,3 +249,25 @@ def test_a_streamed_layer_is_checked_from_the_rows_it_read(flash, tmp_path, kwar
         stride = manifest.layers[1].stride
         edges = {10 * stride // 4096, (40 * stride - 1) // 4096}
         assert {b for _, b in reads} == edges and len(reads) == 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(direct=True), dict(mode="mmap")])
+def test_streamed_chunks_snap_to_whole_bundle_blocks_so_no_block_is_read_twice(flash, tmp_path,
+                                                                                 kwargs):
+    """Blocks of whole bundles (what convert writes): chunks are rounded down to whole blocks,
+    so streaming a layer in chunks verifies every block from the rows it read."""
+    root = shutil.copytree(flash, tmp_path / "flash")
+    stride = read_manifest(root).layers[0].stride
+    manifest = add_block_checksums(root, read_manifest(root), block_size=4 * stride)
+    n = manifest.layers[0].n_neurons
+    with NeuronStore(root, manifest, **kwargs) as store:
+        assert store.whole_blocks(0, 10) == 8 and store.whole_blocks(0, 3) == 3
+        assert [c.size for c in store.layer_chunks(0, 10)][:2] == [8, 8]
+        reads = []
+        real = store._check_block
+        store._check_block = lambda job: reads.append(job) or real(job)
+        chunks = list(store.iter_layer(0, 10))
+        assert [ids.size for ids, _, _ in chunks[:2]] == [8, 8]
+        assert reads == [] and store.verified[0].all()
+        rows = np.concatenate([r for _, r, _ in chunks])
+        assert np.array_equal(rows, file_rows(root, manifest, 0)) and len(rows) == n
