@@ -27,18 +27,10 @@ from mlx_lm import stream_generate
 import mlx_flash.runtime.loader as loader
 from mlx_flash import load
 from mlx_flash.format.manifest import check_resident, read_manifest
+from mlx_flash.offline.calibrate_disk import drop_page_cache
 from mlx_flash.runtime.store import NeuronStore
 
 PROMPT = "def quicksort(items):\n    "
-
-
-def drop_page_cache() -> bool:
-    """Drop clean page-cache pages (root only); False when not allowed."""
-    if os.geteuid() != 0:
-        return False
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    return True
 
 
 def unchecked(manifest):
