@@ -41,6 +41,7 @@ import numpy as np
 
 from ..format.arch import ACTIVATION_CODES
 from ..format.home import kernel_dir as home_kernel_dir
+from ..format.manifest import round_up
 from .reference import _check_activation, ffn_over_rows, window_update
 
 ENV_KERNELS = "MLX_FLASH_KERNELS"  # "auto" (default) or "reference"
@@ -189,9 +190,6 @@ KERNEL_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 MAX_GRID_Y = 65535  # CUDA's limit on blocks in y; both back ends use the same launch
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
 
 def _dummy(dtype: mx.Dtype) -> mx.array:
     """Stand-in for an absent optional input: the kernel reads it only under a false flag."""
@@ -217,7 +215,7 @@ def ffn_kernel(x: mx.array, weights: mx.array, n: int, activation: str,
         mx.broadcast_to(mask.astype(mx.float32), (tokens, n))
     bias_in = _dummy(mx.float32) if in_bias is None else in_bias.astype(mx.float32)
     params = mx.array([n, d, capacity, NEURON_CHUNK], dtype=mx.int32)
-    n_pad = _round_up(n, ROWS_PER_GROUP)
+    n_pad = round_up(n, ROWS_PER_GROUP)
     chunks = -(-n // NEURON_CHUNK)
     assert n_pad // ROWS_PER_GROUP <= MAX_GRID_Y and chunks <= MAX_GRID_Y, n
     h = _kernel("flash_ffn_act", which)(
@@ -230,7 +228,7 @@ def ffn_kernel(x: mx.array, weights: mx.array, n: int, activation: str,
     partial = _kernel("flash_ffn_down", which)(
         inputs=[h, weights, params],
         template=[("WT", weights.dtype), ("P", parts), ("NTOK", tokens)],
-        grid=(_round_up(d, COLS_PER_GROUP), chunks, 1), threadgroup=(COLS_PER_GROUP, 1, 1),
+        grid=(round_up(d, COLS_PER_GROUP), chunks, 1), threadgroup=(COLS_PER_GROUP, 1, 1),
         output_shapes=[(chunks, tokens, d)], output_dtypes=[mx.float32])[0]
     return partial.sum(axis=0).astype(x.dtype)
 
@@ -257,7 +255,7 @@ def window_update_kernel(weights: mx.array, dst: mx.array, src: mx.array, slots:
     return _kernel("flash_window_update", which)(
         inputs=[weights, code, rows_in, params],
         template=[("WT", weights.dtype), ("P", parts)],
-        grid=(_round_up(total, COPY_GROUP), 1, 1), threadgroup=(COPY_GROUP, 1, 1),
+        grid=(round_up(total, COPY_GROUP), 1, 1), threadgroup=(COPY_GROUP, 1, 1),
         output_shapes=[weights.shape], output_dtypes=[weights.dtype])[0]
 
 

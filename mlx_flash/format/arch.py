@@ -84,7 +84,7 @@ def mlp_prefix(layer: int) -> str:
     return f"model.layers.{layer}.mlp"
 
 
-ACTIVATIONS = ("silu", "gelu", "gelu_approx", "relu", "relu2")
+ACTIVATIONS = tuple(ACTIVATION_CODES)
 
 
 RELU_FAMILY = ("relu", "relu2")

@@ -386,7 +386,8 @@ def contained(root: str | Path, rel: str, where: str) -> Path:
 
 def listed_files(manifest: Manifest) -> list[dict]:
     """{"file", "size", ...} of every file the manifest lists: resident, layers, predictors."""
-    entries = [manifest.resident, *[asdict(e) for e in manifest.layers]]
+    entries = [manifest.resident, *[{"file": e.file, "size": e.size, "sha256": e.sha256,
+                                     "blocks": e.blocks} for e in manifest.layers]]
     if manifest.predictors:
         entries.append(manifest.predictors)
     return entries

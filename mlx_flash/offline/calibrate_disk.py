@@ -122,11 +122,15 @@ def scratch_file(directory: Path, size: int) -> Path:
     """A file of `size` random-ish bytes in `directory`, written and fsynced (for reads)."""
     path = directory / f".mlx-flash-calibrate-{os.getpid()}.bin"
     block = np.random.default_rng(0).integers(0, 256, 8 * MIB, dtype=np.uint8).tobytes()
-    with open(path, "wb") as f:
-        for _ in range(-(-size // len(block))):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            for _ in range(-(-size // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk or ^C: no half-written scratch file left behind
+        path.unlink(missing_ok=True)
+        raise
     return path
 
 

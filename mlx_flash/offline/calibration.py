@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..format.arch import ACTIVATION_FNS, ARCHITECTURES
 from ..format.manifest import Manifest, read_manifest
+from ..format.storage import write_text_atomic
 from ..runtime.loader import load_dense
 
 DEFAULT_TEXT = ("Python's own documentation and source, interleaved: the pydoc topics of the "
@@ -310,7 +311,7 @@ def record_activations(flash_dir: str | Path, out_dir: str | Path, tokens: np.nd
                            [e.n_neurons for e in manifest.layers], manifest.resident["sha256"],
                            tokens_digest(tokens), text, manifest.ffn.relu_family,
                            time.perf_counter() - t0)
-    CalibrationInfo.path(out).write_text(json.dumps(asdict(info), indent=1))
+    write_text_atomic(CalibrationInfo.path(out), json.dumps(asdict(info), indent=1))
     return info
 
 

@@ -36,7 +36,16 @@ from ..format.manifest import (
     read_manifest,
     round_up,
 )
-from ..format.storage import DTYPE_BYTES, ST_CODES, atomic_write, cast, fsync_dir, sha256_file
+from ..format.storage import (
+    DTYPE_BYTES,
+    ST_CODES,
+    atomic_write,
+    cast,
+    fsync_dir,
+    fsync_file,
+    sha256_file,
+    write_text_atomic,
+)
 from .source_check import check_config
 from .sources import open_checkpoint
 from .sources.base import Checkpoint, TensorInfo, layout_for
@@ -221,15 +230,17 @@ def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
     source_hash = _hash_sources(ckpt)
     ckpt.write_tokenizer(tmp)
     config = dict(ckpt.config)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_text_atomic(tmp / "config.json", json.dumps(config, indent=2))
+    for path in tmp.iterdir():  # the tokenizer files: on disk before the dir is renamed into place
+        if path.is_file():
+            fsync_file(path)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         source={"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind, "sha256": source_hash},
         config=config, ffn=layout, layers=layers, align=align,
         resident=file_entry(tmp, RESIDENT, blocks=True),
     )
-    with atomic_write(tmp / MANIFEST) as path:
-        path.write_text(manifest.to_json())
+    write_text_atomic(tmp / MANIFEST, manifest.to_json())
     report("metadata", 0)
 
 

@@ -57,7 +57,7 @@ from ..format.manifest import (
     read_layer_rows,
     read_manifest,
 )
-from ..format.storage import atomic_write
+from ..format.storage import atomic_write, write_text_atomic
 from ..runtime.loader import load_tokenizer
 from ..runtime.rows import split_bundles
 from ..runtime.selectors.predictor import (
@@ -507,11 +507,6 @@ def _storage(a: np.ndarray, dtype: str) -> mx.array:
     return mx.array(a.astype(np.float32))
 
 
-def _write_manifest(root: Path, manifest: Manifest) -> None:
-    with atomic_write(root / MANIFEST) as tmp:
-        tmp.write_text(manifest.to_json())
-
-
 def save_predictors(flash_dir: str | Path, predictors: Predictors,
                     store_dtype: str = "float16") -> dict:
     """Write predictors.safetensors and the manifest's `predictors` entry; returns the entry.
@@ -542,11 +537,11 @@ def save_predictors(flash_dir: str | Path, predictors: Predictors,
             "n_layers": str(len(predictors.layers)), "meta": json.dumps(predictors.meta)})
         if manifest.predictors:
             manifest.predictors = None
-            _write_manifest(root, manifest)
+            write_text_atomic(root / MANIFEST, manifest.to_json())
     entry = {**file_entry(root, PREDICTORS), **predictors.meta,
              "format": FILE_FORMAT, "version": FILE_VERSION}
     manifest.predictors = entry
-    _write_manifest(root, manifest)
+    write_text_atomic(root / MANIFEST, manifest.to_json())
     return entry
 
 
