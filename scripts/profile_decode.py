@@ -32,7 +32,6 @@ from mlx_lm.models.cache import make_prompt_cache
 import mlx_flash.accel.build as accel_build
 import mlx_flash.accel.kernels as accel_kernels
 import mlx_flash.accel.linear as accel_linear
-import mlx_flash.runtime.ffn as runtime_ffn
 from mlx_flash.runtime.loader import load, load_dense
 from mlx_flash.runtime.selectors.predictor import PredictorSelector
 
@@ -104,7 +103,6 @@ def instrument(timers: Timers) -> None:
         return original(x)
 
     accel_linear.to_f32_rows = to_rows
-    runtime_ffn.to_f32_rows = to_rows  # FlashFFN imported it by name
 
 
 class ZeroLinear(nn.Module):

@@ -8,7 +8,7 @@ through the tokenizer's chat template, and the KV cache (mlx_lm's `make_prompt_c
 cache does not hold yet.
 
 `conversation_ids` is shared with `mlx-flash serve`; the model flags and loading are
-`mlx_flash.generate`'s, as for `mlx-flash generate`.
+`cli/common.py`'s, as for `mlx-flash generate`.
 """
 
 from __future__ import annotations

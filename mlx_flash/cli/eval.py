@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from ..format.storage import write_text_atomic
 from ..offline.evaluate import EvalConfig, evaluate, format_report, format_sweep, sweep
+from ..runtime.config import DTYPES, ORACLE_RULES, SELECTORS
 
 
 def eval_cli(args) -> int:
@@ -51,8 +52,8 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--prompt-tokens", type=int, default=EvalConfig.prompt_tokens)
     p.add_argument("--max-tokens", "-m", type=int, default=EvalConfig.max_tokens,
                    help="N greedy tokens per prompt")
-    p.add_argument("--selector", default="auto", choices=["auto", "predictor", "oracle", "quant"])
-    p.add_argument("--rule", default="all", choices=["all", "nonzero", "top"],
+    p.add_argument("--selector", default="auto", choices=SELECTORS)
+    p.add_argument("--rule", default="all", choices=ORACLE_RULES,
                    help="oracle rule")
     p.add_argument("--keep", type=float, default=None,
                    help="fraction kept by the oracle's top rule (1.0) or --selector quant (0.5)")
@@ -61,5 +62,5 @@ def add_arguments(subparsers) -> None:
                         "for (default: the one they were trained with)")
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--dram-budget", default=None)
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES))
     p.set_defaults(func=eval_cli)

@@ -26,7 +26,7 @@ def info_bytes(ckpt) -> dict[str, int]:
 def cmd_info(args) -> int:
     manifest = read_manifest(args.dir)
     if args.write_checksums and not args.verify:
-        raise SystemExit("mlx-flash info: --write-checksums needs --verify (a file's block "
+        raise ValueError("--write-checksums needs --verify (a file's block "
                          "checksums are written only after its sha256 matched)")
     if args.write_checksums:
         add_block_checksums(args.dir, manifest)  # checks each sha256 in the same pass

@@ -24,7 +24,9 @@ COMMANDS = (cli_pull, cli_convert, cli_info, cli_generate, cli_calibrate_disk, c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mlx-flash", description="Run language models larger than your memory with MLX: "
+        "FFN weights stay on flash, each token reads the neurons it needs.")
     parser.add_argument("--models-dir", default=None,
                         help="where pulled models live (default $MLX_FLASH_HOME/models or "
                              "~/.cache/mlx_flash/models)")

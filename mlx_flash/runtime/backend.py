@@ -120,6 +120,8 @@ class MlxBackend(CacheBackend):
 
     def write_rows(self, cache: NeuronCache, dst: np.ndarray, src: np.ndarray,
                    slots: np.ndarray, rows: np.ndarray) -> None:
+        if not dst.size and not slots.size:  # the usual decode step once warm: nothing moves
+            return
         new = cache_rows(rows, self.manifest, self.weight_dtype)
         dst, src, slots = (mx.array(a.astype(np.int32)) for a in (dst, src, slots))
         updated = {name: apply_window_update(buffer, dst, src, slots, new[name])

@@ -302,17 +302,22 @@ def _embedding_choices(root: Path, manifest: Manifest, embed_on_flash: bool | No
 def build_runtime(root: Path, manifest: Manifest, config: FlashConfig, fit: Fit, direct: bool,
                   restore: Callable[[], None] | None) -> FlashRuntime:
     """The store, the selector and the FlashRuntime that every FlashFFN layer shares."""
-    store = NeuronStore(root, manifest, threads=config.threads, direct=direct,
-                        mode=config.store_mode, planner=config.read_planner,
-                        cost=runtime_disk.cost_model_for(root) or runtime_disk.FALLBACK)
+    try:
+        store = NeuronStore(root, manifest, threads=config.threads, direct=direct,
+                            mode=config.store_mode, planner=config.read_planner,
+                            cost=runtime_disk.cost_model_for(root) or runtime_disk.FALLBACK)
+    except BaseException:  # e.g. a damaged cost model or block table: undo the settings
+        if restore is not None:
+            restore()
+        raise
     try:
         selector = make_selector(config, store, manifest, fit.backend)
+        runtime = FlashRuntime(manifest, store, selector, config, fit.backend, restore)
     except BaseException:
         store.close()
         if restore is not None:
             restore()
         raise
-    runtime = FlashRuntime(manifest, store, selector, config, fit.backend, restore)
     runtime.stats.memory = asdict(fit.plan)
     return runtime
 

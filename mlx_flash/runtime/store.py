@@ -109,15 +109,23 @@ class NeuronStore:
         self.paths = [self.root / entry.file for entry in manifest.layers]
         self.strides = [entry.stride for entry in manifest.layers]
         self.sizes = [entry.size for entry in manifest.layers]
+        # The block tables first: a damaged one raises before any file is opened.
+        self.tables = [BlockTable(p, e.size, e.blocks) if e.blocks else None
+                       for p, e in zip(self.paths, manifest.layers, strict=True)]
         flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
-        self._fds = [os.open(p, flags) for p in self.paths]
+        self._fds: list[int] = []
+        try:
+            for p in self.paths:
+                self._fds.append(os.open(p, flags))
+        except BaseException:  # e.g. a file that vanished: close the ones already open
+            for fd in self._fds:
+                os.close(fd)
+            raise
         self._maps: list[mmap.mmap | None] = [None] * len(self.paths)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="neuron-read")
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per reading thread: O_DIRECT's aligned buffer
         self.stats = IOStats()
-        self.tables = [BlockTable(p, e.size, e.blocks) if e.blocks else None
-                       for p, e in zip(self.paths, manifest.layers, strict=True)]
         self.verified = [np.zeros(t.n_blocks if t else 0, dtype=bool) for t in self.tables]
         self._all_verified = [t is None for t in self.tables]
         self.blocks_checked = 0  # blocks read and hashed (each once per store)

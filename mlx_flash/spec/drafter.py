@@ -20,6 +20,7 @@ from ..format.storage import (
     sha256_file,
     tensor_sizes,
     to_f32,
+    write_text_atomic,
 )
 
 DRAFTER = "drafter.safetensors"
@@ -265,8 +266,7 @@ def save_drafter(drafter: Drafter, flash_dir: str | Path, path: str | Path | Non
     entry = {"file": weights.name, "size": weights.stat().st_size,
              "sha256": sha256_file(weights), "format": FILE_FORMAT, "version": FILE_VERSION,
              "model": model_identity(root), **drafter.meta}
-    with atomic_write(sidecar) as tmp:
-        tmp.write_text(json.dumps(entry, indent=1))
+    write_text_atomic(sidecar, json.dumps(entry, indent=1))
     return weights
 
 
