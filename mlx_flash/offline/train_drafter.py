@@ -162,16 +162,19 @@ class DrafterConfig:
 
 
 def cached_teacher_outputs(model: nn.Module, tokens: np.ndarray, cache: Path | None,
-                           progress=None, contexts: list[list[int]] | None = None
+                           identity: str, progress=None,
+                           contexts: list[list[int]] | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
-    """`teacher_outputs`, kept in `cache` (.npz) and reused when it holds the same tokens."""
+    """`teacher_outputs`, kept in `cache` (.npz) and reused when it holds the same tokens of
+    the same model (`identity`: its resident file's sha256), as `answers.cached_answers`."""
     if cache is not None and cache.exists():
         with np.load(cache) as data:
-            if np.array_equal(data["tokens"], tokens):
+            if ("identity" in data and str(data["identity"]) == identity
+                    and np.array_equal(data["tokens"], tokens)):
                 return data["hidden"], data["argmax"]
     hidden, argmax = teacher_outputs(model, tokens, progress, contexts)
     if cache is not None:
-        save_npz(cache, tokens=tokens, hidden=hidden, argmax=argmax)
+        save_npz(cache, tokens=tokens, hidden=hidden, argmax=argmax, identity=np.array(identity))
     return hidden, argmax
 
 
@@ -327,7 +330,8 @@ def train_drafter(model: nn.Module, model_dir: str | Path, tokens: np.ndarray,
     t0 = time.perf_counter()
     tick = (lambda n: progress("teacher", n, 0.0)) if progress else None
     cache = Path(teacher_cache) if teacher_cache is not None else None
-    hidden, argmax = teacher or cached_teacher_outputs(model, tokens, cache, tick, contexts)
+    hidden, argmax = teacher or cached_teacher_outputs(
+        model, tokens, cache, model_identity(Path(model_dir))["resident_sha256"], tick, contexts)
     t1 = time.perf_counter()
     n_hold = max(1, int(round(cfg.holdout * tokens.shape[0])))
     if n_hold >= tokens.shape[0]:

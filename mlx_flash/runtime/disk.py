@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..format.home import home
-from ..format.storage import atomic_write
+from ..format.storage import write_text_atomic
 
 MIB = 2**20
 
@@ -136,8 +136,7 @@ def model_path(path: str | Path) -> Path:
 def save(model: CostModel, dest: Path) -> Path:
     """Write `model` to `dest` atomically; returns dest."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(dest) as tmp:
-        tmp.write_text(model.to_json())
+    write_text_atomic(dest, model.to_json())
     return dest
 
 

@@ -73,7 +73,4 @@ def cache_buffers(layout: FFNLayout, dtype: mx.Dtype) -> dict[str, tuple[int, in
 
 def to_mx(arr: np.ndarray, storage: str, dtype: mx.Dtype) -> mx.array:
     """numpy storage-dtype array (bfloat16 as uint16 bits) -> mx.array of `dtype`."""
-    out = mx.array(np.ascontiguousarray(arr))
-    if storage == "bfloat16":
-        out = out.view(mx.bfloat16)
-    return out.astype(dtype)
+    return storage_to_mx(arr, storage).astype(dtype)

@@ -44,10 +44,7 @@ from ..format.checksums import BlockTable
 from ..format.manifest import Manifest
 from ..format.storage import NP_STORAGE
 from .disk import CostModel
-from .planner import PLANNERS, plan_reads, split_spans
-
-DIRECT_ALIGN = 4096
-
+from .planner import DIRECT_ALIGN, PLANNERS, plan_reads, split_spans
 
 MAX_READ = 1 << 20  # bytes per syscall: larger spans are split so they spread over the threads
 

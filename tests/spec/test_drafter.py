@@ -445,3 +445,23 @@ def test_batched_answers_equal_one_at_a_time_and_are_cached(tiny_dirs, tmp_path)
     other = cached_answers(model, tokenizer, prompts[:1], seq_len, cache, "other model", 2,
                            lambda *a: ticks.append(a[:2]))
     assert generated() == (10, 10) and other[0].shape == (1, seq_len)  # another model
+
+
+def test_the_teacher_cache_is_reused_only_for_the_same_tokens_of_the_same_model(tiny_dirs,
+                                                                                 tmp_path,
+                                                                                 monkeypatch):
+    import mlx_flash.offline.train_drafter as train
+
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = load_dense(flash_dir)
+    tokens = np.arange(24, dtype=np.int64).reshape(2, 12) % 200 + 3
+    cache = tmp_path / "teacher.npz"
+    hidden, _ = train.cached_teacher_outputs(model, tokens, cache, "model-a")
+    calls = []
+    real = train.teacher_outputs
+    monkeypatch.setattr(train, "teacher_outputs",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    again, _ = train.cached_teacher_outputs(model, tokens, cache, "model-a")
+    assert calls == [] and np.array_equal(again, hidden)  # same model, same tokens: reused
+    train.cached_teacher_outputs(model, tokens, cache, "model-b")
+    assert calls == [1], "another model's teacher pass was reused"

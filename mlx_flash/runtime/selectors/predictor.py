@@ -108,10 +108,6 @@ class Predictors:
     layers: list[LayerPredictor]
     meta: dict = field(default_factory=dict)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.A.nbytes + p.B.nbytes + p.bias.nbytes for p in self.layers)
-
     def use_recall(self, recall: float, where: str = PREDICTORS) -> None:
         """Switch every layer to its threshold for `recall` (one of the calibrated ones)."""
         have = sorted(self.layers[0].taus) if self.layers else []
