@@ -250,7 +250,11 @@ class NeuronStore:
         streaming), the blocks lying wholly inside it are checked from the rows it reads, so
         they cost no second read; only the two at its edges are read here."""
         table, stride = self.tables[layer], self.strides[layer]
-        blocks = table.blocks_of(pos.astype(np.int64) * stride, stride)
+        if table.block_size % stride == 0:  # whole-bundle blocks: each row lies in one block
+            blocks = pos // (table.block_size // stride)  # pos is sorted: so are its blocks
+            blocks = blocks[np.r_[True, blocks[1:] != blocks[:-1]]]
+        else:
+            blocks = table.blocks_of(pos.astype(np.int64) * stride, stride)
         todo = blocks[~self.verified[layer][blocks]]
         inner = todo[:0]
         if todo.size and pos[-1] - pos[0] + 1 == pos.size:
