@@ -118,7 +118,7 @@ class Setup:
 def prompt_token_ids(model: Path, prompt: str) -> list[int]:
     """The chat-templated prompt, tokenized once so every contender gets the same ids."""
     tokenizer = load_tokenizer(model, read_manifest(model))
-    ids = list(format_prompt(tokenizer, prompt))
+    ids = format_prompt(tokenizer, prompt)
     if not ids:
         raise ValueError(f"the prompt {prompt!r} tokenizes to no tokens with {model}'s "
                          "tokenizer: give another --prompt or --prompt-ids")

@@ -66,8 +66,7 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None,
     """Token ids of the prompt, through the chat template when the tokenizer has one."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else [])
-        messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return conversation_ids(tokenizer, [*messages, {"role": "user", "content": prompt}])
     return tokenizer.encode(prompt)
 
 
