@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from ..format.home import default_models_dir
 from ..format.manifest import read_manifest
 from ..offline.convert import convert
-from ..offline.pull import ALIASES, DEFAULT_MODEL, pull
+from ..offline.pull import ALIASES, DEFAULT_MODEL, REGISTRY, pull
 from ..offline.sources import open_checkpoint
 from ..runtime.config import DTYPES, ORACLE_RULES, SELECTORS
 from ..runtime.loader import load, load_dense
@@ -84,8 +85,10 @@ class LiveStats:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that choose and load a model, as `mlx-flash generate` names them."""
-    p.add_argument("--model", default=None, help="flash model dir (default: the default model, "
-                                                 "pulled and converted on first use)")
+    p.add_argument("--model", default=None,
+                   help="a flash model dir, a known model name, hf:org/name, an mlx_lm/HF model "
+                        "dir or a .gguf file (the last three are converted once into the models "
+                        "dir; default: the default model, pulled and converted on first use)")
     p.add_argument("--dram-budget", default=None,
                    help="DRAM budget: bytes, '2GB', '700MiB' or a fraction of the model (0.5)")
     p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached")
@@ -147,11 +150,54 @@ def load_speculation(args: argparse.Namespace, model):
 
 def model_dir(args: argparse.Namespace) -> Path:
     """--model, or the default model (pulled and converted on first use)."""
+    models_dir = getattr(args, "models_dir", None)
     if args.model:
-        return Path(args.model).expanduser()
+        return resolve_model(args.model, models_dir)
+    return default_model_dir(models_dir)
 
 
-    return default_model_dir(getattr(args, "models_dir", None))
+def resolve_model(spec: str, models_dir: str | None = None) -> Path:
+    """--model -> a flash dir: a flash dir as is; a known model name, `hf:org/name`, an mlx_lm /
+    HF safetensors dir or a .gguf file converted once (with progress) into the models dir and
+    reused from then on."""
+    path = Path(spec).expanduser()
+    if (path / "manifest.json").is_file():
+        return path
+    if ALIASES.get(spec, spec) in REGISTRY:
+        return default_model_dir(models_dir, spec)
+    home = Path(models_dir).expanduser() if models_dir else default_models_dir()
+    if spec.startswith("hf:"):
+        flash_dir = home / "hf" / spec[3:].replace("/", "--") / "flash"
+        if (flash_dir / "manifest.json").is_file():
+            return flash_dir
+        source = pull(spec, models_dir=home, progress=True)
+    elif path.is_dir() or path.suffix == ".gguf" and path.is_file():
+        source = path.resolve()
+        flash_dir = converted_dir(home, source)
+        if (flash_dir / "manifest.json").is_file() and not _source_changed(source, flash_dir):
+            return flash_dir
+    else:
+        raise FileNotFoundError(
+            f"--model {spec}: not a flash model dir (no manifest.json), a known model "
+            f"({', '.join(sorted([*REGISTRY, *ALIASES]))}), hf:org/name, an mlx_lm/HF model dir "
+            "or a .gguf file")
+    print(f"First use of {spec}: converting it to a flash model dir in {flash_dir} (once).",
+          file=sys.stderr)
+    _convert(source, flash_dir, dtype=None, align=64, force=flash_dir.exists())
+    return flash_dir
+
+
+def converted_dir(home: Path, source: Path) -> Path:
+    """Where a local source's flash dir lives: <home>/local/<name>-<hash of its path>/flash."""
+    tag = hashlib.sha256(str(source).encode()).hexdigest()[:10]
+    return home / "local" / f"{source.stem}-{tag}" / "flash"
+
+
+def _source_changed(source: Path, flash_dir: Path) -> bool:
+    """True when a file of the source is newer than the flash dir's manifest (convert again)."""
+    made = (flash_dir / "manifest.json").stat().st_mtime
+    files = [source] if source.is_file() else [p for p in source.iterdir() if p.is_file()]
+    return any(f.stat().st_mtime > made for f in files)
 
 
 def load_model(args: argparse.Namespace):

@@ -1,0 +1,45 @@
+"""`--model` takes a flash dir, an mlx_lm/HF dir or a .gguf file: sources are converted once into
+the models dir and reused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mlx_flash.cli.common import converted_dir, resolve_model
+from tests.tiny import make_source
+
+
+def test_flash_dir_is_used_as_is(tiny_dirs):
+    _, flash = tiny_dirs("qwen2")
+    assert resolve_model(str(flash)) == flash
+
+
+def test_source_dir_is_converted_once_and_reused(tmp_path, capsys):
+    src = make_source(tmp_path / "src", "qwen2")
+    home = tmp_path / "models"
+    first = resolve_model(str(src), str(home))
+    assert first == converted_dir(home, src.resolve())
+    assert (first / "manifest.json").is_file()
+    assert "converting" in capsys.readouterr().err
+    made = (first / "manifest.json").stat().st_mtime_ns
+    assert resolve_model(str(src), str(home)) == first
+    assert "converting" not in capsys.readouterr().err  # reused, not converted again
+    assert (first / "manifest.json").stat().st_mtime_ns == made
+
+
+def test_changed_source_is_converted_again(tmp_path, capsys):
+    src = make_source(tmp_path / "src", "qwen2")
+    home = tmp_path / "models"
+    first = resolve_model(str(src), str(home))
+    later = (first / "manifest.json").stat().st_mtime + 10
+    os.utime(src / "config.json", (later, later))
+    capsys.readouterr()
+    assert resolve_model(str(src), str(home)) == first
+    assert "converting" in capsys.readouterr().err
+
+
+def test_unknown_model_names_what_it_accepts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model nope.*hf:org/name"):
+        resolve_model("nope", str(tmp_path))
