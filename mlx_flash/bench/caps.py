@@ -49,3 +49,27 @@ def parse_caps(text: str, size: int) -> list[int | None]:
 def cap_label(cap: int | None, size: int) -> str:
     """"none" or "700 MiB (0.50x)": the cap and its fraction of the model's `size` bytes."""
     return "none" if cap is None else f"{cap / MIB:.0f} MiB ({cap / size:.2f}x)"
+
+
+USERS_CAPS = ("0.5", "0.7", "1.0", "1.3", "none")  # fractions of the GGUF's size (users' regime)
+
+
+def fraction_caps(text: str, size: int) -> list[int | None]:
+    """Comma-separated fractions of `size` bytes (a GGUF's; above 1 allowed) or "none" ->
+    bytes (None = no cap), in the order given."""
+    caps = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        if part in ("none", "inf", "uncapped"):
+            caps.append(None)
+            continue
+        try:
+            fraction = float(part.removesuffix("x"))
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction < 100:
+            raise ValueError(f"cap {part!r}: the users' regime takes fractions of the GGUF's "
+                             "size (0.5, 1.3) or 'none'")
+        caps.append(int(fraction * size))
+    return caps

@@ -21,6 +21,10 @@ python ...'` wrapper), so the cap covers the whole process; the worker reports i
 Without root or the cgroup v1 memory controller the caps cannot be enforced: the benchmark says
 so, runs uncapped, and the flash contenders read with O_DIRECT (labelled in every row).
 
+`--regime users` (issue 20, `users.py`) is the users' regime instead: a 4-bit model (a flash dir
+or a known model's name) under caps that are fractions of its GGUF's size (0.5, 0.7, 1.0, 1.3,
+none), against llama.cpp on the same GGUF, with each contender's perplexity beside its speed.
+
 The same run measures the disk (sequential 1 MiB direct reads; random direct reads against read
 size and thread count, the paper's Figure 2b) and writes results.json, results.md and PNG plots
 under --out (default /tmp/bench).
@@ -47,6 +51,7 @@ from .contenders import (
     llama_cpp_available,
 )
 from .harness import Setup, make_setup, private_copy, run_one
+from .perplexity import PPL_TOKENS
 from .replay import io_replay, window_sweep
 from .report import (
     agreement,
@@ -58,8 +63,10 @@ from .report import (
     speedups,
     write_report,
 )
+from .users import USERS_CONTENDERS, USERS_TOKENS, run_users
 
 DEFAULT_CAPS = ("0.4", "0.5", "0.7", "1.0")
+PAPER_TOKENS = 32
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 
 
@@ -112,6 +119,11 @@ def disk_report(model: Path, manifest: Manifest, args: argparse.Namespace) -> di
 
 def run(args: argparse.Namespace) -> int:
     """The benchmark from parsed arguments: every contender at every cap, then the report."""
+    if args.regime == "users":
+        return run_users(args)
+    args.tokens = args.tokens or PAPER_TOKENS
+    args.caps = args.caps or ",".join(DEFAULT_CAPS)
+    args.contenders = args.contenders or ",".join(ALL_CONTENDERS)
     model = source = Path(args.model)
     gguf = Path(args.gguf) if args.gguf else default_gguf(model)
     if args.copy_to:
@@ -167,17 +179,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     """What runs: the model, caps, contenders, prompt, tokens, dtype."""
-    parser.add_argument("--model", required=True, help="flash model dir")
-    parser.add_argument("--caps", default=",".join(DEFAULT_CAPS),
+    parser.add_argument("--regime", default="paper", choices=["paper", "users"],
+                        help="paper: a flash dir under caps that are fractions of its own size, "
+                             "with every ablation (issue 5); users: a 4-bit model under caps "
+                             "that are fractions of its GGUF's size against llama.cpp, with "
+                             "perplexity (issue 20)")
+    parser.add_argument("--model", required=True,
+                        help="flash model dir; with --regime users also a known model name "
+                             "(pulled and converted to 4 bits on first use)")
+    parser.add_argument("--models-dir", default=None,
+                        help="where known models live (default $MLX_FLASH_HOME/models or "
+                             "~/.cache/mlx_flash/models)")
+    parser.add_argument("--caps", default=None,
                         help="comma-separated DRAM caps: fractions of the model size (0.5), "
-                             "multiples (1.5x) or sizes (700MiB)")
-    parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS),
-                        help=f"comma-separated subset of: {', '.join(ALL_CONTENDERS)}")
+                             "multiples (1.5x) or sizes (700MiB); --regime users: fractions of "
+                             "the GGUF's size or none (default "
+                             f"{','.join(DEFAULT_CAPS)}; users: 0.5,0.7,1.0,1.3,none)")
+    parser.add_argument("--contenders", default=None,
+                        help=f"comma-separated subset of: {', '.join(ALL_CONTENDERS)} (default "
+                             f"all; users: {','.join(USERS_CONTENDERS)})")
+    parser.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS,
+                        help="--regime users: tokens of the fixed text each contender's "
+                             "perplexity is measured on (0: none)")
     parser.add_argument("--ablation-caps", default="0.5",
                         help="caps the ablations (flash-window1 ... flash-placed-pinned) run at, "
                              "or 'all' for every --caps value (the default keeps the whole run "
                              "under 30 minutes on the default model)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per run")
+    parser.add_argument("--tokens", "--max-tokens", dest="tokens", type=int, default=None,
+                        help=f"tokens generated per run (default {PAPER_TOKENS}; users: "
+                             f"{USERS_TOKENS})")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="user message, through the chat template when there is one")
     parser.add_argument("--prompt-ids", default=None,

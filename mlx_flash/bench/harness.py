@@ -113,6 +113,8 @@ class Setup:
     force_direct: bool
     unbundled_dir: Path | None = None
     run_id: int = 0
+    ppl_ids: list[int] | None = None  # the text runs with task "ppl" score (users' regime)
+    record_ids: bool = True  # the flash contender records its selections (window sweep)
 
 
 def prompt_token_ids(model: Path, prompt: str) -> list[int]:
@@ -166,14 +168,16 @@ def make_setup(args, size: int) -> Setup:
 # ---------------------------------------------------------------- running one contender
 
 
-def worker_spec(setup: Setup, c: Contender, cap: int | None, tag: str) -> dict:
-    """The JSON the worker reads (`worker.worker_main`)."""
+def worker_spec(setup: Setup, c: Contender, cap: int | None, tag: str,
+                task: str = "generate") -> dict:
+    """The JSON the worker reads (`worker.worker_main`); task "generate" or "ppl"."""
     return {"kind": c.kind, "model": str(setup.model), "options": c.options,
             "cap": cap, "dtype": setup.dtype, "prompt_ids": setup.prompt_ids,
             "tokens": setup.tokens, "force_direct": setup.force_direct,
             "unbundled_dir": str(setup.unbundled_dir) if setup.unbundled_dir else None,
-            "record_ids": c.name == "flash", "ids_file": str(setup.out / f"ids_{tag}.npz"),
-            "result_file": str(setup.out / f"result_{tag}.json")}
+            "record_ids": c.name == "flash" and setup.record_ids and task == "generate",
+            "ids_file": str(setup.out / f"ids_{tag}.npz"), "task": task,
+            "ppl_ids": setup.ppl_ids, "result_file": str(setup.out / f"result_{tag}.json")}
 
 
 def child_command(spec_file: Path, procs: Path | None) -> list[str]:
@@ -208,16 +212,18 @@ def spawn(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, float]
     return rc, time.perf_counter() - t0
 
 
-def run_one(setup: Setup, c: Contender, cap: int | None) -> dict:
-    """One contender at one cap in a fresh process (and cgroup); always returns a row."""
+def run_one(setup: Setup, c: Contender, cap: int | None, task: str = "generate") -> dict:
+    """One contender at one cap in a fresh process (and cgroup); always returns a row.
+    task: "generate" (decode setup.tokens tokens) or "ppl" (score setup.ppl_ids)."""
     setup.run_id += 1
-    tag = f"{c.name}_{'none' if cap is None else cap}"
+    tag = f"{c.name}_{'none' if cap is None else cap}" + ("" if task == "generate" else
+                                                          f"_{task}")
     row = {"name": c.name, "label": c.label, "kind": c.kind, "cap_bytes": cap,
            "cap_fraction": None if cap is None else cap / setup.size,
-           "io_mode": io_mode(setup, c, cap)}
+           "io_mode": io_mode(setup, c, cap), "task": task}
     if c.skip:
         return {**row, "status": "skipped", "error": c.skip}
-    spec = worker_spec(setup, c, cap, tag)
+    spec = worker_spec(setup, c, cap, tag, task)
     spec_file = setup.out / f"spec_{tag}.json"
     spec_file.write_text(json.dumps(spec))
     Path(spec["result_file"]).unlink(missing_ok=True)

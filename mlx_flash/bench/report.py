@@ -254,8 +254,8 @@ def write_report(report: dict, out: Path) -> None:
 # ---------------------------------------------------------------- plots
 
 
-def plot_all(report: dict, out: Path) -> list[str]:
-    """PNG plots under out; returns their paths ([] without matplotlib)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) without matplotlib."""
     try:
         import matplotlib  # optional: the bench extra
 
@@ -263,6 +263,14 @@ def plot_all(report: dict, out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_all(report: dict, out: Path) -> list[str]:
+    """PNG plots under out; returns their paths ([] without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
         return []
     paths = [plot_latency(report, out / "latency.png", plt),
              plot_caps(report, out / "tps_vs_cap.png", plt)]

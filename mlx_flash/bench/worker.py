@@ -21,9 +21,13 @@ import mlx_lm  # noqa: F401  (the baseline RSS includes MLX and mlx_lm)
 import numpy as np
 from mlx_lm.generate import generate_step
 
+from ..format.manifest import read_manifest
 from ..format.storage import write_text_atomic
 from ..runtime.loader import load, load_dense
+from ..spec.drafter import drafter_bytes, load_drafter
+from ..spec.speculative import SpecSettings, speculative_tokens
 from .baselines import load_mmap, use_unbundled
+from .perplexity import llama_nll, mlx_nll, perplexity
 
 
 def rss_bytes() -> int:
@@ -86,12 +90,21 @@ class Clock:
                 "probe_s_per_token": self.per_token("probe"), "token_times_s": self.times}
 
 
-def generate_mlx(model, prompt_ids: list[int], tokens: int, probe=None) -> tuple[list, Clock]:
-    """Greedy decode of exactly `tokens` tokens with mlx_lm's generate_step (no EOS stop)."""
+def generate_mlx(model, prompt_ids: list[int], tokens: int, probe=None,
+                 drafter=None) -> tuple[list, Clock]:
+    """Greedy decode of exactly `tokens` tokens with mlx_lm's generate_step (no EOS stop), or
+    speculatively with `drafter` (the same greedy tokens, several per verification)."""
     clock, out = Clock(probe), []
-    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=tokens):
+    if drafter is None:
+        stream = (int(token) for token, _ in generate_step(mx.array(prompt_ids), model,
+                                                            max_tokens=tokens))
+    else:
+        stream = speculative_tokens(model, drafter, prompt_ids, SpecSettings())
+    for token in stream:
         out.append(int(token))
         clock.tick()
+        if len(out) == tokens:
+            break
     return out, clock
 
 
@@ -161,13 +174,19 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def load_flash(spec: dict):
-    """load() a flash contender from worker args; returns the model."""
+    """load() a flash contender from worker args; returns the model (with `bench_drafter`
+    set when the options ask for the dir's drafter: its DRAM is reserved in the budget)."""
     opts = dict(spec["options"])
     unbundled = opts.pop("unbundled", False)
     model_dir = opts.pop("model_dir", spec["model"])  # a placed copy (issue 9)
+    with_drafter = opts.pop("drafter", False) and spec.get("task", "generate") == "generate"
     if spec.get("force_direct"):
         opts["direct"] = True
+    if with_drafter:
+        opts["reserve"] = drafter_bytes(model_dir, read_manifest(model_dir).config["hidden_size"])
     model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"], **opts)
+    model.bench_drafter = (load_drafter(model_dir, model_dir).attach(model, model_dir)
+                           if with_drafter else None)
     if unbundled:
         use_unbundled(model, spec["model"], spec["unbundled_dir"])
     if spec.get("record_ids"):
@@ -202,8 +221,14 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
         return
     result["load_s"] = time.perf_counter() - t0
     result["rss_after_load_bytes"] = rss_bytes()
-    out, clock = generate_mlx(model, spec["prompt_ids"], spec["tokens"], probe)
-    result.update(clock.summary(), tokens_out=out)
+    if spec.get("task") == "ppl":
+        result.update(ppl_result(mlx_nll(model, spec["ppl_ids"])))
+        if spec["kind"] == "flash":
+            model.flash.close()
+        return
+    drafter = getattr(model, "bench_drafter", None)
+    out, clock = generate_mlx(model, spec["prompt_ids"], spec["tokens"], probe, drafter)
+    result.update(clock.summary(), tokens_out=out, drafter=drafter is not None)
     if spec["kind"] == "mmap":
         result["ffn_unsplit_s_per_token"] = result["probe_s_per_token"]
     if spec["kind"] == "flash":
@@ -214,18 +239,29 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
         model.flash.close()
 
 
+def ppl_result(nll: np.ndarray) -> dict:
+    """The perplexity fields of a result from (T,) negative log-likelihoods."""
+    return {"ppl": perplexity(nll), "ppl_tokens": int(nll.size), "nll_mean": float(nll.mean())}
+
+
 def run_llama_worker(spec: dict, result: dict) -> None:
-    """llama.cpp on the GGUF, mmap'd, greedy, same prompt token ids."""
+    """llama.cpp on the GGUF, mmap'd, greedy, same prompt token ids; or (task "ppl") the
+    perplexity of spec["ppl_ids"] from its own logits."""
     import llama_cpp  # optional: only this contender needs llama-cpp-python
 
     result["baseline_rss_bytes"] = rss_bytes()
     result["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")
+    ppl = spec.get("task") == "ppl"
+    n_ctx = len(spec["ppl_ids"]) + 8 if ppl else len(spec["prompt_ids"]) + spec["tokens"] + 16
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=spec["options"]["gguf"], n_ctx=max(512, len(
-        spec["prompt_ids"]) + spec["tokens"] + 16), n_threads=os.cpu_count(), use_mmap=True,
-        use_mlock=False, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=spec["options"]["gguf"], n_ctx=max(512, n_ctx),
+                          n_threads=spec["options"].get("n_threads") or os.cpu_count(),
+                          use_mmap=True, use_mlock=False, logits_all=ppl, verbose=False, seed=0)
     result["load_s"] = time.perf_counter() - t0
     result["rss_after_load_bytes"] = rss_bytes()
+    if ppl:
+        result.update(ppl_result(llama_nll(llm, spec["ppl_ids"])))
+        return
     clock, out = Clock(), []
     for token in llm.generate(spec["prompt_ids"], temp=0.0, top_k=1, top_p=1.0,
                               repeat_penalty=1.0, reset=True):
