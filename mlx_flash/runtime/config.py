@@ -18,7 +18,7 @@ from .planner import PLANNERS
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-SELECTORS = ("auto", "predictor", "oracle", "quant")
+SELECTORS = ("auto", "predictor", "oracle", "quant", "sequence")
 
 
 ORACLE_RULES = ("all", "nonzero", "top")
@@ -42,7 +42,10 @@ class FlashConfig:
     default 1.0), "predictor" (the dir's trained predictors; `predictor_recall` picks one of
     their calibrated operating points, None = their default), "quant" (a 4-bit copy of the
     FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5)
-    or "auto" (predictor when the dir has them, else oracle).
+    "sequence" (GRIFFIN: each layer's top `keep` neurons, default 0.5, chosen from the prompt's
+    true activations and used for every decoded token; `sequence_refresh` N > 0 chooses again
+    every N decoded tokens from the recent tokens too, 0 = never) or "auto" (predictor when the
+    dir has them, else oracle).
     dtype: the compute dtype ("float16", "bfloat16", "float32" or an mx.Dtype); None = f32 on
     CPU (bf16 when a budget needs it), the storage dtype on a GPU.
     threads: the store's parallel reads. direct: O_DIRECT reads that bypass the page cache;
@@ -93,6 +96,7 @@ class FlashConfig:
     resident_group_size: int = 64
     fast_cpu: bool | None = None
     predictor_recall: float | None = None
+    sequence_refresh: int = 0
     read_planner: str = "cost"
     pin_hot: float = 0.0
     read_ahead: int = 3
@@ -111,7 +115,7 @@ class FlashConfig:
         for name in ("window", "threads", "max_sparse_tokens", "prefill_chunk",
                      "resident_group_size"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("max_kv_tokens", "read_ahead", "reserve"):
+        for name in ("max_kv_tokens", "read_ahead", "reserve", "sequence_refresh"):
             _at_least(name, getattr(self, name), 0)
         if self.min_capacity is not None:
             _at_least("min_capacity", self.min_capacity, 1)

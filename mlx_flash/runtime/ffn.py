@@ -122,6 +122,9 @@ class FlashFFN(nn.Module):
         if out_bias is not None:
             mx.eval(out_bias)  # now: a thread other than the loading one cannot evaluate it
         self._last_ids: list[np.ndarray] | None = None  # per token, of the last window-path call
+        bind = getattr(runtime.selector, "bind", None)  # a selector sized to the caches
+        if bind is not None:
+            bind(layer, cache)
 
     @property
     def cache(self) -> NeuronCache:
@@ -261,8 +264,18 @@ class FlashFFN(nn.Module):
         y = mx.zeros_like(x)
         xin = rt.backend.compute_input(x)
         chunks = rt.store.layer_chunks(self._layer, rt.config.prefill_chunk)  # file order
-        for rows, io in rt.read_chunks(self._layer, chunks, not rt.config.naive, False):
+        watch = getattr(rt.selector, "watch_prompt", None)  # a selector that sees the prompt
+        watch = watch(self._layer, x) if watch is not None and not rt.config.naive else None
+        for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks,
+                                                           not rt.config.naive, False),
+                                    strict=True):
             y = self._add_rows(xin, y, rows, io, step)
+            if watch is not None:
+                t0 = time.perf_counter()
+                watch.add(part, rows)
+                step.seconds["predictor"] += time.perf_counter() - t0
+        if watch is not None:
+            watch.close()
         if not rt.config.naive:
             self._seed_window(x[-rt.config.window:], step)
         return y

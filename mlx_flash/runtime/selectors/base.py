@@ -19,6 +19,10 @@ class Selection:
 def top_ids(score: np.ndarray, keep: float) -> np.ndarray:
     """(n,) scores -> the ceil(keep * n) best ids (at least one), best first; ties in id order
     when every id is kept."""
-    k = max(1, math.ceil(keep * score.size))
+    return top_k(score, max(1, math.ceil(keep * score.size)))
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """(n,) scores -> the k best ids (1 <= k), best first; ties in id order when k >= n."""
     top = np.argpartition(-score, k - 1)[:k] if k < score.size else np.arange(score.size)
     return top[np.argsort(-score[top], kind="stable")]

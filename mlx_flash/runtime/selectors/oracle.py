@@ -46,18 +46,31 @@ class OracleSelector:
 
     def activations(self, layer: int, x: mx.array) -> tuple[np.ndarray, IOStats]:
         """True activations of every neuron: (T, n) float32, and the I/O it took."""
-        n, io = self.manifest.layers[layer].n_neurons, IOStats()
-        out = np.empty((x.shape[0], n), dtype=np.float32)
-        for ids, rows, stats in self.store.iter_layer(layer, self.chunk):  # file order
-            io.add(stats)
-            weights, bias = split_bundles(rows, self.manifest, self.dtype)
-            h = neuron_activations(x, weights, weights.shape[1], self.manifest.ffn.activation,
-                                   bias)
-            out[:, ids] = np.array(h.astype(mx.float32))  # np.array evaluates: needed now
-        return out, io
+        return layer_activations(self.store, self.manifest, layer, x, self.dtype, self.chunk)
 
     def _pick(self, magnitude: np.ndarray) -> np.ndarray:
         if self.rule == "nonzero":
             ids = np.nonzero(magnitude)[0]
             return ids[np.argsort(-magnitude[ids], kind="stable")]
         return top_ids(magnitude, self.keep)
+
+
+def rows_activations(x: mx.array, rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype
+                     ) -> np.ndarray:
+    """True activations of the neurons whose raw bundles are `rows`: x (T, d), rows (k, stride)
+    uint8 -> (T, k) float32, evaluated."""
+    weights, bias = split_bundles(rows, manifest, dtype)
+    h = neuron_activations(x, weights, weights.shape[1], manifest.ffn.activation, bias)
+    return np.array(h.astype(mx.float32))  # np.array evaluates: needed now
+
+
+def layer_activations(store: NeuronStore, manifest: Manifest, layer: int, x: mx.array,
+                      dtype: mx.Dtype, chunk: int = 4096) -> tuple[np.ndarray, IOStats]:
+    """True activations of every neuron of `layer`, its whole FFN read in file order: x (T, d)
+    -> (T, n) float32, and the I/O it took."""
+    n, io = manifest.layers[layer].n_neurons, IOStats()
+    out = np.empty((x.shape[0], n), dtype=np.float32)
+    for ids, rows, stats in store.iter_layer(layer, chunk):
+        io.add(stats)
+        out[:, ids] = rows_activations(x, rows, manifest, dtype)
+    return out, io
