@@ -44,12 +44,12 @@ def default_model_dir(models_dir: str | None = None, name: str | None = None) ->
     return flash_dir
 
 
-def _convert(src, out, dtype, align, force, bits=16, group_size=64) -> None:
+def _convert(src, out, dtype, align, force, bits=16, group_size=64, **resident) -> None:
     ckpt = open_checkpoint(src)
     total = sum(info_bytes(ckpt).values())
     with _progress_bar(f"convert {Path(src).name}", total) as bar:
         stats = convert(ckpt, out, dtype=dtype, bits=bits, group_size=group_size, align=align,
-                        force=force,
+                        force=force, **resident,
                         progress=lambda stage, n: (bar.set_postfix_str(stage), bar.update(n)))
     print(f"wrote {out}: resident {stats.resident_bytes / 2**20:.1f} MiB, FFN "
           f"{stats.ffn_bytes / 2**20:.1f} MiB in {stats.n_layers} layers x {stats.n_neurons} "

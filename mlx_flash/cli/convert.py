@@ -10,7 +10,9 @@ from .common import _convert
 
 def cmd_convert(args) -> int:
     src = resolve_source(args.src, models_dir=args.models_dir)
-    _convert(src, args.out, args.dtype, args.align, args.force, args.bits, args.group_size)
+    _convert(src, args.out, args.dtype, args.align, args.force, args.bits, args.group_size,
+             resident_bits=args.resident_bits, resident_group_size=args.resident_group_size,
+             carry=not args.requantize)
     return 0
 
 
@@ -25,6 +27,15 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                    help="FFN bundle precision: 16 (the dtype) or 8/4-bit affine quantization")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64,
                    help="quantization group size along d_model (with --bits 8/4)")
+    p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
+                   help="attention, lm_head and embedding matrices: 16 (the dtype) or 8/4-bit, "
+                        "stored as mlx_lm stores a quantized model (default: --bits)")
+    p.add_argument("--resident-group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="their quantization group size (default: --group-size)")
+    p.add_argument("--requantize", action="store_true",
+                   help="GGUF: re-quantize every resident matrix at --resident-bits; by "
+                        "default blocks that are exactly MLX affine (Q8_0, Q5_0, Q4_0) are "
+                        "stored as they are, at their own bits, and Q6_K at 8 bits")
     p.add_argument("--align", type=int, default=64, help="bundle stride alignment in bytes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)

@@ -18,6 +18,14 @@ quantized along d_model in groups of `group_size`: `[gate.q | up.q | down.q | ga
 | down.biases | *_bias]` - packed uint32 words, then scales and biases in `dtype`, so one read
 still gets everything a neuron needs (`FFNLayout.segments`).
 
+The resident part of a dir converted with --bits 8/4 (or --resident-bits) is quantized too, as
+mlx_lm stores a quantized model: each 2-D matrix (attention, lm_head, the embedding table) as
+`<module>.weight` packed uint32, `<module>.scales`, `<module>.biases` in the bundles' dtype;
+norms and biases stay 16-bit. The resident entry's "quantization" says so: {"bits",
+"group_size" (what convert was asked), "modules": {module path: {"bits", "group_size"}}} (a
+GGUF's blocks may be carried at their own bits). Without it (every older dir) the resident
+part is 16-bit. `check_quantized_tensors` checks the packed shapes against it at read.
+
 Version 2 is a placed dir (`offline/placement.py`): the neurons of a layer are stored in
 another order, `LayerEntry.order[p]` = the original id of the neuron at position p (a
 permutation, checked on read), and the store maps ids to positions, so nothing above it sees the
@@ -50,7 +58,14 @@ from .checksums import (
     unverified_message,
 )
 from .errors import FormatError
-from .storage import DTYPE_BYTES, NP_STORAGE, sha256_file, tensor_sizes, write_text_atomic
+from .storage import (
+    DTYPE_BYTES,
+    NP_STORAGE,
+    sha256_file,
+    tensor_sizes,
+    to_f32,
+    write_text_atomic,
+)
 
 FORMAT_VERSION = 1  # what `convert` writes
 
@@ -365,11 +380,74 @@ def check_structure(data, where: str) -> None:
                 raise FormatError(f"{where}: layer {i} {key} must be a positive integer, got "
                                   f"{value!r}; {fix}")
     _file_record(data.get("resident"), "'resident'", where)
+    _check_quantization(data["resident"].get("quantization"), where)
     if data.get("predictors") is not None:
         _file_record(data["predictors"], "'predictors'", where)
     align = data.get("align", 64)
     if not _is_int(align) or align < 1 or align & (align - 1):
         raise FormatError(f"{where}: align must be a power of two, got {align!r}; {fix}")
+
+
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode packs
+
+
+QUANT_GROUPS = (32, 64, 128)
+
+
+def _quant_params(value, what: str, where: str) -> None:
+    if not isinstance(value, dict) or value.get("bits") not in QUANT_BITS \
+            or value.get("group_size") not in QUANT_GROUPS:
+        raise FormatError(f"{where}: {what} must be {{'bits': one of {QUANT_BITS}, 'group_size': "
+                          f"one of {QUANT_GROUPS}}}, got {str(value)[:80]!r}; the manifest was "
+                          "edited or damaged - re-convert the model")
+
+
+def _check_quantization(value, where: str) -> None:
+    """resident["quantization"]: absent (16-bit resident), or {"bits", "group_size" (the
+    convert options), "modules": {module path: {"bits", "group_size"}}}."""
+    if value is None:
+        return
+    _quant_params(value, "resident quantization", where)
+    modules = value.get("modules")
+    if not isinstance(modules, dict):
+        raise FormatError(f"{where}: resident quantization 'modules' must map module paths to "
+                          "their bits and group size; re-convert the model")
+    for name, params in modules.items():
+        _quant_params(params, f"resident module {name!r}", where)
+
+
+def resident_quantization(manifest: Manifest) -> dict[str, dict]:
+    """Module path -> {"bits", "group_size"} of every resident matrix stored quantized
+    (`<path>.weight` packed uint32, `.scales`, `.biases`, MLX affine); {} for a 16-bit
+    resident part (every dir made before quantized resident files)."""
+    quant = manifest.resident.get("quantization")
+    return dict(quant["modules"]) if quant else {}
+
+
+def resident_rows(root: str | Path, manifest: Manifest, name: str, ids: np.ndarray
+                  ) -> np.ndarray:
+    """Rows `ids` of resident matrix `name` as (k, cols) float32, read from the file: 16-bit
+    rows widened, quantized ones dequantized (w = scales * q + biases, MLX's packing)."""
+    path = Path(root) / manifest.resident["file"]
+    tensors = tensor_sizes(path)
+    base = name[: -len(".weight")]
+    params = resident_quantization(manifest).get(base)
+    rows = np.asarray(tensors[name].memmap(path)[ids])
+    if params is None:
+        return to_f32(rows, tensors[name].dtype)
+    bits, group = params["bits"], params["group_size"]
+    scales, biases = (to_f32(np.asarray(tensors[f"{base}.{k}"].memmap(path)[ids]),
+                             tensors[f"{base}.{k}"].dtype) for k in ("scales", "biases"))
+    stream = np.unpackbits(rows.view(np.uint8), axis=-1, bitorder="little")
+    q = stream.reshape(len(rows), -1, bits) @ (1 << np.arange(bits)).astype(np.float32)
+    w = q.reshape(len(rows), -1, group) * scales[..., None] + biases[..., None]
+    return w.reshape(len(rows), -1).astype(np.float32)
+
+
+def resident_bits(manifest: Manifest) -> tuple[int, int]:
+    """(bits, group_size) the resident part was converted with; (16, 0) when unquantized."""
+    quant = manifest.resident.get("quantization")
+    return (quant["bits"], quant["group_size"]) if quant else (16, 0)
 
 
 def contained(root: str | Path, rel: str, where: str) -> Path:
@@ -500,11 +578,44 @@ def check_headers(root: Path, manifest: Manifest) -> None:
     same size still shows. The predictors file is checked when it is loaded, not here: a
     damaged one must not stop `train-predictors` from replacing it."""
     path = root / manifest.resident["file"]
-    dtypes = {e.dtype for e in tensor_sizes(path).values() if len(e.shape) >= 2}
+    tensors = tensor_sizes(path)
+    quantized = check_quantized_tensors(path, tensors, resident_quantization(manifest),
+                                        manifest.ffn.dtype)
+    dtypes = {e.dtype for name, e in tensors.items() if len(e.shape) >= 2
+              and name not in quantized}
     if dtypes and dtypes != {manifest.ffn.dtype}:
         raise FormatError(f"{root / MANIFEST}: ffn dtype {manifest.ffn.dtype} disagrees with "
                           f"{path}, whose matrices are {', '.join(sorted(dtypes))}: the manifest "
                           "was edited or damaged; re-convert the model")
+
+
+def check_quantized_tensors(path: Path, tensors: dict, modules: dict[str, dict],
+                            dtype: str) -> set[str]:
+    """Each quantized module's `.weight` is (rows, cols * bits / 32) uint32 and its `.scales`
+    and `.biases` are (rows, cols / group_size) in `dtype`; no other tensor is uint32. Returns
+    the names of those tensors; raises FormatError naming the file and the tensor."""
+    names = set()
+    for base, params in modules.items():
+        bits, group = params["bits"], params["group_size"]
+        parts = [tensors.get(f"{base}.{k}") for k in ("weight", "scales", "biases")]
+        weight, scales, biases = parts
+        fine = (None not in parts and weight.dtype == "uint32" and len(weight.shape) == 2
+                and scales.dtype == biases.dtype == dtype and scales.shape == biases.shape
+                and len(scales.shape) == 2 and scales.shape[0] == weight.shape[0]
+                and weight.shape[1] * 32 == scales.shape[1] * group * bits)
+        if not fine:
+            got = ", ".join(f"{k} {p.shape} {p.dtype}" if p else f"no {k}"
+                            for k, p in zip(("weight", "scales", "biases"), parts, strict=True))
+            raise FormatError(f"{path}: quantized tensor {base} ({got}) is not {bits}-bit MLX "
+                              f"affine in groups of {group} with {dtype} scales and biases: the "
+                              "file is damaged or was edited; re-convert the model")
+        names.update(f"{base}.{k}" for k in ("weight", "scales", "biases"))
+    stray = [name for name, e in tensors.items() if e.dtype == "uint32" and name not in names]
+    if stray:
+        raise FormatError(f"{path}: tensor {stray[0]} is packed uint32 but the manifest lists "
+                          "no quantization for it; the manifest was edited or damaged - "
+                          "re-convert the model")
+    return names
 
 
 def check_shapes(manifest: Manifest, where: str) -> None:

@@ -32,7 +32,8 @@ NP_STORAGE: dict[str, np.dtype] = {"float16": np.dtype(np.float16),
 DTYPE_BYTES = {name: NP_STORAGE[name].itemsize for name in ("float16", "bfloat16", "float32")}
 
 
-ST_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # safetensors' dtype codes
+# safetensors' dtype codes of what a flash dir stores ("uint32": quantized resident weights)
+ST_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}
 
 
 ST_NAMES = {code: name for name, code in ST_CODES.items()}

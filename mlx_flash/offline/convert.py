@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from ..format.bundles import pack_bundles
@@ -27,6 +28,7 @@ from ..format.manifest import (
     FFN_DIR,
     FORMAT_VERSION,
     MANIFEST,
+    QUANT_GROUPS,
     RESIDENT,
     FFNLayout,
     LayerEntry,
@@ -38,14 +40,17 @@ from ..format.manifest import (
 )
 from ..format.storage import (
     DTYPE_BYTES,
+    NP_STORAGE,
     ST_CODES,
     atomic_write,
     cast,
     fsync_dir,
     fsync_file,
     sha256_file,
+    to_f32,
     write_text_atomic,
 )
+from ..runtime.memory import quantizable
 from .source_check import check_config
 from .sources import open_checkpoint
 from .sources.base import Checkpoint, TensorInfo, layout_for
@@ -73,7 +78,7 @@ def write_safetensors(path: Path, infos: list[TensorInfo], arrays: Iterable[np.n
     """
     header, offset = {}, 0
     for info in infos:
-        nbytes = int(np.prod(info.shape, dtype=np.int64)) * DTYPE_BYTES[info.dtype]
+        nbytes = int(np.prod(info.shape, dtype=np.int64)) * NP_STORAGE[info.dtype].itemsize
         header[info.name] = {"dtype": ST_CODES[info.dtype], "shape": list(info.shape),
                              "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -147,26 +152,125 @@ def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int
     return parts
 
 
-def resident_infos(ckpt: Checkpoint, dtype: str) -> list[TensorInfo]:
-    """Every non-FFN tensor, in the order written, with its stored dtype."""
-    out = []
+def resident_plan(ckpt: Checkpoint, bits: int, group_size: int, carry: bool = True
+                  ) -> dict[str, dict]:
+    """Module path -> {"bits", "group_size"} of every resident matrix to store quantized.
+
+    bits 16: none. Otherwise every 2-D `.weight` whose rows split into whole groups
+    (attention, lm_head, the embedding table), at `bits`/`group_size` or, with `carry`, at
+    what the source's own blocks are exactly (`Checkpoint.quantization_for`, GGUF)."""
+    if bits >= 16:
+        return {}
+    plan = {}
+    for name, info in ckpt.tensors().items():
+        if ckpt.is_ffn_tensor(name) or not quantizable(name, info.shape, group_size):
+            continue
+        params = ckpt.quantization_for(name) if carry else None
+        plan[name[: -len(".weight")]] = params or {"bits": bits, "group_size": group_size}
+    return plan
+
+
+def resident_infos(ckpt: Checkpoint, dtype: str, plan: dict[str, dict] | None = None
+                   ) -> list[TensorInfo]:
+    """Every non-FFN tensor, in the order written, with its stored dtype; a quantized
+    module's weight as (rows, cols * bits / 32) uint32 then its scales and biases (rows,
+    cols / group_size) in `dtype`."""
+    out, plan = [], plan or {}
     for name, info in ckpt.tensors().items():
         if ckpt.is_ffn_tensor(name):
             continue
-        out.append(TensorInfo(name, info.shape, dtype if len(info.shape) >= 2 else info.dtype))
+        params = plan.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if params is None:
+            out.append(TensorInfo(name, info.shape, dtype if len(info.shape) >= 2
+                                  else info.dtype))
+            continue
+        (rows, cols), base = info.shape, name[: -len(".weight")]
+        groups = (rows, cols // params["group_size"])
+        out += [TensorInfo(name, (rows, cols * params["bits"] // 32), "uint32"),
+                TensorInfo(f"{base}.scales", groups, dtype),
+                TensorInfo(f"{base}.biases", groups, dtype)]
     return out
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """(r, c) integer values in [0, 2**bits) -> (r, c * bits / 32) uint32 in MLX's affine
+    packing (a little-endian bit stream per row, for every `bits` mx.quantize supports)."""
+    rows, cols = q.shape
+    out = np.empty((rows, cols * bits // 32), np.uint32)
+    shifts = np.arange(bits, dtype=np.uint8)
+    for start in range(0, rows, 4096):  # the bit stream is 8 * bits bytes per value
+        block = q[start:start + 4096].astype(np.uint8)
+        stream = (block[:, :, None] >> shifts) & 1
+        out[start:start + 4096] = np.packbits(stream.reshape(len(block), -1), axis=1,
+                                              bitorder="little").view(np.uint32)
+    return out
+
+
+def affine_quantize(values: np.ndarray, src: str, dtype: str, bits: int, group_size: int,
+                    rows_per_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mx.quantize of a (r, c) tensor of storage dtype `src`, in the storage dtype `dtype`
+    (as mlx_lm quantizes a 16-bit checkpoint, and as load-time quantization does on the fast
+    CPU path): (q (r, c*bits/32) uint32, scales, biases (r, c/group_size) in `dtype`). A
+    block of rows at a time, so no f32 copy of a whole embedding table is made."""
+    rows, cols = values.shape
+    q = np.empty((rows, cols * bits // 32), np.uint32)
+    scales = np.empty((rows, cols // group_size), NP_STORAGE[dtype])
+    biases = np.empty_like(scales)
+    mx_dtype = getattr(mx, dtype)
+    for start in range(0, rows, rows_per_chunk):
+        stop = min(rows, start + rows_per_chunk)
+        block = mx.array(to_f32(values[start:stop], src)).astype(mx_dtype)
+        wq, s, b = mx.quantize(block, group_size=group_size, bits=bits)
+        q[start:stop] = np.array(wq)
+        scales[start:stop], biases[start:stop] = (to_storage(a, dtype) for a in (s, b))
+    return q, scales, biases
+
+
+def to_storage(a: mx.array, dtype: str) -> np.ndarray:
+    """An MLX array of storage dtype `dtype` -> numpy in NP_STORAGE[dtype] (bf16 as bits)."""
+    return np.array(a.view(mx.uint16)) if dtype == "bfloat16" else np.array(a)
+
+
+def resident_arrays(ckpt: Checkpoint, dtype: str, plan: dict[str, dict]
+                    ) -> Iterable[np.ndarray]:
+    """The tensors of `resident_infos(ckpt, dtype, plan)`, in order, one at a time: a
+    quantized module's blocks as the source holds them when they are exactly MLX affine
+    (`Checkpoint.read_quantized`), else quantized here."""
+    src = ckpt.tensors()
+    for name, info in src.items():
+        if ckpt.is_ffn_tensor(name):
+            continue
+        params = plan.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if params is None:
+            yield cast(ckpt.read(name), info.dtype, dtype if len(info.shape) >= 2
+                       else info.dtype)
+            continue
+        bits, group = params["bits"], params["group_size"]
+        carried = ckpt.read_quantized(name, bits, group)
+        if carried is None:
+            yield from affine_quantize(ckpt.read(name), info.dtype, dtype, bits, group)
+        else:
+            q, scales, biases = carried
+            yield pack_bits(q, bits)
+            yield from (cast(a, "float32", dtype) for a in (scales, biases))
 
 
 def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None = None,
             bits: int = 16, group_size: int = 64, align: int = 64, force: bool = False,
-            progress: Progress | None = None) -> ConvertStats:
+            progress: Progress | None = None, resident_bits: int | None = None,
+            resident_group_size: int | None = None, carry: bool = True) -> ConvertStats:
     """Convert a source checkpoint into a flash model dir at `out`.
 
     dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
     dtype of the FFN weights. bits: 16 stores FFN rows in `dtype`; 8 or 4 quantizes each row
-    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). align: bundle
-    stride alignment in bytes (the store reads aligned spans for O_DIRECT itself, so padding to
-    4096 is only worth it for huge bundles).
+    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). resident_bits
+    (None: `bits`) and resident_group_size (None: `group_size`): the same for the resident
+    matrices (attention, lm_head, embedding table), stored as mlx_lm stores a quantized model
+    (`resident_plan`); 16 keeps them in `dtype`. carry: a GGUF's resident blocks that are
+    exactly MLX affine (Q8_0, Q5_0, Q4_0) are stored as they are, at their own bits, not
+    re-quantized (False: every matrix at resident_bits). align: bundle stride alignment in
+    bytes (the store reads aligned spans for O_DIRECT itself, so padding to 4096 is only worth
+    it for huge bundles).
     """
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     out = Path(out)
@@ -182,6 +286,12 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
     layout = layout_for(ckpt, dtype, bits, group_size)
     stride = round_up(layout.bundle_bytes, align)
+    resident_bits = bits if resident_bits is None else resident_bits
+    resident_group_size = resident_group_size or group_size
+    if resident_bits not in (16, 8, 4) or resident_group_size not in QUANT_GROUPS:
+        raise ValueError(f"resident_bits must be 16, 8 or 4 and resident_group_size one of "
+                         f"{QUANT_GROUPS}, got {resident_bits} and {resident_group_size}")
+    plan = resident_plan(ckpt, resident_bits, resident_group_size, carry)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -189,8 +299,10 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     try:
         report = progress or (lambda stage, n: None)
         layers = _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report)
-        _write_resident(ckpt, tmp, dtype, report)
-        _write_metadata(ckpt, tmp, layout, layers, align, report)
+        _write_resident(ckpt, tmp, dtype, plan, report)
+        quantization = {"bits": resident_bits, "group_size": resident_group_size,
+                        "modules": plan} if plan else None
+        _write_metadata(ckpt, tmp, layout, layers, align, quantization, report)
         read_manifest(tmp)  # what load checks first, before the dir gets OUT's name
         _replace(tmp, out)
     except BaseException as e:
@@ -218,15 +330,13 @@ def _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report) -> list[
     return entries
 
 
-def _write_resident(ckpt, tmp, dtype, report) -> None:
-    infos = resident_infos(ckpt, dtype)
-    src = ckpt.tensors()
-    arrays = (cast(ckpt.read(i.name), src[i.name].dtype, i.dtype) for i in infos)
-    write_safetensors(tmp / RESIDENT, infos, arrays, metadata={"format": "mlx"})
+def _write_resident(ckpt, tmp, dtype, plan, report) -> None:
+    write_safetensors(tmp / RESIDENT, resident_infos(ckpt, dtype, plan),
+                      resident_arrays(ckpt, dtype, plan), metadata={"format": "mlx"})
     report("resident", (tmp / RESIDENT).stat().st_size)
 
 
-def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
+def _write_metadata(ckpt, tmp, layout, layers, align, quantization, report) -> None:
     source_hash = _hash_sources(ckpt)
     ckpt.write_tokenizer(tmp)
     config = dict(ckpt.config)
@@ -240,6 +350,8 @@ def _write_metadata(ckpt, tmp, layout, layers, align, report) -> None:
         config=config, ffn=layout, layers=layers, align=align,
         resident=file_entry(tmp, RESIDENT, blocks=True),
     )
+    if quantization:
+        manifest.resident["quantization"] = quantization
     write_text_atomic(tmp / MANIFEST, manifest.to_json())
     report("metadata", 0)
 

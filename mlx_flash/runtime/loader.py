@@ -26,6 +26,8 @@ from ..format.manifest import (
     check_resident,
     read_layer_rows,
     read_manifest,
+    resident_bits,
+    resident_quantization,
 )
 from ..format.storage import tensor_sizes
 from ..process import apply_budget_settings
@@ -79,33 +81,41 @@ def quantize_rows_chunked(path: Path, name: str, dtype: mx.Dtype, bits: int, gro
 
 
 def load_resident(root: Path, model: nn.Module, dtype: mx.Dtype, skip: tuple[str, ...] = (),
-                  bits: int = 16, group_size: int = 64) -> dict[str, mx.array]:
+                  bits: int = 16, group_size: int = 64,
+                  stored: dict[str, dict] | None = None) -> dict[str, mx.array]:
     """resident.safetensors as a dict in `dtype`, sanitized by the model, without `skip` keys.
 
-    bits 8 or 4 quantizes every `quantizable` tensor the mlx_lm way (weight, scales, biases)
-    and turns the matching modules of `model` into their quantized versions. Tensors are
-    converted one at a time so the storage and compute copies of the whole resident part are
-    never in memory together.
+    stored: module path -> {"bits", "group_size"} of the matrices the file holds quantized
+    (`resident_quantization`): their packed uint32 weights are kept as they are, their scales
+    and biases cast to `dtype`, and the modules become nn.QuantizedLinear/QuantizedEmbedding;
+    no 16-bit copy is ever made. Otherwise (a 16-bit file) bits 8 or 4 quantizes every
+    `quantizable` tensor the mlx_lm way (weight, scales, biases) at load. Tensors are converted
+    one at a time so the storage and compute copies of the whole resident part are never in
+    memory together.
     """
     weights = mx.load(str(root / RESIDENT))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    stored = stored or {}
+    quantize_now = bits < 16 and not stored
     out = {}
     for name in list(weights):
         tensor = weights.pop(name)
         if name in skip:
             continue
-        if bits < 16 and quantizable(name, tensor.shape, group_size):
+        if quantize_now and quantizable(name, tensor.shape, group_size):
             base = name[: -len(".weight")]
             q = quantize_rows_chunked(root / RESIDENT, name, dtype, bits, group_size)
             out.update(zip([name, f"{base}.scales", f"{base}.biases"], q, strict=True))
         else:
-            tensor = tensor.astype(dtype)
+            if tensor.dtype != mx.uint32:  # packed weights stay packed
+                tensor = tensor.astype(dtype)
             out[name] = tensor
             mx.eval(tensor)  # materialize now, freeing the storage-dtype copy
-    if bits < 16:
-        nn.quantize(model, group_size=group_size, bits=bits,
-                    class_predicate=lambda path, module: f"{path}.scales" in out)
+    params = stored or {path[: -len(".scales")]: {"bits": bits, "group_size": group_size}
+                        for path in out if path.endswith(".scales")}
+    if params:
+        nn.quantize(model, class_predicate=lambda path, module: params.get(path, False))
     return out
 
 
@@ -147,13 +157,15 @@ def assemble(root: Path, manifest: Manifest, backend: CacheBackend, install: Ins
     """The skeleton every loader shares (load, load_dense, bench's load_mmap).
 
     Builds the mlx_lm model, loads resident.safetensors without `skip` in the backend's weight
-    dtype (`bits` < 16: quantized, see load_resident), lets `install(model, weights)` put the
-    loader's FFN in (it takes its weights out of the dict or adds them), loads the weights and
-    puts the rest of the model on the backend. Returns (model, linears the backend swapped).
+    dtype (`bits` < 16: quantized at load; a dir converted with a quantized resident part
+    loads its packed matrices as they are whatever `bits` says, see load_resident), lets
+    `install(model, weights)` put the loader's FFN in (it takes its weights out of the dict or
+    adds them), loads the weights and puts the rest of the model on the backend. Returns (model, linears the backend swapped).
     """
     model = build_model(manifest)
     check_resident(root, manifest)  # its block checksums (a dir without them: one warning)
-    weights = load_resident(root, model, backend.weight_dtype, skip, bits, group_size)
+    weights = load_resident(root, model, backend.weight_dtype, skip, bits, group_size,
+                            resident_quantization(manifest))
     install(model, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -271,7 +283,7 @@ def fit_budget(root: Path, manifest: Manifest, budget: int | None, config: Flash
     if config.dtype is None and first.weight_dtype == mx.float32:
         backends.append(MlxBackend(manifest, mx.bfloat16))
     flash_choices = _embedding_choices(root, manifest, config.embed_on_flash)
-    rbits_choices = [config.resident_bits] if config.resident_bits is not None else [16, 8]
+    rbits_choices = resident_bits_choices(root, manifest, config.resident_bits)
     # the selector's DRAM: the dir's predictors (counted by plan_memory) or the quantized copy
     held = selector_bytes(manifest) if config.selector == "quant" else None
     needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if config.min_capacity is None \
@@ -288,15 +300,37 @@ def fit_budget(root: Path, manifest: Manifest, budget: int | None, config: Flash
     return Fit(plan, backend, on_flash, rbits)
 
 
+def resident_bits_choices(root: Path, manifest: Manifest, asked: int | None) -> list[int]:
+    """The resident_bits the fit may try: [16, 8] (or the one asked) for a 16-bit resident
+    part; for one converted quantized, only the bits it was converted with. Asking a quantized
+    dir for other bits (16 included) raises ValueError: its 16-bit values are gone, and
+    dequantizing would cost the DRAM the conversion saved without any accuracy back."""
+    stored, group = resident_bits(manifest)
+    if stored == 16:
+        return [asked] if asked is not None else [16, 8]
+    if asked is not None and asked != stored:
+        raise ValueError(f"{root}: resident_bits={asked}, but this dir's resident part was "
+                         f"converted to {stored} bits (groups of {group}); load it without "
+                         "resident_bits (--resident-bits), or re-convert the model with "
+                         f"`mlx-flash convert --resident-bits {asked}`")
+    return [stored]
+
+
 def _embedding_choices(root: Path, manifest: Manifest, embed_on_flash: bool | None
                        ) -> list[bool]:
-    """The embed_on_flash values the fit may try, in order (a tied table stays resident)."""
+    """The embed_on_flash values the fit may try, in order (a tied table stays resident, and
+    so does one stored quantized: flash rows are read as 16-bit rows)."""
     tied = manifest.config.get("tie_word_embeddings", True) and "lm_head.weight" not in \
         tensor_sizes(root / RESIDENT)
     if embed_on_flash and tied:
         raise ValueError(f"{root}: embed_on_flash needs an untied lm_head; this model ties it "
                          "to the embedding table")
-    return [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False, True]
+    packed = "model.embed_tokens" in resident_quantization(manifest)
+    if embed_on_flash and packed:
+        raise ValueError(f"{root}: embed_on_flash needs a 16-bit embedding table; this dir "
+                         "stores it quantized (re-convert with --resident-bits 16)")
+    return [bool(embed_on_flash)] if embed_on_flash is not None or tied or packed \
+        else [False, True]
 
 
 def build_runtime(root: Path, manifest: Manifest, config: FlashConfig, fit: Fit, direct: bool,

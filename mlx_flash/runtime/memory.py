@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..format.manifest import RESIDENT, Manifest
+from ..format.manifest import RESIDENT, Manifest, resident_quantization
 from ..format.storage import tensor_sizes
 from .backend import CacheBackend
 from .config import FlashConfig
@@ -80,11 +80,32 @@ def kv_bytes(config: dict, tokens: int, itemsize: int) -> int:
 
 
 def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
-                   group_size: int) -> int:
+                   group_size: int, stored: str = "float16") -> int:
+    """DRAM of one resident tensor loaded with weights of `itemsize` bytes: packed uint32
+    (`stored`, a quantized dir) as it is on disk, a `quantizable` one at `bits` < 16 as
+    load-time quantization makes it, anything else (scales, biases, norms) at `itemsize`."""
     count = int(np.prod(shape))
+    if stored == "uint32":
+        return count * 4
     if bits < 16 and quantizable(name, shape, group_size):
         return count * bits // 8 + 2 * (count // group_size) * itemsize
     return count * itemsize
+
+
+def resident_sizes(root: Path, manifest: Manifest, itemsize: int, bits: int,
+                   group_size: int) -> dict[str, int]:
+    """Tensor name -> DRAM bytes of resident.safetensors once loaded (`resident_bytes`). A
+    dir converted with a quantized resident part is loaded as stored (`bits` does not apply);
+    a quantized module's scales and biases count under its `.weight`, as when quantized at
+    load (so the embedding table's entry is all of it)."""
+    stored = resident_quantization(manifest)
+    sizes = {k: resident_bytes(k, e.shape, itemsize, 16 if stored else bits, group_size,
+                               e.dtype)
+             for k, e in tensor_sizes(root / RESIDENT).items()}
+    for base in stored:
+        for part in ("scales", "biases"):
+            sizes[f"{base}.weight"] += sizes.pop(f"{base}.{part}", 0)
+    return sizes
 
 
 def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: FlashConfig,
@@ -97,8 +118,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: Flas
     caller holds besides the model (a drafter)."""
     dtype = backend.weight_dtype
     itemsize = dtype.size
-    sizes = {k: resident_bytes(k, shape, itemsize, resident_bits, config.resident_group_size)
-             for k, (shape, *_) in tensor_sizes(root / RESIDENT).items()}
+    sizes = resident_sizes(root, manifest, itemsize, resident_bits, config.resident_group_size)
     embed = sizes.get("model.embed_tokens.weight", 0)
     resident = sum(sizes.values()) - embed
     layout, n = manifest.ffn, manifest.layers[0].n_neurons

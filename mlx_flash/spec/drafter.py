@@ -13,13 +13,12 @@ import numpy as np
 
 from ..accel.build import kernels, unavailable_reason
 from ..format.errors import FormatError
-from ..format.manifest import RESIDENT, read_manifest
+from ..format.manifest import RESIDENT, read_manifest, resident_rows
 from ..format.storage import (
     atomic_write,
     load_checked_safetensors,
     sha256_file,
     tensor_sizes,
-    to_f32,
     write_text_atomic,
 )
 
@@ -39,8 +38,8 @@ def head_weight_rows(model_dir: str | Path, ids: np.ndarray, dtype=np.float32) -
     path = Path(model_dir) / RESIDENT
     tensors = tensor_sizes(path)
     name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-    rows = tensors[name].memmap(path)[ids]
-    return to_f32(rows, tensors[name].dtype).astype(dtype, copy=False)
+    rows = resident_rows(model_dir, read_manifest(model_dir), name, ids)  # quantized: dequantized
+    return rows.astype(dtype, copy=False)
 
 
 def embed_tokens(model: nn.Module, ids: np.ndarray) -> np.ndarray:

@@ -67,6 +67,18 @@ class Checkpoint(ABC):
                 names[f"{role}_bias"] = f"{prefix}.{module}.bias"
         return names
 
+    def quantization_for(self, name: str) -> dict | None:
+        """{"bits", "group_size"} at which the source's own blocks of matrix `name` are
+        exactly MLX affine (see `read_quantized`), or None: unquantized sources."""
+        return None
+
+    def read_quantized(self, name: str, bits: int, group_size: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Matrix `name` (r, c) as the source stores it when that is exactly MLX affine at
+        `bits`/`group_size`: (q (r, c) integers in [0, 2**bits), scales, biases (r, c /
+        group_size) float32, w = scales * q + biases); None when it is not."""
+        return None
+
     def is_ffn_tensor(self, name: str) -> bool:
         """True for tensors that go into bundles (every FFN weight and input bias)."""
         parts = name.split(".")

@@ -103,6 +103,17 @@ _NATIVE = {GGMLQuantizationType.F32: "float32", GGMLQuantizationType.F16: "float
            GGMLQuantizationType.BF16: "bfloat16"}  # unquantized types: their storage dtype
 
 
+# GGML types whose 32-value blocks are exactly MLX affine groups of 32: w = d * (q - zero) with
+# d the block's leading f16 scale and q in [0, 2**bits). type -> (bits, zero). convert stores
+# such resident matrices as they are (`read_quantized`) instead of re-quantizing them.
+CARRIED = {GGMLQuantizationType.Q8_0: (8, 128), GGMLQuantizationType.Q5_0: (5, 16),
+           GGMLQuantizationType.Q4_0: (4, 8)}
+
+
+# Types that are not carried but would lose much at 4 bits: re-quantized at these instead.
+KEPT = {GGMLQuantizationType.Q6_K: {"bits": 8, "group_size": 32}}
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     """One entry of the GGUF tensor table."""
@@ -323,6 +334,45 @@ class GGUFCheckpoint(Checkpoint):
             arr = unpermute_rows(arr, self.config["num_key_value_heads"])
         assert arr.shape == info.shape, (name, arr.shape, info.shape)
         return arr
+
+    def quantization_for(self, name: str) -> dict | None:
+        """A matrix's own block format when it is MLX affine (`CARRIED`: bits, groups of 32),
+        the bits that keep a finer type's precision (`KEPT`), else None."""
+        t = self._names[name]
+        if len(t.shape) != 2 or t.shape[-1] % 32 or self._shifted_norm(name):
+            return None
+        if t.qtype in CARRIED:
+            return {"bits": CARRIED[t.qtype][0], "group_size": 32}
+        return KEPT.get(t.qtype)
+
+    def read_quantized(self, name: str, bits: int, group_size: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A `CARRIED` matrix's blocks as MLX affine: (q (r, c) uint8, scales = d, biases =
+        -zero * d (r, c / 32) float32), exact (d * k for |k| <= 128 is exact in f32, so
+        q = w / d + zero recovers the stored integers). None for other types or params."""
+        t = self._names[name]
+        if t.qtype not in CARRIED or (bits, group_size) != (CARRIED[t.qtype][0], 32) \
+                or self.quantization_for(name) is None:
+            return None
+        zero = CARRIED[t.qtype][1]
+        rows, cols = t.shape
+        row_bytes, q = t.nbytes // rows, np.empty((rows, cols), np.uint8)
+        d = np.empty((rows, cols // 32), np.float32)
+        step = max(1, SCRATCH_BYTES // (4 * cols))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw = self._bytes(t.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+            blocks = raw.reshape(r1 - r0, cols // 32, -1)
+            d[r0:r1] = blocks[:, :, :2].copy().view(np.float16)[..., 0]
+            w = dequantize(raw.reshape(r1 - r0, row_bytes), t.qtype).reshape(r1 - r0, -1, 32)
+            scale = d[r0:r1, :, None]
+            k = np.divide(w, scale, out=np.zeros_like(w), where=scale != 0)
+            q[r0:r1] = (np.rint(k) + zero).reshape(r1 - r0, cols)
+        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self.config["num_attention_heads" if "q_proj" in name
+                                else "num_key_value_heads"]
+            q, d = unpermute_rows(q, heads), unpermute_rows(d, heads)
+        return q, d, -zero * d
 
     def files(self) -> list[Path]:
         return [self.path]
