@@ -8,8 +8,12 @@
 `load`'s options are the fields of `FlashConfig` (also accepted whole: `config=`).
 """
 
-from .runtime.config import FlashConfig
-from .runtime.loader import load, load_dense
+from .process import defer_mlx_lm_init
+
+defer_mlx_lm_init()  # before anything imports mlx_lm: the generate path never needs transformers
+
+from .runtime.config import FlashConfig  # noqa: E402
+from .runtime.loader import load, load_dense  # noqa: E402
 
 __all__ = ["FlashConfig", "load", "load_dense"]  # the converter: mlx_flash.offline.convert.convert
 __version__ = "0.1.0"

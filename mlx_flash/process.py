@@ -18,15 +18,26 @@ Each setting affects the whole process, not just one model; two entry points app
      (`single_threaded_blas`). Not undone: numpy's own matmuls stay single-threaded after.
 
 `trim_heap()` is a one-off action, not a setting: it hands free heap pages back now (the
-manifest reader calls it after parsing large placement lists).
+manifest reader calls it after parsing large placement lists, the loader after the tokenizer).
+`drop_page_cache(path)` hands a file's clean page cache back (the loader, after the resident
+weights are copied): under a cgroup memory cap page cache counts against the cap.
+
+`defer_mlx_lm_init()` (importing `mlx_flash` calls it first): mlx_lm's package __init__
+imports transformers (~1-2 s, 35-45 MiB of RSS) for its tokenizer, generate and convert;
+the generate/serve path needs only `mlx_lm.models.*` and `mlx_lm.sample_utils`. Until a name
+of the package itself (`mlx_lm.load`, `from mlx_lm import generate`) or any other submodule
+is used, the __init__ has not run; then it runs, once, and mlx_lm is the ordinary package.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.abc
+import importlib.util
 import os
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,3 +127,96 @@ def trim_heap() -> None:
             libc.malloc_trim(0)
     except AttributeError:
         pass  # not glibc
+
+
+def drop_page_cache(path: Path) -> None:
+    """posix_fadvise(DONTNEED) over the whole file: its clean cached pages are freed now
+    (no-op where the call is missing)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+LITE_MLX_LM = ("mlx_lm.models", "mlx_lm.sample_utils", "mlx_lm._version")
+
+
+class _DeferredPackage(types.ModuleType):
+    """mlx_lm before its __init__ ran: the first name looked up on it runs the __init__."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        _finish_mlx_lm()
+        return types.ModuleType.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # importing a submodule binds it on the package; the real __init__ binds some names
+        # (generate, convert) to functions of the same name, which must stay the functions
+        current = self.__dict__.get(name)
+        if isinstance(value, types.ModuleType) and current is not None and \
+                not isinstance(current, types.ModuleType):
+            return
+        types.ModuleType.__setattr__(self, name, value)
+
+
+class _FinishFirst(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs mlx_lm's __init__ before any of its submodules outside LITE_MLX_LM is imported."""
+
+    def find_spec(self, name, path, target=None):
+        if not name.startswith("mlx_lm.") or name.startswith(LITE_MLX_LM):
+            return None
+        _finish_mlx_lm()
+        # the __init__ may have imported `name` itself: hand that module back, do not rerun it
+        return importlib.util.spec_from_loader(name, self) if name in sys.modules else None
+
+    def create_module(self, spec):
+        return sys.modules[spec.name]
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+_FINDER = _FinishFirst()
+
+
+def defer_mlx_lm_init() -> bool:
+    """Put mlx_lm in sys.modules with its __init__ deferred (module doc). Returns whether it
+    did: not when mlx_lm is already imported or not installed."""
+    if "mlx_lm" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or spec.loader is None:
+        return False
+    package = importlib.util.module_from_spec(spec)
+    package.__class__ = _DeferredPackage
+    sys.modules["mlx_lm"] = package
+    sys.meta_path.insert(0, _FINDER)
+    return True
+
+
+def _finish_mlx_lm() -> None:
+    """Run mlx_lm's real __init__ in the deferred package (once)."""
+    package = sys.modules.get("mlx_lm")
+    if not isinstance(package, _DeferredPackage):
+        return
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+    package.__class__ = _Finished
+    try:
+        package.__spec__.loader.exec_module(package)
+    except BaseException:
+        package.__class__ = _DeferredPackage
+        sys.meta_path.insert(0, _FINDER)
+        raise
+    package.__class__ = _Finished
+
+
+class _Finished(_DeferredPackage):
+    """mlx_lm while and after its __init__ runs: plain lookups, the setattr rule kept."""
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"module 'mlx_lm' has no attribute {name!r}")

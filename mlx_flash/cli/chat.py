@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm import stream_generate
 from mlx_lm.models import cache as kv
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from ..runtime.generate import cached_tokens, common_prefix, conversation_ids
+from ..runtime.generate import cached_tokens, common_prefix, conversation_ids, stream_generate
 from ..runtime.stats import current_rss_bytes
 from .common import add_model_arguments, load_model, model_dir
 

@@ -200,8 +200,9 @@ def _source_changed(source: Path, flash_dir: Path) -> bool:
     return any(f.stat().st_mtime > made for f in files)
 
 
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer) for the flags of `add_model_arguments`."""
+def load_model(args: argparse.Namespace, tokenizer=None):
+    """(model, tokenizer) for the flags of `add_model_arguments`; tokenizer: the model dir's,
+    when the caller loaded it already (flash only)."""
 
     path = model_dir(args)
     if args.dense:
@@ -211,7 +212,7 @@ def load_model(args: argparse.Namespace):
                 direct=args.direct, embed_on_flash=args.embed_on_flash or None,
                 resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens,
                 read_planner=args.read_planner, pin_hot=args.pin_hot, fast_cpu=args.fast_cpu,
-                reserve=drafter_reserve(args, path))
+                reserve=drafter_reserve(args, path), tokenizer=tokenizer)
 
 
 def drafter_reserve(args: argparse.Namespace, root: Path) -> int:

@@ -1,29 +1,48 @@
-"""`mlx-flash generate`."""
+"""`mlx-flash generate`.
+
+Without --max-kv-tokens the DRAM plan reserves KV cache for what this run can hold: the
+prompt's tokens, --max-tokens and a drafter's draft (the other commands: 2048 tokens), so the
+tokenizer is loaded first and handed to `load`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..format.manifest import read_manifest
 from ..runtime.generate import format_prompt, generate_text
+from ..runtime.loader import load_tokenizer
 from .common import (
     LiveStats,
     add_drafter_arguments,
     add_model_arguments,
     load_model,
     load_speculation,
+    model_dir,
 )
+
+DEFAULT_KV_TOKENS = 2048  # --max-tokens -1 (no limit) without --max-kv-tokens
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = load_model(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    tokenizer = None
+    if not args.dense:
+        root = model_dir(args)
+        tokenizer = load_tokenizer(root, read_manifest(root))
+        ids = format_prompt(tokenizer, prompt, args.system_prompt,
+                            use_chat_template=not args.ignore_chat_template)
+        if args.max_kv_tokens is None:
+            args.max_kv_tokens = kv_tokens(args, len(ids))
+    model, tokenizer = load_model(args, tokenizer)
     stats = None if args.dense else model.flash.stats
     spec = load_speculation(args, model)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    ids = format_prompt(tokenizer, prompt, args.system_prompt,
-                        use_chat_template=not args.ignore_chat_template)
+    if args.dense:
+        ids = format_prompt(tokenizer, prompt, args.system_prompt,
+                            use_chat_template=not args.ignore_chat_template)
     live = LiveStats(stats) if args.verbose else None
     result = generate_text(model, tokenizer, ids, args.max_tokens, args.temp, args.top_p,
                            args.seed, on_token=_printer(live), speculative=spec)
@@ -57,6 +76,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def kv_tokens(args: argparse.Namespace, prompt_tokens: int) -> int:
+    """KV positions this run can fill: the prompt, every generated token and the drafted
+    tokens a verification step appends before it is trimmed."""
+    if args.max_tokens < 0:
+        return DEFAULT_KV_TOKENS
+    drafted = args.beam_width * args.draft_length if args.drafter is not None else 0
+    return prompt_tokens + args.max_tokens + drafted + 1
+
+
 def _printer(live):
     def on_token(response) -> None:
         print(response.text, end="", flush=True)
@@ -69,6 +97,7 @@ def _printer(live):
 def add_arguments(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate text (flags as in mlx_lm.generate)")
     add_model_arguments(p)
+    p.set_defaults(max_kv_tokens=None)  # the prompt's tokens + --max-tokens (module doc)
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt, or - for stdin")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true")

@@ -1,29 +1,35 @@
 """The `mlx-flash` command: the parser and the dispatch; each subcommand lives in its own module
-of this package (`cli/pull.py`, `cli/generate.py`, ...) and registers its own flags."""
+of this package (`cli/pull.py`, `cli/generate.py`, ...) and registers its own flags.
+
+Only the module of the command being run is imported (`--help` imports them all): the others'
+dependencies (training, evaluation, mlx_lm's generate and transformers) would be RSS and
+start-up time that `generate`, `chat` and `serve` pay for nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from . import calibrate_disk as cli_calibrate_disk
-from . import chat as cli_chat
-from . import convert as cli_convert
-from . import eval as cli_eval
-from . import generate as cli_generate
-from . import info as cli_info
-from . import place as cli_place
-from . import pull as cli_pull
-from . import train_drafter as cli_train_drafter
-from . import train_predictors as cli_train_predictors
-from .bench import run_bench
-
-# The subcommands in the order `--help` lists them; each module registers its own parser.
-COMMANDS = (cli_pull, cli_convert, cli_info, cli_generate, cli_calibrate_disk, cli_train_predictors,
-            cli_place, cli_train_drafter, cli_eval, cli_chat)
+# The subcommands in the order `--help` lists them -> the module that registers its parser.
+COMMANDS = {"pull": "pull", "convert": "convert", "info": "info", "generate": "generate",
+            "calibrate-disk": "calibrate_disk", "train-predictors": "train_predictors",
+            "place": "place", "train-drafter": "train_drafter", "eval": "eval", "chat": "chat"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(command: str):
+    """The cli module of `command` (imported on first use: the module doc)."""
+    return importlib.import_module(f"{__package__}.{COMMANDS[command]}")
+
+
+def run_bench(argv: list[str]) -> int:
+    """`mlx-flash bench` (cli/bench.py, imported only for it)."""
+    return importlib.import_module(f"{__package__}.bench").run_bench(argv)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or only of `command` (and bench, serve) when given."""
     parser = argparse.ArgumentParser(
         prog="mlx-flash", description="Run language models larger than your memory with MLX: "
         "FFN weights stay on flash, each token reads the neurons it needs.")
@@ -32,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "~/.cache/mlx_flash/models)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command in COMMANDS:
-        command.add_arguments(sub)
+    known = command in COMMANDS or command == "serve"
+    for name in COMMANDS if not known else [c for c in COMMANDS if c == command]:
+        command_module(name).add_arguments(sub)
     p = sub.add_parser("bench", help="benchmark under DRAM caps (mlx_flash.bench; "
                                      "--help for its flags)", add_help=False)
     p.set_defaults(func=lambda args: run_bench([]))
+    if known and command != "serve":
+        return parser
     try:  # optional dependency: the serve extra (starlette, uvicorn, pydantic)
         from . import serve as cli_serve
     except ImportError as e:  # the serve extra is not installed
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every flag after `bench` belongs to the benchmark script
         return run_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:

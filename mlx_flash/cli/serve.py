@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Literal
 
 import mlx.core as mx
-from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from ..runtime.generate import conversation_ids
+from ..runtime.generate import conversation_ids, stream_generate
 from .common import add_model_arguments, load_model, model_dir
 
 try:

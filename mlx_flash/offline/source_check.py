@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
 
+from ..runtime.loader import model_classes
 from .sources.base import Checkpoint, TensorInfo
 
 EMBED = "model.embed_tokens.weight"
@@ -63,7 +63,7 @@ def _check_model_shapes(ckpt: Checkpoint, infos: dict[str, TensorInfo], where: P
     """Each tensor has the shape the mlx_lm model built from the config gives it (lazily: no
     weight is allocated)."""
 
-    model_class, args_class = _get_classes(ckpt.config)
+    model_class, args_class = model_classes(ckpt.config)
     model = model_class(args_class.from_dict(ckpt.config))
     for name, param in tree_flatten(model.parameters()):
         info = infos.get(name)

@@ -1,15 +1,23 @@
-"""Generation on a loaded model with mlx_lm's own loop."""
+"""Generation on a loaded model: mlx_lm's decode loop, without transformers.
+
+`stream_generate` is mlx_lm's (the same steps, prefill chunks, stop rules and responses) for
+token-id prompts; mlx_lm.generate itself imports transformers (~40 MiB, 1-2 s), which the
+generate/serve path never needs (runtime/tokenizer.py). Models and tokenizers from mlx_lm
+work too: a tokenizer needs `detokenizer` and `eos_token_ids` (mlx_lm's TokenizerWrapper,
+FlashTokenizer).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
-from mlx_lm import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .memory import PREFILL_STEP
 from .stats import peak_rss_bytes
 
 
@@ -68,6 +76,90 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None,
         messages = ([{"role": "system", "content": system}] if system else [])
         return conversation_ids(tokenizer, [*messages, {"role": "user", "content": prompt}])
     return tokenizer.encode(prompt)
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: mlx_lm's GenerationResponse, the same fields in order."""
+
+    text: str
+    token: int
+    logprobs: mx.array | None
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+def generate_step(prompt: mx.array, model, sampler: Callable[[mx.array], mx.array],
+                  prompt_cache: list | None = None, prefill_step: int = PREFILL_STEP
+                  ) -> Iterator[tuple[int, mx.array]]:
+    """(token, logprobs (vocab,)) per generated token, as mlx_lm's generate_step: the prompt
+    (n,) but its last token in chunks of `prefill_step` (through the model's inner
+    transformer when it has one: no logits for them, which mlx_lm computes and drops), then
+    one token per step, the next step's graph built before the current token is handed out."""
+    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    body = getattr(model, "model", model)
+
+    def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    while prompt.size > 1:
+        n = min(prefill_step, prompt.size - 1)
+        body(prompt[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[n:]
+        mx.clear_cache()
+    y, logprobs = step(prompt)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        next_y, next_logprobs = step(y)
+        mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+        n += 1
+
+
+def stream_generate(model, tokenizer, prompt: list[int] | mx.array, max_tokens: int = 256,
+                    sampler: Callable[[mx.array], mx.array] | None = None,
+                    prompt_cache: list | None = None) -> Iterator[GenerationResponse]:
+    """mlx_lm.stream_generate for a token-id prompt: a response per token, the end-of-sequence
+    token not emitted, the last response (finish_reason "stop" or "length") with the rest of
+    the text."""
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    prompt = prompt if isinstance(prompt, mx.array) else mx.array(prompt)
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    detokenizer, eos = tokenizer.detokenizer, tokenizer.eos_token_ids
+    tic = time.perf_counter()
+    token, step, n, prompt_tps = None, (None, None), 0, 0.0
+
+    def response(text: str, step: tuple, reason: str | None = None) -> GenerationResponse:
+        return GenerationResponse(text, *step, False, prompt.size, prompt_tps, n + 1,
+                                  (n + 1) / (time.perf_counter() - tic),
+                                  mx.get_peak_memory() / 1e9, reason)
+
+    for n, step in enumerate(generate_step(prompt, model, sampler, prompt_cache)):
+        token = step[0]
+        if n == 0:
+            prompt_tps = prompt.size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in eos:
+            break
+        detokenizer.add_token(token)
+        if n + 1 == max_tokens:
+            break
+        yield response(detokenizer.last_segment, step)
+    detokenizer.finalize()
+    yield response(detokenizer.last_segment, step, "stop" if token in eos else "length")
 
 
 def stream(model, tokenizer, prompt_ids: list[int], max_tokens: int, temp: float = 0.0,

@@ -8,6 +8,7 @@ ordinary mlx_lm model for every comparison. Both return (model, tokenizer) like 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import product
@@ -30,30 +31,47 @@ from ..format.manifest import (
     resident_quantization,
 )
 from ..format.storage import tensor_sizes
-from ..process import apply_budget_settings
+from ..process import apply_budget_settings, drop_page_cache
 from . import disk as runtime_disk
 from .backend import CacheBackend, MlxBackend, choose_backend
 from .config import DTYPES, FlashConfig, settings_dict
 from .embedding import flash_embedding
 from .ffn import FlashFFN, FlashRuntime, serialize_calls
-from .memory import CODE_PAGES, MemoryPlan, check_plan, parse_budget, plan_memory, quantizable
+from .memory import (
+    MemoryPlan,
+    check_plan,
+    mlx_cache_limit,
+    parse_budget,
+    plan_memory,
+    quantizable,
+)
 from .pinning import pin_hot as pin
 from .rows import split_bundles
 from .selectors import make_selector
 from .selectors.quant_copy import selector_bytes
 from .stats import current_rss_bytes
 from .store import NeuronStore, supports_direct
+from .tokenizer import FlashTokenizer
+from .tokenizer import load_tokenizer as load_flash_tokenizer
+
+# model types mlx_lm runs with another type's module (mlx_lm.utils.MODEL_REMAPPING's, for the
+# architectures format/arch.py knows); mlx_lm.utils itself imports transformers
+MODEL_REMAPPING = {"mistral": "llama"}
 
 
-def _model_classes(config: dict):
-    from mlx_lm.utils import _get_classes
-
-    return _get_classes(config)
+def model_classes(config: dict) -> tuple[type, type]:
+    """(Model, ModelArgs) of the mlx_lm module for the config's model_type."""
+    model_type = MODEL_REMAPPING.get(config["model_type"], config["model_type"])
+    try:
+        arch = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError as e:
+        raise ValueError(f"model type {model_type} is not supported by this mlx_lm") from e
+    return arch.Model, arch.ModelArgs
 
 
 def build_model(manifest: Manifest) -> nn.Module:
     """The mlx_lm model for the manifest's config, weights not loaded."""
-    model_class, args_class = _model_classes(manifest.config)
+    model_class, args_class = model_classes(manifest.config)
     return model_class(args_class.from_dict(manifest.config))
 
 
@@ -119,12 +137,11 @@ def load_resident(root: Path, model: nn.Module, dtype: mx.Dtype, skip: tuple[str
     return out
 
 
-def load_tokenizer(root: Path, manifest: Manifest):
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
+def load_tokenizer(root: Path, manifest: Manifest) -> FlashTokenizer:
+    """The dir's tokenizer (runtime/tokenizer.py: no transformers); the model config's
+    eos_token_id(s) end a generation too."""
     eos = manifest.config.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else eos
-    return mlx_load_tokenizer(root, eos_token_ids=eos)
+    return load_flash_tokenizer(root, [eos] if isinstance(eos, int) else eos)
 
 
 def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
@@ -195,11 +212,13 @@ def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,
             weights.update(read_layer_dense(root, manifest, layer, backend.weight_dtype))
 
     model, _ = assemble(root, manifest, backend, dense_ffn)
+    drop_page_cache(root / RESIDENT)
     return model, load_tokenizer(root, manifest)
 
 
 def load(path: str | Path, dram_budget: str | float | int | None = None, *,
-         config: FlashConfig | None = None, **options):
+         config: FlashConfig | None = None, tokenizer: FlashTokenizer | None = None,
+         **options):
     """Load a flash model dir for generation with `mlx_lm.generate` / `stream_generate`.
 
     dram_budget: bytes, a size string ("2GB"), a fraction of the model's size, or None
@@ -221,6 +240,9 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     naming the file and the offset) leaves the model as correct as before: the layer's cached
     neurons are forgotten and read again when next needed.
 
+    tokenizer: this dir's tokenizer when the caller already loaded it (`load_tokenizer`), so
+    that it is not held twice.
+
     Returns (model, tokenizer); the FlashRuntime with its stats is `model.flash`.
     """
     config = FlashConfig.from_options(config, **options)
@@ -230,11 +252,11 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     direct = config.direct
     if direct is None:
         direct = budget is not None and supports_direct(root / manifest.layers[0].file)
-    tokenizer = load_tokenizer(root, manifest)
+    tokenizer = load_tokenizer(root, manifest) if tokenizer is None else tokenizer
     fit = fit_budget(root, manifest, budget, config, current_rss_bytes())
     restore = None
-    if budget is not None:  # MLX's freed-buffer cache is RSS the plan did not count
-        restore = apply_budget_settings(fit.plan.scratch - CODE_PAGES)
+    if budget is not None:  # MLX's freed-buffer cache: only what the plan's scratch counts
+        restore = apply_budget_settings(mlx_cache_limit(config, fit.backend))
     runtime = build_runtime(root, manifest, config, fit, direct, restore)
     try:
         model, swapped = assemble(
@@ -244,6 +266,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     except BaseException:
         runtime.close()
         raise
+    drop_page_cache(root / RESIDENT)  # copied into MLX arrays: its page cache would count
     runtime.stats.settings = settings_dict(
         config, dtype=str(fit.backend.weight_dtype), direct=direct,
         embed_on_flash=fit.embed_on_flash, resident_bits=fit.resident_bits,
@@ -286,8 +309,7 @@ def fit_budget(root: Path, manifest: Manifest, budget: int | None, config: Flash
     rbits_choices = resident_bits_choices(root, manifest, config.resident_bits)
     # the selector's DRAM: the dir's predictors (counted by plan_memory) or the quantized copy
     held = selector_bytes(manifest) if config.selector == "quant" else None
-    needed = max(1, int(0.05 * manifest.layers[0].n_neurons)) if config.min_capacity is None \
-        else config.min_capacity
+    needed = min_capacity(manifest, config)
     for rbits, backend in product(rbits_choices, backends):
         for on_flash in flash_choices:
             plan = plan_memory(root, manifest, budget, config, backend, on_flash, runtime_bytes,
@@ -314,6 +336,26 @@ def resident_bits_choices(root: Path, manifest: Manifest, asked: int | None) -> 
                          "resident_bits (--resident-bits), or re-convert the model with "
                          f"`mlx-flash convert --resident-bits {asked}`")
     return [stored]
+
+
+def min_capacity(manifest: Manifest, config: FlashConfig) -> int:
+    """Neurons per layer the caches must hold at least (config.min_capacity, default 5%)."""
+    if config.min_capacity is not None:
+        return config.min_capacity
+    return max(1, int(0.05 * manifest.layers[0].n_neurons))
+
+
+def min_budget(path: str | Path, *, config: FlashConfig | None = None, **options) -> int:
+    """The smallest dram_budget `load(path, ..., **options)` accepts in this process now:
+    the plan's minimum (its `runtime` is this process's RSS with the tokenizer loaded, as
+    load measures it) plus the caches' least capacity. With options that leave the fit no
+    choice (dtype, resident_bits, embed_on_flash) it is the budget's exact threshold."""
+    config = FlashConfig.from_options(config, **options)
+    root = Path(path)
+    manifest = read_manifest(root)
+    tokenizer = load_tokenizer(root, manifest)  # noqa: F841  (held while RSS is measured)
+    plan = fit_budget(root, manifest, None, config, current_rss_bytes()).plan
+    return plan.minimum + min_capacity(manifest, config) * plan.per_neuron
 
 
 def _embedding_choices(root: Path, manifest: Manifest, embed_on_flash: bool | None

@@ -57,7 +57,7 @@ class MemoryPlan:
     embedding: int  # the embedding table, 0 when it stays on flash
     predictors: int  # the low-rank predictors, held as float32
     kv_cache: int  # reserved for max_kv_tokens
-    scratch: int  # prefill / oracle chunks in flight, and the page cache the code needs
+    scratch: int  # streamed chunks in flight, prefill activations, MLX's buffer cache, code pages
     caches: int  # all layers' neuron caches
     capacity: int
     n_neurons: int
@@ -70,13 +70,40 @@ class MemoryPlan:
                 + self.scratch + self.reserved)
 
 
-CODE_PAGES = 64 << 20  # libmlx, Python and numpy code must stay in the page cache under a cgroup
+# Code and data pages first touched after the plan is made (the CPU kernels' library, MLX's
+# compute kernels); those touched before are in `runtime` (RSS counts mapped file pages, and
+# under a cgroup cap they are page cache charged to it). Measured 10-13 MiB on the 0.5B model
+# (RssFile at the plan vs after 16 tokens; /tmp/team/lean-findings.md); was 64 MiB.
+CODE_PAGES = 16 << 20
+KV_STEP = 256  # positions mlx_lm's KVCache (and accel's NumpyKVCache) grow by
+PREFILL_STEP = 512  # prompt positions per forward pass of runtime/generate.py's prefill
+STEP_TEMPS = 4 << 20  # MLX's buffers of one decode step (logits, per-layer temporaries)
 
 
 def kv_bytes(config: dict, tokens: int, itemsize: int) -> int:
+    """The KV caches of `tokens` positions as they are held: allocated in KV_STEP steps, and
+    while a layer's cache grows its old copy is alive too (one layer at a time)."""
     heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * heads * head_dim * tokens * itemsize
+    held = -(-max(tokens, 1) // KV_STEP) * KV_STEP
+    return 2 * (config["num_hidden_layers"] + 1) * heads * head_dim * held * itemsize
+
+
+def prefill_bytes(config: dict, tokens: int, chunk: int) -> int:
+    """f32 activations of one prefill pass over `tokens` positions: the hidden state, its
+    norm and residual and q/k/v/attention out (8 x d_model per position), the attention
+    scores (heads x tokens per position), a streamed chunk's gate/up products (2 x chunk) and
+    the last position's logits. The prefill skips the other positions' logits (generate.py):
+    a 2048-token chunk's would be 2048 x vocab x 4 bytes (1.2 GB for a 152k vocabulary)."""
+    per_position = 8 * config["hidden_size"] + config["num_attention_heads"] * tokens + 2 * chunk
+    return 4 * (tokens * per_position + config["vocab_size"])
+
+
+def mlx_cache_limit(config: FlashConfig, backend: CacheBackend) -> int:
+    """MLX's freed-buffer cache under a budget: the converted chunks' buffers and a decode
+    step's temporaries, the MLX buffers the plan's scratch counts (the read buffers are not
+    MLX's, so they must not be cached twice)."""
+    return 2 * config.prefill_chunk * backend.chunk_bytes_per_neuron() + STEP_TEMPS
 
 
 def resident_bytes(name: str, shape: tuple[int, ...], itemsize: int, bits: int,
@@ -124,8 +151,10 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: Flas
     layout, n = manifest.ffn, manifest.layers[0].n_neurons
     per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
                      for parts, width, dt in cache_buffers(layout, dtype).values())
-    scratch = stream_scratch(config, backend.chunk_bytes_per_neuron(),
-                             max(e.stride for e in manifest.layers), config.threads) + CODE_PAGES
+    scratch = (stream_scratch(config, backend.chunk_bytes_per_neuron(),
+                              max(e.stride for e in manifest.layers), config.threads)
+               + prefill_bytes(manifest.config, min(config.max_kv_tokens, PREFILL_STEP),
+                               config.prefill_chunk) + STEP_TEMPS + CODE_PAGES)
     predictors = selector_bytes or 0
     if selector_bytes is None and manifest.predictors:
         predictors = 4 * sum(int(np.prod(entry.shape)) for entry in

@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import GenerationResponse
 
 from ..accel.blocks import kv_cache_for
 from ..runtime.ffn import FlashFFN
+from ..runtime.generate import GenerationResponse
 from .drafter import Drafter, hidden_and_logits
 
 WINDOW_POLICIES = ("keep", "drop")

@@ -1,0 +1,187 @@
+"""The tokenizer of a flash dir, without transformers: `tokenizers` for tokenizer.json and
+jinja2 for the chat template of tokenizer_config.json.
+
+transformers' AutoTokenizer (what mlx_lm's load_tokenizer builds) took ~160 MiB of RSS for the
+default model's tokenizer and 2-3 s to import; this one ~45 MiB (its Rust tables, once glibc
+has its parse buffers back). `FlashTokenizer` offers what mlx_lm's `generate` /
+`stream_generate` (which wrap it in their TokenizerWrapper) and runtime/generate.py use:
+encode, decode, the special tokens, get_vocab, apply_chat_template and a `detokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from ..process import trim_heap
+
+TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _content(token) -> str | None:
+    """A special token of tokenizer_config.json: a string or {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _template(config: dict, root: Path) -> str | None:
+    """The chat template: tokenizer_config.json's (a string, or named templates: "default"),
+    else a chat_template.jinja beside it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is None and (root / "chat_template.jinja").exists():
+        template = (root / "chat_template.jinja").read_text()
+    return template
+
+
+class StreamingDetokenizer:
+    """Text of the tokens added so far, one token at a time (mlx_lm's detokenizer interface:
+    reset, add_token, finalize, text, tokens, last_segment). Tokens since the last newline are
+    decoded again per step; an incomplete UTF-8 character waits for the next token."""
+
+    def __init__(self, tokenizer: FlashTokenizer):
+        self._tokenizer = tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self.offset, self.tokens = 0, []
+        self._text, self._pending = "", []
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+        self._pending.append(token)
+
+    def finalize(self) -> None:
+        self._text += self._tokenizer.decode(self._pending)
+        self._pending = []
+
+    @property
+    def text(self) -> str:
+        pending = self._tokenizer.decode(self._pending) if self._pending else ""
+        if pending.endswith("\n"):
+            self._text, self._pending, pending = self._text + pending, [], ""
+        return self._text + pending.rstrip("\ufffd")
+
+    @property
+    def last_segment(self) -> str:
+        """The text added since the last call."""
+        text = self.text
+        segment, self.offset = text[self.offset:], len(text)
+        return segment
+
+
+class FlashTokenizer:
+    """tokenizer.json through `tokenizers`, with tokenizer_config.json's special tokens and
+    chat template. eos_token_ids: the ids that end a generation (the config's eos_token and
+    `extra_eos`, e.g. the model config's eos_token_id list)."""
+
+    def __init__(self, root: Path, extra_eos: list[int] | None = None):
+        path = root / TOKENIZER
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no tokenizer.json; re-convert the model "
+                                    "(mlx-flash convert copies it into the flash dir)")
+        self._tok = Tokenizer.from_file(str(path))
+        trim_heap()  # the JSON parse's buffers (~40 MiB for a 150k vocabulary) go back
+        config_path = root / TOKENIZER_CONFIG
+        self.config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        for name in SPECIAL:
+            token = _content(self.config.get(name))
+            setattr(self, name, token)
+            setattr(self, f"{name}_id", None if token is None else self._tok.token_to_id(token))
+        self.chat_template = _template(self.config, root)
+        self.eos_token_ids = {i for i in [self.eos_token_id, *(extra_eos or [])] if i is not None}
+        self._renderer = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.config.get("add_bos_token") and \
+                self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        if add_special_tokens and self.config.get("add_eos_token") and \
+                self.eos_token_id is not None and ids[-1:] != [self.eos_token_id]:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.config.get("clean_up_tokenization_spaces"):
+            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","),
+                                  (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"),
+                                  (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(before, after)
+        return text
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._tok.token_to_id(tokens)
+        return [self._tok.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._tok.id_to_token(ids)
+        return [self._tok.id_to_token(i) for i in ids]
+
+    @property
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A new streaming detokenizer (one per generation)."""
+        return StreamingDetokenizer(self)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = True, tools=None, documents=None,
+                            return_dict: bool = False, **kwargs):
+        """The conversation through the chat template (as transformers renders it: jinja2,
+        sandboxed, trim_blocks and lstrip_blocks); token ids when `tokenize`, else the text.
+        messages: [{"role": ..., "content": ...}, ...]."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json has "
+                             "no chat_template): pass the prompt as plain text")
+        specials = {name: getattr(self, name) for name in SPECIAL}
+        text = self._render(messages=messages, add_generation_prompt=add_generation_prompt,
+                            tools=tools, documents=documents, **{**specials, **kwargs})
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _render(self, **variables) -> str:
+        if self._renderer is None:
+            self._renderer = compile_template(self.chat_template)
+        return self._renderer.render(**variables)
+
+
+def compile_template(source: str):
+    """A jinja2 template with the environment transformers gives chat templates."""
+    from jinja2.exceptions import TemplateError  # jinja2 is needed only for chat templates
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def load_tokenizer(root: Path, eos_token_ids: list[int] | None = None) -> FlashTokenizer:
+    """The flash dir's tokenizer; eos_token_ids: more ids that end a generation."""
+    return FlashTokenizer(root, eos_token_ids)

@@ -1,0 +1,124 @@
+"""The lean generate path: a tokenizer without transformers, mlx_lm's decode loop without
+mlx_lm.generate, and mlx_lm's package __init__ deferred until something needs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_flash import load_dense
+from mlx_flash.runtime.generate import format_prompt, generate_step, stream_generate
+from mlx_flash.runtime.tokenizer import FlashTokenizer, load_tokenizer
+
+# a ChatML template in the style of Qwen's (system default, loop, generation prompt)
+CHATML = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + "
+          "messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n"
+          "You are helpful.<|im_end|>\\n' }}{%- endif %}\n"
+          "{%- for message in messages %}{%- if message.role != 'system' %}"
+          "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+          "{%- endif %}{%- endfor %}\n"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n")
+
+
+def _with_template(flash_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tokenizer files of `flash_dir` whose config has the ChatML template."""
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "tokenizer.json").write_bytes((flash_dir / "tokenizer.json").read_bytes())
+    config = json.loads((flash_dir / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    return out
+
+
+def test_the_tokenizer_matches_transformers(tiny_dirs, tmp_path):
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")  # transformers' tokenizer, for reference
+    _, flash_dir = tiny_dirs("qwen2")
+    root = _with_template(flash_dir, tmp_path)
+    ours, theirs = load_tokenizer(root, [1]), mlx_lm_utils.load_tokenizer(root)
+    text = "w1 w2 w3 w10 w1"
+    assert ours.encode(text) == list(theirs.encode(text))
+    ids = ours.encode(text)
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.eos_token_id == theirs.eos_token_id and 1 in ours.eos_token_ids
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"},
+                {"role": "user", "content": "w4"}]
+    for prompt in (True, False):
+        assert ours.apply_chat_template(messages, add_generation_prompt=prompt,
+                                        tokenize=False) == \
+            theirs.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+    assert ours.apply_chat_template(messages, add_generation_prompt=True) == \
+        list(theirs.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_the_chat_template_and_its_errors(tiny_dirs, tmp_path):
+    _, flash_dir = tiny_dirs("qwen2")
+    plain = load_tokenizer(flash_dir)
+    with pytest.raises(ValueError, match="no chat template"):
+        plain.apply_chat_template([{"role": "user", "content": "w1"}])
+    assert format_prompt(plain, "w1 w2") == plain.encode("w1 w2")  # no template: plain text
+    chat = load_tokenizer(_with_template(flash_dir, tmp_path))
+    text = chat.apply_chat_template([{"role": "system", "content": "S"},
+                                     {"role": "user", "content": "U"}],
+                                    add_generation_prompt=True, tokenize=False)
+    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        FlashTokenizer(tmp_path)
+
+
+def test_streamed_segments_add_up_to_the_decoded_text(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    tok = load_tokenizer(flash_dir)
+    ids = tok.encode("w1 w2 w3 w4 w5 w6")
+    detok = tok.detokenizer
+    pieces = []
+    for i in ids:
+        detok.add_token(i)
+        pieces.append(detok.last_segment)
+    detok.finalize()
+    pieces.append(detok.last_segment)
+    assert "".join(pieces) == tok.decode(ids) and detok.tokens == ids
+
+
+def test_our_decode_loop_gives_mlx_lms_tokens(tiny_dirs):
+    mlx_lm = pytest.importorskip("mlx_lm")
+    _, flash_dir = tiny_dirs("qwen2")
+    model, tok = load_dense(flash_dir)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    ours = list(stream_generate(model, tok, prompt, max_tokens=8))
+    theirs = list(mlx_lm.stream_generate(model, tok, prompt, max_tokens=8))  # our tokenizer
+    assert [r.token for r in ours] == [r.token for r in theirs]
+    assert "".join(r.text for r in ours) == "".join(r.text for r in theirs)
+    assert [r.finish_reason for r in ours] == [r.finish_reason for r in theirs]
+    # a prompt longer than one prefill chunk gives the same tokens as one pass
+    chunked = list(stream_generate(model, tok, mx.array(prompt * 3), max_tokens=4))
+    steps = generate_step(mx.array(prompt * 3), model, lambda x: mx.argmax(x, axis=-1),
+                          prefill_step=4)
+    small = [next(steps)[0] for _ in range(4)]
+    assert small == [r.token for r in chunked]
+
+
+GENERATE_CHILD = """
+import sys
+import mlx_flash
+from mlx_flash.cli.main import main
+assert main(["generate", "--model", sys.argv[1], "--max-tokens", "3", "--prompt", "w1 w2"]) == 0
+print("transformers" in sys.modules, "mlx_lm.generate" in sys.modules, file=sys.stderr)
+from mlx_lm import generate   # the deferred package still gives mlx_lm's names
+print(callable(generate), "transformers" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_generate_never_imports_transformers(tiny_dirs):
+    pytest.importorskip("transformers")  # else there is nothing to keep out
+    _, flash_dir = tiny_dirs("qwen2")
+    done = subprocess.run([sys.executable, "-c", GENERATE_CHILD, str(flash_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-2:] == ["False False", "True True"], done.stderr
