@@ -31,6 +31,7 @@ from ..format.manifest import (
     Manifest,
     read_layer_rows,
     read_manifest,
+    resident_quantization,
 )
 from ..format.storage import DTYPE_BYTES, NP_STORAGE, tensor_sizes
 from ..runtime.backend import choose_backend
@@ -127,7 +128,8 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
     root = Path(path)
     manifest = read_manifest(root)
     backend = choose_backend(fast_cpu, manifest, dtype)
-    untied = "lm_head.weight" in tensor_sizes(root / RESIDENT)
+    untied = "lm_head.weight" in tensor_sizes(root / RESIDENT) and \
+        "model.embed_tokens" not in resident_quantization(manifest)  # a packed table stays
 
     def mmap_ffn(model: nn.Module, weights: dict[str, mx.array]) -> None:
         for i, layer in enumerate(model.layers):

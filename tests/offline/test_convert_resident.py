@@ -210,7 +210,7 @@ def test_pack_bits_is_mlx_packing():
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0, Q.Q4_0])
 def test_gguf_blocks_are_carried_exactly(tmp_path, monkeypatch, qtype):
     names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-             "lm_head.weight")
+             "lm_head.weight", "model.embed_tokens.weight")
     for name in names:
         monkeypatch.setitem(test_gguf.STORED, name, qtype)
     tok = test_gguf.gpt2_vocab()
@@ -220,10 +220,12 @@ def test_gguf_blocks_are_carried_exactly(tmp_path, monkeypatch, qtype):
     convert(src, flat)
     convert(src, out, bits=4, group_size=64)
     modules = read_manifest(out).resident["quantization"]["modules"]
-    bits = {Q.Q5_0: 5, Q.Q8_0: 8, Q.Q4_0: 4}[qtype]
+    bits = {Q.Q5_0: 8, Q.Q8_0: 8, Q.Q4_0: 4}[qtype]  # linears: a fast-path width
     stored, plain = mx.load(str(out / RESIDENT)), mx.load(str(flat / RESIDENT))
     for name in names:
         base = name[: -len(".weight")]
+        if base == "model.embed_tokens":  # untied, only looked up: its own bits
+            bits = {Q.Q5_0: 5, Q.Q8_0: 8, Q.Q4_0: 4}[qtype]
         assert modules[base] == {"bits": bits, "group_size": 32}
         w = mx.dequantize(stored[name], stored[f"{base}.scales"], stored[f"{base}.biases"],
                           group_size=32, bits=bits)
@@ -248,3 +250,16 @@ def test_resident_rows_dequantize_as_mlx(dirs, tiny_dirs):
     raw = mx.load(str(flat / RESIDENT))["lm_head.weight"]
     got = resident_rows(flat, read_manifest(flat), "lm_head.weight", ids)
     assert np.array_equal(got, np.array(raw.astype(mx.float32))[ids])
+
+
+def test_mmap_baseline_keeps_a_packed_table_resident(tmp_path, flash_load):
+    from mlx_flash.bench.baselines import load_mmap
+
+    packed = tmp_path / "r4"  # 16-bit bundles (what the mmap baseline reads), 4-bit resident
+    convert(make_source(tmp_path / "src", "qwen2", dtype="float16"), packed, resident_bits=4,
+            resident_group_size=32)
+    assert resident_bits(read_manifest(packed)) == (4, 32)
+    mapped, _ = load_mmap(packed, dtype="float16")
+    assert isinstance(mapped.model.embed_tokens, nn.QuantizedEmbedding)
+    ref, _ = flash_load(packed, fast_cpu=False, dtype="float16")
+    np.testing.assert_allclose(logits(mapped), logits(ref), atol=2e-2)

@@ -336,22 +336,27 @@ class GGUFCheckpoint(Checkpoint):
         return arr
 
     def quantization_for(self, name: str) -> dict | None:
-        """A matrix's own block format when it is MLX affine (`CARRIED`: bits, groups of 32),
-        the bits that keep a finer type's precision (`KEPT`), else None."""
+        """A matrix's own block format when it is MLX affine (`CARRIED`, groups of 32), the
+        bits that keep a finer type's precision (`KEPT`), else None. Carried linears are
+        widened to 4 or 8 bits (the same integers, still exact: Q5_0 -> 8) because the fast
+        CPU path computes those widths only; an untied embedding table, only looked up, keeps
+        its own bits."""
         t = self._names[name]
         if len(t.shape) != 2 or t.shape[-1] % 32 or self._shifted_norm(name):
             return None
-        if t.qtype in CARRIED:
-            return {"bits": CARRIED[t.qtype][0], "group_size": 32}
-        return KEPT.get(t.qtype)
+        if t.qtype not in CARRIED:
+            return KEPT.get(t.qtype)
+        bits = CARRIED[t.qtype][0]
+        looked_up = name == "model.embed_tokens.weight" and "lm_head.weight" in self._names
+        return {"bits": bits if looked_up or bits in (4, 8) else 8, "group_size": 32}
 
     def read_quantized(self, name: str, bits: int, group_size: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """A `CARRIED` matrix's blocks as MLX affine: (q (r, c) uint8, scales = d, biases =
-        -zero * d (r, c / 32) float32), exact (d * k for |k| <= 128 is exact in f32, so
+        """A `CARRIED` matrix's blocks as MLX affine at `bits` >= its own: (q (r, c) uint8,
+        scales = d, biases = -zero * d (r, c / 32) float32), exact (d * k for |k| <= 128 is exact in f32, so
         q = w / d + zero recovers the stored integers). None for other types or params."""
         t = self._names[name]
-        if t.qtype not in CARRIED or (bits, group_size) != (CARRIED[t.qtype][0], 32) \
+        if t.qtype not in CARRIED or bits < CARRIED[t.qtype][0] or group_size != 32 \
                 or self.quantization_for(name) is None:
             return None
         zero = CARRIED[t.qtype][1]
