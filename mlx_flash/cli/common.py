@@ -207,12 +207,17 @@ def load_model(args: argparse.Namespace, tokenizer=None):
     path = model_dir(args)
     if args.dense:
         return load_dense(path, dtype=args.dtype, fast_cpu=bool(args.fast_cpu))
-    return load(path, dram_budget=args.dram_budget, window=args.window, selector=args.selector,
+    return load(path, tokenizer=tokenizer, **load_options(args, path))
+
+
+def load_options(args: argparse.Namespace, path: Path) -> dict:
+    """`load`'s dram_budget and options for the flags of `add_model_arguments`."""
+    return dict(dram_budget=args.dram_budget, window=args.window, selector=args.selector,
                 oracle_rule=args.rule, keep=args.keep, dtype=args.dtype, threads=args.threads,
                 direct=args.direct, embed_on_flash=args.embed_on_flash or None,
                 resident_bits=args.resident_bits, max_kv_tokens=args.max_kv_tokens,
                 read_planner=args.read_planner, pin_hot=args.pin_hot, fast_cpu=args.fast_cpu,
-                reserve=drafter_reserve(args, path), tokenizer=tokenizer)
+                reserve=drafter_reserve(args, path))
 
 
 def drafter_reserve(args: argparse.Namespace, root: Path) -> int:

@@ -12,12 +12,13 @@ import sys
 
 from ..format.manifest import read_manifest
 from ..runtime.generate import format_prompt, generate_text
-from ..runtime.loader import load_tokenizer
+from ..runtime.loader import check_budget_early, load_tokenizer
 from .common import (
     LiveStats,
     add_drafter_arguments,
     add_model_arguments,
     load_model,
+    load_options,
     load_speculation,
     model_dir,
 )
@@ -32,6 +33,9 @@ def cmd_generate(args) -> int:
     tokenizer = None
     if not args.dense:
         root = model_dir(args)
+        options = load_options(args, root)  # refuse a far too small budget before the tokenizer
+        options["max_kv_tokens"] = args.max_kv_tokens or kv_tokens(args, 1)
+        check_budget_early(root, **options)
         tokenizer = load_tokenizer(root, read_manifest(root))
         ids = format_prompt(tokenizer, prompt, args.system_prompt,
                             use_chat_template=not args.ignore_chat_template)

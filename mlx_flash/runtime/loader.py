@@ -252,7 +252,9 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     direct = config.direct
     if direct is None:
         direct = budget is not None and supports_direct(root / manifest.layers[0].file)
-    tokenizer = load_tokenizer(root, manifest) if tokenizer is None else tokenizer
+    if tokenizer is None:
+        check_before_tokenizer(root, manifest, budget, config)
+        tokenizer = load_tokenizer(root, manifest)
     fit = fit_budget(root, manifest, budget, config, current_rss_bytes())
     restore = None
     if budget is not None:  # MLX's freed-buffer cache: only what the plan's scratch counts
@@ -336,6 +338,34 @@ def resident_bits_choices(root: Path, manifest: Manifest, asked: int | None) -> 
                          "resident_bits (--resident-bits), or re-convert the model with "
                          f"`mlx-flash convert --resident-bits {asked}`")
     return [stored]
+
+
+TOKENIZER_RSS = 4  # RSS a loaded tokenizer keeps per byte of tokenizer.json (Qwen2.5: 47 MiB, 11 MB)
+
+
+def check_before_tokenizer(root: Path, manifest: Manifest, budget: int | None,
+                           config: FlashConfig) -> None:
+    """Refuse a budget the plan cannot fit before the tokenizer is loaded (ValueError with the
+    breakdown): parsing tokenizer.json peaks ~75 MiB above what it keeps (Qwen2.5), which a
+    cap far below the plan would kill. Its RSS is estimated from the file's size, on the low
+    side; the plan made after it is loaded is the one that counts."""
+    if budget is None:
+        return
+    path = root / "tokenizer.json"
+    estimate = TOKENIZER_RSS * path.stat().st_size if path.exists() else 0
+    fit_budget(root, manifest, budget, config, current_rss_bytes() + estimate)
+
+
+def check_budget_early(path: str | Path, dram_budget: str | float | int | None = None, *,
+                       config: FlashConfig | None = None, **options) -> None:
+    """`check_before_tokenizer` for a caller that loads the tokenizer itself before `load`
+    (`mlx-flash generate` sizes the KV cache from the prompt)."""
+    config = FlashConfig.from_options(config, **options)
+    root = Path(path)
+    manifest = read_manifest(root)
+    check_before_tokenizer(root, manifest,
+                           parse_budget(dram_budget, manifest.ffn_bytes + manifest.resident["size"]),
+                           config)
 
 
 def min_capacity(manifest: Manifest, config: FlashConfig) -> int:

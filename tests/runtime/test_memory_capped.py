@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_flash.runtime import loader
 from mlx_flash.runtime.memory import KV_STEP, kv_bytes, prefill_bytes
 
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -93,3 +94,17 @@ def test_a_budget_holds_under_a_cgroup_cap(tiny_dirs):
     done, _ = _run_capped(below, str(below), str(flash_dir))
     assert done.returncode == 3, f"exit {done.returncode} (137: killed): {done.stderr}"
     assert "too small" in done.stderr and "runtime" in done.stderr and "scratch" in done.stderr
+
+
+def test_a_far_too_small_budget_is_refused_before_the_tokenizer(tiny_dirs, monkeypatch):
+    _, flash_dir = tiny_dirs("llama")
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the budget was checked")
+
+    monkeypatch.setattr(loader, "load_tokenizer", no_tokenizer)
+    with pytest.raises(ValueError, match="too small.*runtime"):
+        loader.load(flash_dir, dram_budget="10MiB", **OPTIONS)
+    with pytest.raises(ValueError, match="too small.*runtime"):
+        loader.check_budget_early(flash_dir, "10MiB", **OPTIONS)
+    loader.check_budget_early(flash_dir, "16GB", **OPTIONS)  # a budget that fits: no error
