@@ -353,7 +353,12 @@ def check_before_tokenizer(root: Path, manifest: Manifest, budget: int | None,
         return
     path = root / "tokenizer.json"
     estimate = TOKENIZER_RSS * path.stat().st_size if path.exists() else 0
-    fit_budget(root, manifest, budget, config, current_rss_bytes() + estimate)
+    try:
+        fit_budget(root, manifest, budget, config, current_rss_bytes() + estimate)
+    except ValueError as e:
+        raise ValueError(f"{e} (checked before loading the tokenizer, its RSS estimated at "
+                         f"{estimate / 2**20:.0f} MiB: the exact minimum may be a few MiB more)"
+                         ) from None
 
 
 def check_budget_early(path: str | Path, dram_budget: str | float | int | None = None, *,
