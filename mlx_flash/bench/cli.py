@@ -63,7 +63,7 @@ from .report import (
     speedups,
     write_report,
 )
-from .users import USERS_CONTENDERS, USERS_TOKENS, run_users
+from .users import CELL_SECONDS, USERS_CONTENDERS, USERS_TOKENS, run_users
 
 DEFAULT_CAPS = ("0.4", "0.5", "0.7", "1.0")
 PAPER_TOKENS = 32
@@ -198,6 +198,10 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contenders", default=None,
                         help=f"comma-separated subset of: {', '.join(ALL_CONTENDERS)} (default "
                              f"all; users: {','.join(USERS_CONTENDERS)})")
+    parser.add_argument("--cell-seconds", type=float, default=CELL_SECONDS,
+                        help="--regime users: a cell stops decoding this many seconds after "
+                             "its first token (at least 3 tokens; 0: never), its rate measured "
+                             "over the tokens it made")
     parser.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS,
                         help="--regime users: tokens of the fixed text each contender's "
                              "perplexity is measured on (0: none)")

@@ -115,6 +115,7 @@ class Setup:
     run_id: int = 0
     ppl_ids: list[int] | None = None  # the text runs with task "ppl" score (users' regime)
     record_ids: bool = True  # the flash contender records its selections (window sweep)
+    max_decode_s: float | None = None  # a run stops decoding after this (>= 3 tokens)
 
 
 def prompt_token_ids(model: Path, prompt: str) -> list[int]:
@@ -177,7 +178,8 @@ def worker_spec(setup: Setup, c: Contender, cap: int | None, tag: str,
             "unbundled_dir": str(setup.unbundled_dir) if setup.unbundled_dir else None,
             "record_ids": c.name == "flash" and setup.record_ids and task == "generate",
             "ids_file": str(setup.out / f"ids_{tag}.npz"), "task": task,
-            "ppl_ids": setup.ppl_ids, "result_file": str(setup.out / f"result_{tag}.json")}
+            "ppl_ids": setup.ppl_ids, "max_decode_s": setup.max_decode_s,
+            "result_file": str(setup.out / f"result_{tag}.json")}
 
 
 def child_command(spec_file: Path, procs: Path | None) -> list[str]:

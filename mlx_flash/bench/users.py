@@ -10,6 +10,8 @@ cgroup v1 memory group capped at the cap (page cache dropped before it; the harn
 (llama-cpp-python, use_mmap, 2 threads), mlx-flash 4-bit defaults (with the dir's drafter when
 it has one), naive 4-bit streaming and dense mlx_lm where it fits (caps at or above its peak
 RSS without a cap). Once per contender, uncapped: perplexity of `perplexity.PPL_TEXT`.
+A cell that thrashes stops decoding after --cell-seconds (default 180 s; its rate is then
+measured over the tokens it made, shown in the table), so the grid ends in a known time.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .users_report import write_users_report
 Q4_DIR = "flash-q4"  # <models dir>/<name>/flash-q4: the 4-bit flash dir of a registry model
 USERS_CONTENDERS = ("llama.cpp", "flash", "naive", "dense")
 USERS_TOKENS = 64
+CELL_SECONDS = 180.0
 LLAMA_THREADS = 2
 
 
@@ -147,12 +150,16 @@ def run_users(args: argparse.Namespace) -> int:
     caps = fraction_caps(args.caps or ",".join(USERS_CAPS), size)
     args.model, args.tokens = str(flash), args.tokens or USERS_TOKENS
     setup = make_setup(args, size)
-    setup.record_ids = False
-    setup.ppl_ids = text_ids(load_tokenizer(flash, read_manifest(flash)), PPL_TEXT,
-                             args.ppl_tokens)
+    setup.record_ids, setup.max_decode_s = False, args.cell_seconds or None
+    if args.ppl_tokens:
+        setup.ppl_ids = text_ids(load_tokenizer(flash, read_manifest(flash)), PPL_TEXT,
+                                 args.ppl_tokens)
     names = [n.strip() for n in (args.contenders or ",".join(USERS_CONTENDERS)).split(",")
              if n.strip()]
     contenders = users_contenders(names, flash, gguf, llama_cpp_available())
+    for c in contenders:  # as `mlx-flash generate` plans: KV for the prompt and the tokens
+        if c.kind == "flash":
+            c.options.setdefault("max_kv_tokens", len(setup.prompt_ids) + setup.tokens + 1)
     stamp = source_stamp()
     rows = run_grid(setup, contenders, caps)
     ppl = [run_logged(setup, c, None, "ppl") for c in contenders] if args.ppl_tokens else []
@@ -160,8 +167,8 @@ def run_users(args: argparse.Namespace) -> int:
               "model": str(flash), "model_name": flash.parent.name if flash.name == Q4_DIR
               else flash.name, "gguf": str(gguf), "gguf_bytes": size, "code": stamp,
               "caps": caps, "cgroup": setup.cgroup_parent is not None,
-              "tokens": args.tokens, "prompt": args.prompt, "prompt_ids": setup.prompt_ids,
-              "ppl_text_tokens": len(setup.ppl_ids), "runs": rows, "perplexity": ppl}
+              "tokens": args.tokens, "cell_seconds": setup.max_decode_s, "prompt": args.prompt,
+              "prompt_ids": setup.prompt_ids, "ppl_text_tokens": len(setup.ppl_ids or []), "runs": rows, "perplexity": ppl}
     write_users_report(report, Path(args.out))
     return 0
 

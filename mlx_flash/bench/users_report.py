@@ -11,12 +11,13 @@ from ..format.storage import write_text_atomic
 from .caps import MIB, cap_label
 from .report import fmt, pyplot, save_figure
 
-GRID_COLUMNS = ("cap", "contender", "outcome", "tok/s", "ms/tok", "disk MiB/tok",
+GRID_COLUMNS = ("cap", "contender", "outcome", "tokens", "tok/s", "ms/tok", "disk MiB/tok",
                 "flash read MiB/tok", "cgroup peak MiB", "peak RSS MiB", "load s", "message")
 PPL_COLUMNS = ("contender", "perplexity", "tokens", "outcome", "message")
 
 NOTES = """
-Columns. tok/s, ms/tok: greedy decode over tokens 2..N (the first carries the prompt).
+Columns. tokens: decoded (fewer than asked when the cell reached its time limit).
+tok/s, ms/tok: greedy decode over tokens 2..N (the first carries the prompt).
 disk MiB/tok: /proc/self/io read_bytes per token (what reached the block device: page faults of
 mmap'd files, buffered and O_DIRECT reads; page-cache hits excluded). flash read MiB/tok: bytes
 mlx-flash read into its neuron caches. cgroup peak: memory.max_usage_in_bytes of the run's
@@ -41,8 +42,9 @@ def message(row: dict, width: int = 120) -> str:
 def grid_row(r: dict, size: int) -> list[str]:
     """One cell's line, in GRID_COLUMNS order."""
     cg = r.get("cgroup") or {}
+    made = r.get("tokens_out")
     return [cap_label(r["cap_bytes"], size), r["name"], outcome(r),
-            fmt(r.get("decode_tps"), digits=2), fmt(r.get("ms_per_token"), digits=0),
+            "-" if made is None else str(len(made)), fmt(r.get("decode_tps"), digits=2), fmt(r.get("ms_per_token"), digits=0),
             fmt(r.get("disk_bytes_per_token"), MIB), fmt(r.get("bytes_read_per_token"), MIB),
             fmt(cg.get("max_usage_bytes"), MIB, 0), fmt(r.get("peak_rss_bytes"), MIB, 0),
             fmt(r.get("load_s"), digits=1), message(r)]
@@ -67,12 +69,14 @@ def markdown(report: dict) -> str:
     enforced = "cgroup v1 memory.limit_in_bytes, page cache included" if report["cgroup"] else \
         "NOT enforced: no cgroup (flash read with O_DIRECT)"
     labels = {r["name"]: r["label"] for r in report["runs"]}
+    limit = (f"; a cell stops decoding {report['cell_seconds']:.0f} s after its first token"
+             if report.get("cell_seconds") else "")
     parts = [f"# mlx-flash benchmark, users' regime: {report['model_name']}\n",
              f"Command: `{report['command']}`\n", f"Code: {report['code']}\n",
              f"Machine: {report['machine']}\n",
              f"Model: {report['model']} (GGUF {report['gguf']}, {size / MIB:.0f} MiB); prompt "
              f"{len(report['prompt_ids'])} tokens, {report['tokens']} generated (greedy, no EOS "
-             f"stop); caps as fractions of the GGUF's size: {caps} ({enforced}).\n",
+             f"stop{limit}); caps as fractions of the GGUF's size: {caps} ({enforced}).\n",
              table(GRID_COLUMNS, [grid_row(r, size) for r in report["runs"]]), NOTES,
              "\n".join(f"- `{name}`: {label}" for name, label in labels.items())]
     if report.get("perplexity"):

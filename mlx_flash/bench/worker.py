@@ -19,10 +19,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm  # noqa: F401  (the baseline RSS includes MLX and mlx_lm)
 import numpy as np
-from mlx_lm.generate import generate_step
 
 from ..format.manifest import read_manifest
 from ..format.storage import write_text_atomic
+from ..runtime.generate import generate_step
 from ..runtime.loader import load, load_dense
 from ..spec.drafter import drafter_bytes, load_drafter
 from ..spec.speculative import SpecSettings, speculative_tokens
@@ -90,20 +90,34 @@ class Clock:
                 "probe_s_per_token": self.per_token("probe"), "token_times_s": self.times}
 
 
+def greedy(logprobs: mx.array) -> mx.array:
+    """The sampler of every run: the most likely token."""
+    return mx.argmax(logprobs, axis=-1)
+
+
+def enough(clock: Clock, done: int, tokens: int, max_decode_s: float | None) -> bool:
+    """Stop decoding: `tokens` reached, or (with max_decode_s) two or more tokens decoded and
+    more than max_decode_s seconds since the first (a thrashing cell's rate is known by then)."""
+    if done >= tokens:
+        return True
+    return bool(max_decode_s) and done >= 3 and clock.last["t"] - clock.first["t"] > max_decode_s
+
+
 def generate_mlx(model, prompt_ids: list[int], tokens: int, probe=None,
-                 drafter=None) -> tuple[list, Clock]:
-    """Greedy decode of exactly `tokens` tokens with mlx_lm's generate_step (no EOS stop), or
-    speculatively with `drafter` (the same greedy tokens, several per verification)."""
+                 drafter=None, max_decode_s: float | None = None) -> tuple[list, Clock]:
+    """Greedy decode of `tokens` tokens with mlx-flash's generate_step (mlx_lm's loop, no
+    logits for the prompt's other positions; no EOS stop), or
+    speculatively with `drafter` (the same greedy tokens, several per verification); fewer
+    when decoding passes max_decode_s (`enough`)."""
     clock, out = Clock(probe), []
     if drafter is None:
-        stream = (int(token) for token, _ in generate_step(mx.array(prompt_ids), model,
-                                                            max_tokens=tokens))
+        stream = (token for token, _ in generate_step(mx.array(prompt_ids), model, greedy))
     else:
         stream = speculative_tokens(model, drafter, prompt_ids, SpecSettings())
     for token in stream:
         out.append(int(token))
         clock.tick()
-        if len(out) == tokens:
+        if enough(clock, len(out), tokens, max_decode_s):
             break
     return out, clock
 
@@ -182,6 +196,8 @@ def load_flash(spec: dict):
     with_drafter = opts.pop("drafter", False) and spec.get("task", "generate") == "generate"
     if spec.get("force_direct"):
         opts["direct"] = True
+    if "max_kv_tokens" in opts and spec.get("task") == "ppl":  # the text is the context
+        opts["max_kv_tokens"] = max(opts["max_kv_tokens"], len(spec["ppl_ids"]))
     if with_drafter:
         opts["reserve"] = drafter_bytes(model_dir, read_manifest(model_dir).config["hidden_size"])
     model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"], **opts)
@@ -227,7 +243,8 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
             model.flash.close()
         return
     drafter = getattr(model, "bench_drafter", None)
-    out, clock = generate_mlx(model, spec["prompt_ids"], spec["tokens"], probe, drafter)
+    out, clock = generate_mlx(model, spec["prompt_ids"], spec["tokens"], probe, drafter,
+                              spec.get("max_decode_s"))
     result.update(clock.summary(), tokens_out=out, drafter=drafter is not None)
     if spec["kind"] == "mmap":
         result["ffn_unsplit_s_per_token"] = result["probe_s_per_token"]
@@ -267,7 +284,7 @@ def run_llama_worker(spec: dict, result: dict) -> None:
                               repeat_penalty=1.0, reset=True):
         out.append(int(token))
         clock.tick()
-        if len(out) == spec["tokens"]:
+        if enough(clock, len(out), spec["tokens"], spec.get("max_decode_s")):
             break
     result.update(clock.summary(), tokens_out=out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +24,7 @@ from mlx_flash.bench.perplexity import PPL_TEXT, llama_nll, mlx_nll, perplexity,
 from mlx_flash.bench.users_report import GRID_COLUMNS, PPL_COLUMNS, markdown, write_users_report
 from mlx_flash.offline.pull import DEFAULT_MODEL
 from mlx_flash.runtime.loader import load_dense
+from mlx_flash.spec.drafter import Drafter, init_params, save_drafter
 
 MIB = 2**20
 GGUF_1_5B = 1_117_320_768
@@ -72,6 +74,16 @@ def test_grid_skips_dense_below_its_uncapped_peak(monkeypatch, tmp_path):
                     ("dense", 600, "generate")]
     assert rows[-1]["status"] == "skipped" and rows[-1]["cap_bytes"] == 400
     assert "500 B" not in rows[-1]["error"] and "peak RSS" in rows[-1]["error"]
+
+
+def test_a_cell_stops_decoding_after_its_time_limit():
+    clock = bench_worker.Clock()
+    clock.first, clock.last = {"t": 10.0}, {"t": 200.0}
+    assert bench_worker.enough(clock, 64, 64, None)
+    assert not bench_worker.enough(clock, 5, 64, None)  # no limit: all 64
+    assert bench_worker.enough(clock, 5, 64, 180.0)  # 190 s since the first token
+    assert not bench_worker.enough(clock, 2, 64, 180.0)  # too few tokens for a rate
+    assert not bench_worker.enough(clock, 5, 64, 300.0)
 
 
 def test_users_contenders(tmp_path):
@@ -184,8 +196,10 @@ def test_llama_nll_scores_row_i_against_token_i_plus_1():
     np.testing.assert_allclose(llama_nll(FakeLlama(table), ids), want, rtol=1e-9)
 
 
-def _ppl_spec(flash: Path, tmp_path: Path, kind: str, ids: list[int]) -> Path:
-    spec = {"kind": kind, "model": str(flash), "options": {}, "cap": None, "dtype": "float32",
+def _ppl_spec(flash: Path, tmp_path: Path, kind: str, ids: list[int],
+              options: dict | None = None, cap: int | None = None) -> Path:
+    spec = {"kind": kind, "model": str(flash), "options": options or {}, "cap": cap,
+            "dtype": "float32",
             "prompt_ids": [3, 4], "tokens": 2, "force_direct": False, "unbundled_dir": None,
             "record_ids": False, "ids_file": str(tmp_path / "ids.npz"), "task": "ppl",
             "ppl_ids": ids, "result_file": str(tmp_path / f"ppl_{kind}.json")}
@@ -198,8 +212,9 @@ def test_worker_ppl_task_flash_equals_dense(tiny_dirs, tmp_path):
     _, flash = tiny_dirs("qwen2")
     ids = [int(i) for i in np.random.default_rng(3).integers(3, 40, size=30)]
     results = {}
-    for kind in ("dense", "flash"):
-        spec = _ppl_spec(flash, tmp_path, kind, ids)
+    for kind in ("dense", "flash"):  # flash planned for a shorter context: widened to the text
+        spec = _ppl_spec(flash, tmp_path, kind, ids, {"max_kv_tokens": 4} if kind == "flash"
+                         else None, 10**9 if kind == "flash" else None)
         assert bench_worker.worker_main(str(spec)) == 0
         results[kind] = json.loads(Path(json.loads(spec.read_text())["result_file"]).read_text())
         assert results[kind]["status"] == "ok", results[kind].get("traceback")
@@ -208,6 +223,30 @@ def test_worker_ppl_task_flash_equals_dense(tiny_dirs, tmp_path):
     want = perplexity(mlx_nll(model, ids))
     assert results["dense"]["ppl"] == pytest.approx(want, rel=1e-4)
     assert results["flash"]["ppl"] == pytest.approx(want, rel=1e-3)  # every neuron: exact
+
+
+def test_worker_flash_with_the_dirs_drafter_emits_the_same_tokens(tiny_dirs, tmp_path):
+    _, shared = tiny_dirs("qwen2")
+    flash = shutil.copytree(shared, tmp_path / "flash")  # the drafter goes into a copy
+    model, _ = load_dense(flash)
+    save_drafter(Drafter(init_params(64, 1, seed=1), np.arange(256)).attach(model, flash), flash)
+    (c,) = users.users_contenders(["flash"], flash, None, "absent")
+    assert c.options["drafter"] is True
+    out = {}
+    for name, options in (("plain", {k: v for k, v in c.options.items() if k != "drafter"}),
+                          ("drafter", c.options)):
+        spec = {"kind": "flash", "model": str(flash), "options": options, "cap": None,
+                "dtype": "float32", "prompt_ids": [5, 9, 17, 33, 65, 7], "tokens": 10,
+                "force_direct": False, "unbundled_dir": None, "record_ids": False,
+                "ids_file": str(tmp_path / "ids.npz"), "task": "generate", "ppl_ids": None,
+                "result_file": str(tmp_path / f"gen_{name}.json")}
+        (tmp_path / f"spec_{name}.json").write_text(json.dumps(spec))
+        assert bench_worker.worker_main(str(tmp_path / f"spec_{name}.json")) == 0
+        out[name] = json.loads((tmp_path / f"gen_{name}.json").read_text())
+        assert out[name]["status"] == "ok", out[name].get("traceback")
+    assert out["drafter"]["drafter"] is True and out["plain"]["drafter"] is False
+    assert out["drafter"]["tokens_out"] == out["plain"]["tokens_out"]  # greedy: the same
+    assert len(out["drafter"]["tokens_out"]) == 10
 
 
 def test_the_fixed_text_is_long_enough():
@@ -229,10 +268,11 @@ def fake_report() -> dict:
     runs = [_cell("flash", None, tps=12.0, disk_bytes_per_token=0.0,
                   cgroup={"max_usage_bytes": 900 * MIB, "failcnt": 0, "oom_kills": 0}),
             _cell("flash", caps[1], tps=4.0, disk_bytes_per_token=50 * MIB,
-                  bytes_read_per_token=48 * MIB),
+                  bytes_read_per_token=48 * MIB, tokens_out=[7] * 64),
             _cell("flash", caps[0], "refused", error="dram_budget 533 MiB is too small | a b\n"
                   "second line"),
-            _cell("llama.cpp", None, tps=10.0), _cell("llama.cpp", caps[1], tps=0.5),
+            _cell("llama.cpp", None, tps=10.0), _cell("llama.cpp", caps[1], tps=0.5,
+                                                       tokens_out=[7] * 12),
             _cell("llama.cpp", caps[0], "oom", oom_killed=True,
                   error="killed by the OOM killer under the cap"),
             _cell("dense", caps[0], "skipped", error="does not fit: its peak RSS ...")]
@@ -242,7 +282,7 @@ def fake_report() -> dict:
     return {"regime": "users", "command": "mlx-flash bench --regime users", "machine": "box",
             "model": "/m/flash-q4", "model_name": "qwen-1.5b", "gguf": "/m/model.gguf",
             "gguf_bytes": GGUF_1_5B, "code": {"git": "abc"}, "caps": caps, "cgroup": True,
-            "tokens": 64, "prompt": "p", "prompt_ids": [1, 2, 3], "ppl_text_tokens": 512,
+            "tokens": 64, "cell_seconds": 180.0, "prompt": "p", "prompt_ids": [1, 2, 3], "ppl_text_tokens": 512,
             "runs": runs, "perplexity": ppl}
 
 
@@ -254,9 +294,11 @@ def test_markdown_tables_of_fake_results():
     assert {line.count(" | ") + 2 for line in grid} == {len(GRID_COLUMNS) + 1}
     assert "| 533 MiB (0.50x) | flash | refused |" in text
     assert "dram_budget 533 MiB is too small \\| a b |" in text and "second line" not in text
-    assert "| 1066 MiB (1.00x) | flash | ok | 4.00 | 250 | 50.0 | 48.0 |" in text
+    assert "| 1066 MiB (1.00x) | flash | ok | 64 | 4.00 | 250 | 50.0 | 48.0 |" in text
+    assert "| 1066 MiB (1.00x) | llama.cpp | ok | 12 | 0.50 |" in text
+    assert "stops decoding 180 s after its first token" in text
     assert "| 533 MiB (0.50x) | llama.cpp | oom |" in text
-    assert "| none | flash | ok | 12.00 | 83 | 0.0 | - | 900 |" in text
+    assert "| none | flash | ok | - | 12.00 | 83 | 0.0 | - | 900 |" in text
     assert "| flash | 9.877 | 511 | ok |" in text
     assert f"| {' | '.join(PPL_COLUMNS)} |" in text
     assert "users' regime: qwen-1.5b" in text and "page cache included" in text
