@@ -316,34 +316,28 @@ static inline void axpyq(float h, const uint32_t *w, const float *s, const float
     for (int i = 0; i < d; i++) y[i] += h * (s[i / group] * quant_at(w, i, bits) + z[i / group]);
 }
 
-void linear_q(const uint32_t *Wq, const float *scales, const float *biases, int rows, int d,
-              int bits, int group, const float *x, int T, const float *xsum, const float *b,
-              float *y) {
-    const int words = d * bits / 32, groups = d / group;
-#pragma omp parallel for schedule(dynamic, 64)
-    for (int r = 0; r < rows; r++) {
-        float out[8];
-        for (int t0 = 0; t0 < T; t0 += 8) {
-            int nt = T - t0 < 8 ? T - t0 : 8;
-            dotq_tokens(Wq + (size_t)r * words, scales + (size_t)r * groups,
-                        biases + (size_t)r * groups, d, bits, group, x + (size_t)t0 * d,
-                        xsum + (size_t)t0 * groups, nt, out);
-            for (int t = 0; t < nt; t++)
-                y[(size_t)(t0 + t) * rows + r] = out[t] + (b ? b[r] : 0.0f);
-        }
-    }
-}
-
 // Scales / biases of one quantized row, 16-bit storage -> f32.
 #define FLASH_MAX_GROUPS 512
 static inline void widen(const uint16_t *a, int n, int dt, float *out) {
-    for (int i = 0; i < n; i++) out[i] = to_f32(a[i], dt);
+    int i = 0;
+#if FLASH_VECTOR  // F16C: the scalar f16_to_f32 per scale was most of an lm_head row's time
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(a + i, dt));
+    if (i < n) {  // the tail through a padded copy (reading past `a` may leave its buffer)
+        uint16_t tail[8] = {0};
+        float wide[8];
+        memcpy(tail, a + i, sizeof(uint16_t) * (size_t)(n - i));
+        _mm256_storeu_ps(wide, load8(tail, dt));
+        memcpy(out + i, wide, sizeof(float) * (size_t)(n - i));
+        return;
+    }
+#endif
+    for (; i < n; i++) out[i] = to_f32(a[i], dt);
 }
 
 // ffn16 over the quantized cache: q (P, capacity, d * bits / 32) uint32, scales / biases
 // (P, capacity, d / group) 16-bit (dt), neurons [0, n); in_bias (P - 1, capacity) f32 or NULL;
 // mask, h, partial and y as in ffn16; xsum (T, d / group) the group sums of x.
-void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt, int P,
+static void ffnq_exact(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt, int P,
           int64_t capacity, int n, int d, int bits, int group, const float *x, int T,
           const float *xsum, const float *in_bias, const float *mask, int act, float *h,
           float *partial, float *y) {
@@ -389,3 +383,515 @@ void ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// int8 activations for the quantized kernels (what llama.cpp does for its Q4/Q8 dot products):
+// x is quantized once per call in blocks of 32, x ~ dx[b] * xq, |xq| <= 127, so a row's dot is
+// sum over 32-blocks of scale[g] * dx[b] * (q . xq)_b in integers (VNNI dpbusd, AVX2 maddubs,
+// or scalar), plus biases[g] * sum(x_g) over the quantized x (the exact sum would leave the
+// offset of q, mean 7.5 at 4 bits, times sum(x - dx * xq) uncancelled: 1.5% error, not 0.5%).
+// The down projection
+// (y += h * row) stays f32 but decodes 64 nibbles per load. exact = 1 in linear_q / ffnq keeps
+// f32 activations throughout (the kernels above).
+//
+// 4-bit layout: MLX packs element 2k in the low nibble of byte k and 2k + 1 in the high one. A
+// chunk of 64 elements (32 bytes; the last chunk of a row may be 32 elements, 16 bytes) is
+// handled as its low nibbles (the even elements) then its high ones (the odd elements), so xq
+// and the down projection's accumulator are stored in that order ("packed order", `packed_pos`)
+// and the nibbles need no shuffles. 8-bit rows are in natural order.
+// ---------------------------------------------------------------------------------------------
+
+enum { DT_F32 = 2 };  // scales / biases given as f32 (linear_q)
+#define QBLOCK 32
+
+// Where element i of a d-long row goes in packed order (4-bit), or i (8-bit).
+static inline int packed_pos(int i, int d, int bits) {
+    if (bits != 4) return i;
+    int start = i - i % 64, half = start + 64 <= d ? 32 : 16, k = i - start;
+    return start + (k & 1) * half + (k >> 1);
+}
+
+// x (T, d) -> xq (T, d) int8 in packed order, dx (T, d / 32) block scales, dxl (T, d / 8) the
+// scale of each 8 elements (a 64-chunk's int32 lane i covers elements 8i..8i+7), xsl (T, d / 8)
+// the sums of dx * xq over each 8 elements (what the biases multiply), isum (T, d / 32) block
+// sums of xq.
+static void quantize_x(const float *x, int T, int d, int bits, int8_t *xq, float *dx, float *dxl,
+                       float *xsl, int32_t *isum) {
+    const int blocks = d / QBLOCK;
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * d;
+        for (int b = 0; b < blocks; b++) {
+            float m = 0.0f;
+            for (int k = 0; k < QBLOCK; k++) m = fmaxf(m, fabsf(xt[b * QBLOCK + k]));
+            float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+            int32_t sum = 0, part[QBLOCK / 8] = {0};
+            for (int k = 0; k < QBLOCK; k++) {
+                int i = b * QBLOCK + k;
+                int v = (int)lrintf(xt[i] * inv);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                xq[(size_t)t * d + packed_pos(i, d, bits)] = (int8_t)v;
+                sum += v;
+                part[k / 8] += v;
+            }
+            dx[(size_t)t * blocks + b] = scale;
+            isum[(size_t)t * blocks + b] = sum;
+            for (int k = 0; k < QBLOCK / 8; k++) {
+                dxl[(size_t)t * (d / 8) + b * 4 + k] = scale;
+                xsl[(size_t)t * (d / 8) + b * 4 + k] = scale * (float)part[k];
+            }
+        }
+    }
+}
+
+typedef struct {  // one token's quantized activations
+    const int8_t *q;
+    const float *dx, *dxl, *xsl;
+    const int32_t *isum;
+} QX;
+
+
+#if FLASH_VECTOR
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define FLASH_VNNI 1
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+#else
+#define FLASH_VNNI 0
+#endif
+
+// int32 lane i = sum over bytes 4i..4i+3 of lo * xlo + hi * xhi (lo, hi in 0..15).
+static inline __m256i dot_nibbles(__m256i lo, __m256i xlo, __m256i hi, __m256i xhi) {
+#if FLASH_VNNI
+    return dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+#else  // pairs <= 2 * 15 * 127 each, their sum fits int16
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+// int32 lane i = sum over bytes 4i..4i+3 of (w - 128) * x (w: 8-bit weights 0..255); the +128 *
+// sum(x) the caller adds. VNNI: w . x directly, flagged by the return of 0 in *shifted.
+static inline __m256i dot_bytes(__m256i w, __m256i x, int *shifted) {
+#if FLASH_VNNI
+    *shifted = 0;
+    return dot_u8s8(_mm256_setzero_si256(), w, x);
+#else  // maddubs(u8, s8) saturates for 255 * 127 pairs: |w - 128| <= 128 times sign-moved x
+    *shifted = 1;
+    __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+// Scale or bias i of a row stored as sdt (DT_F16, DT_BF16 or DT_F32).
+static inline float scale_at(const void *a, int i, int sdt) {
+    if (sdt == DT_F32) return ((const float *)a)[i];
+    uint16_t v = ((const uint16_t *)a)[i];
+#if FLASH_VECTOR
+    if (sdt == DT_F16) return _cvtsh_ss(v);
+#endif
+    return to_f32(v, sdt);
+}
+
+#if FLASH_VECTOR
+// A 4-bit row's 64-chunk at column c against xq (packed order): int32 lane i = elements
+// c + 8i .. c + 8i + 7.
+static inline __m256i chunk_q4(const uint8_t *w, int c, const int8_t *xq) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    return dot_nibbles(lo, _mm256_loadu_si256((const __m256i *)(xq + c)), hi,
+                       _mm256_loadu_si256((const __m256i *)(xq + c + 32)));
+}
+
+// The weight scale of each lane of the 64-chunk at c (two groups when groups are 32 long).
+static inline __m256 chunk_scales(const void *sv, int c, int gs, int sdt) {
+    if (gs >= 6) return _mm256_set1_ps(scale_at(sv, c >> gs, sdt));
+    return _mm256_set_m128(_mm_set1_ps(scale_at(sv, (c >> gs) + 1, sdt)),
+                           _mm_set1_ps(scale_at(sv, c >> gs, sdt)));
+}
+
+// b + the 64-chunk at c's biases times the sums of x of their 8 elements.
+static inline __m256 chunk_bias(const void *zv, int c, int gs, int sdt, const float *xsl,
+                                __m256 b) {
+    return _mm256_fmadd_ps(chunk_scales(zv, c, gs, sdt), _mm256_loadu_ps(xsl + c / 8), b);
+}
+
+static inline __m256 chunk_fma(__m256i i, __m256 ws, const float *dxl, int c, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(ws, _mm256_loadu_ps(dxl + c / 8)),
+                           acc);
+}
+#endif
+
+// The scalar rest of a row's dot from column c on (all of it without vectors), with the
+// biases' term of those columns.
+static inline float dot_row_rest(const uint8_t *w, const void *sv, const void *zv, int sdt,
+                                 int d, int bits, int group, QX x, int c) {
+    const int c0 = c, gs = __builtin_ctz((unsigned)group);  // group: a power of two (no idiv per chunk)
+    float out = 0.0f;
+    if (bits == 4) {
+        for (; c + 64 <= d; c += 64) {  // the chunk's two 32-blocks
+            const uint8_t *wb = w + c / 2;
+            int32_t s0 = 0, s1 = 0;
+            for (int k = 0; k < 16; k++) s0 += (wb[k] & 15) * x.q[c + k] + (wb[k] >> 4) * x.q[c + 32 + k];
+            for (int k = 16; k < 32; k++) s1 += (wb[k] & 15) * x.q[c + k] + (wb[k] >> 4) * x.q[c + 32 + k];
+            out += scale_at(sv, c >> gs, sdt) * x.dx[c / QBLOCK] * (float)s0
+                   + scale_at(sv, (c + 32) >> gs, sdt) * x.dx[c / QBLOCK + 1] * (float)s1;
+        }
+        for (; c < d; c += 32) {  // a last chunk of 32
+            const uint8_t *wb = w + c / 2;
+            int32_t s0 = 0;
+            for (int k = 0; k < 16; k++) s0 += (wb[k] & 15) * x.q[c + k] + (wb[k] >> 4) * x.q[c + 16 + k];
+            out += scale_at(sv, c >> gs, sdt) * x.dx[c / QBLOCK] * (float)s0;
+        }
+    } else {
+        for (; c < d; c += 32) {
+            int32_t s0 = 0;
+            for (int k = 0; k < 32; k++) s0 += w[c + k] * x.q[c + k];
+            out += scale_at(sv, c >> gs, sdt) * x.dx[c / QBLOCK] * (float)s0;
+        }
+    }
+    for (int k = c0 / 8; k < d / 8; k++) out += scale_at(zv, (8 * k) >> gs, sdt) * x.xsl[k];
+    return out;
+}
+
+// One quantized row (scales sv, biases zv stored as sdt, groups of `group`) dotted with one
+// token. The scales are read where used: widening a row's first cost more than its dot.
+static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
+                               int bits, int group, QX x) {
+    float out = 0.0f;
+    int c = 0;
+#if FLASH_VECTOR
+    const int gs = __builtin_ctz((unsigned)group);
+    if (bits == 4) {  // two accumulators: one FMA chain per row was its latency bound
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0;  // b0: the biases' term
+        for (; c + 128 <= d; c += 128) {
+            a0 = chunk_fma(chunk_q4(w, c, x.q), chunk_scales(sv, c, gs, sdt), x.dxl, c, a0);
+            a1 = chunk_fma(chunk_q4(w, c + 64, x.q), chunk_scales(sv, c + 64, gs, sdt), x.dxl,
+                           c + 64, a1);
+            b0 = chunk_bias(zv, c, gs, sdt, x.xsl, b0);
+            b0 = chunk_bias(zv, c + 64, gs, sdt, x.xsl, b0);
+        }
+        for (; c + 64 <= d; c += 64) {
+            a0 = chunk_fma(chunk_q4(w, c, x.q), chunk_scales(sv, c, gs, sdt), x.dxl, c, a0);
+            b0 = chunk_bias(zv, c, gs, sdt, x.xsl, b0);
+        }
+        out = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), b0));
+    } else {
+        __m256 acc = _mm256_setzero_ps();
+        for (; c + 32 <= d; c += 32) {
+            int shifted;
+            __m256i i = dot_bytes(_mm256_loadu_si256((const __m256i *)(w + c)),
+                                  _mm256_loadu_si256((const __m256i *)(x.q + c)), &shifted);
+            float sc = scale_at(sv, c >> gs, sdt) * x.dx[c / QBLOCK];
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(sc), acc);
+            if (shifted) out += sc * 128.0f * (float)x.isum[c / QBLOCK];
+            out += scale_at(zv, c >> gs, sdt) * x.dx[c / QBLOCK] * (float)x.isum[c / QBLOCK];
+        }
+        out += hsum8(acc);
+    }
+#endif
+    return out + dot_row_rest(w, sv, zv, sdt, d, bits, group, x, c);
+}
+
+#if FLASH_VECTOR
+// y[0:16] += a * (16 unsigned bytes as f32).
+static inline void axpy_bytes(__m256 a, __m128i bytes, float *y) {
+    __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(a, q0, _mm256_loadu_ps(y)));
+    _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(a, q1, _mm256_loadu_ps(y + 8)));
+}
+#endif
+
+// y (packed order) += h * scale * q over one quantized row; the biases' part (h * biases[g]
+// per group) the caller accumulates per group.
+static inline void axpy_row_q(float h, const uint8_t *w, const void *sv, int sdt, int d,
+                              int bits, int group, float *y) {
+    const int gs = __builtin_ctz((unsigned)group);
+    int c = 0;
+    if (bits == 4) {
+#if FLASH_VECTOR
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        for (; c + 64 <= d; c += 64) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            __m256 a0 = _mm256_set1_ps(h * scale_at(sv, c >> gs, sdt));
+            __m256 a1 = _mm256_set1_ps(h * scale_at(sv, (c + 32) >> gs, sdt));
+            __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                               _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+            for (int p = 0; p < 4; p++)  // p: lo 0-15, lo 16-31, hi 0-15, hi 16-31
+                axpy_bytes(p & 1 ? a1 : a0, part[p], y + c + p * 16);
+        }
+#endif
+        for (; c + 64 <= d; c += 64) {
+            const uint8_t *wb = w + c / 2;
+            float a0 = h * scale_at(sv, c >> gs, sdt), a1 = h * scale_at(sv, (c + 32) >> gs, sdt);
+            for (int k = 0; k < 32; k++) {
+                float a = k < 16 ? a0 : a1;
+                y[c + k] += a * (float)(wb[k] & 15);
+                y[c + 32 + k] += a * (float)(wb[k] >> 4);
+            }
+        }
+        for (; c < d; c += 32) {
+            const uint8_t *wb = w + c / 2;
+            float a = h * scale_at(sv, c >> gs, sdt);
+            for (int k = 0; k < 16; k++) {
+                y[c + k] += a * (float)(wb[k] & 15);
+                y[c + 16 + k] += a * (float)(wb[k] >> 4);
+            }
+        }
+    } else {
+#if FLASH_VECTOR
+        for (; c + 32 <= d; c += 32) {
+            __m256 a = _mm256_set1_ps(h * scale_at(sv, c >> gs, sdt));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + c));
+            __m128i half[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+            axpy_bytes(a, half[0], y + c);
+            axpy_bytes(a, half[1], y + c + 16);
+        }
+#endif
+        for (; c < d; c++) y[c] += h * scale_at(sv, c >> gs, sdt) * (float)w[c];
+    }
+}
+
+// One quantized row's scales or biases as f32: `a` when already f32, else widened into buf.
+static inline const float *row_f32(const void *a, size_t row, int groups, int dt, float *buf) {
+    if (dt == DT_F32) return (const float *)a + row * groups;
+    widen((const uint16_t *)a + row * groups, groups, dt, buf);
+    return buf;
+}
+
+// The scratch of the int8 activations: xq, dx, dxl, isum (see quantize_x) in one allocation.
+typedef struct {
+    int8_t *q;
+    float *dx, *dxl, *xsl;
+    int32_t *isum;
+    void *mem;
+} QXBuf;
+
+// Allocates the scratch and quantizes x into it (quantize_x); 0 if malloc failed.
+static int qx_prepare(QXBuf *b, const float *x, int T, int d, int bits) {
+    size_t blocks = (size_t)T * (d / QBLOCK), n = (size_t)T * d;
+    b->mem = malloc(n + sizeof(float) * (blocks + n / 4) + sizeof(int32_t) * blocks);
+    if (!b->mem) return 0;
+    b->dx = (float *)b->mem;
+    b->dxl = b->dx + blocks;
+    b->xsl = b->dxl + n / 8;
+    b->isum = (int32_t *)(b->xsl + n / 8);
+    b->q = (int8_t *)(b->isum + blocks);
+    quantize_x(x, T, d, bits, b->q, b->dx, b->dxl, b->xsl, b->isum);
+    return 1;
+}
+
+static inline QX qx_token(const QXBuf *b, int d, int t) {
+    QX r = {b->q + (size_t)t * d, b->dx + (size_t)t * (d / QBLOCK), b->dxl + (size_t)t * (d / 8),
+            b->xsl + (size_t)t * (d / 8), b->isum + (size_t)t * (d / QBLOCK)};
+    return r;
+}
+
+// out[t] = row . x[t0 + t] for t < nt: 4-bit rows take 4 tokens per pass over the row (its
+// nibbles decoded once, four independent FMA chains).
+static inline void dot_tokens_i8(const uint8_t *w, const void *sv, const void *zv, int sdt,
+                                 int d, int bits, int group, const QXBuf *qb, int t0, int nt,
+                                 float *out) {
+#if FLASH_VECTOR
+    if (bits == 4 && nt == 4) {
+        const int gs = __builtin_ctz((unsigned)group);
+        QX x0 = qx_token(qb, d, t0), x1 = qx_token(qb, d, t0 + 1),
+           x2 = qx_token(qb, d, t0 + 2), x3 = qx_token(qb, d, t0 + 3);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int c = 0;
+        for (; c + 64 <= d; c += 64) {
+            const __m256i m4 = _mm256_set1_epi8(0x0f);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            __m256 ws = chunk_scales(sv, c, gs, sdt), zs = chunk_scales(zv, c, gs, sdt);
+#define FLASH_TOKEN(a, b, x)                                                                     \
+    a = chunk_fma(dot_nibbles(lo, _mm256_loadu_si256((const __m256i *)(x.q + c)), hi,            \
+                              _mm256_loadu_si256((const __m256i *)(x.q + c + 32))),              \
+                  ws, x.dxl, c, a);                                                              \
+    b = _mm256_fmadd_ps(zs, _mm256_loadu_ps(x.xsl + c / 8), b)
+            FLASH_TOKEN(a0, b0, x0);
+            FLASH_TOKEN(a1, b1, x1);
+            FLASH_TOKEN(a2, b2, x2);
+            FLASH_TOKEN(a3, b3, x3);
+#undef FLASH_TOKEN
+        }
+        out[0] = hsum8(_mm256_add_ps(a0, b0)) + dot_row_rest(w, sv, zv, sdt, d, bits, group, x0, c);
+        out[1] = hsum8(_mm256_add_ps(a1, b1)) + dot_row_rest(w, sv, zv, sdt, d, bits, group, x1, c);
+        out[2] = hsum8(_mm256_add_ps(a2, b2)) + dot_row_rest(w, sv, zv, sdt, d, bits, group, x2, c);
+        out[3] = hsum8(_mm256_add_ps(a3, b3)) + dot_row_rest(w, sv, zv, sdt, d, bits, group, x3, c);
+        return;
+    }
+#endif
+    for (int t = 0; t < nt; t++)
+        out[t] = dot_row_i8(w, sv, zv, sdt, d, bits, group, qx_token(qb, d, t0 + t));
+}
+
+static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *biases, int sdt,
+                        int rows, int d, int group, int bits, int T, const float *b, float *y,
+                        const QXBuf *qb) {
+    const int words = d * bits / 32, groups = d / group;
+#pragma omp parallel for schedule(dynamic, 64)
+        for (int r = 0; r < rows; r++) {
+            const size_t at = (size_t)r * groups * (sdt == DT_F32 ? 4 : 2);
+            const char *s = (const char *)scales + at, *z = (const char *)biases + at;
+            const uint8_t *w = (const uint8_t *)(Wq + (size_t)r * words);
+            for (int t = 0; t < T; t++) {
+                QX xt = qx_token(qb, d, t);
+                y[(size_t)t * rows + r] = dot_row_i8(w, s, z, sdt, d, bits, group, xt)
+                                          + (b ? b[r] : 0.0f);
+        }
+    }
+}
+
+static void linear_q_exact(const uint32_t *Wq, const void *scales, const void *biases, int sdt,
+                           int rows, int d, int bits, int group, const float *x, int T,
+                           const float *xsum, const float *b, float *y) {
+    const int words = d * bits / 32, groups = d / group;
+#pragma omp parallel
+    {
+        float sbuf[FLASH_MAX_GROUPS], zbuf[FLASH_MAX_GROUPS];
+#pragma omp for schedule(dynamic, 64)
+        for (int r = 0; r < rows; r++) {
+            const float *s = row_f32(scales, (size_t)r, groups, sdt, sbuf);
+            const float *z = row_f32(biases, (size_t)r, groups, sdt, zbuf);
+            float out[8];
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                int nt = T - t0 < 8 ? T - t0 : 8;
+                dotq_tokens(Wq + (size_t)r * words, s, z, d, bits, group, x + (size_t)t0 * d,
+                            xsum + (size_t)t0 * groups, nt, out);
+                for (int t = 0; t < nt; t++)
+                    y[(size_t)(t0 + t) * rows + r] = out[t] + (b ? b[r] : 0.0f);
+            }
+        }
+    }
+}
+
+// y (T, rows) = x (T, d) times MLX affine-quantized rows: Wq (rows, d * bits / 32) uint32,
+// scales / biases (rows, d / group) in sdt (DT_F16, DT_BF16 or DT_F32); xsum (T, d / group) the
+// group sums of x; b (rows,) or NULL. exact: f32 activations, else int8 (see above). Returns 0,
+// or -1 if the scratch could not be allocated.
+int linear_q(const uint32_t *Wq, const void *scales, const void *biases, int sdt, int rows,
+             int d, int bits, int group, const float *x, int T, const float *xsum, const float *b,
+             float *y, int exact) {
+    if (exact || d % QBLOCK || group % QBLOCK || (group & (group - 1))) {
+        linear_q_exact(Wq, scales, biases, sdt, rows, d, bits, group, x, T, xsum, b, y);
+        return 0;
+    }
+    QXBuf qb;
+    if (!qx_prepare(&qb, x, T, d, bits)) return -1;
+    linear_q_i8(Wq, scales, biases, sdt, rows, d, group, bits, T, b, y, &qb);
+    free(qb.mem);
+    return 0;
+}
+
+// Inside a parallel region: y (T, d) natural order = the threads' packed-order partial sums
+// plus their per-group bias sums bsum (threads, T, d / group).
+static void sum_partials_packed(const float *partial, const float *bsum, int threads, int T,
+                                int d, int bits, int group, float *y) {
+    const size_t count = (size_t)T * d, groups = d / group;
+#pragma omp for schedule(static)
+    for (int i = 0; i < d; i++) {
+        size_t p = packed_pos(i, d, bits), g = i / group;
+        for (int t = 0; t < T; t++) {
+            float sum = 0.0f;
+            for (int k = 0; k < threads; k++)
+                sum += partial[(size_t)k * count + (size_t)t * d + p]
+                       + bsum[((size_t)k * T + t) * groups + g];
+            y[(size_t)t * d + i] = sum;
+        }
+    }
+}
+
+static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt,
+                   int P, int64_t capacity, int n, int d, int bits, int group, const float *x,
+                   int T, const float *in_bias, const float *mask, int act, float *h,
+                   float *partial, float *y) {
+    const int gated = P == 3, words = d * bits / 32, groups = d / group;
+    const size_t qpart = (size_t)capacity * words, spart = (size_t)capacity * groups;
+    QXBuf qb;
+    if (!qx_prepare(&qb, x, T, d, bits)) return -1;
+    int threads = 1, failed = 0;
+    float *bsum_all = NULL;
+#pragma omp parallel
+    {
+        int tid = team_member(&threads);
+#pragma omp single
+        {
+            bsum_all = (float *)calloc((size_t)threads * T * groups, sizeof(float));
+            failed = bsum_all == NULL;
+        }  // (the single's barrier: every thread sees bsum_all)
+        if (!failed) {
+            float *acc = partial + (size_t)tid * T * d, *bsum = bsum_all + (size_t)tid * T * groups;
+            memset(acc, 0, sizeof(float) * (size_t)T * d);
+#pragma omp for schedule(dynamic, 32)
+            for (int j = 0; j < n; j++) {
+                if (!needed(mask, h, T, n, j)) continue;
+                const uint16_t *s[3], *z[3];
+                const uint8_t *w[3];
+                for (int p = 0; p < P; p++) {
+                    s[p] = scales + p * spart + (size_t)j * groups;
+                    z[p] = biases + p * spart + (size_t)j * groups;
+                    w[p] = (const uint8_t *)(q + p * qpart + (size_t)j * words);
+                }
+                for (int t0 = 0; t0 < T; t0 += 4) {
+                    int nt = T - t0 < 4 ? T - t0 : 4;
+                    float first[4], second[4];
+                    dot_tokens_i8(w[0], s[0], z[0], dt, d, bits, group, &qb, t0, nt, first);
+                    if (gated)
+                        dot_tokens_i8(w[1], s[1], z[1], dt, d, bits, group, &qb, t0, nt, second);
+                    for (int k = 0; k < nt; k++) {
+                        int t = t0 + k;
+                        float v = activate(first[k] + (in_bias ? in_bias[j] : 0.0f), act);
+                        if (gated) v *= second[k] + (in_bias ? in_bias[capacity + j] : 0.0f);
+                        if (mask) v *= mask[(size_t)t * n + j];
+                        h[(size_t)t * n + j] = v;
+                        if (v == 0.0f) continue;
+                        axpy_row_q(v, w[P - 1], s[P - 1], dt, d, bits, group, acc + (size_t)t * d);
+                        for (int g = 0; g < groups; g++)
+                            bsum[(size_t)t * groups + g] += v * scale_at(z[P - 1], g, dt);
+                    }
+                }
+            }
+            sum_partials_packed(partial, bsum_all, threads, T, d, bits, group, y);
+        }
+    }
+    free(bsum_all);
+    free(qb.mem);
+    return failed ? -1 : 0;
+}
+
+// ffn16 over the quantized cache: q (P, capacity, d * bits / 32) uint32, scales / biases
+// (P, capacity, d / group) 16-bit (dt), neurons [0, n); in_bias (P - 1, capacity) f32 or NULL;
+// mask, h, partial and y as in ffn16; xsum (T, d / group) the group sums of x. exact: f32
+// activations, else int8. Returns 0, or -1 if scratch could not be allocated.
+int ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt, int P,
+         int64_t capacity, int n, int d, int bits, int group, const float *x, int T,
+         const float *xsum, const float *in_bias, const float *mask, int act, float *h,
+         float *partial, float *y, int exact) {
+    if (exact || d % QBLOCK || group % QBLOCK || (group & (group - 1))) {
+        ffnq_exact(q, scales, biases, dt, P, capacity, n, d, bits, group, x, T, xsum, in_bias,
+                   mask, act, h, partial, y);
+        return 0;
+    }
+    return ffnq_i8(q, scales, biases, dt, P, capacity, n, d, bits, group, x, T, in_bias, mask,
+                   act, h, partial, y);
+}
+
+// Which int8 dot products this build has: 0 scalar, 1 AVX2 (maddubs), 2 VNNI (dpbusd).
+int flash_int_dot_path(void) {
+#if FLASH_VECTOR
+    return FLASH_VNNI ? 2 : 1;
+#else
+    return 0;
+#endif
+}

@@ -21,6 +21,7 @@ unavailable and the MLX path (the reference, and what runs on a GPU) is used, wi
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,11 @@ from ..format.arch import ACTIVATION_CODES
 from ..process import apply_cpu_kernel_settings
 
 DT_CODES = {"float16": 0, "bfloat16": 1}
+SCALE_CODES = {**DT_CODES, "float32": 2}  # linear_q's scales / biases may also be f32
+ENV_QUANT_ACTIVATIONS = "MLX_FLASH_QUANT_ACTIVATIONS"  # "f32": exact linear_q / ffnq
 
 
+INT_DOT_PATHS = ("scalar", "avx2", "vnni")  # flash_int_dot_path(): the int8 dot products
 _VOIDP, _INT, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
@@ -43,15 +47,21 @@ class CpuKernels:
         lib.linear16.argtypes = [_VOIDP, _I64, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP]
         lib.ffn16.argtypes = [_VOIDP, _I64, _I64, _INT, _INT, _INT, _INT, _VOIDP, _INT, _VOIDP,
                               _I64, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
-        lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _VOIDP, _INT,
-                                 _VOIDP, _VOIDP, _VOIDP]
+        lib.linear_q.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _INT, _INT, _INT, _VOIDP,
+                                 _INT, _VOIDP, _VOIDP, _VOIDP, _INT]
         lib.ffnq.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _I64, _INT, _INT, _INT, _INT,
-                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP]
-        for fn in (lib.linear16, lib.ffn16, lib.linear_q, lib.ffnq):
+                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP,
+                             _INT]
+        for fn in (lib.linear16, lib.ffn16):
             fn.restype = None
+        for fn in (lib.linear_q, lib.ffnq, lib.flash_int_dot_path):
+            fn.restype = _INT
         self._lib, self.path = lib, path
         self.threads: int = lib.flash_threads()
         self.vector: bool = bool(lib.flash_vector_path())
+        self.int_dot: str = INT_DOT_PATHS[lib.flash_int_dot_path()]
+        # int8 activations in linear_q / ffnq unless the environment asks for exact f32 ones
+        self.exact_quant: bool = os.environ.get(ENV_QUANT_ACTIVATIONS, "int8") == "f32"
 
     def linear16(self, weight: np.ndarray, dtype: str, x: np.ndarray,
                  bias: np.ndarray | None = None) -> np.ndarray:
@@ -64,27 +74,40 @@ class CpuKernels:
         return y
 
     def linear_q(self, wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
-                 group_size: int, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+                 group_size: int, x: np.ndarray, bias: np.ndarray | None = None,
+                 scale_dtype: str | None = None, exact: bool | None = None) -> np.ndarray:
         """x (T, d) f32 times MLX affine-quantized rows: wq (rows, d * bits / 32) uint32,
-        scales/biases (rows, d / group_size) f32 -> (T, rows) f32."""
+        scales/biases (rows, d / group_size) f32 or float16 (or uint16 bits of `scale_dtype`)
+        -> (T, rows) f32. exact: f32 activations (default: int8 ones unless
+        $MLX_FLASH_QUANT_ACTIVATIONS=f32; within ~1e-2 relative of the exact result)."""
         rows, d = wq.shape[0], wq.shape[1] * 32 // bits
         if wq.dtype != np.uint32 or not wq.flags.c_contiguous or bits not in (4, 8):
             raise ValueError(f"linear_q needs contiguous uint32 4/8-bit rows, got {wq.dtype} "
                              f"{bits}-bit")
+        sdt = SCALE_CODES[scale_dtype or str(scales.dtype)]
+        for a in (scales, biases):
+            if a.shape != (rows, d // group_size) or not a.flags.c_contiguous \
+                    or a.itemsize != (4 if sdt == 2 else 2):
+                raise ValueError(f"linear_q needs contiguous ({rows}, {d // group_size}) "
+                                 f"{scale_dtype or scales.dtype} scales/biases, got {a.dtype} "
+                                 f"{a.shape}")
         _check_x(x, d)
         xsum = _group_sums(x, group_size)
         y = np.empty((x.shape[0], rows), dtype=np.float32)
-        self._lib.linear_q(wq.ctypes.data, scales.ctypes.data, biases.ctypes.data, rows, d, bits,
-                           group_size, x.ctypes.data, x.shape[0], xsum.ctypes.data, _ptr(bias),
-                           y.ctypes.data)
+        done = self._lib.linear_q(wq.ctypes.data, scales.ctypes.data, biases.ctypes.data, sdt,
+                                  rows, d, bits, group_size, x.ctypes.data, x.shape[0],
+                                  xsum.ctypes.data, _ptr(bias), y.ctypes.data,
+                                  self._exact(exact))
+        _check_done(done, "linear_q")
         return y
 
     def ffnq(self, q: np.ndarray, scales: np.ndarray, biases: np.ndarray, dtype: str, n: int,
              bits: int, group_size: int, x: np.ndarray, activation: str,
-             mask: np.ndarray | None = None, in_bias: np.ndarray | None = None) -> np.ndarray:
+             mask: np.ndarray | None = None, in_bias: np.ndarray | None = None,
+             exact: bool | None = None) -> np.ndarray:
         """`ffn16` over quantized rows: q (P, capacity, d * bits / 32) uint32, scales/biases
         (P, capacity, d / group_size) uint16 bits of `dtype`, neurons [0, n); in_bias
-        (P - 1, capacity) f32 or None. Returns (T, d) f32."""
+        (P - 1, capacity) f32 or None; exact as in `linear_q`. Returns (T, d) f32."""
         parts, capacity, words = q.shape
         d = words * 32 // bits
         for a in (q, scales, biases):
@@ -97,12 +120,16 @@ class CpuKernels:
         mask = _mask_rows(mask, tokens, n)
         xsum = _group_sums(x, group_size)
         h, partial, y = self._ffn_scratch(tokens, n, d)
-        self._lib.ffnq(q.ctypes.data, scales.ctypes.data, biases.ctypes.data, DT_CODES[dtype],
-                       parts, capacity, n, d, bits, group_size, x.ctypes.data, tokens,
-                       xsum.ctypes.data, _ptr(in_bias), _ptr(mask),
-                       ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
-                       y.ctypes.data)
+        done = self._lib.ffnq(q.ctypes.data, scales.ctypes.data, biases.ctypes.data,
+                              DT_CODES[dtype], parts, capacity, n, d, bits, group_size,
+                              x.ctypes.data, tokens, xsum.ctypes.data, _ptr(in_bias), _ptr(mask),
+                              ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
+                              y.ctypes.data, self._exact(exact))
+        _check_done(done, "ffnq")
         return y
+
+    def _exact(self, exact: bool | None) -> int:
+        return int(self.exact_quant if exact is None else exact)
 
     def ffn16(self, base: np.ndarray, strides: tuple[int, int], parts: int, n: int, d: int,
               dtype: str, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
@@ -135,6 +162,11 @@ class CpuKernels:
         return (np.empty((tokens, max(n, 1)), dtype=np.float32),
                 np.empty((self.threads, tokens, d), dtype=np.float32),
                 np.empty((tokens, d), dtype=np.float32))
+
+
+def _check_done(status: int, kernel: str) -> None:
+    if status != 0:
+        raise MemoryError(f"{kernel}: the C kernel could not allocate its scratch memory")
 
 
 def _mask_rows(mask: np.ndarray | None, tokens: int, n: int) -> np.ndarray | None:

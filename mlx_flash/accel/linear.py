@@ -69,12 +69,12 @@ class _FusedWeight:
             assert len({dt for _, dt in views}) == 1, "fused linears must share a dtype"
             self.dtype = views[0][1]
             self.weight = _concat([v for v, _ in views])
-        else:
+        else:  # scales / biases stay 16-bit when they are (a quarter of the 4-bit bytes else)
             self.group_size = first.group_size
             self.weight = _concat([np.asarray(lin.weight) for lin in linears])
-            self.scales, self.biases = (
-                _concat([np.asarray(getattr(lin, k).astype(mx.float32)) for lin in linears])
-                for k in ("scales", "biases"))
+            self.scales, self.biases = (_concat([_scale_view(getattr(lin, k)) for lin in linears])
+                                        for k in ("scales", "biases"))
+            self.scale_dtype = _scale_dtype(first.scales)
         has_bias = any("bias" in lin for lin in linears)
         biases = [np.asarray(lin.bias.astype(mx.float32)) if "bias" in lin
                   else np.zeros(lin.weight.shape[0], np.float32) for lin in linears]
@@ -95,7 +95,7 @@ class _FusedWeight:
         if self.bits == 16:
             return kernels().linear16(self.weight, self.dtype, x, self.bias)
         return kernels().linear_q(self.weight, self.scales, self.biases, self.bits,
-                                  self.group_size, x, self.bias)
+                                  self.group_size, x, self.bias, self.scale_dtype)
 
 
 class FastEmbedding(nn.Module):
@@ -114,6 +114,17 @@ class FastEmbedding(nn.Module):
         if self._head is None:
             self._head = _FusedWeight([self])
         return self._head(x)
+
+
+def _scale_dtype(a: mx.array) -> str:
+    return str(a.dtype).split(".")[-1] if a.dtype in (mx.float16, mx.bfloat16) else "float32"
+
+
+def _scale_view(a: mx.array) -> np.ndarray:
+    """Quantization scales / biases as linear_q takes them: 16-bit storage or f32."""
+    if a.dtype in (mx.float16, mx.bfloat16):
+        return storage_view(a)[0]
+    return np.asarray(a.astype(mx.float32))
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -164,5 +175,6 @@ def accelerate(model: nn.Module) -> int:
 
 def _fusion_key(linear: nn.Module) -> tuple:
     """Linears fuse when these agree: input width, dtype, quantization."""
+    scales = getattr(linear, "scales", None)
     return (linear.weight.shape[1], linear.weight.dtype, getattr(linear, "bits", 16),
-            getattr(linear, "group_size", 0))
+            getattr(linear, "group_size", 0), None if scales is None else scales.dtype)

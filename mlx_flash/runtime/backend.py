@@ -205,7 +205,7 @@ class CpuBackend(CacheBackend):
     def quantized_matmul(self, rows: Arrays, x: np.ndarray, bits: int,
                          group_size: int) -> np.ndarray:
         return accel_build.kernels().linear_q(rows["q"], rows["scales"], rows["biases"], bits,
-                                              group_size, x, rows["bias"])
+                                              group_size, x, rows["bias"], exact=True)
 
     def accelerate(self, model: nn.Module) -> int:
         """Every linear onto the C kernels, then the llama-family blocks onto numpy (no MLX

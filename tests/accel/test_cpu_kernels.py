@@ -167,10 +167,13 @@ def test_fast_path_window_matches_mlx_window(tiny_dirs):
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("arch", ["qwen2", "starcoder2"])
-def test_fast_path_on_quantized_bundles(tiny_dirs, tmp_path, bits, arch):
+def test_fast_path_on_quantized_bundles(tiny_dirs, tmp_path, monkeypatch, bits, arch):
     """ffnq over the cache (window path, small cache so some neurons stream) and over read
-    chunks (prefill) against the MLX quantized path on the same bundles."""
+    chunks (prefill) against the MLX quantized path on the same bundles: the same tokens with
+    exact f32 activations (int8 ones: tests/accel/test_quant_kernels.py)."""
     from mlx_flash.offline.convert import convert
+
+    monkeypatch.setattr(accel_build.kernels(), "exact_quant", True)
 
     src, _ = tiny_dirs(arch, "float16")
     out = tmp_path / f"q{bits}"
@@ -200,7 +203,7 @@ def test_ffnq_equals_quantized_reference(bits):
     mask = (np.random.default_rng(18).random((tokens, n)) < 0.6).astype(np.float32)
     got = accel_build.kernels().ffnq(np.asarray(q), accel_linear.storage_view(scales)[0],
                              accel_linear.storage_view(biases)[0], "float16", n, bits, 32, x, "silu",
-                             mask)
+                             mask, exact=True)  # int8 activations: test_quant_kernels.py
     want = ffn_over_qrows(mx.array(x), q, scales.astype(mx.float32),
                           biases.astype(mx.float32), n, layout, mx.array(mask))
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
@@ -225,7 +228,8 @@ def test_mlx_linear_kept_for_f32_weights():
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("tokens", [1, 11])
-def test_quantized_linear_equals_mlx(bits, group_size, tokens):
+def test_quantized_linear_equals_mlx(monkeypatch, bits, group_size, tokens):
+    monkeypatch.setattr(accel_build.kernels(), "exact_quant", True)  # int8: test_quant_kernels
     linear = nn.QuantizedLinear(128, 40, bias=True, group_size=group_size, bits=bits)
     linear.update({"weight": linear.weight, "bias": mx.array(rand(40, 10))})
     x = mx.array(rand((tokens, 128), 11))
@@ -237,7 +241,8 @@ def test_quantized_linear_equals_mlx(bits, group_size, tokens):
 
 
 @needs_kernels
-def test_flash_fast_path_with_quantized_resident(tiny_dirs):
+def test_flash_fast_path_with_quantized_resident(tiny_dirs, monkeypatch):
+    monkeypatch.setattr(accel_build.kernels(), "exact_quant", True)  # token-exact: f32 x
     _, flash_dir = tiny_dirs("qwen2", "float16")
     model, tokenizer = load(flash_dir, fast_cpu=True, resident_bits=8, resident_group_size=32)
     ref, _ = load(flash_dir, fast_cpu=False, dtype="float32", resident_bits=8,
