@@ -24,9 +24,11 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="storage dtype (default: the source's FFN dtype; GGUF: float16)")
     p.add_argument("--bits", type=int, choices=[16, 8, 4], default=16,
-                   help="FFN bundle precision: 16 (the dtype) or 8/4-bit affine quantization")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64,
-                   help="quantization group size along d_model (with --bits 8/4)")
+                   help="FFN bundle precision: 16 (the dtype) or 8/4-bit affine quantization "
+                        "(a Q4_K_M GGUF's perplexity: --bits 8 within 1%%, --bits 4 +12%%)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="quantization group size along d_model (with --bits 8/4; default 32 "
+                        "for a GGUF, whose blocks are 32 wide, else 64)")
     p.add_argument("--resident-bits", type=int, choices=[16, 8, 4], default=None,
                    help="attention, lm_head and embedding matrices: 16 (the dtype) or 8/4-bit, "
                         "stored as mlx_lm stores a quantized model (default: --bits)")

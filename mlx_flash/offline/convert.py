@@ -256,14 +256,15 @@ def resident_arrays(ckpt: Checkpoint, dtype: str, plan: dict[str, dict]
 
 
 def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None = None,
-            bits: int = 16, group_size: int = 64, align: int = 64, force: bool = False,
+            bits: int = 16, group_size: int | None = None, align: int = 64, force: bool = False,
             progress: Progress | None = None, resident_bits: int | None = None,
             resident_group_size: int | None = None, carry: bool = True) -> ConvertStats:
     """Convert a source checkpoint into a flash model dir at `out`.
 
     dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
     dtype of the FFN weights. bits: 16 stores FFN rows in `dtype`; 8 or 4 quantizes each row
-    (MLX affine quantization, `group_size` values per scale/bias in `dtype`). resident_bits
+    (MLX affine quantization, `group_size` values per scale/bias in `dtype`; None: the
+    source's `Checkpoint.group_size`, 32 for a GGUF, whose blocks are 32 wide). resident_bits
     (None: `bits`) and resident_group_size (None: `group_size`): the same for the resident
     matrices (attention, lm_head, embedding table), stored as mlx_lm stores a quantized model
     (`resident_plan`); 16 keeps them in `dtype`. carry: a GGUF's resident blocks that are
@@ -284,6 +285,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     dtype = dtype or ckpt.tensors()[ckpt.ffn_names(0)["down"]].dtype
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
+    group_size = group_size or ckpt.group_size
     layout = layout_for(ckpt, dtype, bits, group_size)
     stride = round_up(layout.bundle_bytes, align)
     resident_bits = bits if resident_bits is None else resident_bits

@@ -233,6 +233,8 @@ def test_gguf_blocks_are_carried_exactly(tmp_path, monkeypatch, qtype):
         assert np.array_equal(np.array(w.astype(mx.float16)), np.array(plain[name]))
     f32 = read_manifest(out).resident["quantization"]["modules"]["model.layers.0.self_attn.v_proj"]
     assert f32 == {"bits": 4, "group_size": 64}  # an F32 tensor: the asked bits
+    convert(src, tmp_path / "g32", bits=4)  # a GGUF's default group: its blocks' 32
+    assert read_manifest(tmp_path / "g32").ffn.group_size == 32
     convert(src, tmp_path / "req", bits=4, group_size=64, carry=False)
     modules = read_manifest(tmp_path / "req").resident["quantization"]["modules"]
     assert all(p == {"bits": 4, "group_size": 64} for p in modules.values())

@@ -33,6 +33,7 @@ class Checkpoint(ABC):
 
     path: Path
     kind: str  # "safetensors" | "gguf"
+    group_size = 64  # what convert quantizes in groups of unless told
     config: dict
 
     @abstractmethod

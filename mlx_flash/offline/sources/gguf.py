@@ -253,6 +253,7 @@ class GGUFCheckpoint(Checkpoint):
     """A .gguf file of a supported architecture (see `MODEL_TYPES`), read tensor by tensor."""
 
     kind = "gguf"
+    group_size = 32  # its blocks' width (4-bit re-quantized, default model: ppl +18%, g64 +23%)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
