@@ -344,15 +344,17 @@ TOKENIZER_RSS = 4  # RSS a loaded tokenizer keeps per byte of tokenizer.json (Qw
 
 
 def check_before_tokenizer(root: Path, manifest: Manifest, budget: int | None,
-                           config: FlashConfig) -> None:
+                           config: FlashConfig, estimate: int | None = None) -> None:
     """Refuse a budget the plan cannot fit before the tokenizer is loaded (ValueError with the
-    breakdown): parsing tokenizer.json peaks ~75 MiB above what it keeps (Qwen2.5), which a
-    cap far below the plan would kill. Its RSS is estimated from the file's size, on the low
-    side; the plan made after it is loaded is the one that counts."""
+    breakdown): parsing tokenizer.json peaks ~120 MiB above the process (Qwen2.5), which a
+    cap far below the plan would kill. `estimate`: the tokenizer's RSS once loaded (default
+    from the file's size, on the low side); the plan made after it is loaded is the one that
+    counts."""
     if budget is None:
         return
     path = root / "tokenizer.json"
-    estimate = TOKENIZER_RSS * path.stat().st_size if path.exists() else 0
+    if estimate is None:
+        estimate = TOKENIZER_RSS * path.stat().st_size if path.exists() else 0
     try:
         fit_budget(root, manifest, budget, config, current_rss_bytes() + estimate)
     except ValueError as e:
@@ -362,15 +364,17 @@ def check_before_tokenizer(root: Path, manifest: Manifest, budget: int | None,
 
 
 def check_budget_early(path: str | Path, dram_budget: str | float | int | None = None, *,
-                       config: FlashConfig | None = None, **options) -> None:
+                       tokenizer_rss: int | None = None, config: FlashConfig | None = None,
+                       **options) -> None:
     """`check_before_tokenizer` for a caller that loads the tokenizer itself before `load`
-    (`mlx-flash generate` sizes the KV cache from the prompt)."""
+    (`mlx-flash generate` sizes the KV cache from the prompt, then keeps only a decoding
+    table: tokenizer_rss)."""
     config = FlashConfig.from_options(config, **options)
     root = Path(path)
     manifest = read_manifest(root)
     check_before_tokenizer(root, manifest,
                            parse_budget(dram_budget, manifest.ffn_bytes + manifest.resident["size"]),
-                           config)
+                           config, tokenizer_rss)
 
 
 def min_capacity(manifest: Manifest, config: FlashConfig) -> int:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from ..process import trim_heap
@@ -37,6 +39,44 @@ def _template(config: dict, root: Path) -> str | None:
     if template is None and (root / "chat_template.jinja").exists():
         template = (root / "chat_template.jinja").read_text()
     return template
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = dict.fromkeys(printable), 0
+    out = {chr(b): b for b in printable}
+    for b in range(256):
+        if b not in chars:
+            out[chr(256 + extra)], extra = b, extra + 1
+    return out
+
+
+class ByteTable:
+    """Decoding of a byte-level BPE vocabulary without the tokenizer: each id's bytes in one
+    blob (~2 MiB for 152k tokens, the tokenizer ~44 MiB). ids (n,) -> the same text as
+    `Tokenizer.decode` (invalid UTF-8 replaced)."""
+
+    def __init__(self, tok: Tokenizer):
+        byte_of = byte_decoder()
+        special = [i for i, t in tok.get_added_tokens_decoder().items() if t.special]
+        pieces = []
+        for i in range(tok.get_vocab_size(with_added_tokens=True)):
+            token = tok.id_to_token(i) or ""
+            pieces.append(b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode()
+                                   for c in token))
+        self.blob = b"".join(pieces)
+        self.ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
+        self.special = frozenset(special)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out = bytearray()
+        for i in ids:
+            if 0 <= i < len(self.ends) and not (skip_special_tokens and i in self.special):
+                out += self.blob[(self.ends[i - 1] if i else 0):self.ends[i]]
+        return out.decode("utf-8", "replace")
 
 
 class StreamingDetokenizer:
@@ -95,17 +135,34 @@ class FlashTokenizer:
             setattr(self, f"{name}_id", None if token is None else self._tok.token_to_id(token))
         self.chat_template = _template(self.config, root)
         self.eos_token_ids = {i for i in [self.eos_token_id, *(extra_eos or [])] if i is not None}
-        self._renderer = None
+        self._renderer, self._table = None, None
+        self._sizes = self._tok.get_vocab_size(), self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
+        return self._sizes[0]
 
     def __len__(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._sizes[1]
+
+    def drop_encoder(self) -> bool:
+        """Free the tokenizer (~44 MiB for a 152k vocabulary) and decode from a `ByteTable`
+        (~2 MiB), for a run that encodes once (`mlx-flash generate`). Byte-level BPE only
+        (Qwen, Llama 3, GPT-2: a ByteLevel decoder); returns whether it did. encode (and a
+        tokenized chat template) raises afterwards."""
+        if self._table is None and type(self._tok.decoder).__name__ == "ByteLevel":
+            self._table, self._tok = ByteTable(self._tok), None
+            trim_heap()
+        return self._table is not None
+
+    def _encoder(self) -> Tokenizer:
+        if self._tok is None:
+            raise RuntimeError("this tokenizer's encoder was dropped (drop_encoder): it only "
+                               "decodes now")
+        return self._tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._encoder().encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.config.get("add_bos_token") and \
                 self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
@@ -115,7 +172,8 @@ class FlashTokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = (self._table or self._encoder()).decode(list(ids),
+                                                       skip_special_tokens=skip_special_tokens)
         if self.config.get("clean_up_tokenization_spaces"):
             for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","),
                                   (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"),
@@ -124,17 +182,17 @@ class FlashTokenizer:
         return text
 
     def get_vocab(self) -> dict[str, int]:
-        return self._tok.get_vocab(with_added_tokens=True)
+        return self._encoder().get_vocab(with_added_tokens=True)
 
     def convert_tokens_to_ids(self, tokens):
         if isinstance(tokens, str):
-            return self._tok.token_to_id(tokens)
-        return [self._tok.token_to_id(t) for t in tokens]
+            return self._encoder().token_to_id(tokens)
+        return [self._encoder().token_to_id(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):
-            return self._tok.id_to_token(ids)
-        return [self._tok.id_to_token(i) for i in ids]
+            return self._encoder().id_to_token(ids)
+        return [self._encoder().id_to_token(i) for i in ids]
 
     @property
     def detokenizer(self) -> StreamingDetokenizer:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_flash import load_dense
@@ -122,3 +123,47 @@ def test_generate_never_imports_transformers(tiny_dirs):
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-2:] == ["False False", "True True"], done.stderr
+
+
+def _byte_level_dir(tmp_path: Path) -> Path:
+    """A tiny byte-level BPE tokenizer (GPT-2 / Qwen style) with a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def f(x):\n    return x * 2  # héllo 世界", "print('ok') 🙂"] * 20,
+                            trainer)
+    out = tmp_path / "bpe"
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    return out
+
+
+def test_dropping_the_encoder_decodes_the_same(tmp_path):
+    root = _byte_level_dir(tmp_path)
+    full, lean = load_tokenizer(root), load_tokenizer(root)
+    assert lean.drop_encoder() and lean.drop_encoder()  # a second call keeps the table
+    rng = np.random.default_rng(0)
+    samples = [full.encode("def f(x): return 'héllo 世界' 🙂<|end|>")]
+    samples += [list(rng.integers(0, len(full), size=int(rng.integers(1, 9)))) for _ in range(300)]
+    for ids in samples:  # random ids split UTF-8 characters: both replace them alike
+        for skip in (False, True):
+            assert lean.decode(ids, skip) == full.decode(ids, skip), ids
+    assert lean.eos_token_id == full.eos_token_id and len(lean) == len(full)
+    detok = lean.detokenizer
+    for i in samples[0]:
+        detok.add_token(i)
+    detok.finalize()
+    assert detok.text == full.decode(samples[0])
+    with pytest.raises(RuntimeError, match="drop_encoder"):
+        lean.encode("x")
+
+
+def test_a_word_level_tokenizer_keeps_its_encoder(tiny_dirs):
+    _, flash_dir = tiny_dirs("qwen2")
+    tok = load_tokenizer(flash_dir)
+    assert not tok.drop_encoder() and tok.encode("w1") == [4]
