@@ -451,6 +451,11 @@ typedef struct {  // one token's quantized activations
 
 
 #if FLASH_VECTOR
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define FLASH_512 1  // 128 elements per step in the 4-bit decode dot and 16-wide axpy
+#else
+#define FLASH_512 0
+#endif
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
 #define FLASH_VNNI 1
 static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
@@ -571,6 +576,28 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
     const int gs = __builtin_ctz((unsigned)group);
     if (bits == 4) {  // two accumulators: one FMA chain per row was its latency bound
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0;  // b0: the biases' term
+#if FLASH_512
+        __m512 a512 = _mm512_setzero_ps(), b512 = a512;
+        for (; c + 128 <= d; c += 128) {  // chunks c and c + 64 in the two 256-bit halves
+            const __m512i m4 = _mm512_set1_epi8(0x0f);
+            __m512i v = _mm512_loadu_si512((const void *)(w + c / 2));
+            __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            __m512i xlo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
+                (const __m256i *)(x.q + c))), _mm256_loadu_si256((const __m256i *)(x.q + c + 64)), 1);
+            __m512i xhi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
+                (const __m256i *)(x.q + c + 32))), _mm256_loadu_si256((const __m256i *)(x.q + c + 96)), 1);
+            __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo),
+                                            hi, xhi);
+            __m512 ws = _mm512_insertf32x8(_mm512_castps256_ps512(chunk_scales(sv, c, gs, sdt)),
+                                           chunk_scales(sv, c + 64, gs, sdt), 1);
+            __m512 zs = _mm512_insertf32x8(_mm512_castps256_ps512(chunk_scales(zv, c, gs, sdt)),
+                                           chunk_scales(zv, c + 64, gs, sdt), 1);
+            a512 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i),
+                                   _mm512_mul_ps(ws, _mm512_loadu_ps(x.dxl + c / 8)), a512);
+            b512 = _mm512_fmadd_ps(zs, _mm512_loadu_ps(x.xsl + c / 8), b512);
+        }
+        out = _mm512_reduce_add_ps(_mm512_add_ps(a512, b512));
+#endif
         for (; c + 128 <= d; c += 128) {
             a0 = chunk_fma(chunk_q4(w, c, x.q), chunk_scales(sv, c, gs, sdt), x.dxl, c, a0);
             a1 = chunk_fma(chunk_q4(w, c + 64, x.q), chunk_scales(sv, c + 64, gs, sdt), x.dxl,
@@ -582,7 +609,7 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
             a0 = chunk_fma(chunk_q4(w, c, x.q), chunk_scales(sv, c, gs, sdt), x.dxl, c, a0);
             b0 = chunk_bias(zv, c, gs, sdt, x.xsl, b0);
         }
-        out = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), b0));
+        out += hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), b0));
     } else {
         __m256 acc = _mm256_setzero_ps();
         for (; c + 32 <= d; c += 32) {
@@ -602,11 +629,17 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
 
 #if FLASH_VECTOR
 // y[0:16] += a * (16 unsigned bytes as f32).
-static inline void axpy_bytes(__m256 a, __m128i bytes, float *y) {
+static inline void axpy_bytes(float a, __m128i bytes, float *y) {
+#if FLASH_512
+    __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+    _mm512_storeu_ps(y, _mm512_fmadd_ps(_mm512_set1_ps(a), q, _mm512_loadu_ps(y)));
+#else
+    __m256 av = _mm256_set1_ps(a);
     __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
     __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
-    _mm256_storeu_ps(y, _mm256_fmadd_ps(a, q0, _mm256_loadu_ps(y)));
-    _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(a, q1, _mm256_loadu_ps(y + 8)));
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(av, q0, _mm256_loadu_ps(y)));
+    _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(av, q1, _mm256_loadu_ps(y + 8)));
+#endif
 }
 #endif
 
@@ -622,8 +655,7 @@ static inline void axpy_row_q(float h, const uint8_t *w, const void *sv, int sdt
         for (; c + 64 <= d; c += 64) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
             __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            __m256 a0 = _mm256_set1_ps(h * scale_at(sv, c >> gs, sdt));
-            __m256 a1 = _mm256_set1_ps(h * scale_at(sv, (c + 32) >> gs, sdt));
+            float a0 = h * scale_at(sv, c >> gs, sdt), a1 = h * scale_at(sv, (c + 32) >> gs, sdt);
             __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
                                _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
             for (int p = 0; p < 4; p++)  // p: lo 0-15, lo 16-31, hi 0-15, hi 16-31
@@ -650,7 +682,7 @@ static inline void axpy_row_q(float h, const uint8_t *w, const void *sv, int sdt
     } else {
 #if FLASH_VECTOR
         for (; c + 32 <= d; c += 32) {
-            __m256 a = _mm256_set1_ps(h * scale_at(sv, c >> gs, sdt));
+            float a = h * scale_at(sv, c >> gs, sdt);
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + c));
             __m128i half[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
             axpy_bytes(a, half[0], y + c);
@@ -887,10 +919,11 @@ int ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int 
                    act, h, partial, y);
 }
 
-// Which int8 dot products this build has: 0 scalar, 1 AVX2 (maddubs), 2 VNNI (dpbusd).
+// Which int8 dot products this build has: 0 scalar, 1 AVX2 (maddubs), 2 VNNI (dpbusd, 256
+// bits), 3 AVX-512 VNNI (512 bits where a row allows).
 int flash_int_dot_path(void) {
 #if FLASH_VECTOR
-    return FLASH_VNNI ? 2 : 1;
+    return FLASH_512 ? 3 : FLASH_VNNI ? 2 : 1;
 #else
     return 0;
 #endif

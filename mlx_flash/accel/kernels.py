@@ -34,7 +34,7 @@ SCALE_CODES = {**DT_CODES, "float32": 2}  # linear_q's scales / biases may also 
 ENV_QUANT_ACTIVATIONS = "MLX_FLASH_QUANT_ACTIVATIONS"  # "f32": exact linear_q / ffnq
 
 
-INT_DOT_PATHS = ("scalar", "avx2", "vnni")  # flash_int_dot_path(): the int8 dot products
+INT_DOT_PATHS = ("scalar", "avx2", "vnni", "avx512vnni")  # flash_int_dot_path(): the int8 dot products
 _VOIDP, _INT, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
