@@ -11,8 +11,9 @@ from mlx_lm import generate
 from tiny import ARCHS
 
 import mlx_flash.accel.build as accel_build
+from mlx_flash.format.manifest import read_manifest
 from mlx_flash.runtime.config import FlashConfig, option_names
-from mlx_flash.runtime.loader import load, load_dense
+from mlx_flash.runtime.loader import fit_budget, load, load_dense
 from mlx_flash.runtime.memory import CODE_PAGES
 
 PROMPT = [5, 9, 17, 33, 65, 129, 7, 8]
@@ -67,18 +68,18 @@ def test_window_cuts_bytes_per_token(flash_load, tiny_dirs):
 def test_budget_caps_capacity_and_refuses_too_small(tiny_dirs):
     _, flash_dir = tiny_dirs("llama")
     model, _ = load(flash_dir, dram_budget=10**10)
-    full = model.flash.stats.memory
     assert model.flash.stats.settings["capacity"] == 128
-    tight = full["minimum"] if "minimum" in full else (
-        full["runtime"] + full["resident"] + full["embedding"] + full["kv_cache"]
-        + full["scratch"])
-    per_neuron = full["caches"] // (2 * 128)
-    model, tokenizer = load(flash_dir, dram_budget=tight + 2 * 40 * per_neuron,
-                            oracle_rule="top", keep=0.25, embed_on_flash=False)
-    assert model.flash.stats.settings["capacity"] == 40
-    greedy(model, tokenizer, n=4)  # runs within its capacity
+    # the plan for a fixed runtime RSS (a second load in this process measures a few MiB more)
+    manifest, runtime = read_manifest(flash_dir), 100 * 2**20
+    config = FlashConfig(oracle_rule="top", keep=0.25, embed_on_flash=False)
+    full = fit_budget(flash_dir, manifest, 10**10, config, runtime).plan
+    tight = fit_budget(flash_dir, manifest, full.minimum + 40 * full.per_neuron, config,
+                       runtime).plan
+    assert tight.capacity == 40
     with pytest.raises(ValueError, match="too small.*resident part alone needs"):
-        load(flash_dir, dram_budget=tight // 2)
+        fit_budget(flash_dir, manifest, full.minimum // 2, config, runtime)
+    with pytest.raises(ValueError, match="too small.*resident part alone needs"):
+        load(flash_dir, dram_budget=full.minimum // 2)
 
 
 def test_embedding_on_flash_matches(tiny_dirs):
