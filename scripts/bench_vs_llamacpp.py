@@ -8,7 +8,8 @@ Each round runs, one after the other, in fresh processes:
                 int8 activations (the default) and with exact f32 ones
                 ($MLX_FLASH_QUANT_ACTIVATIONS=f32)
 
-and prints each run's decode tok/s (llama.cpp: generated tokens after the first over the time
+(with --before DIR: also the package checked out in DIR, e.g. the commit before) and prints
+each run's decode tok/s (llama.cpp: generated tokens after the first over the time
 after the first; mlx-flash: its --stats-json generation_tps), then the medians.
 
     nice -n 5 python scripts/bench_vs_llamacpp.py --gguf MODEL.gguf --flash DIR [--rounds 3]
@@ -44,12 +45,16 @@ print((len(stamps) - 2) / (stamps[-1] - stamps[1]))
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def mlx_flash_tps(flash: Path, tokens: int, activations: str, threads: int) -> float:
-    """Decode tok/s of `mlx-flash generate` (its kernels on `threads` OpenMP threads)."""
+def mlx_flash_tps(flash: Path, tokens: int, activations: str, threads: int,
+                  source: Path | None = None) -> float:
+    """Decode tok/s of `mlx-flash generate` (its kernels on `threads` OpenMP threads), of the
+    package in `source` (a checkout, e.g. `git archive` of an older commit) when given."""
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
         env = dict(os.environ, MLX_FLASH_QUANT_ACTIVATIONS=activations,
                    OMP_NUM_THREADS=str(threads))
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
         subprocess.run(["mlx-flash", "generate", "--model", str(flash), "--resident-bits", "4",
                         "--max-tokens", str(tokens), "--prompt", PROMPT, "--stats-json",
                         str(stats)], env=env, capture_output=True, text=True, check=True)
@@ -67,12 +72,17 @@ def main(argv: list[str] | None = None) -> int:
                         "busy core)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-llama-cpp", action="store_true")
+    p.add_argument("--before", type=Path, default=None,
+                   help="also run the mlx_flash package of this checkout (the code before)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     runs: dict[str, list[float]] = {}
     for r in range(args.rounds):
         jobs = [("mlx-flash int8", lambda: mlx_flash_tps(args.flash, args.tokens, "int8", args.threads)),
                 ("mlx-flash f32", lambda: mlx_flash_tps(args.flash, args.tokens, "f32", args.threads))]
+        if args.before:
+            jobs.append(("mlx-flash before", lambda: mlx_flash_tps(
+                args.flash, args.tokens, "f32", args.threads, args.before)))
         if not args.skip_llama_cpp:
             jobs.insert(0, ("llama.cpp", lambda: llama_cpp_tps(args.gguf, args.tokens,
                                                                 args.threads)))
