@@ -13,6 +13,7 @@ For the fast modes the C kernels' calls are timed by kind (attention projections
 and so is the evaluation of the MLX graph between them (numpy views force it).
 
   python scripts/profile_decode.py --model DIR --tokens 24 [--modes fast-flash,...] [--json F]
+      [--resident-bits 4]   (a 4-bit dir: OMP_NUM_THREADS=1 on a shared machine)
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def zero_linears(model: nn.Module) -> None:
                 setattr(parent, name, ZeroLinear(child))
 
 
-def build(mode: str, model_dir: Path):
+def build(mode: str, model_dir: Path, resident_bits: int | None = None):
     if mode in ("mlx-dense", "mlx-glue"):
         model, tokenizer = load_dense(model_dir, dtype="float32")
         if mode == "mlx-glue":
@@ -131,16 +132,18 @@ def build(mode: str, model_dir: Path):
         return model, tokenizer
     if mode == "fast-dense":
         return load_dense(model_dir, fast_cpu=True)
+    quant = {} if resident_bits is None else {"resident_bits": resident_bits}
     if mode == "fast-pred":
-        return load(model_dir, fast_cpu=True, selector="predictor")
-    return load(model_dir, fast_cpu=True, selector="oracle", oracle_rule="all")
+        return load(model_dir, fast_cpu=True, selector="predictor", **quant)
+    return load(model_dir, fast_cpu=True, selector="oracle", oracle_rule="all", **quant)
 
 
 TIMERS = Timers()
 
 
-def profile(mode: str, model_dir: Path, tokens: int, prompt: str) -> dict:
-    model, tokenizer = build(mode, model_dir)
+def profile(mode: str, model_dir: Path, tokens: int, prompt: str,
+            resident_bits: int | None = None) -> dict:
+    model, tokenizer = build(mode, model_dir, resident_bits)
     timers = TIMERS
     timers.reset()
     cache = make_prompt_cache(model)
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt", default="def quicksort(arr):")
     p.add_argument("--json", default=None)
+    p.add_argument("--resident-bits", type=int, default=None, choices=(16, 8, 4),
+                   help="fast-flash/fast-pred: quantize the resident linears (lm_head and "
+                        "attention then run on linear_q)")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         instrument(TIMERS)
     report = {}
     for mode in modes:
-        report[mode] = result = profile(mode, args.model, args.tokens, args.prompt)
+        report[mode] = result = profile(mode, args.model, args.tokens, args.prompt,
+                                        args.resident_bits)
         parts = ", ".join(f"{k} {v:.1f}" for k, v in result.items() if k != "total")
         print(f"{mode}: {result['total']:.1f} ms/token ({parts})", flush=True)
     if args.json:
