@@ -87,7 +87,7 @@ def add_arguments(subparsers) -> None:
                    help="oracle rule")
     p.add_argument("--keep", type=float, default=None,
                    help="fraction kept by the oracle's top rule (1.0), --selector quant "
-                        "(0.5) or sequence (0.5)")
+                        "(0.5) or sequence (0.7)")
     p.add_argument("--refresh", type=int, default=0,
                    help="--selector sequence: choose the set again every N decoded tokens "
                         "(0: never)")

@@ -42,7 +42,7 @@ class FlashConfig:
     default 1.0), "predictor" (the dir's trained predictors; `predictor_recall` picks one of
     their calibrated operating points, None = their default), "quant" (a 4-bit copy of the
     FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5)
-    "sequence" (GRIFFIN: each layer's top `keep` neurons, default 0.5, chosen from the prompt's
+    "sequence" (GRIFFIN: each layer's top `keep` neurons, default 0.7, chosen from the prompt's
     true activations and used for every decoded token; `sequence_refresh` N > 0 chooses again
     every N decoded tokens from the recent tokens too, 0 = never) or "auto" (predictor when the
     dir has them, else oracle).

@@ -63,8 +63,7 @@ def test_the_set_comes_from_the_prefix_only(flash_load, tiny_dirs):
     assert results[0][0] != results[1][0]  # the continuations were scored ...
     for a, b in zip(results[0][1], results[1][1], strict=True):
         np.testing.assert_array_equal(a, b)  # ... and never changed the set
-    model(mx.array(prefix[None]))  # the prefix alone, a new sequence
-    model.flash.selector.reset()
+    model.flash.selector.reset()  # a new sequence: the prefix alone
     mx.eval(model(mx.array(prefix[None])))
     for a, b in zip(results[0][1], sets(model), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -19,7 +19,7 @@ def make_selector(config: FlashConfig, store: NeuronStore, manifest: Manifest, b
     "predictor": the dir's trained predictors at `predictor_recall` (None: their default);
     "oracle": true activations (`oracle_rule`, `keep`, default 1.0); "quant": a 4-bit copy of
     gate/up keeps each token's top `keep` (default 0.5, quant_copy.py); "sequence": each layer's
-    top `keep` (default 0.5) of the prompt's activations for the whole sequence (sequence.py,
+    top `keep` (default 0.7) of the prompt's activations for the whole sequence (sequence.py,
     `sequence_refresh`); "auto": predictor when the dir has them, else oracle."""
     name, keep = config.selector, config.keep
     if name == "auto":
