@@ -337,7 +337,8 @@ static inline void widen(const uint16_t *a, int n, int dt, float *out) {
 // ffn16 over the quantized cache: q (P, capacity, d * bits / 32) uint32, scales / biases
 // (P, capacity, d / group) 16-bit (dt), neurons [0, n); in_bias (P - 1, capacity) f32 or NULL;
 // mask, h, partial and y as in ffn16; xsum (T, d / group) the group sums of x.
-static void ffnq_exact(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt, int P,
+static void ffnq_exact(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt,
+                       int P,
           int64_t capacity, int n, int d, int bits, int group, const float *x, int T,
           const float *xsum, const float *in_bias, const float *mask, int act, float *h,
           float *partial, float *y) {
@@ -505,12 +506,27 @@ static inline float scale_at(const void *a, int i, int sdt) {
 }
 
 #if FLASH_VECTOR
+// 32 packed bytes -> their low nibbles (even elements) and high nibbles (odd elements).
+static inline void nibbles256(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+
+#if FLASH_512
+static inline __m512i load_halves(const int8_t *a, const int8_t *b) {  // 32 bytes each
+    __m256i lo = _mm256_loadu_si256((const __m256i *)a);
+    __m256i hi = _mm256_loadu_si256((const __m256i *)b);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+#endif
+
 // A 4-bit row's 64-chunk at column c against xq (packed order): int32 lane i = elements
 // c + 8i .. c + 8i + 7.
 static inline __m256i chunk_q4(const uint8_t *w, int c, const int8_t *xq) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
-    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i lo, hi;
+    nibbles256(w + c / 2, &lo, &hi);
     return dot_nibbles(lo, _mm256_loadu_si256((const __m256i *)(xq + c)), hi,
                        _mm256_loadu_si256((const __m256i *)(xq + c + 32)));
 }
@@ -534,25 +550,31 @@ static inline __m256 chunk_fma(__m256i i, __m256 ws, const float *dxl, int c, __
 }
 #endif
 
+// sum over bytes k in [k0, k1) of low nibble * xlo[k] + high nibble * xhi[k].
+static inline int32_t nibble_dot(const uint8_t *wb, const int8_t *xlo, const int8_t *xhi, int k0,
+                                 int k1) {
+    int32_t sum = 0;
+    for (int k = k0; k < k1; k++) sum += (wb[k] & 15) * xlo[k] + (wb[k] >> 4) * xhi[k];
+    return sum;
+}
+
 // The scalar rest of a row's dot from column c on (all of it without vectors), with the
 // biases' term of those columns.
 static inline float dot_row_rest(const uint8_t *w, const void *sv, const void *zv, int sdt,
                                  int d, int bits, int group, QX x, int c) {
-    const int c0 = c, gs = __builtin_ctz((unsigned)group);  // group: a power of two (no idiv per chunk)
+    const int c0 = c, gs = __builtin_ctz((unsigned)group);  // a power of two: no idiv per chunk
     float out = 0.0f;
     if (bits == 4) {
         for (; c + 64 <= d; c += 64) {  // the chunk's two 32-blocks
             const uint8_t *wb = w + c / 2;
-            int32_t s0 = 0, s1 = 0;
-            for (int k = 0; k < 16; k++) s0 += (wb[k] & 15) * x.q[c + k] + (wb[k] >> 4) * x.q[c + 32 + k];
-            for (int k = 16; k < 32; k++) s1 += (wb[k] & 15) * x.q[c + k] + (wb[k] >> 4) * x.q[c + 32 + k];
+            int32_t s0 = nibble_dot(wb, x.q + c, x.q + c + 32, 0, 16);
+            int32_t s1 = nibble_dot(wb, x.q + c, x.q + c + 32, 16, 32);
             out += scale_at(sv, c >> gs, sdt) * x.dx[c / QBLOCK] * (float)s0
                    + scale_at(sv, (c + 32) >> gs, sdt) * x.dx[c / QBLOCK + 1] * (float)s1;
         }
         for (; c < d; c += 32) {  // a last chunk of 32
             const uint8_t *wb = w + c / 2;
-            int32_t s0 = 0;
-            for (int k = 0; k < 16; k++) s0 += (wb[k] & 15) * x.q[c + k] + (wb[k] >> 4) * x.q[c + 16 + k];
+            int32_t s0 = nibble_dot(wb, x.q + c, x.q + c + 16, 0, 16);
             out += scale_at(sv, c >> gs, sdt) * x.dx[c / QBLOCK] * (float)s0;
         }
     } else {
@@ -581,11 +603,10 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
         for (; c + 128 <= d; c += 128) {  // chunks c and c + 64 in the two 256-bit halves
             const __m512i m4 = _mm512_set1_epi8(0x0f);
             __m512i v = _mm512_loadu_si512((const void *)(w + c / 2));
-            __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-            __m512i xlo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
-                (const __m256i *)(x.q + c))), _mm256_loadu_si256((const __m256i *)(x.q + c + 64)), 1);
-            __m512i xhi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
-                (const __m256i *)(x.q + c + 32))), _mm256_loadu_si256((const __m256i *)(x.q + c + 96)), 1);
+            __m512i lo = _mm512_and_si512(v, m4);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            __m512i xlo = load_halves(x.q + c, x.q + c + 64);
+            __m512i xhi = load_halves(x.q + c + 32, x.q + c + 96);
             __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo),
                                             hi, xhi);
             __m512 ws = _mm512_insertf32x8(_mm512_castps256_ps512(chunk_scales(sv, c, gs, sdt)),
@@ -651,10 +672,9 @@ static inline void axpy_row_q(float h, const uint8_t *w, const void *sv, int sdt
     int c = 0;
     if (bits == 4) {
 #if FLASH_VECTOR
-        const __m256i m4 = _mm256_set1_epi8(0x0f);
         for (; c + 64 <= d; c += 64) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
-            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            __m256i lo, hi;
+            nibbles256(w + c / 2, &lo, &hi);
             float a0 = h * scale_at(sv, c >> gs, sdt), a1 = h * scale_at(sv, (c + 32) >> gs, sdt);
             __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
                                _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
@@ -742,9 +762,8 @@ static inline void dot_tokens_i8(const uint8_t *w, const void *sv, const void *z
         __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         int c = 0;
         for (; c + 64 <= d; c += 64) {
-            const __m256i m4 = _mm256_set1_epi8(0x0f);
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
-            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            __m256i lo, hi;
+            nibbles256(w + c / 2, &lo, &hi);
             __m256 ws = chunk_scales(sv, c, gs, sdt), zs = chunk_scales(zv, c, gs, sdt);
 #define FLASH_TOKEN(a, b, x)                                                                     \
     a = chunk_fma(dot_nibbles(lo, _mm256_loadu_si256((const __m256i *)(x.q + c)), hi,            \
