@@ -3,16 +3,20 @@
 //
 // Weights stay in their 16-bit storage type (f16 or bf16, passed as uint16) and are widened to
 // f32 in registers, so a decode step streams half the bytes of an f32 copy and the neuron cache
-// holds rows exactly as they are on flash. Activations and accumulation are f32.
+// holds rows exactly as they are on flash. Activations and accumulation are f32, except in the
+// quantized kernels' default mode, where x is quantized to int8 per block of 32 and the dot
+// products are integer (see "int8 activations" below; exact = 1 keeps f32).
 //
 // Entry points:
 //   linear16  y[t, r] = W[r, :] . x[t, :] (+ b[r])                 (attention, lm_head)
 //   linear_q  the same over MLX affine-quantized rows (4 or 8 bits): w = scale * q + bias
 //   ffn16     y[t, :] = sum_j h[t, j] * down[j, :],  h = act(gate . x) * (up . x) * mask
 //             over the first n neurons of the cache (part-major buffer, or raw bundles)
+//   ffnq      ffn16 over 4/8-bit rows
 //
-// Both split rows/neurons across OpenMP threads; without OpenMP they run on one thread.
-// x86 with F16C/AVX2/FMA takes the vector path; anything else the portable scalar one.
+// All split rows/neurons across OpenMP threads; without OpenMP they run on one thread.
+// x86 with F16C/AVX2/FMA takes the vector path (and AVX-VNNI / AVX-512 VNNI where compiled
+// for); anything else the portable scalar one.
 
 #include <math.h>
 #include <stdint.h>
