@@ -101,6 +101,10 @@ def generate_step(prompt: mx.array, model, sampler: Callable[[mx.array], mx.arra
     (n,) but its last token in chunks of `prefill_step` (through the model's inner
     transformer when it has one: no logits for them, which mlx_lm computes and drops), then
     one token per step, the next step's graph built before the current token is handed out."""
+    if prompt_cache is None:  # a new sequence: a per-sequence selector forgets the last one's set
+        reset = getattr(getattr(getattr(model, "flash", None), "selector", None), "reset", None)
+        if reset is not None:
+            reset()
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     body = getattr(model, "model", model)
 

@@ -145,3 +145,19 @@ def test_finds_a_planted_set(flash_load, tmp_path):
                           max_sparse_tokens=SHORT)
     mx.eval(model(mx.array([PROMPT])))
     np.testing.assert_array_equal(sets(model)[0], planted)
+
+
+def test_a_new_generation_starts_a_new_set(flash_load, tiny_dirs):
+    """stream_generate without a prompt cache is a new sequence: the set is chosen from its own
+    prompt, not grown from the last one's (a serve process answers unrelated requests)."""
+    _, flash_dir = tiny_dirs("qwen2")
+    model, tokenizer = flash_load(flash_dir, selector="sequence", keep=0.2,
+                                  max_sparse_tokens=SHORT)
+    other = [200, 201, 202, 203, 204, 205, 206, 207, 208]
+    greedy(model, tokenizer, prompt=other, n=2)
+    greedy(model, tokenizer, n=2)
+    after_other = sets(model)
+    model.flash.selector.reset()
+    greedy(model, tokenizer, n=2)
+    for a, b in zip(after_other, sets(model), strict=True):
+        np.testing.assert_array_equal(a, b)
