@@ -224,6 +224,10 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                         help="fraction of neurons the oracle keeps without predictors")
     parser.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the source "
                                                      "in the manifest)")
+    parser.add_argument("--flash-dirs", default=None,
+                        help="--regime users: more mlx-flash contenders, NAME=DIR,... (other "
+                             "conversions of the same GGUF, e.g. flash-q8=DIR), run with the "
+                             "flash defaults")
 
 
 def _isolation_flags(parser: argparse.ArgumentParser) -> None:

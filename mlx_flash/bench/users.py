@@ -89,6 +89,38 @@ def users_contenders(names: list[str], flash: Path, gguf: Path | None,
     return contenders
 
 
+def extra_flash_contenders(spec: str | None, contenders: list[Contender]) -> list[Contender]:
+    """--flash-dirs NAME=DIR,...: the flash contender's options on other dirs (conversions of
+    the same GGUF at other bits), labelled with what each dir stores."""
+    if not spec:
+        return []
+    base = next((c for c in contenders if c.name == "flash"), None)
+    if base is None:
+        raise ValueError("--flash-dirs needs the flash contender (add it to --contenders)")
+    out = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not (Path(path) / "manifest.json").exists():
+            raise ValueError(f"--flash-dirs {item!r}: expected NAME=DIR with a flash dir "
+                             "(manifest.json) at DIR")
+        options = {k: v for k, v in base.options.items() if k != "drafter"}
+        out.append(Contender(name, "flash", f"mlx-flash defaults on {path} ("
+                             f"{dir_precision(Path(path))})", dict(options, model_dir=path)))
+    return out
+
+
+def dir_precision(flash: Path) -> str:
+    """'FFN 4-bit g32, resident 8/4-bit' style summary of what a flash dir stores."""
+    manifest = read_manifest(flash)
+    ffn = manifest.ffn
+    ffn_text = f"FFN {ffn.bits}-bit g{ffn.group_size}" if ffn.quantized else f"FFN {ffn.dtype}"
+    quant = manifest.resident.get("quantization")
+    if not quant:
+        return f"{ffn_text}, resident 16-bit"
+    bits = sorted({m["bits"] for m in quant["modules"].values()}, reverse=True)
+    return f"{ffn_text}, resident {'/'.join(map(str, bits))}-bit"
+
+
 def dense_misfit(cap: int | None, uncapped: dict | None) -> str | None:
     """Why dense does not run at `cap`: its peak RSS without a cap is above it (None: run)."""
     if cap is None or uncapped is None or uncapped.get("status") != "ok":
@@ -157,6 +189,7 @@ def run_users(args: argparse.Namespace) -> int:
     names = [n.strip() for n in (args.contenders or ",".join(USERS_CONTENDERS)).split(",")
              if n.strip()]
     contenders = users_contenders(names, flash, gguf, llama_cpp_available())
+    contenders += extra_flash_contenders(args.flash_dirs, contenders)
     for c in contenders:  # as `mlx-flash generate` plans: KV for the prompt and the tokens
         if c.kind == "flash":
             c.options.setdefault("max_kv_tokens", len(setup.prompt_ids) + setup.tokens + 1)

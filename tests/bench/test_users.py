@@ -100,6 +100,20 @@ def test_users_contenders(tmp_path):
     assert "drafter" not in by["flash"].options
 
 
+def test_flash_dirs_add_flash_contenders_on_other_dirs(tiny_dirs, tmp_path):
+    _, flash_dir = tiny_dirs("qwen2")
+    base = users.users_contenders(["flash", "naive"], tmp_path, None, None)
+    extra = users.extra_flash_contenders(f"flash-other={flash_dir}", base)
+    assert [c.name for c in extra] == ["flash-other"] and extra[0].kind == "flash"
+    assert extra[0].options["model_dir"] == str(flash_dir)
+    assert "resident 16-bit" in extra[0].label
+    assert users.extra_flash_contenders(None, base) == []
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        users.extra_flash_contenders(f"flash-x={tmp_path}", base)  # no manifest there
+    with pytest.raises(ValueError, match="needs the flash contender"):
+        users.extra_flash_contenders(f"flash-other={flash_dir}", base[1:])
+
+
 def test_llama_cpp_absent_is_a_skipped_contender_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_contenders.importlib.util, "find_spec",
                         lambda name: None if name == "llama_cpp" else object())
