@@ -31,11 +31,10 @@ from ..format.manifest import (
     Manifest,
     read_layer_rows,
     read_manifest,
-    resident_quantization,
 )
 from ..format.storage import DTYPE_BYTES, NP_STORAGE, tensor_sizes
 from ..runtime.backend import choose_backend
-from ..runtime.embedding import flash_embedding
+from ..runtime.embedding import embedding_tensors, flash_embedding
 from ..runtime.loader import assemble, load_tokenizer, pop_out_bias
 from ..runtime.store import DIRECT_ALIGN, NeuronStore
 
@@ -128,8 +127,7 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
     root = Path(path)
     manifest = read_manifest(root)
     backend = choose_backend(fast_cpu, manifest, dtype)
-    untied = "lm_head.weight" in tensor_sizes(root / RESIDENT) and \
-        "model.embed_tokens" not in resident_quantization(manifest)  # a packed table stays
+    untied = "lm_head.weight" in tensor_sizes(root / RESIDENT)
 
     def mmap_ffn(model: nn.Module, weights: dict[str, mx.array]) -> None:
         for i, layer in enumerate(model.layers):
@@ -138,9 +136,9 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
                                 pop_out_bias(weights, manifest, i), chunk, backend.weight_dtype,
                                 backend.ffn)
         if untied:  # memory-mapped rows
-            model.model.embed_tokens = flash_embedding(root, backend.compute_dtype)
+            model.model.embed_tokens = flash_embedding(root, manifest, backend.compute_dtype)
 
-    skip = ("model.embed_tokens.weight",) if untied else ()
+    skip = embedding_tensors(manifest) if untied else ()
     model, _ = assemble(root, manifest, backend, mmap_ffn, skip)
     return model, load_tokenizer(root, manifest)
 

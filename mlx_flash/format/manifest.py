@@ -435,13 +435,19 @@ def resident_rows(root: str | Path, manifest: Manifest, name: str, ids: np.ndarr
     rows = np.asarray(tensors[name].memmap(path)[ids])
     if params is None:
         return to_f32(rows, tensors[name].dtype)
-    bits, group = params["bits"], params["group_size"]
     scales, biases = (to_f32(np.asarray(tensors[f"{base}.{k}"].memmap(path)[ids]),
                              tensors[f"{base}.{k}"].dtype) for k in ("scales", "biases"))
-    stream = np.unpackbits(rows.view(np.uint8), axis=-1, bitorder="little")
-    q = stream.reshape(len(rows), -1, bits) @ (1 << np.arange(bits)).astype(np.float32)
-    w = q.reshape(len(rows), -1, group) * scales[..., None] + biases[..., None]
-    return w.reshape(len(rows), -1).astype(np.float32)
+    return dequantize_rows(rows, scales, biases, params["bits"], params["group_size"])
+
+
+def dequantize_rows(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+                    group: int) -> np.ndarray:
+    """MLX affine rows -> (k, cols) float32: packed (k, cols*bits/32) uint32 (low bits first),
+    scales and biases (k, cols/group) float32; w = scales * q + biases."""
+    stream = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")
+    q = stream.reshape(len(packed), -1, bits) @ (1 << np.arange(bits)).astype(np.float32)
+    w = q.reshape(len(packed), -1, group) * scales[..., None] + biases[..., None]
+    return w.reshape(len(packed), -1).astype(np.float32)
 
 
 def resident_bits(manifest: Manifest) -> tuple[int, int]:

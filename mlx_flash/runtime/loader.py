@@ -35,7 +35,7 @@ from ..process import apply_budget_settings, drop_page_cache
 from . import disk as runtime_disk
 from .backend import CacheBackend, MlxBackend, choose_backend
 from .config import DTYPES, FlashConfig, settings_dict
-from .embedding import flash_embedding
+from .embedding import embedding_tensors, flash_embedding
 from .ffn import FlashFFN, FlashRuntime, serialize_calls
 from .memory import (
     MemoryPlan,
@@ -263,7 +263,7 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
     try:
         model, swapped = assemble(
             root, manifest, fit.backend, lambda m, w: _install_flash(m, w, root, runtime, fit),
-            ("model.embed_tokens.weight",) if fit.embed_on_flash else (), fit.resident_bits,
+            embedding_tensors(manifest) if fit.embed_on_flash else (), fit.resident_bits,
             config.resident_group_size)
     except BaseException:
         runtime.close()
@@ -399,19 +399,13 @@ def min_budget(path: str | Path, *, config: FlashConfig | None = None, **options
 
 def _embedding_choices(root: Path, manifest: Manifest, embed_on_flash: bool | None
                        ) -> list[bool]:
-    """The embed_on_flash values the fit may try, in order (a tied table stays resident, and
-    so does one stored quantized: flash rows are read as 16-bit rows)."""
+    """The embed_on_flash values the fit may try, in order (a tied table stays resident)."""
     tied = manifest.config.get("tie_word_embeddings", True) and "lm_head.weight" not in \
         tensor_sizes(root / RESIDENT)
     if embed_on_flash and tied:
         raise ValueError(f"{root}: embed_on_flash needs an untied lm_head; this model ties it "
                          "to the embedding table")
-    packed = "model.embed_tokens" in resident_quantization(manifest)
-    if embed_on_flash and packed:
-        raise ValueError(f"{root}: embed_on_flash needs a 16-bit embedding table; this dir "
-                         "stores it quantized (re-convert with --resident-bits 16)")
-    return [bool(embed_on_flash)] if embed_on_flash is not None or tied or packed \
-        else [False, True]
+    return [bool(embed_on_flash)] if embed_on_flash is not None or tied else [False, True]
 
 
 def build_runtime(root: Path, manifest: Manifest, config: FlashConfig, fit: Fit, direct: bool,
@@ -447,4 +441,4 @@ def _install_flash(model: nn.Module, weights: dict[str, mx.array], root: Path,
         out_bias = backend.out_bias(pop_out_bias(weights, manifest, i))
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)
     if fit.embed_on_flash:
-        model.model.embed_tokens = flash_embedding(root, backend.compute_dtype)
+        model.model.embed_tokens = flash_embedding(root, manifest, backend.compute_dtype)
