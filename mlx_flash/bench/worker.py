@@ -23,7 +23,7 @@ import numpy as np
 from ..format.manifest import read_manifest
 from ..format.storage import write_text_atomic
 from ..runtime.generate import generate_step
-from ..runtime.loader import load, load_dense
+from ..runtime.loader import load, load_dense, load_tokenizer
 from ..spec.drafter import drafter_bytes, load_drafter
 from ..spec.speculative import SpecSettings, speculative_tokens
 from .baselines import load_mmap, use_unbundled
@@ -200,7 +200,12 @@ def load_flash(spec: dict):
         opts["max_kv_tokens"] = max(opts["max_kv_tokens"], len(spec["ppl_ids"]))
     if with_drafter:
         opts["reserve"] = drafter_bytes(model_dir, read_manifest(model_dir).config["hidden_size"])
-    model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"], **opts)
+    # as `mlx-flash generate` runs: the prompt is token ids already, so the tokenizer keeps
+    # only its decoding table before the plan is made
+    tokenizer = load_tokenizer(Path(model_dir), read_manifest(model_dir))
+    tokenizer.drop_encoder()
+    model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"],
+                    tokenizer=tokenizer, **opts)
     model.bench_drafter = (load_drafter(model_dir, model_dir).attach(model, model_dir)
                            if with_drafter else None)
     if unbundled:
