@@ -236,19 +236,26 @@ class FlashFFN(nn.Module):
         cache, rt = self._cache, self._rt
         t0 = time.perf_counter()
         plan = cache.advance(ids)
-        t1 = time.perf_counter()
+        io, t_io = IOStats(), 0.0
         try:
-            rows, io = rt.store.read(self._layer, plan.new_ids)
-            t2 = time.perf_counter()
-            rt.backend.write_rows(cache, plan.dst, plan.src, plan.slots, rows)
+            # in chunks, as prefill streams: a first step (or a new prompt) may bring the whole
+            # capacity in at once, and its read and unpacked rows are scratch the plan bounds
+            for chunk, moves in self._new_chunks(plan):
+                ta = time.perf_counter()
+                rows, chunk_io = rt.store.read(self._layer, plan.new_ids[chunk])
+                t_io += time.perf_counter() - ta
+                io.add(chunk_io)
+                dst, src = (plan.dst, plan.src) if moves else (plan.dst[:0], plan.src[:0])
+                rt.backend.write_rows(cache, dst, src, plan.slots[chunk], rows)
+                del rows
         except BaseException:
             # The plan holds only once its rows are in: forget every unpinned neuron (they
             # are read again when next active) rather than keep slots that were not written.
             cache.reset()
             raise
         t3 = time.perf_counter()
-        step.seconds["memory"] += (t1 - t0) + (t3 - t2)
-        step.seconds["io"] += t2 - t1
+        step.seconds["memory"] += t3 - t0 - t_io
+        step.seconds["io"] += t_io
         step.bytes_read += io.bytes
         step.bytes_needed += io.needed
         step.reads += io.reads
@@ -256,6 +263,13 @@ class FlashFFN(nn.Module):
         step.neurons_hit += plan.hits
         step.truncated += plan.truncated
         return plan
+
+    def _new_chunks(self, plan: WindowPlan) -> Iterator[tuple[slice, bool]]:
+        """(slice of plan.new_ids, whether the plan's row moves go with it): the moves with
+        the first chunk, every new neuron in chunks of prefill_chunk (one chunk when none)."""
+        chunk, n = self._rt.config.prefill_chunk, plan.new_ids.size
+        for start in range(0, max(n, 1), chunk):
+            yield slice(start, start + chunk), start == 0
 
     # -- prefill: stream the whole layer once for all tokens
 

@@ -31,7 +31,7 @@ from ..format.manifest import (
     resident_quantization,
 )
 from ..format.storage import tensor_sizes
-from ..process import apply_budget_settings, drop_page_cache
+from ..process import apply_budget_settings, drop_page_cache, trim_heap
 from . import disk as runtime_disk
 from .backend import CacheBackend, MlxBackend, choose_backend
 from .config import DTYPES, FlashConfig, settings_dict
@@ -192,7 +192,11 @@ def assemble(root: Path, manifest: Manifest, backend: CacheBackend, install: Ins
                           "edited or damaged: re-convert the model") from e
     mx.eval(model.parameters())  # load now, as mlx_lm.load does by default
     model.eval()
-    return model, backend.accelerate(model)
+    del weights  # the model holds them now; the fast path's fused copies replace some of them
+    swapped = backend.accelerate(model)
+    mx.clear_cache()  # the replaced arrays' buffers go back to the heap, not MLX's buffer cache
+    trim_heap()  # and the heap gives them back (small ones sit below glibc's mmap threshold)
+    return model, swapped
 
 
 def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,

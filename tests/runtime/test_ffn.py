@@ -261,3 +261,24 @@ def test_close_restores_the_cache_limit_a_budget_set(tiny_dirs):
         assert mx.set_cache_limit(before) == 12345 << 20
     finally:
         mx.set_cache_limit(before)
+
+
+@pytest.mark.parametrize("fast_cpu", [False, None])
+def test_window_reads_new_neurons_in_prefill_chunks(tiny_dirs, flash_load, fast_cpu):
+    """A step that brings many neurons in at once (the first one: the whole layer) reads and
+    writes them a prefill_chunk at a time, so its scratch is bounded like prefill's; the text
+    is the same as with one read per step."""
+    _, flash_dir = tiny_dirs("qwen2")
+    whole, tokenizer = flash_load(flash_dir, fast_cpu=fast_cpu, max_sparse_tokens=16)
+    chunked, _ = flash_load(flash_dir, fast_cpu=fast_cpu, max_sparse_tokens=16,
+                            prefill_chunk=16)
+    sizes = []
+    read = chunked.flash.store.read
+
+    def spy(layer, ids, **kw):
+        sizes.append(len(ids))
+        return read(layer, ids, **kw)
+
+    chunked.flash.store.read = spy
+    assert greedy(chunked, tokenizer) == greedy(whole, tokenizer)
+    assert max(sizes) == 16 and sum(sizes) >= 128  # the first step's 128 neurons, 16 at a time
