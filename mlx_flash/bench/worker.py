@@ -23,7 +23,8 @@ import numpy as np
 from ..format.manifest import read_manifest
 from ..format.storage import write_text_atomic
 from ..runtime.generate import generate_step
-from ..runtime.loader import load, load_dense, load_tokenizer
+from ..runtime.loader import check_budget_early, load, load_dense, load_tokenizer
+from ..runtime.tokenizer import DECODE_TABLE_RSS
 from ..spec.drafter import drafter_bytes, load_drafter
 from ..spec.speculative import SpecSettings, speculative_tokens
 from .baselines import load_mmap, use_unbundled
@@ -200,8 +201,11 @@ def load_flash(spec: dict):
         opts["max_kv_tokens"] = max(opts["max_kv_tokens"], len(spec["ppl_ids"]))
     if with_drafter:
         opts["reserve"] = drafter_bytes(model_dir, read_manifest(model_dir).config["hidden_size"])
-    # as `mlx-flash generate` runs: the prompt is token ids already, so the tokenizer keeps
-    # only its decoding table before the plan is made
+    # as `mlx-flash generate` runs: a budget far too small is refused before the tokenizer's
+    # parse, and the prompt is token ids already, so the tokenizer keeps only its decoding
+    # table before the plan is made
+    check_budget_early(model_dir, spec["cap"], tokenizer_rss=DECODE_TABLE_RSS,
+                       dtype=spec["dtype"], **opts)
     tokenizer = load_tokenizer(Path(model_dir), read_manifest(model_dir))
     tokenizer.drop_encoder()
     model, _ = load(model_dir, dram_budget=spec["cap"], dtype=spec["dtype"],

@@ -15,6 +15,7 @@ import sys
 from ..format.manifest import read_manifest
 from ..runtime.generate import format_prompt, generate_text
 from ..runtime.loader import check_budget_early, load_tokenizer
+from ..runtime.tokenizer import DECODE_TABLE_RSS
 from .common import (
     LiveStats,
     add_drafter_arguments,
@@ -26,7 +27,6 @@ from .common import (
 )
 
 DEFAULT_KV_TOKENS = 2048  # --max-tokens -1 (no limit) without --max-kv-tokens
-DECODE_TABLE_RSS = 3 << 20  # a decoding table's RSS (Qwen2.5's 152k tokens: ~3 MiB)
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 

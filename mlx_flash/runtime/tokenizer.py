@@ -22,6 +22,7 @@ from ..process import trim_heap
 
 TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+DECODE_TABLE_RSS = 3 << 20  # a ByteTable's RSS (Qwen2.5's 152k tokens: ~3 MiB)
 
 
 def _content(token) -> str | None:
