@@ -26,6 +26,14 @@ norms and biases stay 16-bit. The resident entry's "quantization" says so: {"bit
 GGUF's blocks may be carried at their own bits). Without it (every older dir) the resident
 part is 16-bit. `check_quantized_tensors` checks the packed shapes against it at read.
 
+Version 3 stores each matrix part at its own precision (`FFNLayout.quant`, overridden per
+layer by `LayerEntry.quant`: mlx_lm's mixed recipes quantize some layers' down_proj finer),
+as a quantized mlx_lm checkpoint does: a part may be 16-bit, MLX affine along d_model (its
+scales and biases in the bundle), or - down_proj as mlx_lm and GGUF quantize it, across the
+neurons - affine along the neurons: the bundle holds column i's integers and the layer's
+scales and biases, shared by `group_size` neurons, are a resident table
+(`down_table_names`). `convert` writes version 3 only when a part needs it.
+
 Version 2 is a placed dir (`offline/placement.py`): the neurons of a layer are stored in
 another order, `LayerEntry.order[p]` = the original id of the neuron at position p (a
 permutation, checked on read), and the store maps ids to positions, so nothing above it sees the
@@ -41,7 +49,7 @@ from __future__ import annotations
 import base64
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +81,10 @@ FORMAT_VERSION = 1  # what `convert` writes
 PLACED_FORMAT_VERSION = 2  # a dir whose bundles `mlx-flash place` reordered (LayerEntry.order)
 
 
-SUPPORTED_VERSIONS = (FORMAT_VERSION, PLACED_FORMAT_VERSION)
+PART_QUANT_VERSION = 3  # per-part (and per-layer) precision: FFNLayout.quant, LayerEntry.quant
+
+
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PLACED_FORMAT_VERSION, PART_QUANT_VERSION)
 
 
 MANIFEST = "manifest.json"
@@ -105,6 +116,35 @@ class Part:
     count: int
 
 
+QUANT_AXES = ("d_model", "neurons")
+
+
+@dataclass(frozen=True)
+class PartQuant:
+    """How one matrix part of a bundle is stored: bits 16, d_model elements in the layout's
+    dtype; else MLX affine at `bits` in groups of `group_size` along `axis` - "d_model" (the
+    row's scales and biases follow in the bundle) or "neurons" (down_proj only: the bundle
+    holds column i's d_model integers, the scales and biases are the layer's resident table)."""
+
+    bits: int
+    group_size: int = 0
+    axis: str = "d_model"
+
+    @property
+    def packed(self) -> bool:
+        return self.bits < 16
+
+    def words(self, d_model: int) -> int:
+        """uint32 words of one packed row of d_model values."""
+        return d_model * self.bits // 32
+
+
+def down_table_names(layer: int) -> tuple[str, str]:
+    """Resident tensors of a layer whose down part is quantized along the neurons: its scales
+    and biases, each (n / group_size, d_model) in the bundles' dtype (row g: neurons g*G..)."""
+    return f"flash.ffn.{layer}.down.scales", f"flash.ffn.{layer}.down.biases"
+
+
 @dataclass
 class FFNLayout:
     """How a neuron's bundle is laid out, shared by every layer of a model."""
@@ -117,6 +157,9 @@ class FFNLayout:
     parts: list[Part] = field(default_factory=list)
     bits: int = 16  # 16: rows stored in `dtype`; 8 or 4: affine-quantized rows
     group_size: int = 64  # quantization group along d_model (bits < 16)
+    # format 3: matrix part -> {"bits", "group_size", "axis"} (PartQuant), replacing bits and
+    # group_size; None: every part at bits / group_size along d_model
+    quant: dict | None = None
 
     def __post_init__(self):
         if self.kind not in ("gated", "plain"):
@@ -132,6 +175,9 @@ class FFNLayout:
         if not self.parts:
             self.parts = self.default_parts()
         self._check_parts()
+        if self.quant is not None:
+            self._check_quant()
+            return
         if self.bits not in (16, 8, 4):
             raise FormatError(f"bits must be 16, 8 or 4, got {self.bits}")
         if self.quantized and (self.group_size not in (32, 64, 128)
@@ -152,8 +198,59 @@ class FFNLayout:
                 f"for d_model {self.d_model}, has_bias {self.has_bias}: the manifest was edited "
                 "or damaged; re-convert the model")
 
+    def _check_quant(self) -> None:
+        """Each matrix part's PartQuant is one MLX affine packs (or 16), its groups divide the
+        axis they run along, and only down may run along the neurons."""
+        fix = "the manifest was edited or damaged; re-convert the model"
+        if not isinstance(self.quant, dict) or set(self.quant) != set(self.matrix_names):
+            raise FormatError(f"ffn quant must give each of {self.matrix_names} its bits, got "
+                              f"{str(self.quant)[:80]!r}; {fix}")
+        for name in self.matrix_names:
+            spec = self.quant[name]
+            try:
+                q = spec if isinstance(spec, PartQuant) else PartQuant(**spec)
+            except TypeError as e:
+                raise FormatError(f"ffn quant of {name}: {e}; {fix}") from e
+            if q.bits == 16:
+                continue
+            if q.bits not in QUANT_BITS or q.group_size not in QUANT_GROUPS \
+                    or q.axis not in QUANT_AXES or (q.axis == "neurons" and name != "down") \
+                    or (q.axis == "d_model" and self.d_model % q.group_size) \
+                    or self.d_model * q.bits % 32:
+                raise FormatError(f"ffn quant of {name} {spec} is not MLX affine bits in "
+                                  f"{QUANT_BITS}, group_size in {QUANT_GROUPS} dividing its "
+                                  f"axis ({QUANT_AXES}; only down runs along the neurons) for "
+                                  f"d_model {self.d_model}; {fix}")
+
+    def part_quant(self, name: str) -> PartQuant:
+        """How matrix part `name` is stored."""
+        if self.quant is None:
+            return PartQuant(self.bits, self.group_size if self.bits < 16 else 0)
+        spec = self.quant[name]
+        return spec if isinstance(spec, PartQuant) else PartQuant(**spec)
+
+    @property
+    def per_part(self) -> bool:
+        """Format 3: parts stored at their own precision (the cache keeps them apart)."""
+        return self.quant is not None
+
+    @property
+    def down_table_group(self) -> int:
+        """Neurons per row of the layer's down table (0: down carries its own scales)."""
+        down = self.part_quant(self.matrix_names[-1])
+        return down.group_size if down.packed and down.axis == "neurons" else 0
+
+    def with_overrides(self, overrides: dict | None) -> FFNLayout:
+        """This layout with some parts' quant replaced (a layer's `LayerEntry.quant`)."""
+        if not overrides:
+            return self
+        base = {m: asdict(self.part_quant(m)) for m in self.matrix_names}
+        return replace(self, quant={**base, **overrides})
+
     @property
     def quantized(self) -> bool:
+        if self.quant is not None:
+            return any(self.part_quant(m).packed for m in self.matrix_names)
         return self.bits < 16
 
     @property
@@ -165,12 +262,16 @@ class FFNLayout:
         return [p.name for p in self.parts if p.name.endswith("_bias")]
 
     def segments(self) -> list[tuple[str, str, int]]:
-        """(name, dtype, count) of each piece of a quantized bundle, in file order."""
-        d, g = self.d_model, self.d_model // self.group_size
-        names = self.matrix_names
-        return ([(f"{m}.q", "uint32", d * self.bits // 32) for m in names]
-                + [(f"{m}.scales", self.dtype, g) for m in names]
-                + [(f"{m}.biases", self.dtype, g) for m in names]
+        """(name, dtype, count) of each piece of a quantized bundle, in file order: each part's
+        packed words (`m.q`; a 16-bit part's elements `m.w`), then the scales and then the
+        biases of the parts quantized along d_model, then the input-bias entries."""
+        d = self.d_model
+        quant = {m: self.part_quant(m) for m in self.matrix_names}
+        own = [m for m, q in quant.items() if q.packed and q.axis == "d_model"]
+        return ([(f"{m}.q", "uint32", q.words(d)) if q.packed else (f"{m}.w", self.dtype, d)
+                 for m, q in quant.items()]
+                + [(f"{m}.scales", self.dtype, d // quant[m].group_size) for m in own]
+                + [(f"{m}.biases", self.dtype, d // quant[m].group_size) for m in own]
                 + [(b, self.dtype, 1) for b in self.bias_names])
 
     def default_parts(self) -> list[Part]:
@@ -216,6 +317,7 @@ class LayerEntry:
     order: np.ndarray | None = None
     hot: np.ndarray | None = None
     blocks: dict | None = None  # per-block crc32 (format/checksums.py); None in older dirs
+    quant: dict | None = None  # format 3: this layer's parts stored unlike FFNLayout.quant
 
     def __post_init__(self):
         # Stored as base64 of little-endian int32 (`encode_ids`): a JSON list of 2 x 24 x 4864
@@ -265,15 +367,34 @@ class Manifest:
     def ffn_bytes(self) -> int:
         return sum(entry.size for entry in self.layers)
 
+    def layer_layout(self, layer: int) -> FFNLayout:
+        """Layer `layer`'s bundle layout: `ffn` with the layer's own part overrides (format 3's
+        mixed precision), else `ffn` itself."""
+        overrides = self.layers[layer].quant
+        if not overrides:
+            return self.ffn
+        cache = self.__dict__.setdefault("_layer_layouts", {})  # not a dataclass field
+        if layer not in cache:
+            cache[layer] = self.ffn.with_overrides(overrides)
+        return cache[layer]
+
+    @property
+    def per_part(self) -> bool:
+        """Whether any layer stores its parts at their own precision (format 3)."""
+        return self.ffn.per_part or any(e.quant for e in self.layers)
+
     def to_json(self) -> str:
         """Indented JSON; absent placement keys left out (so an unplaced dir's manifest is
         exactly what format version 1 always was)."""
         data = asdict(self)
         if data["placement"] is None:
             del data["placement"]
+        if data["ffn"]["quant"] is None:
+            del data["ffn"]["quant"]
         for layer in data["layers"]:
-            if layer["blocks"] is None:
-                del layer["blocks"]
+            for key in ("blocks", "quant"):
+                if layer[key] is None:
+                    del layer[key]
             for key in ("order", "hot"):
                 if layer[key] is None:
                     del layer[key]
@@ -307,6 +428,7 @@ class Manifest:
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from e
         check_placement(manifest, where)
+        check_part_quant(manifest, where)
         return manifest
 
     def order(self, layer: int) -> np.ndarray | None:
@@ -477,10 +599,24 @@ def listed_files(manifest: Manifest) -> list[dict]:
     return entries
 
 
+def check_part_quant(manifest: Manifest, where: str) -> None:
+    """Per-part precision is format 3 (an older reader must refuse it, not misread it), and
+    each layer's overrides make a valid layout."""
+    if manifest.per_part and manifest.format_version != PART_QUANT_VERSION:
+        raise FormatError(f"{where}: parts stored at their own precision need format_version "
+                          f"{PART_QUANT_VERSION}, not {manifest.format_version}; the manifest was "
+                          "edited or damaged - re-convert the model")
+    for i in range(manifest.n_layers):
+        try:
+            manifest.layer_layout(i)
+        except (FormatError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: layer {i} quant: {e}") from e
+
+
 def check_placement(manifest: Manifest, where: str) -> None:
     """Each layer's order is a permutation of its ids; hot ids are unique and in range."""
     placed = [i for i, e in enumerate(manifest.layers) if e.order is not None]
-    if placed and manifest.format_version != PLACED_FORMAT_VERSION:
+    if placed and manifest.format_version not in (PLACED_FORMAT_VERSION, PART_QUANT_VERSION):
         raise FormatError(f"{where}: layer {placed[0]} has a neuron order but format_version is "
                           f"{manifest.format_version}, not {PLACED_FORMAT_VERSION}; the manifest "
                           "was edited or damaged - re-run `mlx-flash place` or re-convert")
@@ -640,14 +776,15 @@ def check_shapes(manifest: Manifest, where: str) -> None:
         if n_ffn is not None and entry.n_neurons != n_ffn:
             raise FormatError(f"{where}: layer {i} has {entry.n_neurons} neurons but config has "
                               f"intermediate_size={n_ffn}")
-        if entry.stride < manifest.ffn.bundle_bytes:
+        layout = manifest.layer_layout(i)
+        if entry.stride < layout.bundle_bytes:
             raise FormatError(f"{where}: layer {i} stride {entry.stride} is smaller than the "
-                              f"bundle ({manifest.ffn.bundle_bytes} bytes)")
-        if entry.stride != round_up(manifest.ffn.bundle_bytes, manifest.align):
+                              f"bundle ({layout.bundle_bytes} bytes)")
+        if entry.stride != round_up(layout.bundle_bytes, manifest.align):
             raise FormatError(f"{where}: layer {i} stride {entry.stride} is not the "
-                              f"{manifest.ffn.bundle_bytes}-byte bundle of the ffn layout "
-                              f"(bits {manifest.ffn.bits}, dtype {manifest.ffn.dtype}, has_bias "
-                              f"{manifest.ffn.has_bias}) rounded up to align {manifest.align}: "
+                              f"{layout.bundle_bytes}-byte bundle of the ffn layout "
+                              f"(bits {layout.bits}, quant {layout.quant}, dtype {layout.dtype}, "
+                              f"has_bias {layout.has_bias}) rounded up to align {manifest.align}: "
                               "the layout was edited or damaged; re-convert the model")
         if entry.size != entry.n_neurons * entry.stride:
             raise FormatError(f"{where}: layer {i} size {entry.size} != n_neurons*stride")

@@ -252,7 +252,7 @@ def place(flash_dir: str | Path, calibration: str | Path, method: str = "coact",
             _rewrite_layer(root, manifest, layer, order, written)
             entry.hot = hot_order(active)[: entry.n_neurons // 2]
             report(f"layer {layer}")
-        manifest.format_version = PLACED_FORMAT_VERSION
+        manifest.format_version = max(manifest.format_version, PLACED_FORMAT_VERSION)  # 3 stays 3
         manifest.placement = {"method": method, "keep": keep, "calibration": str(calibration),
                               "train_tokens": train, "holdout": holdout}
         current = root / MANIFEST
