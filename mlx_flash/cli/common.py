@@ -44,7 +44,7 @@ def default_model_dir(models_dir: str | None = None, name: str | None = None) ->
     return flash_dir
 
 
-def _convert(src, out, dtype, align, force, bits=16, group_size=64, **resident) -> None:
+def _convert(src, out, dtype, align, force, bits=16, group_size=None, **resident) -> None:
     ckpt = open_checkpoint(src)
     total = sum(info_bytes(ckpt).values())
     with _progress_bar(f"convert {Path(src).name}", total) as bar:

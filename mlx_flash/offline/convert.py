@@ -16,23 +16,27 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from ..format.bundles import pack_bundles
+from ..format.bundles import Carried, pack_bits, pack_bundles
 from ..format.checksums import bundle_block_size, file_checks
+from ..format.errors import FormatError
 from ..format.manifest import (
     FFN_DIR,
     FORMAT_VERSION,
     MANIFEST,
+    PART_QUANT_VERSION,
     QUANT_GROUPS,
     RESIDENT,
     FFNLayout,
     LayerEntry,
     Manifest,
+    PartQuant,
+    down_table_names,
     file_entry,
     layer_file_name,
     read_manifest,
@@ -119,7 +123,8 @@ def bundle_rows(parts: dict[str, np.ndarray], layout: FFNLayout, start: int, sto
 def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, stride: int,
                 chunk: int = 1024) -> int:
     """Write one layer's bundle file; returns its size in bytes."""
-    n = parts["down"].shape[1]
+    down = parts["down"]
+    n = (down.q if isinstance(down, Carried) else down).shape[1]
     itemsize = DTYPE_BYTES[layout.dtype]
     if stride % itemsize:
         raise ValueError(f"stride {stride} is not a multiple of the dtype size {itemsize}")
@@ -134,22 +139,77 @@ def write_layer(path: Path, parts: dict[str, np.ndarray], layout: FFNLayout, str
     return n * stride
 
 
-def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int
-                     ) -> dict[str, np.ndarray]:
-    """One layer's per-neuron FFN tensors, cast to the storage dtype and shape-checked."""
+def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int,
+                     layout: FFNLayout | None = None) -> dict[str, np.ndarray | Carried]:
+    """One layer's per-neuron FFN tensors, cast to the storage dtype and shape-checked; with
+    a format-3 `layout` (a checkpoint whose FFN is carried), each part it stores packed comes
+    as the checkpoint's own `Carried` blocks."""
     infos, parts = ckpt.tensors(), {}
     for role, name in ckpt.ffn_names(layer).items():
         if name not in infos:
             raise ValueError(f"{ckpt.path}: tensor {name} is missing from the source")
-        parts[role] = cast(ckpt.read(name), infos[name].dtype, dtype)
-    n = parts["down"].shape[1] if parts["down"].ndim == 2 else -1
+        quant = layout.part_quant(role) if layout is not None and layout.per_part \
+            and role in layout.matrix_names else None
+        if quant is not None and quant.packed:
+            parts[role] = Carried(*ckpt.read_quantized(name, quant.bits, quant.group_size))
+        else:
+            parts[role] = cast(ckpt.read(name), infos[name].dtype, dtype)
+    down = parts["down"].q if isinstance(parts["down"], Carried) else parts["down"]
+    n = down.shape[1] if down.ndim == 2 else -1
     for role, arr in parts.items():
+        shape = (arr.q if isinstance(arr, Carried) else arr).shape
         expected = ((d_model, n) if role == "down" else (n,) if role.endswith("_bias")
                     else (n, d_model))
-        if arr.shape != expected:
-            raise ValueError(f"{ckpt.path}: layer {layer} {role} has shape {arr.shape}, expected "
+        if shape != expected:
+            raise ValueError(f"{ckpt.path}: layer {layer} {role} has shape {shape}, expected "
                              f"{expected} from hidden_size={d_model}")
     return parts
+
+
+def carried_layout(ckpt: Checkpoint, dtype: str) -> tuple[FFNLayout, list[dict | None]]:
+    """The format-3 layout of a checkpoint whose FFN is carried as stored (`carries_ffn`):
+    each part at the checkpoint's own bits and group size - gate and up along d_model, down
+    along the neurons, as mlx_lm quantizes a linear along its input - or 16-bit where it left
+    a module unquantized; and each layer's overrides where it differs from layer 0 (mixed
+    recipes). Raises ValueError naming the tensor a layout cannot hold."""
+    base = layout_for(ckpt, dtype)
+    per_layer = []
+    for layer in range(int(ckpt.config["num_hidden_layers"])):
+        quant = {}
+        for role in base.matrix_names:
+            name = ckpt.ffn_names(layer)[role]
+            params = ckpt.quantization_for(name)
+            quant[role] = asdict(PartQuant(16) if params is None else PartQuant(
+                params["bits"], params["group_size"], "neurons" if role == "down" else "d_model"))
+        try:
+            replace(base, quant=quant)
+        except FormatError as e:
+            raise ValueError(f"{ckpt.path}: layer {layer}'s FFN cannot be carried exactly "
+                             f"({e}); convert from the 16-bit model instead") from e
+        per_layer.append(quant)
+    if not any(q["bits"] < 16 for quant in per_layer for q in quant.values()):
+        return base, [None] * len(per_layer)  # nothing packed in the FFN: a 16-bit layout
+    overrides = [{m: q for m, q in quant.items() if q != per_layer[0][m]} or None
+                 for quant in per_layer]
+    return replace(base, quant=per_layer[0]), overrides
+
+
+def stored_plan(ckpt: Checkpoint) -> dict[str, dict]:
+    """Module path -> {"bits", "group_size"} of every resident matrix the checkpoint stores
+    quantized: carried as it is (`resident_arrays` reads its blocks exactly)."""
+    return {name[: -len(".weight")]: params for name in ckpt.tensors()
+            if not ckpt.is_ffn_tensor(name) and (params := ckpt.quantization_for(name))}
+
+
+def down_table(parts: dict[str, np.ndarray | Carried], layout: FFNLayout, dtype: str
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The layer's down table (scales, biases (n / group, d) in `dtype`) when its down part is
+    carried along the neurons, else None."""
+    if not layout.down_table_group:
+        return None
+    down = parts["down"]
+    return tuple(cast(np.ascontiguousarray(a.T), "float32", dtype)
+                 for a in (down.scales, down.biases))
 
 
 def resident_plan(ckpt: Checkpoint, bits: int, group_size: int, carry: bool = True
@@ -189,20 +249,6 @@ def resident_infos(ckpt: Checkpoint, dtype: str, plan: dict[str, dict] | None = 
         out += [TensorInfo(name, (rows, cols * params["bits"] // 32), "uint32"),
                 TensorInfo(f"{base}.scales", groups, dtype),
                 TensorInfo(f"{base}.biases", groups, dtype)]
-    return out
-
-
-def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
-    """(r, c) integer values in [0, 2**bits) -> (r, c * bits / 32) uint32 in MLX's affine
-    packing (a little-endian bit stream per row, for every `bits` mx.quantize supports)."""
-    rows, cols = q.shape
-    out = np.empty((rows, cols * bits // 32), np.uint32)
-    shifts = np.arange(bits, dtype=np.uint8)
-    for start in range(0, rows, 4096):  # the bit stream is 8 * bits bytes per value
-        block = q[start:start + 4096].astype(np.uint8)
-        stream = (block[:, :, None] >> shifts) & 1
-        out[start:start + 4096] = np.packbits(stream.reshape(len(block), -1), axis=1,
-                                              bitorder="little").view(np.uint32)
     return out
 
 
@@ -285,25 +331,31 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     dtype = dtype or ckpt.tensors()[ckpt.ffn_names(0)["down"]].dtype
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
-    group_size = group_size or ckpt.group_size
-    layout = layout_for(ckpt, dtype, bits, group_size)
-    stride = round_up(layout.bundle_bytes, align)
-    resident_bits = bits if resident_bits is None else resident_bits
-    resident_group_size = resident_group_size or group_size
-    if resident_bits not in (16, 8, 4) or resident_group_size not in QUANT_GROUPS:
-        raise ValueError(f"resident_bits must be 16, 8 or 4 and resident_group_size one of "
-                         f"{QUANT_GROUPS}, got {resident_bits} and {resident_group_size}")
-    plan = resident_plan(ckpt, resident_bits, resident_group_size, carry)
+    if ckpt.carries_ffn:
+        _check_carried_options(ckpt, bits, group_size, resident_bits, resident_group_size,
+                               carry)
+        layout, overrides = carried_layout(ckpt, dtype)
+        plan = stored_plan(ckpt)
+        quantization = {**ckpt.default_quantization(), "modules": plan} if plan else None
+    else:
+        group_size = group_size or ckpt.group_size
+        layout, overrides = layout_for(ckpt, dtype, bits, group_size), [None] * n_layers
+        resident_bits = bits if resident_bits is None else resident_bits
+        resident_group_size = resident_group_size or group_size
+        if resident_bits not in (16, 8, 4) or resident_group_size not in QUANT_GROUPS:
+            raise ValueError(f"resident_bits must be 16, 8 or 4 and resident_group_size one of "
+                             f"{QUANT_GROUPS}, got {resident_bits} and {resident_group_size}")
+        plan = resident_plan(ckpt, resident_bits, resident_group_size, carry)
+        quantization = {"bits": resident_bits, "group_size": resident_group_size,
+                        "modules": plan} if plan else None
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / FFN_DIR).mkdir(parents=True)
     try:
         report = progress or (lambda stage, n: None)
-        layers = _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report)
-        _write_resident(ckpt, tmp, dtype, plan, report)
-        quantization = {"bits": resident_bits, "group_size": resident_group_size,
-                        "modules": plan} if plan else None
+        layers, tables = _write_layers(ckpt, tmp, layout, overrides, align, d_model, report)
+        _write_resident(ckpt, tmp, dtype, plan, report, tables)
         _write_metadata(ckpt, tmp, layout, layers, align, quantization, report)
         read_manifest(tmp)  # what load checks first, before the dir gets OUT's name
         _replace(tmp, out)
@@ -314,27 +366,61 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
                           "nothing was left behind - free disk space or pick another OUT") from e
         raise
     return ConvertStats(out, (out / RESIDENT).stat().st_size, sum(e.size for e in layers),
-                        n_layers, layers[0].n_neurons, layout.bundle_bytes, stride)
+                        n_layers, layers[0].n_neurons, layout.bundle_bytes, layers[0].stride)
 
 
-def _write_layers(ckpt, tmp, layout, stride, n_layers, d_model, report) -> list[LayerEntry]:
-    entries = []
-    for layer in range(n_layers):
-        parts = read_layer_parts(ckpt, layer, "float32" if layout.quantized else layout.dtype,
-                                 d_model)
+def _check_carried_options(ckpt, bits, group_size, resident_bits, resident_group_size,
+                           carry) -> None:
+    """A quantized mlx_lm source is carried exactly as stored: refuse options that ask for
+    other precision (they would re-quantize already-quantized weights)."""
+    asked = {"--bits": bits if bits != 16 else None, "--group-size": group_size,
+             "--resident-bits": resident_bits, "--resident-group-size": resident_group_size,
+             "--requantize": None if carry else True}
+    given = [flag for flag, value in asked.items() if value is not None]
+    if given:
+        q = ckpt.default_quantization()
+        raise ValueError(f"{ckpt.path} is an mlx_lm checkpoint quantized at {q['bits']} bits "
+                         f"(groups of {q['group_size']}): it is carried exactly as stored, so "
+                         f"{', '.join(given)} cannot apply; drop them (or convert the 16-bit "
+                         "model to choose the precision)")
+
+
+def _write_layers(ckpt, tmp, layout, overrides, align, d_model, report
+                  ) -> tuple[list[LayerEntry], dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Every layer's bundle file; returns the layer entries and the down tables of layers
+    whose down part is carried along the neurons."""
+    entries, tables = [], {}
+    for layer, override in enumerate(overrides):
+        own = layout.with_overrides(override)
+        stride = round_up(own.bundle_bytes, align)
+        parts = read_layer_parts(ckpt, layer, "float32" if own.quantized else own.dtype,
+                                 d_model, own)
         rel = layer_file_name(layer)
-        size = write_layer(tmp / rel, parts, layout, stride)
+        size = write_layer(tmp / rel, parts, own, stride)
         sha256, blocks = file_checks(tmp / rel, bundle_block_size(stride))
-        entries.append(LayerEntry(rel, parts["down"].shape[1], stride, size, sha256,
-                                  blocks=blocks))
+        entries.append(LayerEntry(rel, size // stride, stride, size, sha256, blocks=blocks,
+                                  quant=override))
+        table = down_table(parts, own, own.dtype)
+        if table is not None:
+            tables[layer] = table
         del parts
         report(f"ffn layer {layer}", size)
-    return entries
+    return entries, tables
 
 
-def _write_resident(ckpt, tmp, dtype, plan, report) -> None:
-    write_safetensors(tmp / RESIDENT, resident_infos(ckpt, dtype, plan),
-                      resident_arrays(ckpt, dtype, plan), metadata={"format": "mlx"})
+def _write_resident(ckpt, tmp, dtype, plan, report, tables) -> None:
+    """resident.safetensors: the non-FFN tensors, then each carried layer's down table."""
+    infos = resident_infos(ckpt, dtype, plan)
+    for layer, pair in tables.items():
+        infos += [TensorInfo(name, a.shape, dtype)
+                  for name, a in zip(down_table_names(layer), pair, strict=True)]
+
+    def arrays():
+        yield from resident_arrays(ckpt, dtype, plan)
+        for pair in tables.values():
+            yield from pair
+
+    write_safetensors(tmp / RESIDENT, infos, arrays(), metadata={"format": "mlx"})
     report("resident", (tmp / RESIDENT).stat().st_size)
 
 
@@ -347,7 +433,7 @@ def _write_metadata(ckpt, tmp, layout, layers, align, quantization, report) -> N
         if path.is_file():
             fsync_file(path)
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=PART_QUANT_VERSION if layout.per_part else FORMAT_VERSION,
         source={"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind, "sha256": source_hash},
         config=config, ffn=layout, layers=layers, align=align,
         resident=file_entry(tmp, RESIDENT, blocks=True),

@@ -34,6 +34,7 @@ class Checkpoint(ABC):
     path: Path
     kind: str  # "safetensors" | "gguf"
     group_size = 64  # what convert quantizes in groups of unless told
+    carries_ffn = False  # True: the FFN matrices are stored quantized and convert copies them
     config: dict
 
     @abstractmethod
