@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_source  # noqa: E402
 
+import mlx_flash.runtime.loader as loader_module  # noqa: E402
+import mlx_flash.runtime.memory as runtime_memory  # noqa: E402
 from mlx_flash import load  # noqa: E402
 
 
@@ -45,3 +47,17 @@ def tiny_dirs(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def caches_of_three_neurons(monkeypatch) -> None:
+    """Make `load` plan 3 neurons per layer's cache, whatever the budget: the window evicts
+    and every token's overflow is streamed (what a tight budget does)."""
+    plan_memory = runtime_memory.plan_memory
+
+    def three_neurons(*args, **kwargs):
+        plan = plan_memory(*args, **kwargs)
+        plan.capacity = 3
+        return plan
+
+    monkeypatch.setattr(loader_module, "plan_memory", three_neurons)

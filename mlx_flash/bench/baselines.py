@@ -126,6 +126,9 @@ def load_mmap(path: str | Path, dtype: str | mx.Dtype | None = None, chunk: int 
     """
     root = Path(path)
     manifest = read_manifest(root)
+    if manifest.per_part:
+        raise ValueError(f"{root}: the mmap baseline does not read format-3 bundles (parts at "
+                         "their own precision, a quantized mlx_lm source) yet")
     backend = choose_backend(fast_cpu, manifest, dtype)
     untied = "lm_head.weight" in tensor_sizes(root / RESIDENT)
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..format.arch import ACTIVATION_FNS
-from ..format.manifest import FFNLayout
+from ..format.manifest import FFNLayout, PartQuant
 
 
 def dequantize(q: mx.array, scales: mx.array, biases: mx.array, layout: FFNLayout) -> mx.array:
@@ -37,20 +37,80 @@ def ffn_over_qrows(x: mx.array, q: mx.array, scales: mx.array, biases: mx.array,
                                    biases[part, :n].astype(inp.dtype), transpose=transpose,
                                    group_size=gs, bits=bits)
 
+    h = hidden(lambda part: project(part, x, True), layout, n, mask, in_bias)
+    return project(q.shape[0] - 1, h, False)  # (T, d)
+
+
+def hidden(project_in, layout: FFNLayout, n: int, mask: mx.array | None,
+           in_bias: mx.array | None) -> mx.array:
+    """The down projection's input over n neurons, (T, n): act(gate x) * up x (a plain FFN:
+    act(up x)), masked; project_in(i) gives input projection i of x, (T, n)."""
     act = ACTIVATION_FNS[layout.activation]
-    first = project(0, x, True)  # (T, n)
+    first = project_in(0)
     if in_bias is not None:
         first = first + in_bias[0, :n]
     if layout.kind == "gated":
-        up = project(1, x, True)
+        up = project_in(1)
         if in_bias is not None:
             up = up + in_bias[1, :n]
         h = act(first) * up
     else:
         h = act(first)
-    if mask is not None:
-        h = h * mask
-    return project(q.shape[0] - 1, h, False)  # (T, d)
+    return h if mask is None else h * mask
+
+
+def unpack_values(q: mx.array, bits: int) -> mx.array:
+    """(k, w) packed uint32 (MLX's affine packing) -> (k, w * 32 / bits) float32 integers."""
+    ones = mx.ones((q.shape[0], q.shape[1] * 32 // bits // 32), dtype=mx.float32)
+    return mx.dequantize(q, ones, mx.zeros_like(ones), group_size=32, bits=bits)
+
+
+def dequantize_down(q: mx.array, bits: int, group_of: mx.array, scales: mx.array,
+                    biases: mx.array) -> mx.array:
+    """Columns of a down projection quantized along the neurons -> (k, d): q (k, d * bits /
+    32) each column's integers, group_of (k,) int32 its neuron group, scales and biases (n /
+    group, d) the layer's table; w = scales[g] * q + biases[g], in the table's dtype."""
+    return scales[group_of] * unpack_values(q, bits).astype(scales.dtype) + biases[group_of]
+
+
+def dequantize_piece(pieces: dict[str, mx.array], name: str, quant: PartQuant,
+                     dtype: mx.Dtype) -> mx.array:
+    """A format-3 part quantized along d_model (or 16-bit) from its pieces -> (k, d) `dtype`."""
+    if not quant.packed:
+        return pieces[f"{name}.w"].astype(dtype)
+    return mx.dequantize(pieces[f"{name}.q"], pieces[f"{name}.scales"].astype(mx.float32),
+                         pieces[f"{name}.biases"].astype(mx.float32),
+                         group_size=quant.group_size, bits=quant.bits).astype(dtype)
+
+
+def ffn_over_parts(x: mx.array, buffers: dict[str, mx.array], n: int, layout: FFNLayout,
+                   group_of: mx.array | None = None, down: tuple[mx.array, mx.array] | None = None,
+                   mask: mx.array | None = None, in_bias: mx.array | None = None) -> mx.array:
+    """The FFN over the first n cached rows of a format-3 layer, each part at its own
+    precision (same semantics as ffn_over_rows): x (T, d); buffers: `segments` name -> (1,
+    capacity, width); group_of (n,) int32 and down (scales, biases (n / group, d)) for a down
+    part quantized along the neurons; mask (T, n); in_bias (P - 1, capacity). -> (T, d)."""
+    if n == 0:
+        return mx.zeros_like(x)
+    names = layout.matrix_names
+
+    def project(name: str, inp: mx.array, transpose: bool) -> mx.array:
+        quant = layout.part_quant(name)
+        if not quant.packed:
+            w = buffers[f"{name}.w"][0, :n].astype(inp.dtype)
+            return inp @ (w.T if transpose else w)
+        return mx.quantized_matmul(inp, buffers[f"{name}.q"][0, :n],
+                                   buffers[f"{name}.scales"][0, :n].astype(inp.dtype),
+                                   buffers[f"{name}.biases"][0, :n].astype(inp.dtype),
+                                   transpose=transpose, group_size=quant.group_size,
+                                   bits=quant.bits)
+
+    h = hidden(lambda part: project(names[part], x, True), layout, n, mask, in_bias)
+    quant = layout.part_quant(names[-1])
+    if quant.axis != "neurons" or not quant.packed:
+        return project(names[-1], h, False)
+    w = dequantize_down(buffers[f"{names[-1]}.q"][0, :n], quant.bits, group_of, *down)
+    return h @ w.astype(h.dtype)  # (T, d)
 
 
 def _check_activation(activation: str) -> None:

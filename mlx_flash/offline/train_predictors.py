@@ -455,9 +455,10 @@ def train_layer(x: np.ndarray, mag: np.ndarray, target: Target, rank: int, cfg: 
 
 def layer_weights(root: Path, manifest: Manifest, layer: int
                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One layer's FFN rows from its bundle file: weights (P, n, d), biases (P - 1, n)."""
+    """One layer's FFN rows from its bundle file: weights (P, n, d) (a format-3 layer's down
+    part zero: the ffn-kind predictors are fit to gate/up only), biases (P - 1, n)."""
     rows = read_layer_rows(root, manifest, layer)
-    weights, biases = split_bundles(rows, manifest, mx.float32)
+    weights, biases = split_bundles(rows, manifest, mx.float32, layer, activations_only=True)
     return np.array(weights), None if biases is None else np.array(biases)
 
 

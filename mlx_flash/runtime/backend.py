@@ -22,7 +22,7 @@ from ..accel import build as accel_build
 from ..accel import ffn as accel_ffn
 from ..accel import linear as accel_linear
 from ..compute.gpu import apply_window_update, compute_ffn
-from ..compute.reference import ffn_over_qrows
+from ..compute.reference import ffn_over_parts, ffn_over_qrows
 from ..format.manifest import Manifest
 from .cache import NeuronCache
 from .config import resolve_dtype
@@ -75,9 +75,10 @@ class CacheBackend:
         """The FFN over the cache's live rows: x (T, d), mask (T, n) 0/1 or None -> (T, d)."""
         raise NotImplementedError
 
-    def over_rows(self, rows: np.ndarray, xin: object, mask: np.ndarray | None) -> mx.array:
-        """The FFN over raw bundle rows (k, stride) read from flash; xin from `compute_input`,
-        mask (T, k) or None -> (T, d)."""
+    def over_rows(self, rows: np.ndarray, xin: object, mask: np.ndarray | None,
+                  cache: NeuronCache, ids: np.ndarray) -> mx.array:
+        """The FFN over raw bundle rows (k, stride) of cache's layer read from flash, neurons
+        `ids` (k,); xin from `compute_input`, mask (T, k) or None -> (T, d)."""
         raise NotImplementedError
 
     def predictor_scorer(self, layer: LayerPredictor):
@@ -112,9 +113,11 @@ class MlxBackend(CacheBackend):
         return self.layout.elements * self.weight_dtype.size
 
     def new_cache(self, layer: int, capacity: int, window: int) -> NeuronCache:
+        layout = self.manifest.layer_layout(layer)
         cache = NeuronCache(self.manifest.layers[layer].n_neurons, capacity, 0,
-                            self.layout.d_model, self.weight_dtype, window,
-                            buffers=cache_buffers(self.layout, self.weight_dtype))
+                            layout.d_model, self.weight_dtype, window,
+                            buffers=cache_buffers(layout, self.weight_dtype))
+        cache.layer = layer
         mx.eval(*cache.buffers.values())  # allocate now: the budget counts them from load
         return cache
 
@@ -122,7 +125,7 @@ class MlxBackend(CacheBackend):
                    slots: np.ndarray, rows: np.ndarray) -> None:
         if not dst.size and not slots.size:  # the usual decode step once warm: nothing moves
             return
-        new = cache_rows(rows, self.manifest, self.weight_dtype)
+        new = cache_rows(rows, self.manifest, self.weight_dtype, cache.layer)
         dst, src, slots = (mx.array(a.astype(np.int32)) for a in (dst, src, slots))
         updated = {name: apply_window_update(buffer, dst, src, slots, new[name])
                    for name, buffer in cache.buffers.items()}
@@ -131,14 +134,23 @@ class MlxBackend(CacheBackend):
 
     def over_cache(self, cache: NeuronCache, x: mx.array, mask: np.ndarray | None) -> mx.array:
         mask = None if mask is None else mx.array(mask)
-        if self.layout.quantized:
-            b = cache.buffers
-            return ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, self.layout,
+        layout = self.manifest.layer_layout(cache.layer)
+        b = cache.buffers
+        if layout.per_part:
+            down = cache.down
+            group_of = down.group_of(cache.neuron_of[:cache.n]) if down is not None else None
+            return ffn_over_parts(x, b, cache.n, layout, group_of,
+                                  None if down is None else (down.scales, down.biases), mask,
+                                  cache.bias)
+        if layout.quantized:
+            return ffn_over_qrows(x, b["q"], b["scales"], b["biases"], cache.n, layout,
                                   mask, cache.bias)
-        return compute_ffn(x, cache.weights, cache.n, self.layout.activation, mask, cache.bias)
+        return compute_ffn(x, cache.weights, cache.n, layout.activation, mask, cache.bias)
 
-    def over_rows(self, rows: np.ndarray, xin: mx.array, mask: np.ndarray | None) -> mx.array:
-        weights, bias = split_bundles(rows, self.manifest, self.weight_dtype)
+    def over_rows(self, rows: np.ndarray, xin: mx.array, mask: np.ndarray | None,
+                  cache: NeuronCache, ids: np.ndarray) -> mx.array:
+        weights, bias = split_bundles(rows, self.manifest, self.weight_dtype, cache.layer, ids,
+                                      cache.down)
         return compute_ffn(xin, weights, weights.shape[1], self.layout.activation,
                            None if mask is None else mx.array(mask), bias)
 
@@ -191,7 +203,8 @@ class CpuBackend(CacheBackend):
     def over_cache(self, cache: NeuronCache, x: mx.array, mask: np.ndarray | None) -> mx.array:
         return mx.array(self.ffn.over_cache(cache, accel_linear.to_f32_rows(x), mask))
 
-    def over_rows(self, rows: np.ndarray, xin: np.ndarray, mask: np.ndarray | None) -> mx.array:
+    def over_rows(self, rows: np.ndarray, xin: np.ndarray, mask: np.ndarray | None,
+                  cache: NeuronCache, ids: np.ndarray) -> mx.array:
         return mx.array(self.ffn.over_rows(rows, xin, mask))
 
     def predictor_scorer(self, layer: LayerPredictor) -> FastLayerPredictor:
@@ -218,9 +231,13 @@ class CpuBackend(CacheBackend):
 def uses_cpu_kernels(fast_cpu: bool | None, manifest: Manifest,
                      dtype: str | mx.Dtype | None) -> bool:
     """Whether a `fast_cpu` option (see FlashConfig) takes the fast CPU path for this dir."""
-    supported = accel_ffn.supports(manifest.ffn)
+    supported = accel_ffn.supports(manifest.ffn) and not manifest.per_part
     if fast_cpu is None and (dtype is not None or not supported):
         return False
+    if fast_cpu and manifest.per_part:
+        raise ValueError("fast_cpu does not compute bundles whose parts have their own precision "
+                         "(format 3, a quantized mlx_lm source) yet; load without fast_cpu (the "
+                         "MLX path computes them)")
     if fast_cpu and not supported:
         raise ValueError(f"fast_cpu needs 16-bit (or 4/8-bit with 16-bit scales) bundles; this "
                          f"dir stores {manifest.ffn.dtype} (convert with --dtype float16)")

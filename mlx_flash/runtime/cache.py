@@ -64,6 +64,8 @@ class NeuronCache:
         zeros = zeros or (lambda shape, dt: mx.zeros(shape, dtype=dt))
         self.buffers = {name: zeros((parts, capacity, width), dt)
                         for name, (parts, width, dt) in buffers.items()}
+        self.layer = 0  # which layer's rows it holds (the backend's new_cache sets it)
+        self.down = None  # the layer's DownTable (rows.py) when down is stored along neurons
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
         self.neuron_of = np.full(capacity, -1, dtype=np.int64)
         self.last_step = np.zeros(capacity, dtype=np.int64)

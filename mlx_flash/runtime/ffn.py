@@ -205,16 +205,17 @@ class FlashFFN(nn.Module):
             mask = None
             if len(per_token) > 1 and not every:  # each token only its own neurons
                 mask = np.stack([np.isin(part, t) for t in per_token]).astype(np.float32)
-            y = self._add_rows(xin, y, rows, io, step, mask)
+            y = self._add_rows(xin, y, rows, part, io, step, mask)
             step.bytes_needed += io.needed
         return y
 
-    def _add_rows(self, xin: object, y: mx.array, rows: np.ndarray, io: IOStats,
-                  step: TokenStats, mask: np.ndarray | None = None) -> mx.array:
-        """y + the FFN over a chunk of read bundles, evaluated now (one chunk alive at a time);
-        xin: the backend's `compute_input(x)`. Counts the chunk's read and compute."""
+    def _add_rows(self, xin: object, y: mx.array, rows: np.ndarray, ids: np.ndarray,
+                  io: IOStats, step: TokenStats, mask: np.ndarray | None = None) -> mx.array:
+        """y + the FFN over a chunk of read bundles (neurons `ids`, ascending), evaluated now
+        (one chunk alive at a time); xin: the backend's `compute_input(x)`. Counts the
+        chunk's read and compute."""
         t1 = time.perf_counter()  # io.seconds is the read's own time
-        y = y + self._rt.backend.over_rows(rows, xin, mask)
+        y = y + self._rt.backend.over_rows(rows, xin, mask, self._cache, ids)
         mx.eval(y)
         step.seconds["io"] += io.seconds
         step.seconds["compute"] += time.perf_counter() - t1
@@ -283,7 +284,7 @@ class FlashFFN(nn.Module):
         for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks,
                                                            not rt.config.naive, False),
                                     strict=True):
-            y = self._add_rows(xin, y, rows, io, step)
+            y = self._add_rows(xin, y, rows, part, io, step)
             if watch is not None:
                 t0 = time.perf_counter()
                 watch.add(part, rows)

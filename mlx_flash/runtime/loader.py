@@ -18,13 +18,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..compute.reference import unpack_values
 from ..format.arch import ARCHITECTURES, mlp_prefix
+from ..format.bundles import pack_bits
 from ..format.errors import FormatError
 from ..format.manifest import (
     MANIFEST,
     RESIDENT,
     Manifest,
     check_resident,
+    down_table_names,
     read_layer_rows,
     read_manifest,
     resident_bits,
@@ -46,7 +49,7 @@ from .memory import (
     quantizable,
 )
 from .pinning import pin_hot as pin
-from .rows import split_bundles
+from .rows import DownTable, cache_pieces, split_bundles
 from .selectors import make_selector
 from .selectors.quant_copy import selector_bytes
 from .stats import current_rss_bytes
@@ -144,17 +147,70 @@ def load_tokenizer(root: Path, manifest: Manifest) -> FlashTokenizer:
     return load_flash_tokenizer(root, [eos] if isinstance(eos, int) else eos)
 
 
-def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
-                     ) -> dict[str, mx.array]:
-    """One layer's dense MLP weights in mlx_lm naming, rebuilt from its bundle file."""
-    weights, bias = split_bundles(read_layer_rows(root, manifest, layer), manifest, dtype)
-    spec, prefix = ARCHITECTURES[manifest.config["model_type"]], mlp_prefix(layer)
-    ins = [spec.gate, spec.up] if spec.kind == "gated" else [spec.up]
-    out = {f"{prefix}.{name}.weight": weights[i] for i, name in enumerate(ins)}
-    out[f"{prefix}.{spec.down}.weight"] = weights[-1].T
+def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype,
+                     down: DownTable | None = None) -> dict[str, mx.array]:
+    """One layer's dense MLP weights in mlx_lm naming, rebuilt from its bundle file (down: the
+    layer's table, format 3)."""
+    rows = read_layer_rows(root, manifest, layer)
+    ids = np.arange(manifest.layers[layer].n_neurons)
+    weights, bias = split_bundles(rows, manifest, dtype, layer, ids, down)
+    modules = mlp_modules(manifest, layer)
+    out = {f"{m}.weight": weights[i] for i, m in enumerate(modules[:-1])}
+    out[f"{modules[-1]}.weight"] = weights[-1].T
     if bias is not None:
-        out.update({f"{prefix}.{name}.bias": bias[i] for i, name in enumerate(ins)})
+        out.update({f"{m}.bias": bias[i] for i, m in enumerate(modules[:-1])})
     return out
+
+
+def mlp_modules(manifest: Manifest, layer: int) -> list[str]:
+    """mlx_lm paths of layer `layer`'s FFN linears, in the layout's part order (down last)."""
+    spec, prefix = ARCHITECTURES[manifest.config["model_type"]], mlp_prefix(layer)
+    names = [spec.gate, spec.up, spec.down] if spec.kind == "gated" else [spec.up, spec.down]
+    return [f"{prefix}.{name}" for name in names]
+
+
+def read_layer_packed(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype,
+                      down: DownTable | None) -> tuple[dict[str, mx.array], dict[str, dict]]:
+    """A format-3 layer's MLP as the quantized mlx_lm checkpoint it was carried from: each
+    packed part's `.weight` (uint32), `.scales`, `.biases` rebuilt exactly (down's columns
+    packed back along the neurons, its table transposed), 16-bit parts as weights; and the
+    module path -> {"bits", "group_size"} of the packed ones (for nn.quantize)."""
+    layout = manifest.layer_layout(layer)
+    pieces = cache_pieces(read_layer_rows(root, manifest, layer), layout, dtype)
+    out, params = {}, {}
+    modules = mlp_modules(manifest, layer)
+    for name, module in zip(layout.matrix_names, modules, strict=True):
+        quant = layout.part_quant(name)
+        if not quant.packed:
+            w = pieces[f"{name}.w"][0]
+            out[f"{module}.weight"] = w.T if name == "down" else w
+            continue
+        params[module] = {"bits": quant.bits, "group_size": quant.group_size}
+        if quant.axis == "neurons":
+            values = np.array(unpack_values(pieces[f"{name}.q"][0], quant.bits), np.uint8)
+            out[f"{module}.weight"] = mx.array(pack_bits(values.T, quant.bits))
+            out[f"{module}.scales"], out[f"{module}.biases"] = down.scales.T, down.biases.T
+        else:
+            for kind in ("q", "scales", "biases"):
+                out[f"{module}.{'weight' if kind == 'q' else kind}"] = pieces[f"{name}.{kind}"][0]
+    for i, module in enumerate(modules[:-1]):
+        if "bias" in pieces:
+            out[f"{module}.bias"] = pieces["bias"][i, :, 0]
+    return out, params
+
+
+def pop_down_table(weights: dict[str, mx.array], manifest: Manifest, layer: int
+                   ) -> DownTable | None:
+    """Take layer `layer`'s down table (format 3) out of the resident weights, if it has one."""
+    group = manifest.layer_layout(layer).down_table_group
+    if not group:
+        return None
+    names = down_table_names(layer)
+    if any(name not in weights for name in names):
+        raise FormatError(f"{MANIFEST}: layer {layer} stores down along the neurons but "
+                          f"{RESIDENT} has no {names[0]}; the dir is damaged - re-convert it")
+    scales, biases = (weights.pop(name) for name in names)
+    return DownTable(scales, biases, group)
 
 
 def pop_out_bias(weights: dict[str, mx.array], manifest: Manifest, layer: int
@@ -212,8 +268,18 @@ def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,
     backend = choose_backend(fast_cpu, manifest, dtype)
 
     def dense_ffn(model: nn.Module, weights: dict[str, mx.array]) -> None:
+        packed = {}
         for layer in range(manifest.n_layers):
-            weights.update(read_layer_dense(root, manifest, layer, backend.weight_dtype))
+            down = pop_down_table(weights, manifest, layer)
+            if manifest.layer_layout(layer).per_part:  # as the mlx_lm checkpoint was
+                layer_weights, params = read_layer_packed(root, manifest, layer,
+                                                          backend.weight_dtype, down)
+                packed.update(params)
+            else:
+                layer_weights = read_layer_dense(root, manifest, layer, backend.weight_dtype)
+            weights.update(layer_weights)
+        if packed:
+            nn.quantize(model, class_predicate=lambda path, module: packed.get(path, False))
 
     model, _ = assemble(root, manifest, backend, dense_ffn)
     drop_page_cache(root / RESIDENT)
@@ -442,6 +508,7 @@ def _install_flash(model: nn.Module, weights: dict[str, mx.array], root: Path,
     backend, manifest = runtime.backend, runtime.manifest
     for i, layer in enumerate(model.layers):
         cache = backend.new_cache(i, fit.plan.capacity, runtime.config.window)
+        cache.down = pop_down_table(weights, manifest, i)
         out_bias = backend.out_bias(pop_out_bias(weights, manifest, i))
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)
     if fit.embed_on_flash:

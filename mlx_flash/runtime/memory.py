@@ -152,9 +152,11 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: Flas
     sizes = resident_sizes(root, manifest, itemsize, resident_bits, config.resident_group_size)
     embed = sizes.get("model.embed_tokens.weight", 0)
     resident = sum(sizes.values()) - embed
-    layout, n = manifest.ffn, manifest.layers[0].n_neurons
+    n = manifest.layers[0].n_neurons
     per_neuron = sum(parts * width * (4 if dt == mx.uint32 else itemsize)
-                     for parts, width, dt in cache_buffers(layout, dtype).values())
+                     for layer in range(manifest.n_layers)
+                     for parts, width, dt in cache_buffers(manifest.layer_layout(layer),
+                                                           dtype).values())
     scratch = (stream_scratch(config, backend.chunk_bytes_per_neuron(),
                               max(e.stride for e in manifest.layers), config.threads)
                + prefill_bytes(manifest.config, min(config.max_kv_tokens, PREFILL_STEP),
@@ -166,7 +168,7 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: Flas
     plan = MemoryPlan(budget, runtime_bytes, resident, 0 if embed_on_flash else embed, predictors,
                       kv_bytes(manifest.config, config.max_kv_tokens,
                                backend.kv_itemsize or itemsize),
-                      scratch, 0, n, n, per_neuron * manifest.n_layers, config.reserve)
+                      scratch, 0, n, n, per_neuron, config.reserve)
     if budget is not None:
         plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
     plan.caches = plan.capacity * plan.per_neuron

@@ -55,11 +55,11 @@ class OracleSelector:
         return top_ids(magnitude, self.keep)
 
 
-def rows_activations(x: mx.array, rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype
-                     ) -> np.ndarray:
-    """True activations of the neurons whose raw bundles are `rows`: x (T, d), rows (k, stride)
-    uint8 -> (T, k) float32, evaluated."""
-    weights, bias = split_bundles(rows, manifest, dtype)
+def rows_activations(x: mx.array, rows: np.ndarray, manifest: Manifest, dtype: mx.Dtype,
+                     layer: int) -> np.ndarray:
+    """True activations of the neurons whose raw bundles of `layer` are `rows`: x (T, d), rows
+    (k, stride) uint8 -> (T, k) float32, evaluated."""
+    weights, bias = split_bundles(rows, manifest, dtype, layer, activations_only=True)
     h = neuron_activations(x, weights, weights.shape[1], manifest.ffn.activation, bias)
     return np.array(h.astype(mx.float32))  # np.array evaluates: needed now
 
@@ -72,5 +72,5 @@ def layer_activations(store: NeuronStore, manifest: Manifest, layer: int, x: mx.
     out = np.empty((x.shape[0], n), dtype=np.float32)
     for ids, rows, stats in store.iter_layer(layer, chunk):
         io.add(stats)
-        out[:, ids] = rows_activations(x, rows, manifest, dtype)
+        out[:, ids] = rows_activations(x, rows, manifest, dtype, layer)
     return out, io

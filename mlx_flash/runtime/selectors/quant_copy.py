@@ -65,7 +65,8 @@ class QuantCopySelector:
         biases = np.zeros_like(scales)
         in_bias = None
         for ids, rows, _ in store.iter_layer(layer, chunk):
-            weights, bias = split_bundles(rows, self.manifest, mx.float32)  # (P, k, d)
+            weights, bias = split_bundles(rows, self.manifest, mx.float32, layer,
+                                          activations_only=True)  # (P, k, d), down unused
             for part in range(self.parts):
                 wq, s, b = mx.quantize(weights[part], group_size=GROUP_SIZE, bits=BITS)
                 at = part * n + ids

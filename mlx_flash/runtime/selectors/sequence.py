@@ -70,7 +70,7 @@ class PromptWatch:
     def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """ids (k,) ascending, rows (k, stride): the raw bundles the stream just read."""
         self.h[:, ids] = rows_activations(self.x, rows, self.selector.manifest,
-                                          self.selector.dtype)
+                                          self.selector.dtype, self.layer)
 
     def close(self) -> None:
         self.selector.add_prompt(self.layer, self.h)
