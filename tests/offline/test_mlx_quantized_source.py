@@ -1,5 +1,6 @@
 """Quantized mlx_lm checkpoints as a source, carried exactly (format 3): a tiny model quantized
-by mlx_lm's own convert (4-bit g64, 8-bit g32, the mixed_3_6 recipe), converted by mlx-flash,
+by mlx_lm's own convert (4-bit g64, 8-bit g32, 4-bit g128, the mixed_3_6 and mixed_2_6
+recipes: 2, 3, 4, 6 and 8 bits, 16-bit parts beside packed ones), converted by mlx-flash,
 gives mlx_lm's logits - bit for bit from the dense rebuild, within float16 rounding from the
 flash model (every neuron, cached or streamed) - and what cannot be carried is refused."""
 
@@ -34,6 +35,9 @@ RECIPES = {  # name -> mlx_lm convert's quantization options
     "q4g64": {"q_bits": 4, "q_group_size": 64},
     "q8g32": {"q_bits": 8, "q_group_size": 32},
     "mixed_3_6": {"q_group_size": 64, "quant_predicate": "mixed_3_6"},
+    "mixed_2_6": {"q_group_size": 32, "quant_predicate": "mixed_2_6"},
+    # d_model 64 does not split into groups of 128: mlx_lm leaves gate/up 16-bit, packs down
+    "q4g128": {"q_bits": 4, "q_group_size": 128},
 }
 
 
@@ -139,6 +143,14 @@ def test_layout_is_the_checkpoints_own(dirs):
     tables = sum(resident[name].nbytes for i in range(manifest.n_layers)
                  for name in down_table_names(i))
     assert bundles + tables == packed  # the checkpoint's bytes, moved (strides pad them)
+
+
+def test_unquantized_parts_stay_16_bit(dirs):
+    """Where mlx_lm left a linear unquantized (its input does not split into groups of 128)
+    the part is stored 16-bit beside the packed down part."""
+    _, flash = dirs("q4g128")
+    layout = read_manifest(flash).ffn
+    assert [layout.part_quant(p).bits for p in ("gate", "up", "down")] == [16, 16, 4]
 
 
 def test_quantized_resident_part_is_carried(dirs):
