@@ -19,7 +19,7 @@ from ..runtime.config import DTYPES, ORACLE_RULES, SELECTORS
 from ..runtime.loader import load, load_dense
 from ..runtime.planner import PLANNERS
 from ..runtime.stats import RunStats, TokenStats
-from ..spec.drafter import drafter_bytes, load_drafter
+from ..spec.drafter import drafter_bytes, find_drafter, load_drafter
 from ..spec.speculative import SpecSettings, Speculation
 from .info import info_bytes
 
@@ -127,7 +127,8 @@ def add_drafter_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of speculative decoding with the recurrent drafter."""
     p.add_argument("--drafter", nargs="?", const="", default=None, metavar="PATH",
                    help="speculative decoding (greedy only) with a drafter: the model dir's "
-                        "(made by `mlx-flash train-drafter`) or PATH (a dir or .safetensors)")
+                        "(made by `mlx-flash train-drafter`), else the packaged one for the "
+                        "model, or PATH (a dir or .safetensors)")
     p.add_argument("--beam-width", type=int, default=1,
                    help="drafter beams per step (1x3 was fastest here, dense and under a "
                         "cap: BENCHMARKS.md, issue 8)")
@@ -143,7 +144,7 @@ def load_speculation(args: argparse.Namespace, model):
         return None
 
     root = model_dir(args)
-    drafter = load_drafter(args.drafter or root, root).attach(model, root)
+    drafter = load_drafter(args.drafter or find_drafter(root), root).attach(model, root)
     return Speculation(drafter, SpecSettings(args.beam_width, args.draft_length,
                                              args.window_policy))
 
@@ -225,4 +226,5 @@ def drafter_reserve(args: argparse.Namespace, root: Path) -> int:
     if getattr(args, "drafter", None) is None:
         return 0
 
-    return drafter_bytes(args.drafter or root, read_manifest(root).config["hidden_size"])
+    return drafter_bytes(args.drafter or find_drafter(root),
+                         read_manifest(root).config["hidden_size"])

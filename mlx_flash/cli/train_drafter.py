@@ -13,13 +13,13 @@ def train_drafter_cli(args) -> int:
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         hidden_weight=args.hidden_weight, seed=args.seed)
     n_tokens = (args.tokens // args.seq_len) * args.seq_len
-    if args.answers:
-        n_tokens = args.answers * (args.seq_len - PROMPT_TAIL)  # less what the cache holds
+    if args.answers or args.general:  # less what the cache holds
+        n_tokens = (args.answers + args.general) * (args.seq_len - PROMPT_TAIL)
     bars = _Progress(n_tokens, cfg.steps)
     try:
         path, report = make_drafter(args.dir, cfg, args.text, args.tokens, args.seq_len,
                                     args.out, bars, args.teacher_cache, args.answers,
-                                    args.answer_batch)
+                                    args.answer_batch, args.general)
     finally:
         bars.close()
     hold = report.holdout
@@ -43,6 +43,10 @@ def add_arguments(subparsers) -> None:
                         "from the calibration text (seq-len tokens each) instead of the text; "
                         "up to 3 per document: explain with an example, explain in prose, "
                         "write new code")
+    p.add_argument("--general", type=int, default=0,
+                   help="also train on the model's own answers to this many of the packaged "
+                        "general requests (prose, advice, letters, stories; no code), "
+                        "interleaved with --answers")
     p.add_argument("--answer-batch", type=int, default=16,
                    help="answers generated together (one forward call per token for all)")
     p.add_argument("--steps", type=int, default=DrafterConfig.steps, help="training steps")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from ..format.storage import save_npz
 from ..runtime.generate import format_prompt
 from ..spec.drafter import output_head
+from .calibration import numpy_linears
 
 PROMPT_TAIL = 16  # prompt tokens kept before each self-generated answer
 
@@ -55,6 +57,30 @@ def answer_prompts(documents: Iterator[str], n: int) -> list[str]:
             kind = "code" if "def " in doc or "import " in doc else "text"
             prompts.append(template.format(kind=kind, excerpt=doc[:chars]))
     return prompts[:n]
+
+
+GENERAL_REQUESTS = "requests.txt"  # in offline/data: prose and chat requests, one a line
+
+
+def general_requests(n: int) -> list[str]:
+    """The first n of the packaged general requests (prose, advice, letters, stories on ~120
+    everyday topics; no code): what the calibration text's requests rarely ask for."""
+    text = resources.files(__package__).joinpath("data", GENERAL_REQUESTS).read_text("utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if n > len(lines):
+        raise ValueError(f"--general {n}: the package holds {len(lines)} general requests; "
+                         f"ask for at most {len(lines)}")
+    return lines[:n]
+
+
+def mixed_prompts(documents: Iterator[str], answers: int, general: int) -> list[str]:
+    """`answer_prompts(documents, answers)` and `general_requests(general)`, interleaved evenly
+    (so a held-out tail holds both kinds)."""
+    doc = answer_prompts(documents, answers) if answers else []
+    gen = general_requests(general)
+    order = sorted([((i + 0.5) / len(doc), 0, i) for i in range(len(doc))]
+                   + [((i + 0.5) / len(gen), 1, i) for i in range(len(gen))])
+    return [(doc, gen)[kind][i] for _, kind, i in order]
 
 
 def answer_sequences(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
@@ -103,7 +129,8 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
                     batch: int = 16, progress=None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`answer_sequences` for `batch` prompts at a time (left-padded, one forward call per
-    generated token for the whole batch: ~5x the tokens/s of one prompt on a 2-core CPU), and
+    generated token for the whole batch, its linears and tied head in numpy: see
+    `head_argmax`, `calibration.numpy_linears`), and
     the teacher pass on the way: the generating model's hidden state and argmax at every kept
     position, so no second pass is needed. Returns tokens (n, seq_len), hidden (n, seq_len, d)
     f32 and argmax (n, seq_len); argmax[:, i] = tokens[:, i + 1] over the generated part."""
@@ -112,7 +139,30 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
     if n_new < 1:
         raise ValueError(f"--seq-len {seq_len} leaves no room for an answer; use > "
                          f"{PROMPT_TAIL + 1}")
-    head = output_head(model)
+    with numpy_linears(model):
+        return _batched_answers(model, tokenizer, prompts, n_new, batch, progress)
+
+
+def head_argmax(model: nn.Module) -> Callable[[mx.array], np.ndarray]:
+    """h (B, N, d) -> the model's argmax token (B, N). A tied float embedding table on CPU
+    is widened to float32 once and multiplied by numpy (the (d, V) head is most of a batched
+    step's flops; MLX's CPU matmul is ~40x slower); else the model's own head."""
+    embed = model.model.embed_tokens
+    if "lm_head" in model or type(embed) is not nn.Embedding or mx.default_device() != mx.cpu:
+        head = output_head(model)  # an nn.Linear lm_head runs in numpy under numpy_linears
+        return lambda h: np.array(mx.argmax(head(h), axis=-1))
+    w = np.ascontiguousarray(np.array(embed.weight.astype(mx.float32)).T)  # (d, V)
+
+    def argmax(h: mx.array) -> np.ndarray:
+        a = np.array(h.astype(mx.float32))
+        return np.argmax(a.reshape(-1, a.shape[-1]) @ w, axis=-1).reshape(a.shape[:-1])
+    return argmax
+
+
+def _batched_answers(model: nn.Module, tokenizer, prompts: list[str], n_new: int, batch: int,
+                     progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`batched_answers` with the linears already in numpy."""
+    head = head_argmax(model)
     tokens, hidden, argmax = [], [], []
     for first in range(0, len(prompts), batch):
         ids = [format_prompt(tokenizer, p) for p in prompts[first:first + batch]]
@@ -123,14 +173,12 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
         inputs = np.array([[i[0]] * (width - len(i)) + i for i in ids], dtype=np.int32)
         cache = make_prompt_cache(model)
         h = _padded_forward(model, mx.array(inputs), cache, pad)[:, -PROMPT_TAIL:]
-        g = mx.argmax(head(h), axis=-1)
-        hs, gs = [np.array(h.astype(mx.float32))], [np.array(g)]
+        hs, gs = [np.array(h.astype(mx.float32))], [head(h)]
         new = [gs[0][:, -1]]
         for step in range(n_new):  # the last step only reads the last token's h and argmax
             h = _padded_forward(model, mx.array(new[-1][:, None]), cache, pad)
-            g = mx.argmax(head(h), axis=-1)
             hs.append(np.array(h.astype(mx.float32)))
-            gs.append(np.array(g))
+            gs.append(head(h))
             if step < n_new - 1:
                 new.append(gs[-1][:, 0])
             if progress is not None:
@@ -140,6 +188,14 @@ def batched_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: in
         argmax.append(np.concatenate(gs, axis=1))
     return (np.concatenate(tokens).astype(np.int32), np.concatenate(hidden),
             np.concatenate(argmax).astype(np.int64))
+
+
+def _by_length(todo: list[int], prompts: list[str], block: int) -> list[int]:
+    """todo in blocks of `block`, each sorted by prompt length: a batch pads to its longest
+    prompt, so batches of alike lengths waste less of the prefill (a run stopped early
+    still holds, roughly, a prefix of the requests)."""
+    return [i for first in range(0, len(todo), block)
+            for i in sorted(todo[first:first + block], key=lambda i: len(prompts[i]))]
 
 
 def cached_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int,
@@ -157,7 +213,8 @@ def cached_answers(model: nn.Module, tokenizer, prompts: list[str], seq_len: int
                 arrays = [data[name] for name in ("tokens", "hidden", "argmax")]
                 for i, key in enumerate(data["keys"]):
                     rows[str(key)] = tuple(a[i] for a in arrays)
-    missing = [i for i, key in enumerate(keys) if key not in rows]
+    missing = _by_length([i for i, key in enumerate(keys) if key not in rows], prompts,
+                         4 * batch)
     if progress is not None:  # the bar counts what is generated, not what is cached
         progress("teacher-total", len(missing) * (seq_len - PROMPT_TAIL), 0.0)
     for first in range(0, len(missing), batch):

@@ -54,7 +54,7 @@ from ..spec.drafter import (
     rnn_step,
     save_drafter,
 )
-from .answers import answer_prompts, cached_answers
+from .answers import cached_answers, mixed_prompts
 from .calibration import (
     DEFAULT_DOC_CHARS,
     DEFAULT_TEXT,
@@ -357,34 +357,39 @@ def train_drafter(model: nn.Module, model_dir: str | Path, tokens: np.ndarray,
 def make_drafter(flash_dir: str | Path, cfg: DrafterConfig, text: str | Path | None = None,
                  n_tokens: int = 4096, seq_len: int = 256, out: str | Path | None = None,
                  progress=None, teacher_cache: str | Path | None = None, answers: int = 0,
-                 answer_batch: int = 16) -> tuple[Path, TrainReport]:
-    """Calibration text (or, with `answers`, the model's own greedy answers to that many
-    requests made from it, `answer_batch` at a time, their hidden states kept on the way)
-    -> teacher pass of the dense model -> drafter saved in the dir. With answers the
-    teacher_cache keeps the answers (see cached_answers)."""
+                 answer_batch: int = 16, general: int = 0) -> tuple[Path, TrainReport]:
+    """Calibration text (or, with `answers` / `general`, the model's own greedy answers to
+    that many requests made from it / of the packaged general ones (`answers.mixed_prompts`),
+    `answer_batch` at a time, their hidden states kept on the way) -> teacher pass of the
+    dense model -> drafter saved in the dir. With answers the teacher_cache keeps the
+    answers (see cached_answers)."""
 
     root = Path(flash_dir)
-    model, tokenizer = load_dense(root, fast_cpu=True)
+    # float32 on CPU: the teacher's linears run as numpy matmuls (numpy_linears), and MLX's
+    # float16 CPU ops around them are ~2x slower than float32 ones
+    model, tokenizer = load_dense(root, dtype=mx.float32 if mx.default_device() == mx.cpu
+                                  else None)
     docs = default_documents() if text is None else read_documents(text)
     cache = Path(teacher_cache) if teacher_cache is not None else None
     teacher = None
-    if answers:
+    if answers or general:
         t0 = time.perf_counter()
         tokens, *teacher = cached_answers(
-            model, tokenizer, answer_prompts(docs, answers), seq_len, cache,
+            model, tokenizer, mixed_prompts(docs, answers, general), seq_len, cache,
             model_identity(root)["resident_sha256"], answer_batch, progress)
         answer_seconds = time.perf_counter() - t0
     else:
         tokens = calibration_sequences(tokenizer, docs, n_tokens, seq_len)
     drafter, report = train_drafter(model, root, tokens, cfg, progress, cache,
                                     teacher=teacher)
-    if answers:  # generation was the teacher pass
+    if answers or general:  # generation was the teacher pass
         report.teacher_seconds = answer_seconds
         drafter.meta["teacher_seconds"] = round(answer_seconds, 1)
     source = (DEFAULT_TEXT.format(chars=DEFAULT_DOC_CHARS) if text is None
               else str(Path(text).resolve()))
     drafter.meta["text"] = (f"the model's greedy answers to {answers} requests made from: "
-                            if answers else "") + source
+                            if answers or general else "") + source + (
+        f"; and to {general} of the packaged general requests" if general else "")
     return save_drafter(drafter, root, out), report
 
 

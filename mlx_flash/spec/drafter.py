@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +30,9 @@ FILE_FORMAT = "mlx-flash-drafter"
 
 
 FILE_VERSION = "1"
+
+
+PACKAGED = "data"  # in mlx_flash/spec: drafters shipped for the registry's models, NAME.safetensors + NAME.json
 
 
 def head_weight_rows(model_dir: str | Path, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -241,11 +245,53 @@ def drafter_bytes(path: str | Path, d_model: int, half: bool | None = None) -> i
 
 
 def model_identity(flash_dir: Path) -> dict:
-    """What ties a drafter to a model: the architecture numbers and the resident file's hash."""
+    """What ties a drafter to a model: the architecture numbers, the hash of the source the
+    dir was converted from (the same on any machine that converts the same file, e.g. the
+    GGUF `pull` verifies) and the resident file's hash (for drafters saved before the source
+    hash was recorded)."""
     manifest = read_manifest(flash_dir)
     cfg = manifest.config
     return {"d_model": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
+            "source_sha256": manifest.source.get("sha256"),
             "resident_sha256": manifest.resident["sha256"]}
+
+
+def identity_mismatch(saved: dict, current: dict) -> str | None:
+    """The first identity key on which a drafter's `saved` model and `current` differ, or
+    None: d_model and vocab_size, then the source hash where both record one, else the
+    resident file's hash."""
+    both = saved.get("source_sha256") and current.get("source_sha256")
+    for key in ("d_model", "vocab_size", "source_sha256" if both else "resident_sha256"):
+        if saved.get(key) != current.get(key):
+            return key
+    return None
+
+
+def packaged_drafters() -> list[Path]:
+    """The drafters shipped with the package (weights files that have a sidecar), sorted."""
+    folder = resources.files(__package__).joinpath(PACKAGED)
+    if not folder.is_dir():
+        return []
+    return sorted(Path(str(f)) for f in folder.iterdir()
+                  if f.name.endswith(".safetensors") and drafter_paths(Path(str(f)))[1].exists())
+
+
+def find_drafter(flash_dir: str | Path) -> Path:
+    """What `--drafter` without a PATH uses: the model dir's own drafter if it has one, else
+    the packaged drafter trained for this model (`identity_mismatch` None), else the dir
+    (loading it then fails with the fix)."""
+    root = Path(flash_dir)
+    if any(p.exists() for p in drafter_paths(root)):
+        return root
+    current = model_identity(root)
+    for weights in packaged_drafters():
+        try:
+            saved = json.loads(drafter_paths(weights)[1].read_text()).get("model", {})
+        except (OSError, json.JSONDecodeError):
+            continue  # a broken packaged sidecar is not this model's drafter
+        if identity_mismatch(saved, current) is None:
+            return weights
+    return root
 
 
 def save_drafter(drafter: Drafter, flash_dir: str | Path, path: str | Path | None = None
@@ -277,7 +323,10 @@ def load_drafter(path: str | Path, flash_dir: str | Path | None = None,
     weights, sidecar = drafter_paths(path)
     fix = f"train one with `mlx-flash train-drafter {flash_dir or weights.parent}`"
     if not sidecar.exists() or not weights.exists():
-        raise FormatError(f"no drafter at {weights} (needs it and {sidecar.name}); {fix}")
+        shipped = ", ".join(p.stem for p in packaged_drafters()) or "none"
+        raise FormatError(f"no drafter at {weights} (needs it and {sidecar.name}), and no "
+                          f"packaged drafter was trained for this model (packaged: {shipped}); "
+                          f"{fix} (README: speculative decoding)")
     try:
         entry = json.loads(sidecar.read_text())
     except json.JSONDecodeError as e:
@@ -305,7 +354,7 @@ def _from_arrays(arrays: dict[str, mx.array], where: Path, fix: str, half: bool)
 
 
 def _check_identity(saved: dict, current: dict, where: Path, fix: str) -> None:
-    for key in ("d_model", "vocab_size", "resident_sha256"):
-        if saved.get(key) != current[key]:
-            raise FormatError(f"{where} was trained for another model ({key} "
-                              f"{saved.get(key)!r}, this model {current[key]!r}); {fix}")
+    key = identity_mismatch(saved, current)
+    if key is not None:
+        raise FormatError(f"{where} was trained for another model ({key} "
+                          f"{saved.get(key)!r}, this model {current.get(key)!r}); {fix}")
