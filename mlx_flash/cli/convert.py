@@ -12,7 +12,7 @@ def cmd_convert(args) -> int:
     src = resolve_source(args.src, models_dir=args.models_dir)
     _convert(src, args.out, args.dtype, args.align, args.force, args.bits, args.group_size,
              resident_bits=args.resident_bits, resident_group_size=args.resident_group_size,
-             carry=not args.requantize)
+             carry=not args.requantize, carry_ffn=args.carry_ffn)
     return 0
 
 
@@ -38,6 +38,11 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                    help="GGUF: re-quantize every resident matrix at --resident-bits; by "
                         "default blocks that are exactly MLX affine (Q8_0, Q5_0, Q4_0) are "
                         "stored as they are, at their own bits, and Q6_K at 8 bits")
+    p.add_argument("--carry-ffn", action="store_true",
+                   help="copy the FFN's own quantized blocks (a GGUF's Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/"
+                        "Q6_K) into the bundles, each part at its own bits, exactly (format 3, "
+                        "computed on the MLX path; --bits then sets the resident part only). A "
+                        "quantized mlx_lm dir is always carried as stored")
     p.add_argument("--align", type=int, default=64, help="bundle stride alignment in bytes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)

@@ -213,12 +213,13 @@ class FFNLayout:
                 raise FormatError(f"ffn quant of {name}: {e}; {fix}") from e
             if q.bits == 16:
                 continue
-            if q.bits not in QUANT_BITS or q.group_size not in QUANT_GROUPS \
+            groups = NEURON_GROUPS if q.axis == "neurons" else QUANT_GROUPS
+            if q.bits not in QUANT_BITS or q.group_size not in groups \
                     or q.axis not in QUANT_AXES or (q.axis == "neurons" and name != "down") \
                     or (q.axis == "d_model" and self.d_model % q.group_size) \
                     or self.d_model * q.bits % 32:
                 raise FormatError(f"ffn quant of {name} {spec} is not MLX affine bits in "
-                                  f"{QUANT_BITS}, group_size in {QUANT_GROUPS} dividing its "
+                                  f"{QUANT_BITS}, group_size in {groups} dividing its "
                                   f"axis ({QUANT_AXES}; only down runs along the neurons) for "
                                   f"d_model {self.d_model}; {fix}")
 
@@ -514,6 +515,9 @@ QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode packs
 
 
 QUANT_GROUPS = (32, 64, 128)
+
+
+NEURON_GROUPS = (16, *QUANT_GROUPS)  # a down table's groups (Q6_K's blocks are 16 wide)
 
 
 def _quant_params(value, what: str, where: str) -> None:

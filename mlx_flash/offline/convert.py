@@ -178,14 +178,16 @@ def carried_layout(ckpt: Checkpoint, dtype: str) -> tuple[FFNLayout, list[dict |
         quant = {}
         for role in base.matrix_names:
             name = ckpt.ffn_names(layer)[role]
-            params = ckpt.quantization_for(name)
+            params = ckpt.ffn_quantization(name)
             quant[role] = asdict(PartQuant(16) if params is None else PartQuant(
                 params["bits"], params["group_size"], "neurons" if role == "down" else "d_model"))
         try:
             replace(base, quant=quant)
         except FormatError as e:
-            raise ValueError(f"{ckpt.path}: layer {layer}'s FFN cannot be carried exactly "
-                             f"({e}); convert from the 16-bit model instead") from e
+            names = ", ".join(ckpt.ffn_names(layer).values())
+            raise ValueError(f"{ckpt.path}: layer {layer}'s FFN ({names}) cannot be carried "
+                             f"exactly ({e}); convert it without carrying (from the 16-bit "
+                             "model, or without --carry-ffn)") from e
         per_layer.append(quant)
     if not any(q["bits"] < 16 for quant in per_layer for q in quant.values()):
         return base, [None] * len(per_layer)  # nothing packed in the FFN: a 16-bit layout
@@ -304,7 +306,8 @@ def resident_arrays(ckpt: Checkpoint, dtype: str, plan: dict[str, dict]
 def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None = None,
             bits: int = 16, group_size: int | None = None, align: int = 64, force: bool = False,
             progress: Progress | None = None, resident_bits: int | None = None,
-            resident_group_size: int | None = None, carry: bool = True) -> ConvertStats:
+            resident_group_size: int | None = None, carry: bool = True,
+            carry_ffn: bool | None = None) -> ConvertStats:
     """Convert a source checkpoint into a flash model dir at `out`.
 
     dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
@@ -317,7 +320,10 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     exactly MLX affine (Q8_0, Q5_0, Q4_0) are stored as they are, at their own bits, not
     re-quantized (False: every matrix at resident_bits). align: bundle stride alignment in
     bytes (the store reads aligned spans for O_DIRECT itself, so padding to 4096 is only worth
-    it for huge bundles).
+    it for huge bundles). carry_ffn: the FFN's own blocks copied into format-3 bundles (each
+    part at its own bits; `Checkpoint.ffn_quantization`) instead of dequantized or re-quantized
+    at `bits` (which then applies to the resident part only); a quantized mlx_lm checkpoint is
+    always carried whole (resident part too), as stored.
     """
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     out = Path(out)
@@ -340,6 +346,8 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     else:
         group_size = group_size or ckpt.group_size
         layout, overrides = layout_for(ckpt, dtype, bits, group_size), [None] * n_layers
+        if carry_ffn:
+            layout, overrides = carried_layout(ckpt, dtype)
         resident_bits = bits if resident_bits is None else resident_bits
         resident_group_size = resident_group_size or group_size
         if resident_bits not in (16, 8, 4) or resident_group_size not in QUANT_GROUPS:

@@ -18,12 +18,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..compute.reference import unpack_values
+from ..compute.reference import dequantize_down, unpack_values
 from ..format.arch import ARCHITECTURES, mlp_prefix
 from ..format.bundles import pack_bits
 from ..format.errors import FormatError
 from ..format.manifest import (
     MANIFEST,
+    QUANT_GROUPS,
     RESIDENT,
     Manifest,
     check_resident,
@@ -173,8 +174,9 @@ def read_layer_packed(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtyp
                       down: DownTable | None) -> tuple[dict[str, mx.array], dict[str, dict]]:
     """A format-3 layer's MLP as the quantized mlx_lm checkpoint it was carried from: each
     packed part's `.weight` (uint32), `.scales`, `.biases` rebuilt exactly (down's columns
-    packed back along the neurons, its table transposed), 16-bit parts as weights; and the
-    module path -> {"bits", "group_size"} of the packed ones (for nn.quantize)."""
+    packed back along the neurons, its table transposed), 16-bit parts - and a down in groups
+    MLX cannot pack (a GGUF's Q6_K) - as dense weights; and the module path -> {"bits",
+    "group_size"} of the packed ones (for nn.quantize)."""
     layout = manifest.layer_layout(layer)
     pieces = cache_pieces(read_layer_rows(root, manifest, layer), layout, dtype)
     out, params = {}, {}
@@ -184,6 +186,12 @@ def read_layer_packed(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtyp
         if not quant.packed:
             w = pieces[f"{name}.w"][0]
             out[f"{module}.weight"] = w.T if name == "down" else w
+            continue
+        if quant.axis == "neurons" and quant.group_size not in QUANT_GROUPS:  # Q6_K's 16
+            ids = np.arange(manifest.layers[layer].n_neurons)
+            out[f"{module}.weight"] = dequantize_down(pieces[f"{name}.q"][0], quant.bits,
+                                                      down.group_of(ids), down.scales,
+                                                      down.biases).T  # MLX packs no 16s
             continue
         params[module] = {"bits": quant.bits, "group_size": quant.group_size}
         if quant.axis == "neurons":

@@ -74,6 +74,11 @@ class Checkpoint(ABC):
         exactly MLX affine (see `read_quantized`), or None: unquantized sources."""
         return None
 
+    def ffn_quantization(self, name: str) -> dict | None:
+        """{"bits", "group_size"} at which FFN matrix `name`'s own blocks are exactly affine
+        along its rows (`read_quantized`), for carrying into format-3 bundles; None: not."""
+        return self.quantization_for(name)
+
     def read_quantized(self, name: str, bits: int, group_size: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Matrix `name` (r, c) as the source stores it when that is exactly MLX affine at

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 
 from ...format.storage import NP_STORAGE, to_f32
 from .base import Checkpoint, TensorInfo
@@ -112,6 +112,35 @@ CARRIED = {GGMLQuantizationType.Q8_0: (8, 128), GGMLQuantizationType.Q5_0: (5, 1
 
 # Types that are not carried but would lose much at 4 bits: re-quantized at these instead.
 KEPT = {GGMLQuantizationType.Q6_K: {"bits": 8, "group_size": 32}}
+
+
+# Every type whose values are exactly affine per group along a row, w = scale * q + bias with q
+# in [0, 2**bits): type -> (bits, group). The k-quants' scales are products of the super-block's
+# f16 d with 6-bit (Q4_K/Q5_K) or int8 (Q6_K) sub-block scales. An FFN carried into format-3
+# bundles (`convert --carry-ffn`) keeps these blocks: gate/up rows at groups of 32 (MLX's
+# smallest), down along the neurons at any of these groups.
+AFFINE = {GGMLQuantizationType.Q8_0: (8, 32), GGMLQuantizationType.Q5_0: (5, 32),
+          GGMLQuantizationType.Q4_0: (4, 32), GGMLQuantizationType.Q4_K: (4, 32),
+          GGMLQuantizationType.Q5_K: (5, 32), GGMLQuantizationType.Q6_K: (6, 16)}
+
+
+def group_affine(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (scale, bias) of `AFFINE` rows: raw (r, row_bytes) uint8 -> (r, groups) f32
+    each, w = scale * q + bias."""
+    rows, block_bytes = len(raw), GGML_QUANT_SIZES[qtype][1]
+    if qtype in CARRIED:  # 32-value blocks led by their f16 d: w = d * (q - zero)
+        d = raw.reshape(rows, -1, block_bytes)[:, :, :2].copy().view(np.float16)[..., 0]
+        d = d.astype(np.float32)
+        return d, -CARRIED[qtype][1] * d
+    blocks = raw.reshape(-1, block_bytes)
+    if qtype == GGMLQuantizationType.Q6_K:  # ql 128 | qh 64 | int8 scales 16 | d f16
+        sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
+        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+        scale = d * sc
+        return scale.reshape(rows, -1), (-32 * scale).reshape(rows, -1)
+    d, dmin = (blocks[:, i:i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2))
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # Q4_K and Q5_K share the 12-byte packing
+    return (d * sc).reshape(rows, -1), (-dmin * m).reshape(rows, -1)
 
 
 @dataclass(frozen=True)
@@ -351,34 +380,44 @@ class GGUFCheckpoint(Checkpoint):
         looked_up = name == "model.embed_tokens.weight" and "lm_head.weight" in self._names
         return {"bits": bits if looked_up or bits in (4, 8) else 8, "group_size": 32}
 
+    def ffn_quantization(self, name: str) -> dict | None:
+        """{"bits", "group_size"} of an FFN matrix's own blocks when they are exactly affine
+        (`AFFINE`, k-quants included), else None."""
+        t = self._names[name]
+        if t.qtype not in AFFINE or len(t.shape) != 2:
+            return None
+        bits, group = AFFINE[t.qtype]
+        return {"bits": bits, "group_size": group}
+
     def read_quantized(self, name: str, bits: int, group_size: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """A `CARRIED` matrix's blocks as MLX affine at `bits` >= its own: (q (r, c) uint8,
-        scales = d, biases = -zero * d (r, c / 32) float32), exact (d * k for |k| <= 128 is exact in f32, so
-        q = w / d + zero recovers the stored integers). None for other types or params."""
+        """An `AFFINE` matrix's blocks at `bits` >= its own and its own group size: (q (r, c)
+        uint8, scales, biases (r, c / group) float32), exact (scale * k is exact in f32 for
+        these small integers k, so q = (w - bias) / scale recovers the stored integers from
+        llama.cpp's own dequantization). None for other types or params."""
         t = self._names[name]
-        if t.qtype not in CARRIED or bits < CARRIED[t.qtype][0] or group_size != 32 \
-                or self.quantization_for(name) is None:
+        if t.qtype not in AFFINE or bits < AFFINE[t.qtype][0] \
+                or group_size != AFFINE[t.qtype][1]:
             return None
-        zero = CARRIED[t.qtype][1]
         rows, cols = t.shape
         row_bytes, q = t.nbytes // rows, np.empty((rows, cols), np.uint8)
-        d = np.empty((rows, cols // 32), np.float32)
+        scales = np.empty((rows, cols // group_size), np.float32)
+        biases = np.empty_like(scales)
         step = max(1, SCRATCH_BYTES // (4 * cols))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            raw = self._bytes(t.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
-            blocks = raw.reshape(r1 - r0, cols // 32, -1)
-            d[r0:r1] = blocks[:, :, :2].copy().view(np.float16)[..., 0]
-            w = dequantize(raw.reshape(r1 - r0, row_bytes), t.qtype).reshape(r1 - r0, -1, 32)
-            scale = d[r0:r1, :, None]
-            k = np.divide(w, scale, out=np.zeros_like(w), where=scale != 0)
-            q[r0:r1] = (np.rint(k) + zero).reshape(r1 - r0, cols)
+            raw = self._bytes(t.offset + r0 * row_bytes, (r1 - r0) * row_bytes).reshape(
+                r1 - r0, row_bytes)
+            scales[r0:r1], biases[r0:r1] = group_affine(raw, t.qtype)
+            w = dequantize(raw, t.qtype).reshape(r1 - r0, -1, group_size)
+            s, b = scales[r0:r1, :, None], biases[r0:r1, :, None]
+            k = np.divide(w - b, s, out=np.zeros_like(w), where=s != 0)
+            q[r0:r1] = np.rint(k).reshape(r1 - r0, cols)
         if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config["num_attention_heads" if "q_proj" in name
                                 else "num_key_value_heads"]
-            q, d = unpermute_rows(q, heads), unpermute_rows(d, heads)
-        return q, d, -zero * d
+            q, scales, biases = (unpermute_rows(a, heads) for a in (q, scales, biases))
+        return q, scales, biases
 
     def files(self) -> list[Path]:
         return [self.path]
