@@ -163,6 +163,18 @@ static inline int needed(const float *mask, float *h, int T, int n, int j) {
     return 0;
 }
 
+// h[t, j] = act(first + in_bias[j]) (gated: * (second + in_bias[bias_stride + j])) (* mask),
+// the down projection's weight for neuron j and token t; returned too.
+static inline float neuron_value(float first, float second, const float *in_bias,
+                                 int64_t bias_stride, int j, int gated, const float *mask, int n,
+                                 int t, int act, float *h) {
+    float v = activate(first + (in_bias ? in_bias[j] : 0.0f), act);
+    if (gated) v *= second + (in_bias ? in_bias[bias_stride + j] : 0.0f);
+    if (mask) v *= mask[(size_t)t * n + j];
+    h[(size_t)t * n + j] = v;
+    return v;
+}
+
 // Inside a parallel region: this thread's number; *threads gets the team size (once).
 static inline int team_member(int *threads) {
 #ifdef _OPENMP
@@ -231,11 +243,8 @@ void ffn16(const uint16_t *W, int64_t part_stride, int64_t neuron_stride, int P,
                 dot_tokens(W + s * ns, xt, d, nt, dt, first);
                 if (gated) dot_tokens(W + part_stride + s * ns, xt, d, nt, dt, second);
                 for (int t = 0; t < nt; t++) {
-                    float a = first[t] + (in_bias ? in_bias[s] : 0.0f);
-                    float v = activate(a, act);
-                    if (gated) v *= second[t] + (in_bias ? in_bias[bias_stride + s] : 0.0f);
-                    if (mask) v *= mask[(size_t)(t0 + t) * n + j];
-                    h[(size_t)(t0 + t) * n + j] = v;
+                    float v = neuron_value(first[t], second[t], in_bias, bias_stride, j, gated,
+                                           mask, n, t0 + t, act, h);
                     if (v != 0.0f) axpy16(v, down + s * ns, acc + (size_t)(t0 + t) * d, d, dt);
                 }
             }
@@ -940,6 +949,105 @@ int ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int 
     }
     return ffnq_i8(q, scales, biases, dt, P, capacity, n, d, bits, group, x, T, in_bias, mask,
                    act, h, partial, y);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format 3 (parts at their own precision, a carried mlx_lm or GGUF checkpoint): gate / up rows
+// quantized along d as above, the down part along the neurons - column j's integers with the
+// layer's table of per-(group, element) scales and biases, row group_of[j] - so the down
+// projection's weight is y[i] += h * (ts[i] * q[i] + tz[i]) with ts, tz that row.
+// ---------------------------------------------------------------------------------------------
+
+// y[0:d] += h * (ts * q + tz) over one down column (natural order; d % 8 == 0), 4 or 8 bits.
+static inline void axpy_table(float h, const uint32_t *w, const uint16_t *ts, const uint16_t *tz,
+                              int dt, int d, int bits, float *y) {
+    int i = 0;
+#if FLASH_VECTOR
+    const __m256 hv = _mm256_set1_ps(h);
+    for (; i + 8 <= d; i += 8) {
+        __m256 wq = _mm256_fmadd_ps(load8(ts + i, dt), decode8(w, i, bits), load8(tz + i, dt));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(hv, wq, _mm256_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < d; i++) y[i] += h * (to_f32(ts[i], dt) * quant_at(w, i, bits) + to_f32(tz[i], dt));
+}
+
+// The input projections of neuron j for tokens t0 .. t0 + nt (nt <= 8): first (gate, or up of a
+// plain FFN) and, gated, second (up). int8 activations through qb, else f32 ones (x, xsum).
+static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint16_t *zg,
+                              const uint32_t *wu, const uint16_t *su, const uint16_t *zu, int dt,
+                              int d, int bits, int group, const QXBuf *qb, const float *x,
+                              const float *xsum, int t0, int nt, float *first, float *second) {
+    const int groups = d / group;
+    if (qb) {
+        for (int k = 0; k < nt; k += 4) {
+            int m = nt - k < 4 ? nt - k : 4;
+            dot_tokens_i8((const uint8_t *)wg, sg, zg, dt, d, bits, group, qb, t0 + k, m,
+                          first + k);
+            if (wu)
+                dot_tokens_i8((const uint8_t *)wu, su, zu, dt, d, bits, group, qb, t0 + k, m,
+                              second + k);
+        }
+        return;
+    }
+    float s[FLASH_MAX_GROUPS], z[FLASH_MAX_GROUPS];
+    const float *xt = x + (size_t)t0 * d, *st = xsum + (size_t)t0 * groups;
+    widen(sg, groups, dt, s);
+    widen(zg, groups, dt, z);
+    dotq_tokens(wg, s, z, d, bits, group, xt, st, nt, first);
+    if (wu) {
+        widen(su, groups, dt, s);
+        widen(zu, groups, dt, z);
+        dotq_tokens(wu, s, z, d, bits, group, xt, st, nt, second);
+    }
+}
+
+// The FFN over neurons [0, n) of a format-3 cache: gate qg / up qu (NULL: a plain FFN, qg is
+// up) (capacity, d * bits / 32) uint32 with scales / biases (capacity, d / group) 16-bit dt;
+// down qd (capacity, d * bits_d / 32), tab_s / tab_z (rows of d, dt), group_of (n,) int32;
+// in_bias, mask, h, partial, y, xsum and exact as in ffnq. Returns 0, or -1 without scratch.
+int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint32_t *qu,
+         const uint16_t *su, const uint16_t *zu, int bits, int group, const uint32_t *qd,
+         int bits_d, const uint16_t *tab_s, const uint16_t *tab_z, const int32_t *group_of,
+         int dt, int64_t capacity, int n, int d, const float *x, int T, const float *xsum,
+         const float *in_bias, const float *mask, int act, float *h, float *partial, float *y,
+         int exact) {
+    const int words = d * bits / 32, groups = d / group, words_d = d * bits_d / 32;
+    const int gated = qu != NULL;
+    QXBuf qb;
+    const int int8 = !(exact || d % QBLOCK || group % QBLOCK || (group & (group - 1)));
+    if (int8 && !qx_prepare(&qb, x, T, d, bits)) return -1;
+    int threads = 1;
+#pragma omp parallel
+    {
+        int tid = team_member(&threads);
+        float first[8], second[8];
+        float *acc = partial + (size_t)tid * T * d;
+        memset(acc, 0, sizeof(float) * (size_t)T * d);
+#pragma omp for schedule(dynamic, 32)
+        for (int j = 0; j < n; j++) {
+            if (!needed(mask, h, T, n, j)) continue;
+            const size_t row = (size_t)j * groups, w = (size_t)j * words;
+            const uint16_t *ts = tab_s + (size_t)group_of[j] * d,
+                           *tz = tab_z + (size_t)group_of[j] * d;
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                int nt = T - t0 < 8 ? T - t0 : 8;
+                parts_dots(qg + w, sg + row, zg + row, gated ? qu + w : NULL,
+                           gated ? su + row : NULL, gated ? zu + row : NULL, dt, d, bits, group,
+                           int8 ? &qb : NULL, x, xsum, t0, nt, first, second);
+                for (int t = 0; t < nt; t++) {
+                    float v = neuron_value(first[t], second[t], in_bias, capacity, j, gated,
+                                           mask, n, t0 + t, act, h);
+                    if (v != 0.0f)
+                        axpy_table(v, qd + (size_t)j * words_d, ts, tz, dt, d, bits_d,
+                                   acc + (size_t)(t0 + t) * d);
+                }
+            }
+        }
+        sum_partials(partial, threads, (size_t)T * d, y);  // after the loop's barrier
+    }
+    if (int8) free(qb.mem);
+    return 0;
 }
 
 // Which int8 dot products this build has: 0 scalar, 1 AVX2 (maddubs), 2 VNNI (dpbusd, 256

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..format.bundles import unpack_bundles
+from ..format.bundles import unpack_bundles, unpack_pieces
 from ..format.manifest import FFNLayout
 from ..format.storage import to_f32
 from .build import kernels
@@ -19,6 +19,13 @@ def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
         buffer[:, dst] = buffer[:, src]
     if slots.size:
         buffer[:, slots] = rows
+
+
+def update_buffers(buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
+                   slots: np.ndarray, new: dict[str, np.ndarray]) -> None:
+    """`window_update_numpy` of every buffer, its new rows new[name]."""
+    for name, buffer in buffers.items():
+        window_update_numpy(buffer, dst, src, slots, new[name])
 
 
 class BundleFFN:
@@ -86,9 +93,7 @@ class QuantBundleFFN:
 
     def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
                slots: np.ndarray, rows: np.ndarray) -> None:
-        new = self._unpack(rows)
-        for name, buffer in buffers.items():
-            window_update_numpy(buffer, dst, src, slots, new[name])
+        update_buffers(buffers, dst, src, slots, self._unpack(rows))
 
     def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         return self._ffn(cache.buffers, cache.n, x, mask)
@@ -104,16 +109,86 @@ class QuantBundleFFN:
                               self.group_size, x, self.activation, mask, in_bias)
 
 
-def fast_ffn(layout: FFNLayout) -> BundleFFN | QuantBundleFFN:
+class PartsBundleFFN:
+    """The fast path's FFN over a format-3 layer (`ffnp`): the cache keeps each bundle piece in
+    its own numpy buffer ("gate.q", "gate.scales", ..., "down.q"; 16-bit floats as uint16 bits,
+    "bias" f32), and the down columns are decoded with the layer's table (`cache.down`, a
+    rows.DownTable)."""
+
+    def __init__(self, layout: FFNLayout):
+        self.layout, self.dtype, self.activation = layout, layout.dtype, layout.activation
+        names = layout.matrix_names
+        self.first = layout.part_quant(names[0])
+        self.bits_down = layout.part_quant(names[-1]).bits
+
+    def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
+        layout = self.layout
+        spec = {name: (1, count, mx.uint32 if storage == "uint32" else mx.uint16)
+                for name, storage, count in layout.segments() if name not in layout.bias_names}
+        if layout.bias_names:
+            spec["bias"] = (len(layout.bias_names), 1, mx.float32)
+        return spec
+
+    def _unpack(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        pieces = unpack_pieces(rows, self.layout)
+        out = {k: v.view(np.uint32 if v.dtype == np.uint32 else np.uint16)[None]
+               for k, v in pieces.items() if k not in self.layout.bias_names}
+        if self.layout.bias_names:
+            out["bias"] = np.stack([to_f32(pieces[b], self.dtype)
+                                    for b in self.layout.bias_names])
+        return out
+
+    def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
+               slots: np.ndarray, rows: np.ndarray) -> None:
+        update_buffers(buffers, dst, src, slots, self._unpack(rows))
+
+    def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return self._ffn(cache.buffers, cache.n, cache.neuron_of[:cache.n], cache.down, x, mask)
+
+    def over_rows(self, rows: np.ndarray, x: np.ndarray, mask: np.ndarray | None, ids: np.ndarray,
+                  down) -> np.ndarray:
+        return self._ffn(self._unpack(rows), len(rows), ids, down, x, mask)
+
+    def _ffn(self, b: dict[str, np.ndarray], n: int, ids: np.ndarray, down, x: np.ndarray,
+             mask: np.ndarray | None) -> np.ndarray:
+        rows = {k: v[0] for k, v in b.items() if k != "bias"}
+        in_bias = np.ascontiguousarray(b["bias"][:, :, 0]) if "bias" in b else None
+        if down.host is None:
+            down.host = tuple(table_bits(a) for a in (down.scales, down.biases))
+        group_of = np.asarray(ids) // down.group_size
+        return kernels().ffnp(rows, down.host, group_of, self.dtype, n, self.first.bits,
+                              self.first.group_size, self.bits_down, x, self.activation, mask,
+                              in_bias)
+
+
+def table_bits(a: mx.array) -> np.ndarray:
+    """A 16-bit MLX table -> a zero-copy numpy uint16 view of its bits."""
+    return np.asarray(a.view(mx.uint16))
+
+
+def fast_ffn(layout: FFNLayout) -> BundleFFN | QuantBundleFFN | PartsBundleFFN:
     """The fast path's FFN for this bundle layout."""
     if not supports(layout):
-        raise ValueError(f"the fast CPU FFN needs 16-bit storage, got {layout.dtype}")
+        raise ValueError(f"the fast CPU FFN needs 16-bit storage (format 3: 4/8-bit gate and up "
+                         f"along d_model, a 4/8-bit down along the neurons), got {layout}")
+    if layout.per_part:
+        return PartsBundleFFN(layout)
     return QuantBundleFFN(layout) if layout.quantized else BundleFFN(layout)
 
 
 def supports(layout: FFNLayout) -> bool:
-    """16-bit bundles, or 4/8-bit ones with 16-bit scales."""
-    return layout.dtype in DT_CODES
+    """16-bit bundles, 4/8-bit ones with 16-bit scales, or format-3 ones whose gate/up rows
+    share 4 or 8 bits along d_model and whose down is 4/8-bit along the neurons."""
+    if layout.dtype not in DT_CODES:
+        return False
+    if not layout.per_part:
+        return True
+    names = layout.matrix_names
+    ins = {layout.part_quant(m) for m in names[:-1]}
+    down = layout.part_quant(names[-1])
+    (first,) = ins if len(ins) == 1 else (None,)
+    return (first is not None and first.bits in (4, 8) and first.axis == "d_model"
+            and down.bits in (4, 8) and down.axis == "neurons")
 
 
 _NP_DTYPES = {mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32,

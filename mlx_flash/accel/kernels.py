@@ -56,9 +56,13 @@ class CpuKernels:
         lib.ffnq.argtypes = [_VOIDP, _VOIDP, _VOIDP, _INT, _INT, _I64, _INT, _INT, _INT, _INT,
                              _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP,
                              _INT]
+        lib.ffnp.argtypes = [_VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _INT, _INT,
+                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _I64, _INT, _INT,
+                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP,
+                             _INT]
         for fn in (lib.linear16, lib.ffn16):
             fn.restype = None
-        for fn in (lib.linear_q, lib.ffnq, lib.flash_int_dot_path):
+        for fn in (lib.linear_q, lib.ffnq, lib.ffnp, lib.flash_int_dot_path):
             fn.restype = _INT
         self._lib, self.path = lib, path
         self.threads: int = lib.flash_threads()
@@ -130,6 +134,42 @@ class CpuKernels:
                               ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
                               y.ctypes.data, self._exact(exact))
         _check_done(done, "ffnq")
+        return y
+
+    def ffnp(self, rows: dict[str, np.ndarray], table: tuple[np.ndarray, np.ndarray],
+             group_of: np.ndarray, dtype: str, n: int, bits: int, group_size: int,
+             bits_down: int, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
+             in_bias: np.ndarray | None = None, exact: bool | None = None) -> np.ndarray:
+        """The FFN over a format-3 cache (parts apart): rows "gate.q"/"up.q" (capacity, d *
+        bits / 32) uint32 with ".scales"/".biases" (capacity, d / group_size) uint16 bits of
+        `dtype` ("up" alone for a plain FFN), "down.q" (capacity, d * bits_down / 32) the
+        down columns' integers; table (scales, biases) (groups, d) uint16 bits, group_of (n,)
+        int32 each slot's table row; neurons [0, n). Returns (T, d) f32."""
+        first = "gate" if "gate.q" in rows else "up"
+        second = "up" if first == "gate" else None
+        parts = [rows[f"{first}.{k}"] for k in ("q", "scales", "biases")]
+        parts += [rows[f"{second}.{k}"] if second else None for k in ("q", "scales", "biases")]
+        down, (tab_s, tab_z) = rows["down.q"], table
+        group_of = np.ascontiguousarray(group_of, dtype=np.int32)
+        for a in [*parts, down, tab_s, tab_z]:
+            if a is not None and not a.flags.c_contiguous:
+                raise ValueError("ffnp needs contiguous buffers")
+        capacity, d = down.shape[0], down.shape[1] * 32 // bits_down
+        if d // group_size > 512 or group_of.shape != (n,):
+            raise ValueError(f"ffnp: {d // group_size} groups per row (at most 512) and "
+                             f"group_of {group_of.shape} for {n} neurons")
+        tokens = x.shape[0]
+        _check_x(x, d)
+        mask = _mask_rows(mask, tokens, n)
+        xsum = _group_sums(x, group_size)
+        h, partial, y = self._ffn_scratch(tokens, n, d)
+        done = self._lib.ffnp(*[_ptr(a) for a in parts], bits, group_size, down.ctypes.data,
+                              bits_down, tab_s.ctypes.data, tab_z.ctypes.data,
+                              group_of.ctypes.data, DT_CODES[dtype], capacity, n, d,
+                              x.ctypes.data, tokens, xsum.ctypes.data, _ptr(in_bias),
+                              _ptr(mask), ACTIVATION_CODES[activation], h.ctypes.data,
+                              partial.ctypes.data, y.ctypes.data, self._exact(exact))
+        _check_done(done, "ffnp")
         return y
 
     def _exact(self, exact: bool | None) -> int:

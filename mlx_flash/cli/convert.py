@@ -40,8 +40,8 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                         "stored as they are, at their own bits, and Q6_K at 8 bits")
     p.add_argument("--carry-ffn", action="store_true",
                    help="copy the FFN's own quantized blocks (a GGUF's Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/"
-                        "Q6_K) into the bundles, each part at its own bits, exactly (format 3, "
-                        "computed on the MLX path; --bits then sets the resident part only). A "
+                        "Q6_K) into the bundles, each part at its own bits (5 and 6 widened to "
+                        "8), exactly (format 3; --bits then sets the resident part only). A "
                         "quantized mlx_lm dir is always carried as stored")
     p.add_argument("--align", type=int, default=64, help="bundle stride alignment in bytes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -166,12 +166,14 @@ def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int,
     return parts
 
 
-def carried_layout(ckpt: Checkpoint, dtype: str) -> tuple[FFNLayout, list[dict | None]]:
+def carried_layout(ckpt: Checkpoint, dtype: str, widen: bool = False
+                   ) -> tuple[FFNLayout, list[dict | None]]:
     """The format-3 layout of a checkpoint whose FFN is carried as stored (`carries_ffn`):
     each part at the checkpoint's own bits and group size - gate and up along d_model, down
     along the neurons, as mlx_lm quantizes a linear along its input - or 16-bit where it left
     a module unquantized; and each layer's overrides where it differs from layer 0 (mixed
-    recipes). Raises ValueError naming the tensor a layout cannot hold."""
+    recipes). widen: bits other than 4 and 8 stored as 8 (the same integers, exact: the fast
+    CPU path computes those two). Raises ValueError naming the tensor a layout cannot hold."""
     base = layout_for(ckpt, dtype)
     per_layer = []
     for layer in range(int(ckpt.config["num_hidden_layers"])):
@@ -179,8 +181,11 @@ def carried_layout(ckpt: Checkpoint, dtype: str) -> tuple[FFNLayout, list[dict |
         for role in base.matrix_names:
             name = ckpt.ffn_names(layer)[role]
             params = ckpt.ffn_quantization(name)
+            bits = None if params is None else params["bits"]
+            if widen and bits not in (None, 4, 8):
+                bits = 8
             quant[role] = asdict(PartQuant(16) if params is None else PartQuant(
-                params["bits"], params["group_size"], "neurons" if role == "down" else "d_model"))
+                bits, params["group_size"], "neurons" if role == "down" else "d_model"))
         try:
             replace(base, quant=quant)
         except FormatError as e:
@@ -346,8 +351,8 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     else:
         group_size = group_size or ckpt.group_size
         layout, overrides = layout_for(ckpt, dtype, bits, group_size), [None] * n_layers
-        if carry_ffn:
-            layout, overrides = carried_layout(ckpt, dtype)
+        if carry_ffn:  # widened to 4/8 bits as carried resident matrices are (gguf.py)
+            layout, overrides = carried_layout(ckpt, dtype, widen=True)
         resident_bits = bits if resident_bits is None else resident_bits
         resident_group_size = resident_group_size or group_size
         if resident_bits not in (16, 8, 4) or resident_group_size not in QUANT_GROUPS:

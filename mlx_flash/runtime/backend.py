@@ -175,7 +175,9 @@ class CpuBackend(CacheBackend):
 
     def __init__(self, manifest: Manifest, weight_dtype: mx.Dtype):
         super().__init__(manifest, weight_dtype)
-        self.ffn = accel_ffn.fast_ffn(self.layout)  # BundleFFN or QuantBundleFFN
+        self.ffn = accel_ffn.fast_ffn(self.layout)  # BundleFFN, QuantBundleFFN, PartsBundleFFN
+        self.ffns = [accel_ffn.fast_ffn(manifest.layer_layout(i)) if manifest.per_part
+                     else self.ffn for i in range(manifest.n_layers)]  # format 3: per layer
 
     @property
     def compute_dtype(self) -> mx.Dtype:
@@ -186,26 +188,32 @@ class CpuBackend(CacheBackend):
 
     def new_cache(self, layer: int, capacity: int, window: int) -> NeuronCache:
         entry = self.manifest.layers[layer]
-        return NeuronCache(entry.n_neurons, capacity, 0, self.layout.d_model, self.weight_dtype,
-                           window, buffers=self.ffn.cache_spec(entry.stride),
-                           zeros=accel_ffn.numpy_zeros)
+        cache = NeuronCache(entry.n_neurons, capacity, 0, self.layout.d_model, self.weight_dtype,
+                            window, buffers=self.ffns[layer].cache_spec(entry.stride),
+                            zeros=accel_ffn.numpy_zeros)
+        cache.layer = layer
+        return cache
 
     def out_bias(self, bias: mx.array | None) -> mx.array | None:
         return None if bias is None else bias.astype(mx.float32)
 
     def write_rows(self, cache: NeuronCache, dst: np.ndarray, src: np.ndarray,
                    slots: np.ndarray, rows: np.ndarray) -> None:
-        self.ffn.update(cache.buffers, dst, src, slots, rows)  # numpy buffers, in place
+        self.ffns[cache.layer].update(cache.buffers, dst, src, slots, rows)  # in place
 
     def compute_input(self, x: mx.array) -> np.ndarray:
         return accel_linear.to_f32_rows(x)
 
     def over_cache(self, cache: NeuronCache, x: mx.array, mask: np.ndarray | None) -> mx.array:
-        return mx.array(self.ffn.over_cache(cache, accel_linear.to_f32_rows(x), mask))
+        return mx.array(self.ffns[cache.layer].over_cache(cache, accel_linear.to_f32_rows(x),
+                                                          mask))
 
     def over_rows(self, rows: np.ndarray, xin: np.ndarray, mask: np.ndarray | None,
                   cache: NeuronCache, ids: np.ndarray) -> mx.array:
-        return mx.array(self.ffn.over_rows(rows, xin, mask))
+        ffn = self.ffns[cache.layer]
+        if isinstance(ffn, accel_ffn.PartsBundleFFN):
+            return mx.array(ffn.over_rows(rows, xin, mask, ids, cache.down))
+        return mx.array(ffn.over_rows(rows, xin, mask))
 
     def predictor_scorer(self, layer: LayerPredictor) -> FastLayerPredictor:
         fast = FastLayerPredictor(layer)
@@ -231,13 +239,15 @@ class CpuBackend(CacheBackend):
 def uses_cpu_kernels(fast_cpu: bool | None, manifest: Manifest,
                      dtype: str | mx.Dtype | None) -> bool:
     """Whether a `fast_cpu` option (see FlashConfig) takes the fast CPU path for this dir."""
-    supported = accel_ffn.supports(manifest.ffn) and not manifest.per_part
+    supported = all(accel_ffn.supports(manifest.layer_layout(i))
+                    for i in range(manifest.n_layers))
     if fast_cpu is None and (dtype is not None or not supported):
         return False
-    if fast_cpu and manifest.per_part:
-        raise ValueError("fast_cpu does not compute bundles whose parts have their own precision "
-                         "(format 3, a quantized mlx_lm source) yet; load without fast_cpu (the "
-                         "MLX path computes them)")
+    if fast_cpu and manifest.per_part and not supported:
+        raise ValueError("fast_cpu computes format-3 bundles (parts at their own precision) "
+                         "whose gate/up share 4 or 8 bits and whose down is 4/8-bit; this dir "
+                         "has others (e.g. 3- or 6-bit parts of an mlx_lm mixed recipe): load "
+                         "without fast_cpu (the MLX path computes them)")
     if fast_cpu and not supported:
         raise ValueError(f"fast_cpu needs 16-bit (or 4/8-bit with 16-bit scales) bundles; this "
                          f"dir stores {manifest.ffn.dtype} (convert with --dtype float16)")

@@ -22,6 +22,7 @@ class DownTable:
     scales: mx.array
     biases: mx.array
     group_size: int
+    host: tuple | None = None  # the fast CPU path's numpy views of the tables' bits (made once)
 
     def group_of(self, ids: np.ndarray) -> mx.array:
         """(k,) neuron ids -> (k,) int32 rows of the table."""

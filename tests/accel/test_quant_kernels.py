@@ -21,7 +21,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash.accel.build as accel_build
 import mlx_flash.accel.kernels as accel_kernels
-from mlx_flash.compute.reference import ffn_over_qrows
+from mlx_flash.compute.reference import ffn_over_parts, ffn_over_qrows
+from mlx_flash.format.bundles import pack_bits
 from mlx_flash.format.manifest import FFNLayout
 from mlx_flash.offline.convert import convert
 from mlx_flash.runtime.loader import load
@@ -153,6 +154,54 @@ def test_ffnq_int8_matches_reference(builds, bits, group, d, kind, activation, t
         assert rel_err(got, dq_ref) < ROUNDING_TOL, name
         assert rel_err(got, exact_ref) < INT8_TOL, name
         assert rel_err(k.ffnq(*args, exact=True), exact_ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("bits,bits_down", [(4, 4), (8, 8), (4, 8)])
+@pytest.mark.parametrize("group,table_group,d", [(32, 16, 96), (64, 32, 128)])
+@pytest.mark.parametrize("kind", ["gated", "plain"])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_ffnp_matches_reference(builds, bits, bits_down, group, table_group, d, kind, tokens):
+    """ffnp (format 3: gate/up rows along d, down columns along the neurons with the layer's
+    table) against the MLX reference `ffn_over_parts`, slots in any order of neuron ids."""
+    names = ["gate", "up", "down"] if kind == "gated" else ["up", "down"]
+    quant = {m: {"bits": bits, "group_size": group, "axis": "d_model"} for m in names[:-1]}
+    quant["down"] = {"bits": bits_down, "group_size": table_group, "axis": "neurons"}
+    layout = FFNLayout(kind=kind, activation="silu", d_model=d, dtype="float16",
+                       has_bias=True, quant=quant)
+    capacity, n, n_neurons = 45, 37, 64
+    rng = np.random.default_rng(7)
+    rows = {}
+    for i, m in enumerate(names[:-1]):
+        q, sc, bi = quantized((capacity, d), 10 + i, bits, group, 0.3)
+        rows.update({f"{m}.q": np.asarray(q), f"{m}.scales": np.asarray(sc).view(np.uint16),
+                     f"{m}.biases": np.asarray(bi).view(np.uint16)})
+    values = rng.integers(0, 2 ** bits_down, (capacity, d)).astype(np.uint8)
+    rows["down.q"] = pack_bits(values, bits_down)
+    table = [(rand((n_neurons // table_group, d), 20 + k, 0.05)).astype(np.float16)
+             for k in range(2)]
+    ids = rng.permutation(n_neurons)[:n]  # the slots' neurons
+    x = rand((tokens, d), 4)
+    mask = (rng.random((tokens, n)) < 0.7).astype(np.float32)
+    in_bias = rand((len(names) - 1, capacity), 6)
+
+    def reference(xx):
+        buffers = {k: mx.array(v.view(np.float16) if v.dtype == np.uint16 else v)[None]
+                   for k, v in rows.items()}
+        buffers = {k: v.astype(mx.float32) if v.dtype == mx.float16 else v
+                   for k, v in buffers.items()}
+        group_of = mx.array((ids // table_group).astype(np.int32))
+        down = tuple(mx.array(t.astype(np.float32)) for t in table)
+        return np.asarray(ffn_over_parts(mx.array(xx), buffers, n, layout, group_of, down,
+                                         mx.array(mask), mx.array(in_bias)))
+
+    exact_ref, dq_ref = reference(x), reference(dequant_x(x))
+    args = (rows, tuple(t.view(np.uint16) for t in table), ids // table_group, "float16", n,
+            bits, group, bits_down, x, "silu", mask, in_bias)
+    for name, k in builds.items():
+        got = k.ffnp(*args, exact=False)
+        assert rel_err(got, dq_ref) < ROUNDING_TOL, name
+        assert rel_err(got, exact_ref) < INT8_TOL, name
+        assert rel_err(k.ffnp(*args, exact=True), exact_ref) < 1e-4, name
 
 
 def test_exact_by_environment(monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 from tiny import make_source
 
+import mlx_flash.accel.build as accel_build
 from mlx_flash import load_dense
 from mlx_flash.format.errors import FormatError
 from mlx_flash.format.manifest import (
@@ -165,11 +166,34 @@ def test_quantized_resident_part_is_carried(dirs):
         assert got[name].shape == src[name].shape and got[name].dtype == "uint32"
 
 
-def test_fast_cpu_refuses_format_3_and_default_takes_mlx_path(dirs):
-    _, flash = dirs("q4g64")
+@pytest.mark.skipif(accel_build.unavailable_reason() is not None,
+                    reason=f"CPU kernels: {accel_build.unavailable_reason()}")
+@pytest.mark.parametrize("recipe", ["q4g64", "q8g32"])
+def test_fast_cpu_path_matches_mlx_lm(dirs, recipe, flash_load, monkeypatch):
+    """4/8-bit layers run on the fast CPU path's ffnp (chosen by default on the CPU): with f32
+    activations within float rounding of mlx_lm (in f32), prompt and token by token."""
+    quantized, flash = dirs(recipe)
+    assert choose_backend(None, read_manifest(flash), None).name == "cpu"
+    monkeypatch.setattr(accel_build.kernels(), "exact_quant", True)
+    ref = load_model(quantized)[0]
+    ref.set_dtype(mx.float32)
+    model, _ = flash_load(flash)
+    assert model.flash.backend.name == "cpu"
+    assert close_to(logits(model), logits(ref))
+    c_flash, c_ref = make_prompt_cache(model), make_prompt_cache(ref)
+    for token in TOKENS:
+        got = np.array(model(mx.array([[token]]), cache=c_flash))
+        want = np.array(ref(mx.array([[token]]), cache=c_ref))
+        assert close_to(got, want)
+
+
+def test_fast_cpu_refuses_other_widths_and_default_takes_mlx_path(dirs):
+    """mixed_3_6 has 3- and 6-bit parts, which ffnp does not decode: the MLX path computes
+    them, and asking for the fast path says why."""
+    _, flash = dirs("mixed_3_6")
     manifest = read_manifest(flash)
     assert choose_backend(None, manifest, None).name == "mlx"
-    with pytest.raises(ValueError, match="format 3"):
+    with pytest.raises(ValueError, match="3- or 6-bit"):
         choose_backend(True, manifest, None)
 
 
