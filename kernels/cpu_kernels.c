@@ -958,18 +958,30 @@ int ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int 
 // projection's weight is y[i] += h * (ts[i] * q[i] + tz[i]) with ts, tz that row.
 // ---------------------------------------------------------------------------------------------
 
-// y[0:d] += h * (ts * q + tz) over one down column (natural order; d % 8 == 0), 4 or 8 bits.
-static inline void axpy_table(float h, const uint32_t *w, const uint16_t *ts, const uint16_t *tz,
-                              int dt, int d, int bits, float *y) {
+// y[0:d] += h * q over one down column's integers (natural order; 4 or 8 bits).
+static inline void axpy_ints(float h, const uint32_t *w, int d, int bits, float *y) {
     int i = 0;
 #if FLASH_VECTOR
     const __m256 hv = _mm256_set1_ps(h);
+    for (; i + 8 <= d; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(hv, decode8(w, i, bits), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < d; i++) y[i] += h * quant_at(w, i, bits);
+}
+
+// y[0:d] += ts * g + tz * v: a group's sum of h * q (g) and of h (v) through its table row.
+static inline void apply_table(const float *g, float v, const uint16_t *ts, const uint16_t *tz,
+                               int dt, int d, float *y) {
+    int i = 0;
+#if FLASH_VECTOR
+    const __m256 vv = _mm256_set1_ps(v);
     for (; i + 8 <= d; i += 8) {
-        __m256 wq = _mm256_fmadd_ps(load8(ts + i, dt), decode8(w, i, bits), load8(tz + i, dt));
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(hv, wq, _mm256_loadu_ps(y + i)));
+        __m256 t = _mm256_fmadd_ps(load8(ts + i, dt), _mm256_loadu_ps(g + i),
+                                   _mm256_loadu_ps(y + i));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(load8(tz + i, dt), vv, t));
     }
 #endif
-    for (; i < d; i++) y[i] += h * (to_f32(ts[i], dt) * quant_at(w, i, bits) + to_f32(tz[i], dt));
+    for (; i < d; i++) y[i] += to_f32(ts[i], dt) * g[i] + to_f32(tz[i], dt) * v;
 }
 
 // The input projections of neuron j for tokens t0 .. t0 + nt (nt <= 8): first (gate, or up of a
@@ -1005,49 +1017,71 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
 // The FFN over neurons [0, n) of a format-3 cache: gate qg / up qu (NULL: a plain FFN, qg is
 // up) (capacity, d * bits / 32) uint32 with scales / biases (capacity, d / group) 16-bit dt;
 // down qd (capacity, d * bits_d / 32), tab_s / tab_z (rows of d, dt), group_of (n,) int32;
-// in_bias, mask, h, partial, y, xsum and exact as in ffnq. Returns 0, or -1 without scratch.
+// in_bias, mask, h, partial, y, xsum and exact as in ffnq. The slots are visited a table row
+// at a time - order (n,) the slots sorted by group_of, starts (segments + 1,) where each
+// group's run begins - so a group's sum of h * q is scaled by its row once, not per neuron
+// (the table is read once per group: a Q6_K layer's rows are 16 neurons wide). Returns 0, or
+// -1 without scratch.
 int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint32_t *qu,
          const uint16_t *su, const uint16_t *zu, int bits, int group, const uint32_t *qd,
          int bits_d, const uint16_t *tab_s, const uint16_t *tab_z, const int32_t *group_of,
-         int dt, int64_t capacity, int n, int d, const float *x, int T, const float *xsum,
-         const float *in_bias, const float *mask, int act, float *h, float *partial, float *y,
-         int exact) {
+         const int32_t *order, const int32_t *starts, int segments, int dt, int64_t capacity,
+         int n, int d, const float *x, int T, const float *xsum, const float *in_bias,
+         const float *mask, int act, float *h, float *partial, float *y, int exact) {
     const int words = d * bits / 32, groups = d / group, words_d = d * bits_d / 32;
     const int gated = qu != NULL;
     QXBuf qb;
     const int int8 = !(exact || d % QBLOCK || group % QBLOCK || (group & (group - 1)));
     if (int8 && !qx_prepare(&qb, x, T, d, bits)) return -1;
-    int threads = 1;
+    int threads = 1, failed = 0;
 #pragma omp parallel
     {
         int tid = team_member(&threads);
         float first[8], second[8];
         float *acc = partial + (size_t)tid * T * d;
+        float *gsum = (float *)malloc(sizeof(float) * ((size_t)T * d + (size_t)T));
         memset(acc, 0, sizeof(float) * (size_t)T * d);
-#pragma omp for schedule(dynamic, 32)
-        for (int j = 0; j < n; j++) {
-            if (!needed(mask, h, T, n, j)) continue;
-            const size_t row = (size_t)j * groups, w = (size_t)j * words;
-            const uint16_t *ts = tab_s + (size_t)group_of[j] * d,
-                           *tz = tab_z + (size_t)group_of[j] * d;
-            for (int t0 = 0; t0 < T; t0 += 8) {
-                int nt = T - t0 < 8 ? T - t0 : 8;
-                parts_dots(qg + w, sg + row, zg + row, gated ? qu + w : NULL,
-                           gated ? su + row : NULL, gated ? zu + row : NULL, dt, d, bits, group,
-                           int8 ? &qb : NULL, x, xsum, t0, nt, first, second);
-                for (int t = 0; t < nt; t++) {
-                    float v = neuron_value(first[t], second[t], in_bias, capacity, j, gated,
-                                           mask, n, t0 + t, act, h);
-                    if (v != 0.0f)
-                        axpy_table(v, qd + (size_t)j * words_d, ts, tz, dt, d, bits_d,
-                                   acc + (size_t)(t0 + t) * d);
-                }
-            }
+        if (!gsum) {
+#pragma omp atomic write
+            failed = 1;
         }
-        sum_partials(partial, threads, (size_t)T * d, y);  // after the loop's barrier
+#pragma omp barrier
+        if (!failed) {
+            float *hsum = gsum + (size_t)T * d;
+#pragma omp for schedule(dynamic, 4)
+            for (int seg = 0; seg < segments; seg++) {
+                memset(gsum, 0, sizeof(float) * ((size_t)T * d + (size_t)T));
+                const int g = group_of[order[starts[seg]]];
+                for (int k = starts[seg]; k < starts[seg + 1]; k++) {
+                    const int j = order[k];
+                    if (!needed(mask, h, T, n, j)) continue;
+                    const size_t row = (size_t)j * groups, w = (size_t)j * words;
+                    for (int t0 = 0; t0 < T; t0 += 8) {
+                        int nt = T - t0 < 8 ? T - t0 : 8;
+                        parts_dots(qg + w, sg + row, zg + row, gated ? qu + w : NULL,
+                                   gated ? su + row : NULL, gated ? zu + row : NULL, dt, d, bits,
+                                   group, int8 ? &qb : NULL, x, xsum, t0, nt, first, second);
+                        for (int t = 0; t < nt; t++) {
+                            float v = neuron_value(first[t], second[t], in_bias, capacity, j,
+                                                   gated, mask, n, t0 + t, act, h);
+                            if (v == 0.0f) continue;
+                            axpy_ints(v, qd + (size_t)j * words_d, d, bits_d,
+                                      gsum + (size_t)(t0 + t) * d);
+                            hsum[t0 + t] += v;
+                        }
+                    }
+                }
+                for (int t = 0; t < T; t++)
+                    if (hsum[t] != 0.0f)
+                        apply_table(gsum + (size_t)t * d, hsum[t], tab_s + (size_t)g * d,
+                                    tab_z + (size_t)g * d, dt, d, acc + (size_t)t * d);
+            }
+            sum_partials(partial, threads, (size_t)T * d, y);  // after the loop's barrier
+        }
+        free(gsum);
     }
     if (int8) free(qb.mem);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 // Which int8 dot products this build has: 0 scalar, 1 AVX2 (maddubs), 2 VNNI (dpbusd, 256

@@ -57,9 +57,9 @@ class CpuKernels:
                              _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP,
                              _INT]
         lib.ffnp.argtypes = [_VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _INT, _INT,
-                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _I64, _INT, _INT,
-                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP,
-                             _INT]
+                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _INT, _INT,
+                             _I64, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT,
+                             _VOIDP, _VOIDP, _VOIDP, _INT]
         for fn in (lib.linear16, lib.ffn16):
             fn.restype = None
         for fn in (lib.linear_q, lib.ffnq, lib.ffnp, lib.flash_int_dot_path):
@@ -151,6 +151,9 @@ class CpuKernels:
         parts += [rows[f"{second}.{k}"] if second else None for k in ("q", "scales", "biases")]
         down, (tab_s, tab_z) = rows["down.q"], table
         group_of = np.ascontiguousarray(group_of, dtype=np.int32)
+        order = np.argsort(group_of, kind="stable").astype(np.int32)  # a table row at a time
+        ordered = group_of[order]
+        starts = np.flatnonzero(np.diff(ordered, prepend=-1, append=-1)).astype(np.int32)
         for a in [*parts, down, tab_s, tab_z]:
             if a is not None and not a.flags.c_contiguous:
                 raise ValueError("ffnp needs contiguous buffers")
@@ -165,7 +168,8 @@ class CpuKernels:
         h, partial, y = self._ffn_scratch(tokens, n, d)
         done = self._lib.ffnp(*[_ptr(a) for a in parts], bits, group_size, down.ctypes.data,
                               bits_down, tab_s.ctypes.data, tab_z.ctypes.data,
-                              group_of.ctypes.data, DT_CODES[dtype], capacity, n, d,
+                              group_of.ctypes.data, order.ctypes.data, starts.ctypes.data,
+                              len(starts) - 1, DT_CODES[dtype], capacity, n, d,
                               x.ctypes.data, tokens, xsum.ctypes.data, _ptr(in_bias),
                               _ptr(mask), ACTIVATION_CODES[activation], h.ctypes.data,
                               partial.ctypes.data, y.ctypes.data, self._exact(exact))
