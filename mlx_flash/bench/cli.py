@@ -202,6 +202,11 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                         help="--regime users: a cell stops decoding this many seconds after "
                              "its first token (at least 3 tokens; 0: never), its rate measured "
                              "over the tokens it made")
+    parser.add_argument("--compute-threads", type=int, default=None,
+                        help="--regime users: compute threads of every contender (llama.cpp's "
+                             "n_threads, OMP_NUM_THREADS of mlx-flash's kernels; default 2 for "
+                             "llama.cpp and all cores for mlx-flash): 1 compares both on one "
+                             "core when the other is busy")
     parser.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS,
                         help="--regime users: tokens of the fixed text each contender's "
                              "perplexity is measured on (0: none)")

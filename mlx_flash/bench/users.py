@@ -17,11 +17,12 @@ measured over the tokens it made, shown in the table), so the grid ends in a kno
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..format.home import default_models_dir
-from ..format.manifest import read_manifest
+from ..format.manifest import describe_parts, read_manifest
 from ..offline.convert import convert
 from ..offline.pull import ALIASES, REGISTRY, pull
 from ..runtime.loader import load_tokenizer
@@ -71,15 +72,15 @@ def manifest_gguf(flash: Path) -> Path | None:
 
 
 def users_contenders(names: list[str], flash: Path, gguf: Path | None,
-                     llama_ok: str | None) -> list[Contender]:
-    """The users' regime contenders: the bench's own, llama.cpp on 2 threads, the flash
+                     llama_ok: str | None, llama_threads: int = 2) -> list[Contender]:
+    """The users' regime contenders: the bench's own, llama.cpp on `llama_threads`, the flash
     defaults with the dir's drafter when there is one, dense capped (run where it fits)."""
     contenders = build_contenders(names, (flash / "predictors.safetensors").exists(), 0.3,
                                   gguf, llama_ok)
     for c in contenders:
         if c.kind == "llama_cpp":
-            c.options["n_threads"] = LLAMA_THREADS
-            c.label = f"llama.cpp (llama-cpp-python), same GGUF, mmap, {LLAMA_THREADS} threads"
+            c.options["n_threads"] = llama_threads
+            c.label = f"llama.cpp (llama-cpp-python), same GGUF, mmap, {llama_threads} threads"
         elif c.name == "flash" and (flash / DRAFTER).exists():
             c.options["drafter"] = True
             c.label += " + the dir's drafter (speculative, 1x3)"
@@ -113,7 +114,8 @@ def dir_precision(flash: Path) -> str:
     """'FFN 4-bit g32, resident 8/4-bit' style summary of what a flash dir stores."""
     manifest = read_manifest(flash)
     ffn = manifest.ffn
-    ffn_text = f"FFN {ffn.bits}-bit g{ffn.group_size}" if ffn.quantized else f"FFN {ffn.dtype}"
+    ffn_text = (f"FFN {describe_parts(manifest)}" if ffn.per_part else
+                f"FFN {ffn.bits}-bit g{ffn.group_size}" if ffn.quantized else f"FFN {ffn.dtype}")
     quant = manifest.resident.get("quantization")
     if not quant:
         return f"{ffn_text}, resident 16-bit"
@@ -188,7 +190,11 @@ def run_users(args: argparse.Namespace) -> int:
                                  args.ppl_tokens)
     names = [n.strip() for n in (args.contenders or ",".join(USERS_CONTENDERS)).split(",")
              if n.strip()]
-    contenders = users_contenders(names, flash, gguf, llama_cpp_available())
+    threads = getattr(args, "compute_threads", None)
+    if threads:  # the workers inherit it: the C kernels' OpenMP team size
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    contenders = users_contenders(names, flash, gguf, llama_cpp_available(),
+                                  threads or LLAMA_THREADS)
     contenders += extra_flash_contenders(args.flash_dirs, contenders)
     for c in contenders:  # as `mlx-flash generate` plans: KV for the prompt and the tokens
         if c.kind == "flash":
@@ -200,6 +206,7 @@ def run_users(args: argparse.Namespace) -> int:
               "model": str(flash), "model_name": flash.parent.name if flash.name == Q4_DIR
               else flash.name, "gguf": str(gguf), "gguf_bytes": size, "code": stamp,
               "caps": caps, "cgroup": setup.cgroup_parent is not None,
+              "compute_threads": threads,
               "tokens": args.tokens, "cell_seconds": setup.max_decode_s, "prompt": args.prompt,
               "prompt_ids": setup.prompt_ids, "ppl_text_tokens": len(setup.ppl_ids or []), "runs": rows, "perplexity": ppl}
     write_users_report(report, Path(args.out))

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..format.manifest import (
     add_block_checksums,
+    describe_parts,
     has_block_checksums,
     read_manifest,
     verify_checksums,
@@ -44,7 +45,7 @@ def cmd_info(args) -> int:
         ("ffn (flash)", f"{manifest.ffn_bytes / 2**20:.1f} MiB"),
         ("predictors", f"{pred / 2**20:.1f} MiB" if pred else "none (oracle fallback)"),
         ("bundle", f"{ffn.kind} {ffn.activation}, {ffn.dtype}"
-                   + (f", {part_precision(manifest)}, " if ffn.per_part else
+                   + (f", {describe_parts(manifest)}, " if ffn.per_part else
                       f", {ffn.bits}-bit groups of {ffn.group_size}, " if ffn.quantized else ", ")
                    + " | ".join(f"{p.name}[{p.count}]" for p in ffn.parts)
                    + f" = {ffn.bundle_bytes} B, stride {manifest.layers[0].stride} B"),
@@ -77,24 +78,3 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     return p
 
-
-def part_precision(manifest) -> str:
-    """Format 3's per-part precision, e.g. "gate 4-bit g64, up 4-bit g64, down 4-bit g64
-    along neurons (layers 1, 5: down 6-bit g64 along neurons)"."""
-    def describe(layout, names) -> str:
-        out = []
-        for name in names:
-            q = layout.part_quant(name)
-            out.append(f"{name} 16-bit" if not q.packed else
-                       f"{name} {q.bits}-bit g{q.group_size}"
-                       + (" along neurons" if q.axis == "neurons" else ""))
-        return ", ".join(out)
-
-    text = describe(manifest.ffn, manifest.ffn.matrix_names)
-    odd = {}
-    for i, entry in enumerate(manifest.layers):
-        if entry.quant:
-            odd.setdefault(describe(manifest.layer_layout(i), sorted(entry.quant)), []).append(i)
-    for what, layers in odd.items():
-        text += f" (layers {', '.join(map(str, layers))}: {what})"
-    return text

@@ -603,6 +603,28 @@ def listed_files(manifest: Manifest) -> list[dict]:
     return entries
 
 
+def describe_parts(manifest: Manifest) -> str:
+    """Format 3's per-part precision, e.g. "gate 4-bit g64, up 4-bit g64, down 4-bit g64
+    along neurons (layers 1, 5: down 6-bit g64 along neurons)"."""
+    def describe(layout, names) -> str:
+        out = []
+        for name in names:
+            q = layout.part_quant(name)
+            out.append(f"{name} 16-bit" if not q.packed else
+                       f"{name} {q.bits}-bit g{q.group_size}"
+                       + (" along neurons" if q.axis == "neurons" else ""))
+        return ", ".join(out)
+
+    text = describe(manifest.ffn, manifest.ffn.matrix_names)
+    odd = {}
+    for i, entry in enumerate(manifest.layers):
+        if entry.quant:
+            odd.setdefault(describe(manifest.layer_layout(i), sorted(entry.quant)), []).append(i)
+    for what, layers in odd.items():
+        text += f" (layers {', '.join(map(str, layers))}: {what})"
+    return text
+
+
 def check_part_quant(manifest: Manifest, where: str) -> None:
     """Per-part precision is format 3 (an older reader must refuse it, not misread it), and
     each layer's overrides make a valid layout."""
