@@ -644,7 +644,8 @@ def check_placement(manifest: Manifest, where: str) -> None:
     placed = [i for i, e in enumerate(manifest.layers) if e.order is not None]
     if placed and manifest.format_version not in (PLACED_FORMAT_VERSION, PART_QUANT_VERSION):
         raise FormatError(f"{where}: layer {placed[0]} has a neuron order but format_version is "
-                          f"{manifest.format_version}, not {PLACED_FORMAT_VERSION}; the manifest "
+                          f"{manifest.format_version}, not {PLACED_FORMAT_VERSION} or "
+                          f"{PART_QUANT_VERSION}; the manifest "
                           "was edited or damaged - re-run `mlx-flash place` or re-convert")
     for i, entry in enumerate(manifest.layers):
         for key in ("order", "hot"):

@@ -350,9 +350,10 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
         quantization = {**ckpt.default_quantization(), "modules": plan} if plan else None
     else:
         group_size = group_size or ckpt.group_size
-        layout, overrides = layout_for(ckpt, dtype, bits, group_size), [None] * n_layers
         if carry_ffn:  # widened to 4/8 bits as carried resident matrices are (gguf.py)
             layout, overrides = carried_layout(ckpt, dtype, widen=True)
+        else:
+            layout, overrides = layout_for(ckpt, dtype, bits, group_size), [None] * n_layers
         resident_bits = bits if resident_bits is None else resident_bits
         resident_group_size = resident_group_size or group_size
         if resident_bits not in (16, 8, 4) or resident_group_size not in QUANT_GROUPS:

@@ -148,13 +148,11 @@ def load_tokenizer(root: Path, manifest: Manifest) -> FlashTokenizer:
     return load_flash_tokenizer(root, [eos] if isinstance(eos, int) else eos)
 
 
-def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype,
-                     down: DownTable | None = None) -> dict[str, mx.array]:
-    """One layer's dense MLP weights in mlx_lm naming, rebuilt from its bundle file (down: the
-    layer's table, format 3)."""
-    rows = read_layer_rows(root, manifest, layer)
-    ids = np.arange(manifest.layers[layer].n_neurons)
-    weights, bias = split_bundles(rows, manifest, dtype, layer, ids, down)
+def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
+                     ) -> dict[str, mx.array]:
+    """One layer's dense MLP weights in mlx_lm naming, rebuilt from its bundle file (format 3:
+    `read_layer_packed`)."""
+    weights, bias = split_bundles(read_layer_rows(root, manifest, layer), manifest, dtype, layer)
     modules = mlp_modules(manifest, layer)
     out = {f"{m}.weight": weights[i] for i, m in enumerate(modules[:-1])}
     out[f"{modules[-1]}.weight"] = weights[-1].T

@@ -119,9 +119,9 @@ KEPT = {GGMLQuantizationType.Q6_K: {"bits": 8, "group_size": 32}}
 # f16 d with 6-bit (Q4_K/Q5_K) or int8 (Q6_K) sub-block scales. An FFN carried into format-3
 # bundles (`convert --carry-ffn`) keeps these blocks: gate/up rows at groups of 32 (MLX's
 # smallest), down along the neurons at any of these groups.
-AFFINE = {GGMLQuantizationType.Q8_0: (8, 32), GGMLQuantizationType.Q5_0: (5, 32),
-          GGMLQuantizationType.Q4_0: (4, 32), GGMLQuantizationType.Q4_K: (4, 32),
-          GGMLQuantizationType.Q5_K: (5, 32), GGMLQuantizationType.Q6_K: (6, 16)}
+AFFINE = {**{qtype: (bits, 32) for qtype, (bits, _) in CARRIED.items()},
+          GGMLQuantizationType.Q4_K: (4, 32), GGMLQuantizationType.Q5_K: (5, 32),
+          GGMLQuantizationType.Q6_K: (6, 16)}
 
 
 def group_affine(raw: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,7 @@ class SafetensorsCheckpoint(Checkpoint):
             raise ValueError(f"{config_path}: quantization must be an object (bits, group_size)")
         self._packed: dict[str, dict] = {}  # module -> {"bits", "group_size"} stored packed
         self._scales: dict[str, tuple] = {}  # module -> index entries of its scales, biases
+        self._packed_shapes: dict[str, tuple] = {}  # packed weight -> its stored uint32 shape
         self._index = self._read_headers()
 
     def _read_headers(self) -> dict[str, tuple[Path, int, int, TensorInfo]]:
@@ -61,6 +62,7 @@ class SafetensorsCheckpoint(Checkpoint):
             for name, entry in tensor_sizes(file).items():
                 if entry.dtype == "uint32" and self._quant is not None:
                     index[name] = (file, entry.offset, entry.nbytes, None)  # resolved below
+                    self._packed_shapes[name] = entry.shape
                     continue
                 if entry.dtype not in DTYPE_BYTES:
                     raise ValueError(f"{file}: tensor {name} has dtype {entry.dtype}; only "
@@ -106,7 +108,7 @@ class SafetensorsCheckpoint(Checkpoint):
                                  f"mlx-flash carries MLX affine only, bits {QUANT_BITS}, groups "
                                  f"{QUANT_GROUPS} - convert from the 16-bit model instead")
             rows, groups = scales[3].shape
-            packed_cols = tensor_sizes(index[name][0])[name].shape[1]
+            packed_cols = self._packed_shapes[name][1]
             cols = groups * params["group_size"]
             if packed_cols * 32 != cols * params["bits"] or biases[3].shape != (rows, groups):
                 raise ValueError(f"{index[name][0]}: tensor {name} ({rows}, {packed_cols}) "
@@ -150,21 +152,22 @@ class SafetensorsCheckpoint(Checkpoint):
         quantized module, when asked at its own bits and group size; else None."""
         if self.quantization_for(name) != {"bits": bits, "group_size": group_size}:
             return None
-        packed = self._raw(self._index[name][:3], "uint32", -1)
-        rows = self._index[name][3].shape[0]
-        packed = packed.reshape(rows, -1)
+        packed = self._raw(name, "uint32").reshape(self._packed_shapes[name])
+        rows = len(packed)
         ones = np.ones((rows, packed.shape[1] * 32 // bits // 32), np.float32)
         q = dequantize_rows(packed, ones, np.zeros_like(ones), bits, 32).astype(np.uint8)
-        scales, biases = (to_f32(self._raw(e[:3], e[3].dtype, -1).reshape(e[3].shape),
-                                 e[3].dtype) for e in self._scales[name[: -len(".weight")]])
+        scales, biases = (to_f32(self._raw(e, e[3].dtype).reshape(e[3].shape), e[3].dtype)
+                          for e in self._scales[name[: -len(".weight")]])
         return q, scales, biases
 
-    def _raw(self, where: tuple[Path, int, int], dtype: str, count: int) -> np.ndarray:
-        file, offset, nbytes = where
-        item = NP_STORAGE[dtype].itemsize
-        arr = np.fromfile(file, dtype=NP_STORAGE[dtype], count=nbytes // item, offset=offset)
-        if arr.size * item != nbytes:
-            raise ValueError(f"{file}: truncated at byte {offset}")
+    def _raw(self, tensor: str | tuple, dtype: str) -> np.ndarray:
+        """A tensor's bytes (its name, or its index entry) as a flat `dtype` array."""
+        file, offset, nbytes = (self._index[tensor] if isinstance(tensor, str) else tensor)[:3]
+        count = nbytes // NP_STORAGE[dtype].itemsize
+        arr = np.fromfile(file, dtype=NP_STORAGE[dtype], count=count, offset=offset)
+        if arr.size != count:
+            name = tensor if isinstance(tensor, str) else tensor[3].name
+            raise ValueError(f"{file}: truncated while reading tensor {name}")
         return arr
 
     def read(self, name: str) -> np.ndarray:
@@ -178,10 +181,7 @@ class SafetensorsCheckpoint(Checkpoint):
         count = int(np.prod(info.shape)) if info.shape else 1
         if nbytes != count * DTYPE_BYTES[info.dtype]:
             raise ValueError(f"{file}: tensor {name} has {nbytes} bytes for shape {info.shape}")
-        arr = np.fromfile(file, dtype=NP_STORAGE[info.dtype], count=count, offset=offset)
-        if arr.size != count:
-            raise ValueError(f"{file}: truncated while reading tensor {name}")
-        return arr.reshape(info.shape)
+        return self._raw(name, info.dtype).reshape(info.shape)
 
     def write_tokenizer(self, out_dir: Path) -> None:
         names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
