@@ -34,7 +34,7 @@
 #endif
 
 enum { DT_F16 = 0, DT_BF16 = 1 };
-enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_APPROX = 2, ACT_RELU = 3, ACT_RELU2 = 4 };
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_APPROX = 2, ACT_RELU = 3, ACT_RELU2 = 4, ACT_IDENTITY = 5 };
 
 int flash_vector_path(void) { return FLASH_VECTOR; }
 
@@ -150,6 +150,7 @@ static inline float activate(float v, int act) {
     case ACT_GELU_APPROX:
         return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     case ACT_RELU: return v > 0.0f ? v : 0.0f;
+    case ACT_IDENTITY: return v;  // a gate-resident bundle: act(gate x) comes as the mask
     default: return v > 0.0f ? v * v : 0.0f;  // ACT_RELU2
     }
 }

@@ -32,7 +32,7 @@
 //
 // Template constants: WT, XT (dtypes of w and x: f16 / bf16 / f32; every load is converted to
 // float, all sums are float), P (2 or 3), NTOK (tokens T, 1..16: register accumulators), ACT
-// (0 silu, 1 gelu, 2 gelu_approx, 3 relu, 4 relu2: format/arch.py ACTIVATION_CODES), HAS_MASK,
+// (0 silu, 1 gelu, 2 gelu_approx, 3 relu, 4 relu2, 5 identity: format/arch.py ACTIVATION_CODES), HAS_MASK,
 // HAS_BIAS.  params (int32[4]): n, d, cap, chunk.
 //
 // Launch (compute/gpu.py `ffn_kernel`; grid in threads, always a whole number of threadgroups, so
@@ -85,6 +85,9 @@ __device__ __forceinline__ float flash_act(float v, int act) {
   if (act == 2) {
     const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
     return 0.5f * v * (1.0f + flash_tanh(inner));  // gelu_approx
+  }
+  if (act == 5) {
+    return v;  // identity: a gate-resident bundle's act(gate x) comes as the mask
   }
   const float r = v > 0.0f ? v : 0.0f;
   if (act == 3) {

@@ -20,11 +20,13 @@ ACTIVATION_FNS = {
     "gelu_approx": nn.gelu_approx,
     "relu": nn.relu,
     "relu2": relu2,
+    "identity": lambda x: x,  # a gate-resident dir's bundles: h = (up x) * act(gate x) as mask
 }
 
 
 # The kernels' ACT template constant; the order matches `flash_act` in both kernel sources.
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_approx": 2, "relu": 3, "relu2": 4}
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_approx": 2, "relu": 3, "relu2": 4,
+                    "identity": 5}
 
 
 def np_activation(name: str, z: np.ndarray) -> np.ndarray:
@@ -37,6 +39,8 @@ def np_activation(name: str, z: np.ndarray) -> np.ndarray:
         return np.maximum(z, 0)
     if name == "relu2":
         return np.square(np.maximum(z, 0))
+    if name == "identity":
+        return z
     raise ValueError(f"unknown activation {name!r}")
 
 

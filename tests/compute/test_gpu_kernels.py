@@ -59,6 +59,8 @@ def np_act(a: np.ndarray, activation: str) -> np.ndarray:
         return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
     if activation == "gelu_approx":
         return 0.5 * a * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a**3)))
+    if activation == "identity":
+        return a
     r = np.maximum(a, 0.0)
     return r if activation == "relu" else r * r
 
