@@ -12,7 +12,8 @@ def cmd_convert(args) -> int:
     src = resolve_source(args.src, models_dir=args.models_dir)
     _convert(src, args.out, args.dtype, args.align, args.force, args.bits, args.group_size,
              resident_bits=args.resident_bits, resident_group_size=args.resident_group_size,
-             carry=not args.requantize, carry_ffn=args.carry_ffn)
+             carry=not args.requantize, carry_ffn=args.carry_ffn,
+             gate_resident=args.gate_resident, gate_bits=args.gate_bits)
     return 0
 
 
@@ -43,6 +44,13 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
                         "Q6_K) into the bundles, each part at its own bits (5 and 6 widened to "
                         "8), exactly (format 3; --bits then sets the resident part only). A "
                         "quantized mlx_lm dir is always carried as stored")
+    p.add_argument("--gate-resident", action="store_true",
+                   help="keep each layer's gate_proj resident (format 4) and only up/down in "
+                        "the bundles, for --selector gate (read only the neurons whose "
+                        "act(gate x) is large)")
+    p.add_argument("--gate-bits", type=int, choices=[16, 8, 4], default=None,
+                   help="the resident gate's precision (default: the FFN's own; a carried "
+                        "gate as stored)")
     p.add_argument("--align", type=int, default=64, help="bundle stride alignment in bytes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)

@@ -1,4 +1,4 @@
-"""The flash model dir, format versions 1 and 2: manifest schema, validation, offsets.
+"""The flash model dir, format versions 1 to 4: manifest schema, validation, offsets.
 
 A flash model dir holds everything `mlx_flash.load` needs:
 
@@ -33,6 +33,13 @@ scales and biases in the bundle), or - down_proj as mlx_lm and GGUF quantize it,
 neurons - affine along the neurons: the bundle holds column i's integers and the layer's
 scales and biases, shared by `group_size` neurons, are a resident table
 (`down_table_names`). `convert` writes version 3 only when a part needs it.
+
+Version 4 keeps the gate resident (`FFNLayout.gate`, issue 21): each layer's gate_proj is a
+resident matrix (`gate_names`, 4/8-bit MLX affine or 16-bit) and the bundles hold only
+`[up_i | down_i]`, so a gate-driven selector (CATS / TEAL) computes act(gate x) for every neuron
+from DRAM and reads the up/down rows of the neurons it keeps. Such bundles are described as a
+plain FFN with the "identity" activation: h = (up x) * mask, the mask carrying act(gate x).
+Version 4 may also carry versions 2 and 3's features; `convert --gate-resident` writes it.
 
 Version 2 is a placed dir (`offline/placement.py`): the neurons of a layer are stored in
 another order, `LayerEntry.order[p]` = the original id of the neuron at position p (a
@@ -84,7 +91,11 @@ PLACED_FORMAT_VERSION = 2  # a dir whose bundles `mlx-flash place` reordered (La
 PART_QUANT_VERSION = 3  # per-part (and per-layer) precision: FFNLayout.quant, LayerEntry.quant
 
 
-SUPPORTED_VERSIONS = (FORMAT_VERSION, PLACED_FORMAT_VERSION, PART_QUANT_VERSION)
+GATE_RESIDENT_VERSION = 4  # gate rows resident, bundles hold up/down only: FFNLayout.gate
+
+
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PLACED_FORMAT_VERSION, PART_QUANT_VERSION,
+                      GATE_RESIDENT_VERSION)
 
 
 MANIFEST = "manifest.json"
@@ -145,6 +156,35 @@ def down_table_names(layer: int) -> tuple[str, str]:
     return f"flash.ffn.{layer}.down.scales", f"flash.ffn.{layer}.down.biases"
 
 
+def gate_names(layer: int) -> tuple[str, str, str]:
+    """Resident tensors of layer `layer`'s gate in a gate-resident dir (format 4): `.weight`
+    (n, d * bits / 32) uint32 with `.scales` / `.biases` (n, d / group_size) in the bundles'
+    dtype, or a 16-bit `.weight` (n, d) alone (then the other two are absent)."""
+    base = f"flash.ffn.{layer}.gate"
+    return f"{base}.weight", f"{base}.scales", f"{base}.biases"
+
+
+GATE_BITS = (4, 8, 16)  # what both compute paths multiply resident gate rows at
+
+
+@dataclass(frozen=True)
+class GateResident:
+    """A gate-resident layout's gate (format 4): the model's gated FFN with activation
+    `activation`, whose gate rows are resident matrices (`gate_names`) at `bits` (16: the
+    bundles' dtype) in groups of `group_size` along d_model, so a gate-driven selector can
+    score every neuron before reading any bundle (issue 21). The bundles then hold [up | down]
+    and are computed as a plain FFN with the "identity" activation whose mask carries
+    act(gate x) for each token and neuron."""
+
+    activation: str
+    bits: int = 4
+    group_size: int = 64
+
+    @property
+    def packed(self) -> bool:
+        return self.bits < 16
+
+
 @dataclass
 class FFNLayout:
     """How a neuron's bundle is laid out, shared by every layer of a model."""
@@ -160,6 +200,8 @@ class FFNLayout:
     # format 3: matrix part -> {"bits", "group_size", "axis"} (PartQuant), replacing bits and
     # group_size; None: every part at bits / group_size along d_model
     quant: dict | None = None
+    # format 4: the gate resident (GateResident as a dict); None: gate rows in the bundles
+    gate: dict | None = None
 
     def __post_init__(self):
         if self.kind not in ("gated", "plain"):
@@ -175,6 +217,8 @@ class FFNLayout:
         if not self.parts:
             self.parts = self.default_parts()
         self._check_parts()
+        if self.gate is not None:
+            self._check_gate()
         if self.quant is not None:
             self._check_quant()
             return
@@ -197,6 +241,41 @@ class FFNLayout:
                 f"not the {self.kind} layout {show(want)} (offsets {[p.offset for p in want]}) "
                 f"for d_model {self.d_model}, has_bias {self.has_bias}: the manifest was edited "
                 "or damaged; re-convert the model")
+
+    def _check_gate(self) -> None:
+        """A gate-resident layout's bundles are plain identity ones without input biases and
+        its gate is one both compute paths multiply."""
+        fix = "the manifest was edited or damaged; re-convert the model"
+        try:
+            gate = self.gate_resident
+        except TypeError as e:
+            raise FormatError(f"ffn gate {str(self.gate)[:80]!r}: {e}; {fix}") from e
+        if (self.kind, self.activation, self.has_bias) != ("plain", "identity", False) \
+                or gate.activation not in ACTIVATIONS or gate.activation == "identity" \
+                or gate.bits not in GATE_BITS \
+                or (gate.packed and (gate.group_size not in QUANT_GROUPS
+                                     or self.d_model % gate.group_size)):
+            raise FormatError(f"ffn gate {self.gate} with bundles {self.kind} "
+                              f"{self.activation} (has_bias {self.has_bias}) is not a gate-"
+                              f"resident layout: plain identity bundles without biases, the "
+                              f"gate at bits {GATE_BITS} in groups of {QUANT_GROUPS}; {fix}")
+
+    @property
+    def gate_resident(self) -> GateResident | None:
+        """The resident gate (format 4), or None when the gate rows are in the bundles."""
+        if self.gate is None:
+            return None
+        return self.gate if isinstance(self.gate, GateResident) else GateResident(**self.gate)
+
+    @property
+    def model_kind(self) -> str:
+        """The model's FFN kind ("gated" for a gate-resident layout's plain bundles)."""
+        return "gated" if self.gate is not None else self.kind
+
+    @property
+    def model_activation(self) -> str:
+        """The model's FFN activation (a gate-resident layout's is its gate's)."""
+        return self.gate_resident.activation if self.gate is not None else self.activation
 
     def _check_quant(self) -> None:
         """Each matrix part's PartQuant is one MLX affine packs (or 16), its groups divide the
@@ -390,8 +469,9 @@ class Manifest:
         data = asdict(self)
         if data["placement"] is None:
             del data["placement"]
-        if data["ffn"]["quant"] is None:
-            del data["ffn"]["quant"]
+        for key in ("quant", "gate"):
+            if data["ffn"][key] is None:
+                del data["ffn"][key]
         for layer in data["layers"]:
             for key in ("blocks", "quant"):
                 if layer[key] is None:
@@ -628,10 +708,16 @@ def describe_parts(manifest: Manifest) -> str:
 def check_part_quant(manifest: Manifest, where: str) -> None:
     """Per-part precision is format 3 (an older reader must refuse it, not misread it), and
     each layer's overrides make a valid layout."""
-    if manifest.per_part and manifest.format_version != PART_QUANT_VERSION:
+    if manifest.per_part and manifest.format_version < PART_QUANT_VERSION:
         raise FormatError(f"{where}: parts stored at their own precision need format_version "
-                          f"{PART_QUANT_VERSION}, not {manifest.format_version}; the manifest was "
-                          "edited or damaged - re-convert the model")
+                          f"{PART_QUANT_VERSION} or later, not {manifest.format_version}; the "
+                          "manifest was edited or damaged - re-convert the model")
+    gate = manifest.ffn.gate is not None
+    if gate != (manifest.format_version == GATE_RESIDENT_VERSION):
+        raise FormatError(f"{where}: format_version {manifest.format_version} with "
+                          f"{'a' if gate else 'no'} resident gate (version "
+                          f"{GATE_RESIDENT_VERSION} is exactly the gate-resident dirs); the "
+                          "manifest was edited or damaged - re-convert the model")
     for i in range(manifest.n_layers):
         try:
             manifest.layer_layout(i)
@@ -642,10 +728,10 @@ def check_part_quant(manifest: Manifest, where: str) -> None:
 def check_placement(manifest: Manifest, where: str) -> None:
     """Each layer's order is a permutation of its ids; hot ids are unique and in range."""
     placed = [i for i, e in enumerate(manifest.layers) if e.order is not None]
-    if placed and manifest.format_version not in (PLACED_FORMAT_VERSION, PART_QUANT_VERSION):
+    if placed and manifest.format_version < PLACED_FORMAT_VERSION:
         raise FormatError(f"{where}: layer {placed[0]} has a neuron order but format_version is "
-                          f"{manifest.format_version}, not {PLACED_FORMAT_VERSION} or "
-                          f"{PART_QUANT_VERSION}; the manifest "
+                          f"{manifest.format_version}, not {PLACED_FORMAT_VERSION} or later; the "
+                          "manifest "
                           "was edited or damaged - re-run `mlx-flash place` or re-convert")
     for i, entry in enumerate(manifest.layers):
         for key in ("order", "hot"):
@@ -748,7 +834,8 @@ def check_headers(root: Path, manifest: Manifest) -> None:
     damaged one must not stop `train-predictors` from replacing it."""
     path = root / manifest.resident["file"]
     tensors = tensor_sizes(path)
-    quantized = check_quantized_tensors(path, tensors, resident_quantization(manifest),
+    quantized = check_quantized_tensors(path, tensors, {**resident_quantization(manifest),
+                                                        **gate_modules(manifest)},
                                         manifest.ffn.dtype)
     dtypes = {e.dtype for name, e in tensors.items() if len(e.shape) >= 2
               and name not in quantized}
@@ -756,6 +843,16 @@ def check_headers(root: Path, manifest: Manifest) -> None:
         raise FormatError(f"{root / MANIFEST}: ffn dtype {manifest.ffn.dtype} disagrees with "
                           f"{path}, whose matrices are {', '.join(sorted(dtypes))}: the manifest "
                           "was edited or damaged; re-convert the model")
+
+
+def gate_modules(manifest: Manifest) -> dict[str, dict]:
+    """Resident module path -> {"bits", "group_size"} of each layer's packed gate (format 4)."""
+    gate = manifest.ffn.gate_resident
+    if gate is None or not gate.packed:
+        return {}
+    return {gate_names(i)[0][: -len(".weight")]: {"bits": gate.bits,
+                                                  "group_size": gate.group_size}
+            for i in range(manifest.n_layers)}
 
 
 def check_quantized_tensors(path: Path, tensors: dict, modules: dict[str, dict],
@@ -827,8 +924,9 @@ def check_architecture(manifest: Manifest, where: str) -> None:
                           f" {', '.join(sorted(ARCHITECTURES))}); the manifest was edited or is "
                           "from another tool - re-convert the model")
     ffn = manifest.ffn
-    if (ffn.kind, ffn.activation) != (spec.kind, spec.activation):
-        raise FormatError(f"{where}: ffn kind {ffn.kind!r} activation {ffn.activation!r} "
+    if (ffn.model_kind, ffn.model_activation) != (spec.kind, spec.activation):
+        raise FormatError(f"{where}: ffn kind {ffn.model_kind!r} activation "
+                          f"{ffn.model_activation!r} "
                           f"disagrees with {model_type}, which is {spec.kind!r} "
                           f"{spec.activation!r}; re-convert the model")
 

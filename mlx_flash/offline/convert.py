@@ -28,16 +28,20 @@ from ..format.errors import FormatError
 from ..format.manifest import (
     FFN_DIR,
     FORMAT_VERSION,
+    GATE_BITS,
+    GATE_RESIDENT_VERSION,
     MANIFEST,
     PART_QUANT_VERSION,
     QUANT_GROUPS,
     RESIDENT,
     FFNLayout,
+    GateResident,
     LayerEntry,
     Manifest,
     PartQuant,
     down_table_names,
     file_entry,
+    gate_names,
     layer_file_name,
     read_manifest,
     round_up,
@@ -146,6 +150,8 @@ def read_layer_parts(ckpt: Checkpoint, layer: int, dtype: str, d_model: int,
     as the checkpoint's own `Carried` blocks."""
     infos, parts = ckpt.tensors(), {}
     for role, name in ckpt.ffn_names(layer).items():
+        if layout is not None and layout.gate is not None and role == "gate":
+            continue  # a gate-resident layout's gate goes to resident.safetensors
         if name not in infos:
             raise ValueError(f"{ckpt.path}: tensor {name} is missing from the source")
         quant = layout.part_quant(role) if layout is not None and layout.per_part \
@@ -199,6 +205,78 @@ def carried_layout(ckpt: Checkpoint, dtype: str, widen: bool = False
     overrides = [{m: q for m, q in quant.items() if q != per_layer[0][m]} or None
                  for quant in per_layer]
     return replace(base, quant=per_layer[0]), overrides
+
+
+def gate_resident_layout(ckpt: Checkpoint, layout: FFNLayout, overrides: list[dict | None],
+                         bits: int | None) -> tuple[FFNLayout, list[dict | None]]:
+    """The gate-resident (format 4) form of a gated `layout` and its per-layer overrides: the
+    bundles [up | down] as a plain identity FFN, the gate at `bits` (None: as the FFN's own
+    precision - a carried gate's bits and groups, else the bundles' bits, 16 for 16-bit ones).
+    Raises ValueError naming what cannot be held so."""
+    where = f"{ckpt.path}: --gate-resident"
+    if layout.kind != "gated" or layout.has_bias:
+        raise ValueError(f"{where} needs a gated FFN without input biases (this model's is "
+                         f"{layout.kind}{' with biases' if layout.has_bias else ''}); convert "
+                         "it without --gate-resident")
+    gate_quant = layout.part_quant("gate")
+    if any(o and "gate" in o for o in overrides):
+        raise ValueError(f"{where}: the source quantizes gate_proj differently per layer; one "
+                         "resident gate precision holds every layer - convert without it")
+    if gate_quant.packed and layout.per_part:  # carried: the gate's own blocks
+        if bits is not None and bits != gate_quant.bits:
+            raise ValueError(f"{where}: the gate is carried at its own {gate_quant.bits} bits; "
+                             f"--gate-bits {bits} would re-quantize it - drop --gate-bits")
+        if gate_quant.bits not in GATE_BITS:
+            raise ValueError(f"{where}: the gate is stored at {gate_quant.bits} bits; a "
+                             f"resident gate is {GATE_BITS} bits - convert without it")
+        gate = GateResident(layout.model_activation, gate_quant.bits, gate_quant.group_size)
+    else:
+        bits = bits or (layout.bits if layout.quantized and not layout.per_part else 16)
+        if bits not in GATE_BITS:
+            raise ValueError(f"{where}: --gate-bits must be one of {GATE_BITS}, got {bits}")
+        gate = GateResident(layout.model_activation, bits,
+                            (layout.group_size or 64) if bits < 16 else 0)
+    quant = None if layout.quant is None else {m: q for m, q in layout.quant.items()
+                                               if m != "gate"}
+    bundles = replace(layout, kind="plain", activation="identity", parts=[], quant=quant,
+                      gate=asdict(gate))
+    return bundles, [o and {m: q for m, q in o.items() if m != "gate"} or None
+                     for o in overrides]
+
+
+def gate_infos(ckpt: Checkpoint, gate: GateResident, dtype: str) -> list[TensorInfo]:
+    """resident.safetensors' entries for each layer's gate (`gate_names`)."""
+    out = []
+    for layer in range(int(ckpt.config["num_hidden_layers"])):
+        n, d = ckpt.tensors()[ckpt.ffn_names(layer)["gate"]].shape
+        weight, scales, biases = gate_names(layer)
+        if not gate.packed:
+            out.append(TensorInfo(weight, (n, d), dtype))
+            continue
+        groups = (n, d // gate.group_size)
+        out += [TensorInfo(weight, (n, d * gate.bits // 32), "uint32"),
+                TensorInfo(scales, groups, dtype), TensorInfo(biases, groups, dtype)]
+    return out
+
+
+def gate_arrays(ckpt: Checkpoint, gate: GateResident, dtype: str, carry: bool = True
+                ) -> Iterable[np.ndarray]:
+    """The tensors of `gate_infos`, one layer at a time: the source's own blocks where they
+    are exactly MLX affine at the gate's bits (and `carry`), else the 16-bit rows quantized
+    here (or cast, 16 bits)."""
+    for layer in range(int(ckpt.config["num_hidden_layers"])):
+        name = ckpt.ffn_names(layer)["gate"]
+        stored = ckpt.tensors()[name].dtype
+        if not gate.packed:
+            yield cast(ckpt.read(name), stored, dtype)
+            continue
+        carried = ckpt.read_quantized(name, gate.bits, gate.group_size) if carry else None
+        if carried is None:
+            yield from affine_quantize(ckpt.read(name), stored, dtype, gate.bits,
+                                       gate.group_size)
+        else:
+            yield pack_bits(carried[0], gate.bits)
+            yield from (cast(a, "float32", dtype) for a in carried[1:])
 
 
 def stored_plan(ckpt: Checkpoint) -> dict[str, dict]:
@@ -312,7 +390,8 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
             bits: int = 16, group_size: int | None = None, align: int = 64, force: bool = False,
             progress: Progress | None = None, resident_bits: int | None = None,
             resident_group_size: int | None = None, carry: bool = True,
-            carry_ffn: bool | None = None) -> ConvertStats:
+            carry_ffn: bool | None = None, gate_resident: bool = False,
+            gate_bits: int | None = None) -> ConvertStats:
     """Convert a source checkpoint into a flash model dir at `out`.
 
     dtype: storage dtype of weights ("float16", "bfloat16", "float32"); None keeps the source
@@ -328,7 +407,10 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     it for huge bundles). carry_ffn: the FFN's own blocks copied into format-3 bundles (each
     part at its own bits; `Checkpoint.ffn_quantization`) instead of dequantized or re-quantized
     at `bits` (which then applies to the resident part only); a quantized mlx_lm checkpoint is
-    always carried whole (resident part too), as stored.
+    always carried whole (resident part too), as stored. gate_resident: format 4 - each
+    layer's gate_proj a resident matrix at `gate_bits` (None: the FFN's own precision, a
+    carried gate's blocks as they are) and the bundles [up | down] only, for a gate-driven
+    selector (`gate_resident_layout`).
     """
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     out = Path(out)
@@ -362,6 +444,10 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
         plan = resident_plan(ckpt, resident_bits, resident_group_size, carry)
         quantization = {"bits": resident_bits, "group_size": resident_group_size,
                         "modules": plan} if plan else None
+    if gate_resident:
+        layout, overrides = gate_resident_layout(ckpt, layout, overrides, gate_bits)
+    elif gate_bits is not None:
+        raise ValueError("gate_bits (--gate-bits) applies with gate_resident (--gate-resident)")
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -369,7 +455,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None 
     try:
         report = progress or (lambda stage, n: None)
         layers, tables = _write_layers(ckpt, tmp, layout, overrides, align, d_model, report)
-        _write_resident(ckpt, tmp, dtype, plan, report, tables)
+        _write_resident(ckpt, tmp, dtype, plan, report, tables, layout.gate_resident, carry)
         _write_metadata(ckpt, tmp, layout, layers, align, quantization, report)
         read_manifest(tmp)  # what load checks first, before the dir gets OUT's name
         _replace(tmp, out)
@@ -422,17 +508,22 @@ def _write_layers(ckpt, tmp, layout, overrides, align, d_model, report
     return entries, tables
 
 
-def _write_resident(ckpt, tmp, dtype, plan, report, tables) -> None:
-    """resident.safetensors: the non-FFN tensors, then each carried layer's down table."""
+def _write_resident(ckpt, tmp, dtype, plan, report, tables, gate, carry) -> None:
+    """resident.safetensors: the non-FFN tensors, then each carried layer's down table, then
+    (gate-resident) each layer's gate."""
     infos = resident_infos(ckpt, dtype, plan)
     for layer, pair in tables.items():
         infos += [TensorInfo(name, a.shape, dtype)
                   for name, a in zip(down_table_names(layer), pair, strict=True)]
+    if gate is not None:
+        infos += gate_infos(ckpt, gate, dtype)
 
     def arrays():
         yield from resident_arrays(ckpt, dtype, plan)
         for pair in tables.values():
             yield from pair
+        if gate is not None:
+            yield from gate_arrays(ckpt, gate, dtype, carry)
 
     write_safetensors(tmp / RESIDENT, infos, arrays(), metadata={"format": "mlx"})
     report("resident", (tmp / RESIDENT).stat().st_size)
@@ -447,7 +538,8 @@ def _write_metadata(ckpt, tmp, layout, layers, align, quantization, report) -> N
         if path.is_file():
             fsync_file(path)
     manifest = Manifest(
-        format_version=PART_QUANT_VERSION if layout.per_part else FORMAT_VERSION,
+        format_version=(GATE_RESIDENT_VERSION if layout.gate is not None else
+                        PART_QUANT_VERSION if layout.per_part else FORMAT_VERSION),
         source={"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind, "sha256": source_hash},
         config=config, ffn=layout, layers=layers, align=align,
         resident=file_entry(tmp, RESIDENT, blocks=True),

@@ -18,7 +18,7 @@ from .planner import PLANNERS
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-SELECTORS = ("auto", "predictor", "oracle", "quant", "sequence")
+SELECTORS = ("auto", "predictor", "oracle", "quant", "sequence", "gate")
 
 
 ORACLE_RULES = ("all", "nonzero", "top")

@@ -35,6 +35,7 @@ from ..format.manifest import Manifest
 from .backend import CacheBackend
 from .cache import NeuronCache, WindowPlan
 from .config import FlashConfig
+from .gate import ResidentGate
 from .selectors.base import Selection
 from .stats import RunStats, TokenStats
 from .store import IOStats, NeuronStore, ReadAhead
@@ -46,9 +47,11 @@ class FlashRuntime:
     this model (process.py); close() calls it."""
 
     def __init__(self, manifest: Manifest, store: NeuronStore, selector, config: FlashConfig,
-                 backend: CacheBackend, restore: Callable[[], None] | None = None):
+                 backend: CacheBackend, restore: Callable[[], None] | None = None,
+                 gate: ResidentGate | None = None):
         self.manifest, self.store, self.selector = manifest, store, selector
         self.config, self.backend, self.restore = config, backend, restore
+        self.gate = gate  # a gate-resident dir's gate (gate.py): h = (up x) * act(gate x)
         self.stats = RunStats()
         self.lock = threading.RLock()  # held across each forward pass (`serialize_calls`)
         self.ahead = (ReadAhead(store, config.read_ahead, config.prefill_chunk)
@@ -171,6 +174,7 @@ class FlashFFN(nn.Module):
     # -- decode (and small batches): the window path
 
     def _sparse(self, x: mx.array, step: TokenStats) -> mx.array:
+        gate = self._gate_values(x, step)
         selection = self._select(x, step)
         self._last_ids = selection.ids
         union = ordered_union(selection.ids)
@@ -184,13 +188,27 @@ class FlashFFN(nn.Module):
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
             if mask.all():  # every cached neuron is active for every token: no mask pass
                 mask = None
+        if gate is not None:  # h = (up x) * act(gate x) over the slots' neurons
+            slot_gate = gate[:, cache.neuron_of[:cache.n]]
+            mask = slot_gate if mask is None else mask * slot_gate
         y = self._rt.backend.over_cache(cache, x, mask)
         if plan.dropped.size:
-            y = self._stream_overflow(x, y, plan.dropped, selection.ids, step)
+            y = self._stream_overflow(x, y, plan.dropped, selection.ids, step, gate)
         return y
 
+    def _gate_values(self, x: mx.array, step: TokenStats) -> np.ndarray | None:
+        """A gate-resident dir's act(gate x) (T, n) for this layer (timed as the predictor:
+        it is what the gate selector scores), else None."""
+        if self._rt.gate is None:
+            return None
+        t0 = time.perf_counter()
+        values = self._rt.gate.values(self._layer, x)
+        step.seconds["predictor"] += time.perf_counter() - t0
+        return values
+
     def _stream_overflow(self, x: mx.array, y: mx.array, ids: np.ndarray,
-                         per_token: list[np.ndarray], step: TokenStats) -> mx.array:
+                         per_token: list[np.ndarray], step: TokenStats,
+                         gate: np.ndarray | None = None) -> mx.array:
         """Active neurons the cache could not hold: read and computed this call, not kept
         (chunked like prefill, so the scratch stays bounded). Exact, at the cost of the reads."""
         rt = self._rt
@@ -205,6 +223,8 @@ class FlashFFN(nn.Module):
             mask = None
             if len(per_token) > 1 and not every:  # each token only its own neurons
                 mask = np.stack([np.isin(part, t) for t in per_token]).astype(np.float32)
+            if gate is not None:
+                mask = gate[:, part] if mask is None else mask * gate[:, part]
             y = self._add_rows(xin, y, rows, part, io, step, mask)
             step.bytes_needed += io.needed
         return y
@@ -281,10 +301,12 @@ class FlashFFN(nn.Module):
         chunks = rt.store.layer_chunks(self._layer, rt.config.prefill_chunk)  # file order
         watch = getattr(rt.selector, "watch_prompt", None)  # a selector that sees the prompt
         watch = watch(self._layer, x) if watch is not None and not rt.config.naive else None
+        gate = self._gate_values(x, step)
         for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks,
                                                            not rt.config.naive, False),
                                     strict=True):
-            y = self._add_rows(xin, y, rows, part, io, step)
+            y = self._add_rows(xin, y, rows, part, io, step,
+                               None if gate is None else gate[:, part])
             if watch is not None:
                 t0 = time.perf_counter()
                 watch.add(part, rows)

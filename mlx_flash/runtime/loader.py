@@ -41,6 +41,7 @@ from .backend import CacheBackend, MlxBackend, choose_backend
 from .config import DTYPES, FlashConfig, settings_dict
 from .embedding import embedding_tensors, flash_embedding
 from .ffn import FlashFFN, FlashRuntime, serialize_calls
+from .gate import ResidentGate, pop_gate
 from .memory import (
     MemoryPlan,
     check_plan,
@@ -164,8 +165,22 @@ def read_layer_dense(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype
 def mlp_modules(manifest: Manifest, layer: int) -> list[str]:
     """mlx_lm paths of layer `layer`'s FFN linears, in the layout's part order (down last)."""
     spec, prefix = ARCHITECTURES[manifest.config["model_type"]], mlp_prefix(layer)
-    names = [spec.gate, spec.up, spec.down] if spec.kind == "gated" else [spec.up, spec.down]
+    names = [spec.gate, spec.up, spec.down] if manifest.ffn.kind == "gated" \
+        else [spec.up, spec.down]  # a plain FFN, or a gate-resident dir's bundles
     return [f"{prefix}.{name}" for name in names]
+
+
+def dense_gate(weights: dict[str, mx.array], manifest: Manifest, layer: int
+               ) -> tuple[dict[str, mx.array], dict[str, dict]]:
+    """A gate-resident layer's gate_proj for the dense model, from its resident tensors
+    (`pop_gate`): mlx_lm-named weights, and {module: {"bits", "group_size"}} when packed."""
+    tensors = pop_gate(weights, manifest, layer)
+    if tensors is None:
+        return {}, {}
+    spec = ARCHITECTURES[manifest.config["model_type"]]
+    module, gate = f"{mlp_prefix(layer)}.{spec.gate}", manifest.ffn.gate_resident
+    params = {module: {"bits": gate.bits, "group_size": gate.group_size}} if gate.packed else {}
+    return {f"{module}.{kind}": a for kind, a in tensors.items()}, params
 
 
 def read_layer_packed(root: Path, manifest: Manifest, layer: int, dtype: mx.Dtype,
@@ -276,6 +291,9 @@ def load_dense(path: str | Path, dtype: str | mx.Dtype | None = None,
     def dense_ffn(model: nn.Module, weights: dict[str, mx.array]) -> None:
         packed = {}
         for layer in range(manifest.n_layers):
+            gate_weights, gate_params = dense_gate(weights, manifest, layer)
+            weights.update(gate_weights)
+            packed.update(gate_params)
             down = pop_down_table(weights, manifest, layer)
             if manifest.layer_layout(layer).per_part:  # as the mlx_lm checkpoint was
                 layer_weights, params = read_layer_packed(root, manifest, layer,
@@ -496,8 +514,9 @@ def build_runtime(root: Path, manifest: Manifest, config: FlashConfig, fit: Fit,
             restore()
         raise
     try:
-        selector = make_selector(config, store, manifest, fit.backend)
-        runtime = FlashRuntime(manifest, store, selector, config, fit.backend, restore)
+        gate = ResidentGate(manifest, fit.backend) if manifest.ffn.gate is not None else None
+        selector = make_selector(config, store, manifest, fit.backend, gate)
+        runtime = FlashRuntime(manifest, store, selector, config, fit.backend, restore, gate)
     except BaseException:
         store.close()
         if restore is not None:
@@ -515,6 +534,9 @@ def _install_flash(model: nn.Module, weights: dict[str, mx.array], root: Path,
     for i, layer in enumerate(model.layers):
         cache = backend.new_cache(i, fit.plan.capacity, runtime.config.window)
         cache.down = pop_down_table(weights, manifest, i)
+        gate = pop_gate(weights, manifest, i)
+        if gate is not None:
+            runtime.gate.add(i, gate)
         out_bias = backend.out_bias(pop_out_bias(weights, manifest, i))
         layer.mlp = FlashFFN(i, runtime, cache, out_bias)
     if fit.embed_on_flash:
