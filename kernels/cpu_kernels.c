@@ -462,6 +462,7 @@ typedef struct {  // one token's quantized activations
     const int8_t *q;
     const float *dx, *dxl, *xsl;
     const int32_t *isum;
+    const float *xsg;  // per weight group: the sum of dx * xq (zero-padded to a multiple of 8)
 } QX;
 
 
@@ -602,6 +603,87 @@ static inline float dot_row_rest(const uint8_t *w, const void *sv, const void *z
     return out;
 }
 
+#if FLASH_VECTOR && !FLASH_512
+// 8 scales / biases from i on, stored as sdt; n < 8 of them through a zero-padded copy (reading
+// past the row may leave its buffer).
+static inline __m256 load8s(const void *a, int i, int sdt) {
+    if (sdt == DT_F32) return _mm256_loadu_ps((const float *)a + i);
+    return load8((const uint16_t *)a + i, sdt);
+}
+
+static inline __m256 load8s_tail(const void *a, int i, int n, int sdt) {
+    float buf[8] = {0};
+    for (int k = 0; k < n; k++) buf[k] = scale_at(a, i + k, sdt);
+    return _mm256_loadu_ps(buf);
+}
+
+// The 64-chunk at byte offset wb of a 4-bit row against xq (packed order): int32 lanes 0-3 the
+// chunk's first 32-block, 4-7 its second.
+static inline __m256i chunk_q4p(const uint8_t *wb, const int8_t *xq) {
+    __m256i lo, hi;
+    nibbles256(wb, &lo, &hi);
+    return dot_nibbles(lo, _mm256_loadu_si256((const __m256i *)xq), hi,
+                       _mm256_loadu_si256((const __m256i *)(xq + 32)));
+}
+
+// dot_row_i8 of a 4-bit row, groups of 2^gs (32 <= group <= 256) elements: the row's scales
+// are widened 8 at a time (F16C) and its biases' term is one vector dot with the token's
+// per-group sums (xsg); each block of 32 is then scaled by scale[g] * dx[b], 8 blocks' worth
+// formed with one multiply and handed to each chunk by a lane permute. (The generic loop read
+// and converted two scales and two biases per chunk with scalar loads and branches: 3x slower.)
+static inline float dot_q4_row(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
+                               int gs, QX x) {
+    const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK, full = (d / 64) * 2;
+    float sbuf[FLASH_MAX_GROUPS + 8];
+    __m256 bacc = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        _mm256_storeu_ps(sbuf + g, load8s(sv, g, sdt));
+        bacc = _mm256_fmadd_ps(load8s(zv, g, sdt), _mm256_loadu_ps(x.xsg + g), bacc);
+    }
+    if (g < groups) {
+        _mm256_storeu_ps(sbuf + g, load8s_tail(sv, g, groups - g, sdt));
+        bacc = _mm256_fmadd_ps(load8s_tail(zv, g, groups - g, sdt), _mm256_loadu_ps(x.xsg + g),
+                               bacc);
+    }
+    const __m256i sidx = _mm256_setr_epi32(0, 1 >> sh, 2 >> sh, 3 >> sh, 4 >> sh, 5 >> sh,
+                                           6 >> sh, 7 >> sh);
+    const __m256i p0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i p1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i p2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5);
+    const __m256i p3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int b = 0;
+    for (; b + 8 <= full; b += 8) {  // 256 elements: 4 chunks, 8 blocks
+        __m256 s = _mm256_loadu_ps(sbuf + (b >> sh));
+        if (sh) s = _mm256_permutevar8x32_ps(s, sidx);
+        const __m256 v = _mm256_mul_ps(s, _mm256_loadu_ps(x.dx + b));
+        const uint8_t *wb = w + (size_t)b * 16;
+        const int8_t *xq = x.q + (size_t)b * 32;
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(wb, xq)),
+                             _mm256_permutevar8x32_ps(v, p0), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(wb + 32, xq + 64)),
+                             _mm256_permutevar8x32_ps(v, p1), a1);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(wb + 64, xq + 128)),
+                             _mm256_permutevar8x32_ps(v, p2), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(wb + 96, xq + 192)),
+                             _mm256_permutevar8x32_ps(v, p3), a1);
+    }
+    for (; b < full; b += 2) {  // whole chunks left over
+        __m256 v = _mm256_set_m128(_mm_set1_ps(sbuf[(b + 1) >> sh] * x.dx[b + 1]),
+                                   _mm_set1_ps(sbuf[b >> sh] * x.dx[b]));
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(w + (size_t)b * 16, x.q + (size_t)b * 32)),
+                             v, a0);
+    }
+    float out = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), bacc));
+    if (b < blocks) {  // a last chunk of 32 (d % 64 == 32): 16 bytes, its xq lo | hi halves
+        const int c = b * QBLOCK;
+        out += sbuf[b >> sh] * x.dx[b] * (float)nibble_dot(w + c / 2, x.q + c, x.q + c + 16, 0, 16);
+    }
+    return out;
+}
+#endif
+
 // One quantized row (scales sv, biases zv stored as sdt, groups of `group`) dotted with one
 // token. The scales are read where used: widening a row's first cost more than its dot.
 static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
@@ -610,6 +692,10 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
     int c = 0;
 #if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
+#if !FLASH_512
+    if (bits == 4 && gs >= 5 && gs <= 8 && (d >> gs) <= FLASH_MAX_GROUPS)
+        return dot_q4_row(w, sv, zv, sdt, d, gs, x);
+#endif
     if (bits == 4) {  // two accumulators: one FMA chain per row was its latency bound
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0;  // b0: the biases' term
 #if FLASH_512
@@ -737,28 +823,47 @@ static inline const float *row_f32(const void *a, size_t row, int groups, int dt
 // The scratch of the int8 activations: xq, dx, dxl, isum (see quantize_x) in one allocation.
 typedef struct {
     int8_t *q;
-    float *dx, *dxl, *xsl;
+    float *dx, *dxl, *xsl, *xsg;
     int32_t *isum;
+    int gstride;  // xsg's floats per token: d / group rounded up to a multiple of 8
     void *mem;
 } QXBuf;
 
-// Allocates the scratch and quantizes x into it (quantize_x); 0 if malloc failed.
-static int qx_prepare(QXBuf *b, const float *x, int T, int d, int bits) {
+// Allocates the scratch and quantizes x into it (quantize_x), with the per-group sums of the
+// quantized x for groups of `group` (a multiple of QBLOCK) in xsg; 0 if malloc failed.
+static int qx_prepare(QXBuf *b, const float *x, int T, int d, int bits, int group) {
     size_t blocks = (size_t)T * (d / QBLOCK), n = (size_t)T * d;
-    b->mem = malloc(n + sizeof(float) * (blocks + n / 4) + sizeof(int32_t) * blocks);
+    const int groups = d / group, per = group / QBLOCK;
+    b->gstride = (groups + 7) & ~7;
+    size_t gs = (size_t)T * b->gstride;
+    b->mem = malloc(n + sizeof(float) * (blocks + n / 4 + gs) + sizeof(int32_t) * blocks);
     if (!b->mem) return 0;
     b->dx = (float *)b->mem;
     b->dxl = b->dx + blocks;
     b->xsl = b->dxl + n / 8;
-    b->isum = (int32_t *)(b->xsl + n / 8);
+    b->xsg = b->xsl + n / 8;
+    b->isum = (int32_t *)(b->xsg + gs);
     b->q = (int8_t *)(b->isum + blocks);
     quantize_x(x, T, d, bits, b->q, b->dx, b->dxl, b->xsl, b->isum);
+    const int nb = d / QBLOCK;
+    for (int t = 0; t < T; t++) {
+        float *xs = b->xsg + (size_t)t * b->gstride;
+        for (int g = 0; g < b->gstride; g++) {
+            float sum = 0.0f;
+            for (int k = 0; g < groups && k < per; k++) {
+                size_t at = (size_t)t * nb + (size_t)g * per + k;
+                sum += b->dx[at] * (float)b->isum[at];
+            }
+            xs[g] = sum;
+        }
+    }
     return 1;
 }
 
 static inline QX qx_token(const QXBuf *b, int d, int t) {
     QX r = {b->q + (size_t)t * d, b->dx + (size_t)t * (d / QBLOCK), b->dxl + (size_t)t * (d / 8),
-            b->xsl + (size_t)t * (d / 8), b->isum + (size_t)t * (d / QBLOCK)};
+            b->xsl + (size_t)t * (d / 8), b->isum + (size_t)t * (d / QBLOCK),
+            b->xsg + (size_t)t * b->gstride};
     return r;
 }
 
@@ -853,7 +958,7 @@ int linear_q(const uint32_t *Wq, const void *scales, const void *biases, int sdt
         return 0;
     }
     QXBuf qb;
-    if (!qx_prepare(&qb, x, T, d, bits)) return -1;
+    if (!qx_prepare(&qb, x, T, d, bits, group)) return -1;
     linear_q_i8(Wq, scales, biases, sdt, rows, d, group, bits, T, b, y, &qb);
     free(qb.mem);
     return 0;
@@ -884,7 +989,7 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
     const int gated = P == 3, words = d * bits / 32, groups = d / group;
     const size_t qpart = (size_t)capacity * words, spart = (size_t)capacity * groups;
     QXBuf qb;
-    if (!qx_prepare(&qb, x, T, d, bits)) return -1;
+    if (!qx_prepare(&qb, x, T, d, bits, group)) return -1;
     int threads = 1, failed = 0;
     float *bsum_all = NULL;
 #pragma omp parallel
@@ -959,32 +1064,6 @@ int ffnq(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int 
 // projection's weight is y[i] += h * (ts[i] * q[i] + tz[i]) with ts, tz that row.
 // ---------------------------------------------------------------------------------------------
 
-// y[0:d] += h * q over one down column's integers (natural order; 4 or 8 bits).
-static inline void axpy_ints(float h, const uint32_t *w, int d, int bits, float *y) {
-    int i = 0;
-#if FLASH_VECTOR
-    const __m256 hv = _mm256_set1_ps(h);
-    for (; i + 8 <= d; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(hv, decode8(w, i, bits), _mm256_loadu_ps(y + i)));
-#endif
-    for (; i < d; i++) y[i] += h * quant_at(w, i, bits);
-}
-
-// y[0:d] += ts * g + tz * v: a group's sum of h * q (g) and of h (v) through its table row.
-static inline void apply_table(const float *g, float v, const uint16_t *ts, const uint16_t *tz,
-                               int dt, int d, float *y) {
-    int i = 0;
-#if FLASH_VECTOR
-    const __m256 vv = _mm256_set1_ps(v);
-    for (; i + 8 <= d; i += 8) {
-        __m256 t = _mm256_fmadd_ps(load8(ts + i, dt), _mm256_loadu_ps(g + i),
-                                   _mm256_loadu_ps(y + i));
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(load8(tz + i, dt), vv, t));
-    }
-#endif
-    for (; i < d; i++) y[i] += to_f32(ts[i], dt) * g[i] + to_f32(tz[i], dt) * v;
-}
-
 // The input projections of neuron j for tokens t0 .. t0 + nt (nt <= 8): first (gate, or up of a
 // plain FFN) and, gated, second (up). int8 activations through qb, else f32 ones (x, xsum).
 static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint16_t *zg,
@@ -1015,14 +1094,66 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
     }
 }
 
+// A batch of down columns (8 or 4 bits, natural order) through the segment's table row: for
+// each output element i, y[i] += ts[i] * sum_k h[k] * q_k[i] + tz[i] * sum_k h[k], over the
+// batch's m columns cols[k]. The output is tiled (64 elements of the 8 accumulators in
+// registers) so y is loaded and stored once per batch, not once per column (a column at a time
+// stored each 8 floats as two halves and loaded them whole for the next: a store-forwarding
+// stall per 8 elements that made the down projection most of ffnp's time).
+static void down_batch(const uint32_t *const *cols, const float *h, int m, float hs, int bits_d,
+                       const uint16_t *ts, const uint16_t *tz, int dt, int d, float *y) {
+    int i = 0;
+#if FLASH_VECTOR
+    const __m256 hsv = _mm256_set1_ps(hs);
+    for (; i + 64 <= d; i += 64) {
+        __m256 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+        for (int k = 0; k < m; k++) {
+            const __m256 hv = _mm256_set1_ps(h[k]);
+            // the columns are m streams advancing 64 elements per tile: fetch 4 tiles ahead
+            _mm_prefetch((const char *)cols[k] + (size_t)(i + 256) * bits_d / 8, _MM_HINT_T0);
+            if (bits_d == 8) {
+                const uint8_t *c = (const uint8_t *)cols[k] + i;
+                for (int r = 0; r < 8; r++)
+                    a[r] = _mm256_fmadd_ps(hv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                               _mm_loadl_epi64((const __m128i *)(c + 8 * r)))), a[r]);
+            } else {
+                for (int r = 0; r < 8; r++)
+                    a[r] = _mm256_fmadd_ps(hv, decode8(cols[k], i + 8 * r, 4), a[r]);
+            }
+        }
+        for (int r = 0; r < 8; r++) {
+            float *yr = y + i + 8 * r;
+            __m256 o = _mm256_fmadd_ps(load8(ts + i + 8 * r, dt), a[r], _mm256_loadu_ps(yr));
+            _mm256_storeu_ps(yr, _mm256_fmadd_ps(load8(tz + i + 8 * r, dt), hsv, o));
+        }
+    }
+    for (; i + 8 <= d; i += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int k = 0; k < m; k++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(h[k]), decode8(cols[k], i, bits_d), a);
+        __m256 o = _mm256_fmadd_ps(load8(ts + i, dt), a, _mm256_loadu_ps(y + i));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(load8(tz + i, dt), hsv, o));
+    }
+#endif
+    for (; i < d; i++) {
+        float a = 0.0f;
+        for (int k = 0; k < m; k++) a += h[k] * quant_at(cols[k], i, bits_d);
+        y[i] += to_f32(ts[i], dt) * a + to_f32(tz[i], dt) * hs;
+    }
+}
+
+#define FLASH_DOWN_BATCH 32  // down columns per down_batch pass
+
 // The FFN over neurons [0, n) of a format-3 cache: gate qg / up qu (NULL: a plain FFN, qg is
 // up) (capacity, d * bits / 32) uint32 with scales / biases (capacity, d / group) 16-bit dt;
 // down qd (capacity, d * bits_d / 32), tab_s / tab_z (rows of d, dt), group_of (n,) int32;
 // in_bias, mask, h, partial, y, xsum and exact as in ffnq. The slots are visited a table row
 // at a time - order (n,) the slots sorted by group_of, starts (segments + 1,) where each
 // group's run begins - so a group's sum of h * q is scaled by its row once, not per neuron
-// (the table is read once per group: a Q6_K layer's rows are 16 neurons wide). Returns 0, or
-// -1 without scratch.
+// (the table is read once per group: a Q6_K layer's rows are 16 neurons wide). A segment goes
+// in batches of up to FLASH_DOWN_BATCH neurons: their h first, then their down columns
+// together (down_batch). Returns 0, or -1 without scratch.
 int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint32_t *qu,
          const uint16_t *su, const uint16_t *zu, int bits, int group, const uint32_t *qd,
          int bits_d, const uint16_t *tab_s, const uint16_t *tab_z, const int32_t *group_of,
@@ -1033,53 +1164,64 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
     const int gated = qu != NULL;
     QXBuf qb;
     const int int8 = !(exact || d % QBLOCK || group % QBLOCK || (group & (group - 1)));
-    if (int8 && !qx_prepare(&qb, x, T, d, bits)) return -1;
+    if (int8 && !qx_prepare(&qb, x, T, d, bits, group)) return -1;
     int threads = 1, failed = 0;
 #pragma omp parallel
     {
         int tid = team_member(&threads);
         float first[8], second[8];
+        const uint32_t *cols[FLASH_DOWN_BATCH];
         float *acc = partial + (size_t)tid * T * d;
-        float *gsum = (float *)malloc(sizeof(float) * ((size_t)T * d + (size_t)T));
+        float *hb = (float *)malloc(sizeof(float) * (size_t)T * FLASH_DOWN_BATCH);  // (T, batch)
         memset(acc, 0, sizeof(float) * (size_t)T * d);
-        if (!gsum) {
+        if (!hb) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         if (!failed) {
-            float *hsum = gsum + (size_t)T * d;
 #pragma omp for schedule(dynamic, 4)
             for (int seg = 0; seg < segments; seg++) {
-                memset(gsum, 0, sizeof(float) * ((size_t)T * d + (size_t)T));
                 const int g = group_of[order[starts[seg]]];
-                for (int k = starts[seg]; k < starts[seg + 1]; k++) {
-                    const int j = order[k];
-                    if (!needed(mask, h, T, n, j)) continue;
-                    const size_t row = (size_t)j * groups, w = (size_t)j * words;
-                    for (int t0 = 0; t0 < T; t0 += 8) {
-                        int nt = T - t0 < 8 ? T - t0 : 8;
-                        parts_dots(qg + w, sg + row, zg + row, gated ? qu + w : NULL,
-                                   gated ? su + row : NULL, gated ? zu + row : NULL, dt, d, bits,
-                                   group, int8 ? &qb : NULL, x, xsum, t0, nt, first, second);
-                        for (int t = 0; t < nt; t++) {
-                            float v = neuron_value(first[t], second[t], in_bias, capacity, j,
-                                                   gated, mask, n, t0 + t, act, h);
-                            if (v == 0.0f) continue;
-                            axpy_ints(v, qd + (size_t)j * words_d, d, bits_d,
-                                      gsum + (size_t)(t0 + t) * d);
-                            hsum[t0 + t] += v;
+                const uint16_t *ts = tab_s + (size_t)g * d, *tz = tab_z + (size_t)g * d;
+                for (int k0 = starts[seg]; k0 < starts[seg + 1]; k0 += FLASH_DOWN_BATCH) {
+                    const int k1 = k0 + FLASH_DOWN_BATCH < starts[seg + 1]
+                                       ? k0 + FLASH_DOWN_BATCH : starts[seg + 1];
+                    int m = 0;
+                    for (int k = k0; k < k1; k++) {
+                        const int j = order[k];
+                        if (!needed(mask, h, T, n, j)) continue;
+                        const size_t row = (size_t)j * groups, w = (size_t)j * words;
+                        for (int t0 = 0; t0 < T; t0 += 8) {
+                            int nt = T - t0 < 8 ? T - t0 : 8;
+                            parts_dots(qg + w, sg + row, zg + row, gated ? qu + w : NULL,
+                                       gated ? su + row : NULL, gated ? zu + row : NULL, dt, d,
+                                       bits, group, int8 ? &qb : NULL, x, xsum, t0, nt, first,
+                                       second);
+                            for (int t = 0; t < nt; t++)
+                                hb[(size_t)(t0 + t) * FLASH_DOWN_BATCH + m] =
+                                    neuron_value(first[t], second[t], in_bias, capacity, j,
+                                                 gated, mask, n, t0 + t, act, h);
                         }
+                        cols[m++] = qd + (size_t)j * words_d;
+                    }
+                    for (int t = 0; t < T && m; t++) {
+                        const float *ht = hb + (size_t)t * FLASH_DOWN_BATCH;
+                        float hs = 0.0f;
+                        int any = 0;
+                        for (int k = 0; k < m; k++) {
+                            hs += ht[k];
+                            any |= ht[k] != 0.0f;
+                        }
+                        if (any)
+                            down_batch(cols, ht, m, hs, bits_d, ts, tz, dt, d,
+                                       acc + (size_t)t * d);
                     }
                 }
-                for (int t = 0; t < T; t++)
-                    if (hsum[t] != 0.0f)
-                        apply_table(gsum + (size_t)t * d, hsum[t], tab_s + (size_t)g * d,
-                                    tab_z + (size_t)g * d, dt, d, acc + (size_t)t * d);
             }
             sum_partials(partial, threads, (size_t)T * d, y);  // after the loop's barrier
         }
-        free(gsum);
+        free(hb);
     }
     if (int8) free(qb.mem);
     return failed ? -1 : 0;

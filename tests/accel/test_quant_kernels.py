@@ -157,7 +157,8 @@ def test_ffnq_int8_matches_reference(builds, bits, group, d, kind, activation, t
 
 
 @pytest.mark.parametrize("bits,bits_down", [(4, 4), (8, 8), (4, 8)])
-@pytest.mark.parametrize("group,table_group,d", [(32, 16, 96), (64, 32, 128)])
+# table_group 64: one table row of 37 slots, more than one batch of down columns
+@pytest.mark.parametrize("group,table_group,d", [(32, 16, 96), (64, 32, 128), (32, 64, 96)])
 @pytest.mark.parametrize("kind", ["gated", "plain"])
 @pytest.mark.parametrize("tokens", [1, 6])
 def test_ffnp_matches_reference(builds, bits, bits_down, group, table_group, d, kind, tokens):
