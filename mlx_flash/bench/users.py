@@ -24,6 +24,7 @@ from pathlib import Path
 from ..format.home import default_models_dir
 from ..format.manifest import describe_parts, read_manifest
 from ..offline.convert import convert
+from ..offline.evaluate import parse_selectors
 from ..offline.pull import ALIASES, REGISTRY, pull
 from ..runtime.loader import load_tokenizer
 from ..spec.drafter import DRAFTER
@@ -91,8 +92,9 @@ def users_contenders(names: list[str], flash: Path, gguf: Path | None,
 
 
 def extra_flash_contenders(spec: str | None, contenders: list[Contender]) -> list[Contender]:
-    """--flash-dirs NAME=DIR,...: the flash contender's options on other dirs (conversions of
-    the same GGUF at other bits), labelled with what each dir stores."""
+    """--flash-dirs NAME=DIR[@SELECTOR[:KEEP]],...: the flash contender's options on other dirs
+    (conversions of the same GGUF at other bits), labelled with what each dir stores, with
+    another selector where one is named (e.g. a gate-resident dir's gate:0.5)."""
     if not spec:
         return []
     base = next((c for c in contenders if c.name == "flash"), None)
@@ -100,13 +102,20 @@ def extra_flash_contenders(spec: str | None, contenders: list[Contender]) -> lis
         raise ValueError("--flash-dirs needs the flash contender (add it to --contenders)")
     out = []
     for item in (part.strip() for part in spec.split(",") if part.strip()):
-        name, sep, path = item.partition("=")
+        name, sep, rest = item.partition("=")
+        path, _, selector = rest.partition("@")
         if not sep or not name or not (Path(path) / "manifest.json").exists():
-            raise ValueError(f"--flash-dirs {item!r}: expected NAME=DIR with a flash dir "
-                             "(manifest.json) at DIR")
+            raise ValueError(f"--flash-dirs {item!r}: expected NAME=DIR[@SELECTOR[:KEEP]] with "
+                             "a flash dir (manifest.json) at DIR")
         options = {k: v for k, v in base.options.items() if k != "drafter"}
-        out.append(Contender(name, "flash", f"mlx-flash defaults on {path} ("
-                             f"{dir_precision(Path(path))})", dict(options, model_dir=path)))
+        what = "mlx-flash defaults"
+        if selector:
+            chosen, keep = parse_selectors(selector)[0]
+            options = {k: v for k, v in options.items() if k not in ("oracle_rule", "keep")}
+            options.update(selector=chosen, **({} if keep is None else {"keep": keep}))
+            what = f"mlx-flash, selector {selector},"
+        out.append(Contender(name, "flash", f"{what} on {path} ({dir_precision(Path(path))})",
+                             dict(options, model_dir=path)))
     return out
 
 
@@ -116,6 +125,9 @@ def dir_precision(flash: Path) -> str:
     ffn = manifest.ffn
     ffn_text = (f"FFN {describe_parts(manifest)}" if ffn.per_part else
                 f"FFN {ffn.bits}-bit g{ffn.group_size}" if ffn.quantized else f"FFN {ffn.dtype}")
+    gate = ffn.gate_resident
+    if gate is not None:
+        ffn_text += f" (up/down; gate resident {gate.bits}-bit)"
     quant = manifest.resident.get("quantization")
     if not quant:
         return f"{ffn_text}, resident 16-bit"

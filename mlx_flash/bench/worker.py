@@ -28,7 +28,7 @@ from ..runtime.tokenizer import DECODE_TABLE_RSS
 from ..spec.drafter import drafter_bytes, load_drafter
 from ..spec.speculative import SpecSettings, speculative_tokens
 from .baselines import load_mmap, use_unbundled
-from .perplexity import llama_nll, mlx_nll, perplexity
+from .perplexity import CHUNK, llama_nll, mlx_nll, perplexity
 
 
 def rss_bytes() -> int:
@@ -247,7 +247,7 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
     result["load_s"] = time.perf_counter() - t0
     result["rss_after_load_bytes"] = rss_bytes()
     if spec.get("task") == "ppl":
-        result.update(ppl_result(mlx_nll(model, spec["ppl_ids"])))
+        result.update(ppl_result(mlx_nll(model, spec["ppl_ids"], ppl_chunk(model))))
         if spec["kind"] == "flash":
             model.flash.close()
         return
@@ -263,6 +263,16 @@ def run_mlx_worker(spec: dict, result: dict) -> None:
             save_calls(Path(spec["ids_file"]), model.flash.selector.calls)
             result["ids_file"] = spec["ids_file"]
         model.flash.close()
+
+
+def ppl_chunk(model) -> int:
+    """Tokens per forward pass of a contender's perplexity: a flash model whose selector keeps
+    fewer than every neuron is fed decode-sized calls (`max_sparse_tokens`), so each token is
+    scored with the neurons its own selection kept, as when it decodes; the rest in 128s."""
+    flash = getattr(model, "flash", None)
+    if flash is None or getattr(flash.selector, "fixed", False):
+        return CHUNK
+    return flash.config.max_sparse_tokens
 
 
 def ppl_result(nll: np.ndarray) -> dict:

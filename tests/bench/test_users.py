@@ -112,6 +112,20 @@ def test_flash_dirs_add_flash_contenders_on_other_dirs(tiny_dirs, tmp_path):
         users.extra_flash_contenders(f"flash-x={tmp_path}", base)  # no manifest there
     with pytest.raises(ValueError, match="needs the flash contender"):
         users.extra_flash_contenders(f"flash-other={flash_dir}", base[1:])
+    (gated,) = users.extra_flash_contenders(f"flash-g50={flash_dir}@gate:0.5", base)
+    assert gated.options["selector"] == "gate" and gated.options["keep"] == 0.5
+    assert "oracle_rule" not in gated.options and "selector gate:0.5" in gated.label
+
+
+def test_a_sparse_flash_contender_is_scored_in_decode_sized_calls(tiny_dirs, flash_load):
+    """Perplexity of a selector that keeps fewer neurons goes through the decode path (where
+    it selects); every neuron, or no flash model, in 128-token calls."""
+    _, flash_dir = tiny_dirs("qwen2")
+    model, _ = flash_load(flash_dir, selector="quant", keep=0.5)
+    assert bench_worker.ppl_chunk(model) == model.flash.config.max_sparse_tokens == 16
+    model, _ = flash_load(flash_dir)
+    assert bench_worker.ppl_chunk(model) == 128
+    assert bench_worker.ppl_chunk(load_dense(flash_dir)[0]) == 128
 
 
 def test_llama_cpp_absent_is_a_skipped_contender_with_the_reason(monkeypatch, tmp_path):
