@@ -982,12 +982,89 @@ static void sum_partials_packed(const float *partial, const float *bsum, int thr
     }
 }
 
+#define FLASH_DOWN_BATCH 32  // down rows / columns per batched pass (ffnq_i8, ffnp)
+
+// y (packed order) += sum_k h[k] * scale_k * q_k over a batch of m 4-bit down rows (along d,
+// groups of 2^gs, scales sc[k] 16-bit dt): tiles of 64 outputs in registers, so y is loaded
+// and stored once per batch rather than once per row; the biases' part (h * biases[g]) the
+// caller sums per group. A last 32-element chunk (d % 64 == 32) goes row by row, scalar.
+static void down_rows_q4(const uint8_t *const *rows, const uint16_t *const *sc, const float *h,
+                         int m, int dt, int d, int gs, float *y) {
+    int c = 0;
+#if FLASH_VECTOR
+    for (; c + 64 <= d; c += 64) {
+        const int g0 = c >> gs, g1 = (c + 32) >> gs;
+        __m256 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+        for (int k = 0; k < m; k++) {
+            const uint8_t *wb = rows[k] + c / 2;
+            _mm_prefetch((const char *)wb + 128, _MM_HINT_T0);  // 4 tiles ahead
+            const float f0 = h[k] * scale_at(sc[k], g0, dt);
+            const __m256 s0 = _mm256_set1_ps(f0);
+            const __m256 s1 = g1 == g0 ? s0 : _mm256_set1_ps(h[k] * scale_at(sc[k], g1, dt));
+            __m256i lo, hi;
+            nibbles256(wb, &lo, &hi);
+            // lo bytes 0-15 -> y[c, c + 16), 16-31 -> [c + 16, c + 32); hi -> c + 32 on
+            const __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                     _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+            for (int p = 0; p < 4; p++) {
+                const __m256 sv = p & 1 ? s1 : s0;
+                a[2 * p] = _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[p])),
+                                           a[2 * p]);
+                a[2 * p + 1] = _mm256_fmadd_ps(
+                    sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(part[p], 8))),
+                    a[2 * p + 1]);
+            }
+        }
+        for (int r = 0; r < 8; r++)
+            _mm256_storeu_ps(y + c + 8 * r, _mm256_add_ps(_mm256_loadu_ps(y + c + 8 * r), a[r]));
+    }
+#endif
+    for (; c + 64 <= d; c += 64)  // the scalar build
+        for (int k = 0; k < m; k++) {
+            const uint8_t *wb = rows[k] + c / 2;
+            float a0 = h[k] * scale_at(sc[k], c >> gs, dt);
+            float a1 = h[k] * scale_at(sc[k], (c + 32) >> gs, dt);
+            for (int i = 0; i < 32; i++) {
+                float a = i < 16 ? a0 : a1;
+                y[c + i] += a * (float)(wb[i] & 15);
+                y[c + 32 + i] += a * (float)(wb[i] >> 4);
+            }
+        }
+    for (; c < d; c += 32)
+        for (int k = 0; k < m; k++) {
+            const uint8_t *wb = rows[k] + c / 2;
+            float a = h[k] * scale_at(sc[k], c >> gs, dt);
+            for (int i = 0; i < 16; i++) {
+                y[c + i] += a * (float)(wb[i] & 15);
+                y[c + 16 + i] += a * (float)(wb[i] >> 4);
+            }
+        }
+}
+
+// bsum[0:groups] += v * biases[0:groups] (16-bit dt).
+static inline void add_scaled_biases(float v, const uint16_t *z, int groups, int dt,
+                                     float *bsum) {
+    int g = 0;
+#if FLASH_VECTOR
+    const __m256 vv = _mm256_set1_ps(v);
+    for (; g + 8 <= groups; g += 8)
+        _mm256_storeu_ps(bsum + g, _mm256_fmadd_ps(vv, load8(z + g, dt), _mm256_loadu_ps(bsum + g)));
+#endif
+    for (; g < groups; g++) bsum[g] += v * scale_at(z, g, dt);
+}
+
+// ffnq with int8 activations. The neurons go in batches of up to FLASH_DOWN_BATCH: their h
+// first (gate / up dots, 4 tokens per pass), then - 4-bit rows - their down rows together
+// (down_rows_q4); 8-bit rows are added one by one (axpy_row_q).
 static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *biases, int dt,
                    int P, int64_t capacity, int n, int d, int bits, int group, const float *x,
                    int T, const float *in_bias, const float *mask, int act, float *h,
                    float *partial, float *y) {
     const int gated = P == 3, words = d * bits / 32, groups = d / group;
+    const int gs = __builtin_ctz((unsigned)group);
     const size_t qpart = (size_t)capacity * words, spart = (size_t)capacity * groups;
+    const int batches = (n + FLASH_DOWN_BATCH - 1) / FLASH_DOWN_BATCH;
     QXBuf qb;
     if (!qx_prepare(&qb, x, T, d, bits, group)) return -1;
     int threads = 1, failed = 0;
@@ -995,45 +1072,72 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
 #pragma omp parallel
     {
         int tid = team_member(&threads);
+        float *hb = (float *)malloc(sizeof(float) * (size_t)T * FLASH_DOWN_BATCH);  // (T, batch)
 #pragma omp single
         {
             bsum_all = (float *)calloc((size_t)threads * T * groups, sizeof(float));
             failed = bsum_all == NULL;
         }  // (the single's barrier: every thread sees bsum_all)
+        if (!hb) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
         if (!failed) {
             float *acc = partial + (size_t)tid * T * d, *bsum = bsum_all + (size_t)tid * T * groups;
+            const uint8_t *drow[FLASH_DOWN_BATCH];
+            const uint16_t *dsc[FLASH_DOWN_BATCH], *dz[FLASH_DOWN_BATCH];
             memset(acc, 0, sizeof(float) * (size_t)T * d);
-#pragma omp for schedule(dynamic, 32)
-            for (int j = 0; j < n; j++) {
-                if (!needed(mask, h, T, n, j)) continue;
-                const uint16_t *s[3], *z[3];
-                const uint8_t *w[3];
-                for (int p = 0; p < P; p++) {
-                    s[p] = scales + p * spart + (size_t)j * groups;
-                    z[p] = biases + p * spart + (size_t)j * groups;
-                    w[p] = (const uint8_t *)(q + p * qpart + (size_t)j * words);
-                }
-                for (int t0 = 0; t0 < T; t0 += 4) {
-                    int nt = T - t0 < 4 ? T - t0 : 4;
-                    float first[4], second[4];
-                    dot_tokens_i8(w[0], s[0], z[0], dt, d, bits, group, &qb, t0, nt, first);
-                    if (gated)
-                        dot_tokens_i8(w[1], s[1], z[1], dt, d, bits, group, &qb, t0, nt, second);
-                    for (int k = 0; k < nt; k++) {
-                        int t = t0 + k;
-                        float v = activate(first[k] + (in_bias ? in_bias[j] : 0.0f), act);
-                        if (gated) v *= second[k] + (in_bias ? in_bias[capacity + j] : 0.0f);
-                        if (mask) v *= mask[(size_t)t * n + j];
-                        h[(size_t)t * n + j] = v;
-                        if (v == 0.0f) continue;
-                        axpy_row_q(v, w[P - 1], s[P - 1], dt, d, bits, group, acc + (size_t)t * d);
-                        for (int g = 0; g < groups; g++)
-                            bsum[(size_t)t * groups + g] += v * scale_at(z[P - 1], g, dt);
+#pragma omp for schedule(dynamic, 1)
+            for (int bi = 0; bi < batches; bi++) {
+                const int j1 = (bi + 1) * FLASH_DOWN_BATCH < n ? (bi + 1) * FLASH_DOWN_BATCH : n;
+                int m = 0;
+                for (int j = bi * FLASH_DOWN_BATCH; j < j1; j++) {
+                    if (!needed(mask, h, T, n, j)) continue;
+                    const uint16_t *s[3], *z[3];
+                    const uint8_t *w[3];
+                    for (int p = 0; p < P; p++) {
+                        s[p] = scales + p * spart + (size_t)j * groups;
+                        z[p] = biases + p * spart + (size_t)j * groups;
+                        w[p] = (const uint8_t *)(q + p * qpart + (size_t)j * words);
                     }
+                    for (int t0 = 0; t0 < T; t0 += 4) {
+                        int nt = T - t0 < 4 ? T - t0 : 4;
+                        float first[4], second[4];
+                        dot_tokens_i8(w[0], s[0], z[0], dt, d, bits, group, &qb, t0, nt, first);
+                        if (gated)
+                            dot_tokens_i8(w[1], s[1], z[1], dt, d, bits, group, &qb, t0, nt,
+                                          second);
+                        for (int k = 0; k < nt; k++) {
+                            int t = t0 + k;
+                            float v = activate(first[k] + (in_bias ? in_bias[j] : 0.0f), act);
+                            if (gated) v *= second[k] + (in_bias ? in_bias[capacity + j] : 0.0f);
+                            if (mask) v *= mask[(size_t)t * n + j];
+                            h[(size_t)t * n + j] = v;
+                            hb[(size_t)t * FLASH_DOWN_BATCH + m] = v;
+                        }
+                    }
+                    drow[m] = w[P - 1];
+                    dsc[m] = s[P - 1];
+                    dz[m] = z[P - 1];
+                    m++;
+                }
+                for (int t = 0; t < T && m; t++) {
+                    const float *ht = hb + (size_t)t * FLASH_DOWN_BATCH;
+                    float *yt = acc + (size_t)t * d, *bt = bsum + (size_t)t * groups;
+                    if (bits == 4) {
+                        down_rows_q4(drow, dsc, ht, m, dt, d, gs, yt);
+                    } else {
+                        for (int k = 0; k < m; k++)
+                            if (ht[k] != 0.0f) axpy_row_q(ht[k], drow[k], dsc[k], dt, d, bits, group, yt);
+                    }
+                    for (int k = 0; k < m; k++)
+                        if (ht[k] != 0.0f) add_scaled_biases(ht[k], dz[k], groups, dt, bt);
                 }
             }
             sum_partials_packed(partial, bsum_all, threads, T, d, bits, group, y);
         }
+        free(hb);
     }
     free(bsum_all);
     free(qb.mem);
@@ -1143,7 +1247,6 @@ static void down_batch(const uint32_t *const *cols, const float *h, int m, float
     }
 }
 
-#define FLASH_DOWN_BATCH 32  // down columns per down_batch pass
 
 // The FFN over neurons [0, n) of a format-3 cache: gate qg / up qu (NULL: a plain FFN, qg is
 // up) (capacity, d * bits / 32) uint32 with scales / biases (capacity, d / group) 16-bit dt;

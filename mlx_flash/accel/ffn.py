@@ -9,7 +9,7 @@ from ..format.bundles import unpack_bundles, unpack_pieces
 from ..format.manifest import FFNLayout
 from ..format.storage import to_f32
 from .build import kernels
-from .kernels import DT_CODES
+from .kernels import DT_CODES, TableSegments
 
 
 def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
@@ -19,6 +19,12 @@ def window_update_numpy(buffer: np.ndarray, dst: np.ndarray, src: np.ndarray,
         buffer[:, dst] = buffer[:, src]
     if slots.size:
         buffer[:, slots] = rows
+
+
+def unchanged(dst: np.ndarray, slots: np.ndarray) -> bool:
+    """A window update that moves and writes nothing (every decode step once the cache holds
+    every active neuron: unpacking its empty rows cost ~0.3 ms a layer)."""
+    return not dst.size and not slots.size
 
 
 def update_buffers(buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
@@ -47,7 +53,8 @@ class BundleFFN:
                slots: np.ndarray, rows: np.ndarray) -> None:
         """A window update in place (see `window_update_numpy`); rows: the new neurons'
         bundles (k, stride) for `slots`."""
-        window_update_numpy(buffers["bundles"], dst, src, slots, rows[None])
+        if not unchanged(dst, slots):
+            window_update_numpy(buffers["bundles"], dst, src, slots, rows[None])
 
     def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         return self.over_rows(cache.buffers["bundles"][0], x, mask, cache.n)
@@ -93,7 +100,8 @@ class QuantBundleFFN:
 
     def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
                slots: np.ndarray, rows: np.ndarray) -> None:
-        update_buffers(buffers, dst, src, slots, self._unpack(rows))
+        if not unchanged(dst, slots):
+            update_buffers(buffers, dst, src, slots, self._unpack(rows))
 
     def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         return self._ffn(cache.buffers, cache.n, x, mask)
@@ -120,6 +128,7 @@ class PartsBundleFFN:
         names = layout.matrix_names
         self.first = layout.part_quant(names[0])
         self.bits_down = layout.part_quant(names[-1]).bits
+        self._segments: tuple[np.ndarray, TableSegments] | None = None  # see _table_segments
 
     def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
         layout = self.layout
@@ -140,25 +149,36 @@ class PartsBundleFFN:
 
     def update(self, buffers: dict[str, np.ndarray], dst: np.ndarray, src: np.ndarray,
                slots: np.ndarray, rows: np.ndarray) -> None:
-        update_buffers(buffers, dst, src, slots, self._unpack(rows))
+        if not unchanged(dst, slots):
+            update_buffers(buffers, dst, src, slots, self._unpack(rows))
 
     def over_cache(self, cache, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        return self._ffn(cache.buffers, cache.n, cache.neuron_of[:cache.n], cache.down, x, mask)
+        return self._ffn(cache.buffers, cache.n, cache.neuron_of[:cache.n], cache.down, x, mask,
+                         cached=True)
 
     def over_rows(self, rows: np.ndarray, x: np.ndarray, mask: np.ndarray | None, ids: np.ndarray,
                   down) -> np.ndarray:
         return self._ffn(self._unpack(rows), len(rows), ids, down, x, mask)
 
     def _ffn(self, b: dict[str, np.ndarray], n: int, ids: np.ndarray, down, x: np.ndarray,
-             mask: np.ndarray | None) -> np.ndarray:
+             mask: np.ndarray | None, cached: bool = False) -> np.ndarray:
         rows = {k: v[0] for k, v in b.items() if k != "bias"}
         in_bias = np.ascontiguousarray(b["bias"][:, :, 0]) if "bias" in b else None
         if down.host is None:
             down.host = tuple(table_bits(a) for a in (down.scales, down.biases))
-        group_of = np.asarray(ids) // down.group_size
-        return kernels().ffnp(rows, down.host, group_of, self.dtype, n, self.first.bits,
+        segments = self._table_segments(ids, down.group_size) if cached else \
+            TableSegments(np.asarray(ids) // down.group_size)
+        return kernels().ffnp(rows, down.host, segments, self.dtype, n, self.first.bits,
                               self.first.group_size, self.bits_down, x, self.activation, mask,
                               in_bias)
+
+    def _table_segments(self, ids: np.ndarray, group_size: int) -> TableSegments:
+        """The cache's slots in table-row order, kept while its neurons (ids, the slots'
+        neuron ids) stay as they were: once every neuron is cached they never change."""
+        kept = self._segments
+        if kept is None or not np.array_equal(kept[0], ids):
+            kept = self._segments = (np.array(ids), TableSegments(np.asarray(ids) // group_size))
+        return kept[1]
 
 
 def table_bits(a: mx.array) -> np.ndarray:

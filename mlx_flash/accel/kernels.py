@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,7 @@ class CpuKernels:
         self.int_dot: str = INT_DOT_PATHS[lib.flash_int_dot_path()]
         # int8 activations in linear_q / ffnq unless the environment asks for exact f32 ones
         self.exact_quant: bool = os.environ.get(ENV_QUANT_ACTIVATIONS, "int8") == "f32"
+        self._local = threading.local()  # the FFN kernels' scratch (_ffn_scratch)
 
     def linear16(self, weight: np.ndarray, dtype: str, x: np.ndarray,
                  bias: np.ndarray | None = None) -> np.ndarray:
@@ -77,8 +80,8 @@ class CpuKernels:
         rows, d = weight.shape
         _check_operands(weight, x, d)
         y = np.empty((x.shape[0], rows), dtype=np.float32)
-        self._lib.linear16(weight.ctypes.data, weight.strides[0] // 2, rows, d, DT_CODES[dtype],
-                           x.ctypes.data, x.shape[0], _ptr(bias), y.ctypes.data)
+        self._lib.linear16(_addr(weight), weight.strides[0] // 2, rows, d, DT_CODES[dtype],
+                           x.ctypes.data, x.shape[0], _addr(bias), y.ctypes.data)
         return y
 
     def linear_q(self, wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
@@ -100,12 +103,12 @@ class CpuKernels:
                                  f"{scale_dtype or scales.dtype} scales/biases, got {a.dtype} "
                                  f"{a.shape}")
         _check_x(x, d)
-        xsum = _group_sums(x, group_size)
+        exact = self._exact(exact)
+        xsum = _group_sums(x, group_size) if _f32_path(exact, d, group_size) else None
         y = np.empty((x.shape[0], rows), dtype=np.float32)
-        done = self._lib.linear_q(wq.ctypes.data, scales.ctypes.data, biases.ctypes.data, sdt,
-                                  rows, d, bits, group_size, x.ctypes.data, x.shape[0],
-                                  xsum.ctypes.data, _ptr(bias), y.ctypes.data,
-                                  self._exact(exact))
+        done = self._lib.linear_q(_addr(wq), _addr(scales), _addr(biases), sdt, rows, d, bits,
+                                  group_size, x.ctypes.data, x.shape[0], _ptr(xsum), _addr(bias),
+                                  y.ctypes.data, exact)
         _check_done(done, "linear_q")
         return y
 
@@ -126,53 +129,51 @@ class CpuKernels:
         tokens = x.shape[0]
         _check_x(x, d)
         mask = _mask_rows(mask, tokens, n)
-        xsum = _group_sums(x, group_size)
+        exact = self._exact(exact)
+        xsum = _group_sums(x, group_size) if _f32_path(exact, d, group_size) else None
         h, partial, y = self._ffn_scratch(tokens, n, d)
-        done = self._lib.ffnq(q.ctypes.data, scales.ctypes.data, biases.ctypes.data,
-                              DT_CODES[dtype], parts, capacity, n, d, bits, group_size,
-                              x.ctypes.data, tokens, xsum.ctypes.data, _ptr(in_bias), _ptr(mask),
-                              ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
-                              y.ctypes.data, self._exact(exact))
+        done = self._lib.ffnq(_addr(q), _addr(scales), _addr(biases), DT_CODES[dtype], parts,
+                              capacity, n, d, bits, group_size, x.ctypes.data, tokens,
+                              _ptr(xsum), _ptr(in_bias), _ptr(mask),
+                              ACTIVATION_CODES[activation], h, partial, y.ctypes.data, exact)
         _check_done(done, "ffnq")
         return y
 
     def ffnp(self, rows: dict[str, np.ndarray], table: tuple[np.ndarray, np.ndarray],
-             group_of: np.ndarray, dtype: str, n: int, bits: int, group_size: int,
-             bits_down: int, x: np.ndarray, activation: str, mask: np.ndarray | None = None,
-             in_bias: np.ndarray | None = None, exact: bool | None = None) -> np.ndarray:
+             group_of: np.ndarray | TableSegments, dtype: str, n: int, bits: int,
+             group_size: int, bits_down: int, x: np.ndarray, activation: str,
+             mask: np.ndarray | None = None, in_bias: np.ndarray | None = None,
+             exact: bool | None = None) -> np.ndarray:
         """The FFN over a format-3 cache (parts apart): rows "gate.q"/"up.q" (capacity, d *
         bits / 32) uint32 with ".scales"/".biases" (capacity, d / group_size) uint16 bits of
         `dtype` ("up" alone for a plain FFN), "down.q" (capacity, d * bits_down / 32) the
         down columns' integers; table (scales, biases) (groups, d) uint16 bits, group_of (n,)
-        int32 each slot's table row; neurons [0, n). Returns (T, d) f32."""
+        int32 each slot's table row (or its `TableSegments`, which a caller may keep while
+        the slots stay); neurons [0, n). Returns (T, d) f32."""
         first = "gate" if "gate.q" in rows else "up"
         second = "up" if first == "gate" else None
         parts = [rows[f"{first}.{k}"] for k in ("q", "scales", "biases")]
         parts += [rows[f"{second}.{k}"] if second else None for k in ("q", "scales", "biases")]
         down, (tab_s, tab_z) = rows["down.q"], table
-        group_of = np.ascontiguousarray(group_of, dtype=np.int32)
-        order = np.argsort(group_of, kind="stable").astype(np.int32)  # a table row at a time
-        ordered = group_of[order]
-        starts = np.flatnonzero(np.diff(ordered, prepend=-1, append=-1)).astype(np.int32)
+        seg = group_of if isinstance(group_of, TableSegments) else TableSegments(group_of)
         for a in [*parts, down, tab_s, tab_z]:
             if a is not None and not a.flags.c_contiguous:
                 raise ValueError("ffnp needs contiguous buffers")
         capacity, d = down.shape[0], down.shape[1] * 32 // bits_down
-        if d // group_size > 512 or group_of.shape != (n,):
+        if d // group_size > 512 or seg.group_of.shape != (n,):
             raise ValueError(f"ffnp: {d // group_size} groups per row (at most 512) and "
-                             f"group_of {group_of.shape} for {n} neurons")
+                             f"group_of {seg.group_of.shape} for {n} neurons")
         tokens = x.shape[0]
         _check_x(x, d)
         mask = _mask_rows(mask, tokens, n)
-        xsum = _group_sums(x, group_size)
+        exact = self._exact(exact)
+        xsum = _group_sums(x, group_size) if _f32_path(exact, d, group_size) else None
         h, partial, y = self._ffn_scratch(tokens, n, d)
-        done = self._lib.ffnp(*[_ptr(a) for a in parts], bits, group_size, down.ctypes.data,
-                              bits_down, tab_s.ctypes.data, tab_z.ctypes.data,
-                              group_of.ctypes.data, order.ctypes.data, starts.ctypes.data,
-                              len(starts) - 1, DT_CODES[dtype], capacity, n, d,
-                              x.ctypes.data, tokens, xsum.ctypes.data, _ptr(in_bias),
-                              _ptr(mask), ACTIVATION_CODES[activation], h.ctypes.data,
-                              partial.ctypes.data, y.ctypes.data, self._exact(exact))
+        done = self._lib.ffnp(*[_addr(a) for a in parts], bits, group_size, _addr(down),
+                              bits_down, _addr(tab_s), _addr(tab_z), *seg.pointers,
+                              DT_CODES[dtype], capacity, n, d, x.ctypes.data, tokens,
+                              _ptr(xsum), _ptr(in_bias), _ptr(mask),
+                              ACTIVATION_CODES[activation], h, partial, y.ctypes.data, exact)
         _check_done(done, "ffnp")
         return y
 
@@ -198,18 +199,65 @@ class CpuKernels:
         if in_bias is not None:
             in_bias = np.ascontiguousarray(in_bias, dtype=np.float32)
         h, partial, y = self._ffn_scratch(tokens, n, d)
-        self._lib.ffn16(base.ctypes.data, strides[0], strides[1], parts, n, d,
+        self._lib.ffn16(_addr(base), strides[0], strides[1], parts, n, d,
                         DT_CODES[dtype], x.ctypes.data, tokens, _ptr(in_bias),
                         0 if in_bias is None else in_bias.shape[1], _ptr(mask),
-                        ACTIVATION_CODES[activation], h.ctypes.data, partial.ctypes.data,
-                        y.ctypes.data)
+                        ACTIVATION_CODES[activation], h, partial, y.ctypes.data)
         return y
 
-    def _ffn_scratch(self, tokens: int, n: int, d: int) -> tuple[np.ndarray, ...]:
-        """The FFN kernels' h (T, n) and per-thread partial sums, and the output (T, d)."""
-        return (np.empty((tokens, max(n, 1)), dtype=np.float32),
-                np.empty((self.threads, tokens, d), dtype=np.float32),
-                np.empty((tokens, d), dtype=np.float32))
+    def _ffn_scratch(self, tokens: int, n: int, d: int) -> tuple[int, int, np.ndarray]:
+        """The addresses of the FFN kernels' scratch - h (T, n) and the per-thread partial
+        sums (threads, T, d), kept between calls of one shape (a decode step's are the same
+        every layer) - and a new output (T, d)."""
+        key, local = (tokens, n, d), self._local  # per thread: calls may come from several
+        if getattr(local, "key", None) != key:
+            h = np.empty((tokens, max(n, 1)), dtype=np.float32)
+            partial = np.empty((self.threads, tokens, d), dtype=np.float32)
+            local.scratch, local.key = (h, partial, h.ctypes.data, partial.ctypes.data), key
+        return local.scratch[2], local.scratch[3], np.empty((tokens, d), dtype=np.float32)
+
+
+class TableSegments:
+    """A format-3 layer's slots in table-row order, as ffnp visits them: group_of (n,) int32
+    each slot's row, order (n,) the slots sorted by it (stable), starts (segments + 1,) where
+    each row's run begins. Argsorting every call cost ~0.1 ms a layer; PartsBundleFFN keeps
+    one while the cache's slots stay."""
+
+    def __init__(self, group_of: np.ndarray):
+        self.group_of = np.ascontiguousarray(group_of, dtype=np.int32)
+        self.order = np.argsort(self.group_of, kind="stable").astype(np.int32)
+        ordered = self.group_of[self.order]
+        self.starts = np.flatnonzero(np.diff(ordered, prepend=-1, append=-1)).astype(np.int32)
+        self.pointers = (self.group_of.ctypes.data, self.order.ctypes.data,
+                         self.starts.ctypes.data, len(self.starts) - 1)
+
+
+_ADDRESSES: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _addr(a: np.ndarray | None) -> int | None:
+    """a's data address, remembered for long-lived arrays (weights, cache buffers, tables):
+    `a.ctypes.data` costs ~3.5 us here, and a decode step passes ~300 of them. The entry goes
+    when the array does (a numpy array's data never moves)."""
+    if a is None:
+        return None
+    key = id(a)
+    entry = _ADDRESSES.get(key)
+    if entry is not None and entry[0]() is a:
+        return entry[1]
+    address = a.ctypes.data
+    try:
+        ref = weakref.ref(a, lambda _, key=key: _ADDRESSES.pop(key, None))
+    except TypeError:
+        return address
+    _ADDRESSES[key] = (ref, address)
+    return address
+
+
+def _f32_path(exact: int, d: int, group_size: int) -> bool:
+    """Whether a quantized kernel runs with f32 activations (and so needs x's group sums):
+    asked for, or a shape the int8 path does not take (the C kernels' condition)."""
+    return bool(exact or d % 32 or group_size % 32 or group_size & (group_size - 1))
 
 
 def _check_done(status: int, kernel: str) -> None:
