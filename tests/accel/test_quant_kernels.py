@@ -21,7 +21,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash.accel.build as accel_build
 import mlx_flash.accel.kernels as accel_kernels
-from mlx_flash.compute.reference import ffn_over_parts, ffn_over_qrows
+from mlx_flash.compute.reference import ffn_over_parts, ffn_over_qrows, hidden
 from mlx_flash.format.bundles import pack_bits
 from mlx_flash.format.manifest import FFNLayout
 from mlx_flash.offline.convert import convert
@@ -147,13 +147,47 @@ def test_ffnq_int8_matches_reference(builds, bits, group, d, kind, activation, t
                                          mx.array(in_bias)))
 
     exact_ref, dq_ref = reference(x), reference(dequant_x(x))
+    int_ref = dq_ref
+    if bits == 4:  # vector builds: the 4-bit down rows take int8 coefficients as well
+        sf, bf = s.astype(mx.float32), b.astype(mx.float32)
+        h = np.asarray(hidden(lambda i: mx.quantized_matmul(
+            mx.array(dequant_x(x)), q[i, :n], sf[i, :n], bf[i, :n], transpose=True,
+            group_size=group, bits=bits), layout, n, mx.array(mask), mx.array(in_bias)))
+        down = np.asarray(mx.dequantize(q[-1, :n], mx.ones_like(sf[-1, :n]),
+                                        mx.zeros_like(bf[-1, :n]), group_size=group, bits=4))
+        int_ref = int_rows_reference(h, down, np.asarray(sf[-1, :n]), np.asarray(bf[-1, :n]),
+                                     mask.any(0))
     args = (np.asarray(q), np.asarray(s).view(np.uint16), np.asarray(b).view(np.uint16),
             "float16", n, bits, group, x, activation, mask, in_bias)
     for name, k in builds.items():
         got = k.ffnq(*args, exact=False)
-        assert rel_err(got, dq_ref) < ROUNDING_TOL, name
+        assert rel_err(got, dq_ref if name == "scalar" else int_ref) < ROUNDING_TOL, name
         assert rel_err(got, exact_ref) < INT8_TOL, name
         assert rel_err(k.ffnq(*args, exact=True), exact_ref) < 1e-4, name
+
+
+def int_rows_reference(h: np.ndarray, q: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+                       needed: np.ndarray, batch: int = 32, sub: int = 16) -> np.ndarray:
+    """ffnq's down projection over 4-bit rows with int8 coefficients, restated: h (T, n), q
+    (n, d) the rows' integers, scales / biases (n, d / group). Slots go in batches of
+    `batch`, whose needed ones go `sub` at a time: per token and group the coefficients
+    c = h * scale ~ D * rint(c / D), D = max |c| / 127, over the 64-element chunks (the rest
+    of d in f32); the biases' term h * bias is exact."""
+    tokens, (n, d) = h.shape[0], q.shape
+    group = d // scales.shape[1]
+    full = d - d % 64
+    y = h.astype(np.float64) @ np.repeat(biases, group, axis=1)
+    for start in range(0, n, batch):
+        kept = [j for j in range(start, min(start + batch, n)) if needed[j]]
+        for k in range(0, len(kept), sub):
+            js = kept[k:k + sub]
+            for t in range(tokens):
+                c = h[t, js, None].astype(np.float64) * scales[js]  # (m, groups)
+                scale = np.abs(c).max(0) / 127
+                cq = np.where(scale > 0, np.rint(c / np.where(scale > 0, scale, 1)) * scale, c)
+                y[t, :full] += (np.repeat(cq, group, axis=1) * q[js])[:, :full].sum(0)
+                y[t, full:] += (np.repeat(c, group, axis=1) * q[js])[:, full:].sum(0)
+    return y.astype(np.float32)
 
 
 @pytest.mark.parametrize("bits,bits_down", [(4, 4), (8, 8), (4, 8)])
@@ -196,13 +230,51 @@ def test_ffnp_matches_reference(builds, bits, bits_down, group, table_group, d, 
                                          mx.array(mask), mx.array(in_bias)))
 
     exact_ref, dq_ref = reference(x), reference(dequant_x(x))
+    int_ref = dq_ref
+    if bits_down == 4:  # vector builds: the 4-bit down columns take int8 h as well
+        buffers = {k: mx.array(v.view(np.float16).astype(np.float32) if v.dtype == np.uint16
+                               else v)[None] for k, v in rows.items()}
+        h = np.asarray(hidden(lambda i: mx.quantized_matmul(
+            mx.array(dequant_x(x)), buffers[f"{names[i]}.q"][0, :n],
+            buffers[f"{names[i]}.scales"][0, :n], buffers[f"{names[i]}.biases"][0, :n],
+            transpose=True, group_size=group, bits=bits), layout, n, mx.array(mask),
+            mx.array(in_bias)))
+        int_ref = int_down_reference(h, values[:n], ids // table_group, mask.any(0), table)
     args = (rows, tuple(t.view(np.uint16) for t in table), ids // table_group, "float16", n,
             bits, group, bits_down, x, "silu", mask, in_bias)
     for name, k in builds.items():
         got = k.ffnp(*args, exact=False)
-        assert rel_err(got, dq_ref) < ROUNDING_TOL, name
+        assert rel_err(got, dq_ref if name == "scalar" else int_ref) < ROUNDING_TOL, name
         assert rel_err(got, exact_ref) < INT8_TOL, name
         assert rel_err(k.ffnp(*args, exact=True), exact_ref) < 1e-4, name
+
+
+def int_down_reference(h: np.ndarray, q: np.ndarray, group_of: np.ndarray, needed: np.ndarray,
+                       table: list[np.ndarray], batch: int = 32, sub: int = 16) -> np.ndarray:
+    """ffnp's down projection over 4-bit columns with int8 h, restated: h (T, n), q (n, d) the
+    columns' integers, group_of (n,) their table rows, needed (n,) the slots any token's mask
+    keeps. Slots go a table row at a time (stable order), in batches of `batch` slots whose
+    needed ones go `sub` at a time: per token h ~ D * rint(h / D), D = max |h| / 127, over
+    the 64-element chunks (the rest of d in f32); y += ts * G + tz * sum(h)."""
+    tokens, d = h.shape[0], q.shape[1]
+    ts, tz = (t.astype(np.float64) for t in table)
+    full = d - d % 64
+    y = np.zeros((tokens, d))
+    order = np.argsort(group_of, kind="stable")
+    runs = np.split(order, np.flatnonzero(np.diff(group_of[order])) + 1)
+    for run in runs:
+        g = group_of[run[0]]
+        for start in range(0, run.size, batch):
+            kept = [j for j in run[start:start + batch] if needed[j]]
+            for k in range(0, len(kept), sub):
+                js = kept[k:k + sub]
+                for t in range(tokens):
+                    hk = h[t, js].astype(np.float64)
+                    scale = np.abs(hk).max() / 127
+                    hq = np.rint(hk / scale) * scale if scale > 0 else hk
+                    big = np.concatenate([hq @ q[js, :full], hk @ q[js, full:]])
+                    y[t] += ts[g] * big + tz[g] * hk.sum()
+    return y.astype(np.float32)
 
 
 def test_exact_by_environment(monkeypatch, tmp_path):
