@@ -196,13 +196,14 @@ class FlashFFN(nn.Module):
             y = self._stream_overflow(x, y, plan.dropped, selection.ids, step, gate)
         return y
 
-    def _gate_values(self, x: mx.array, step: TokenStats) -> np.ndarray | None:
-        """A gate-resident dir's act(gate x) (T, n) for this layer (timed as the predictor:
-        it is what the gate selector scores), else None."""
+    def _gate_values(self, x: mx.array, step: TokenStats, rows: np.ndarray | None = None
+                     ) -> np.ndarray | None:
+        """A gate-resident dir's act(gate x) (T, n) for this layer, or (T, k) for neurons
+        `rows` (timed as the predictor: it is what the gate selector scores), else None."""
         if self._rt.gate is None:
             return None
         t0 = time.perf_counter()
-        values = self._rt.gate.values(self._layer, x)
+        values = self._rt.gate.values(self._layer, x, rows)
         step.seconds["predictor"] += time.perf_counter() - t0
         return values
 
@@ -301,12 +302,10 @@ class FlashFFN(nn.Module):
         chunks = rt.store.layer_chunks(self._layer, rt.config.prefill_chunk)  # file order
         watch = getattr(rt.selector, "watch_prompt", None)  # a selector that sees the prompt
         watch = watch(self._layer, x) if watch is not None and not rt.config.naive else None
-        gate = self._gate_values(x, step)
         for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks,
                                                            not rt.config.naive, False),
                                     strict=True):
-            y = self._add_rows(xin, y, rows, part, io, step,
-                               None if gate is None else gate[:, part])
+            y = self._add_rows(xin, y, rows, part, io, step, self._gate_values(x, step, part))
             if watch is not None:
                 t0 = time.perf_counter()
                 watch.add(part, rows)

@@ -63,9 +63,15 @@ class ResidentGate:
         return sum(a[0].nbytes if isinstance(a, tuple) else a.nbytes
                    for t in self.layers.values() for a in t.values())
 
-    def values(self, layer: int, x: mx.array | np.ndarray) -> np.ndarray:
-        """x: (T, d) -> act(gate x) (T, n) float32; the last call's result is reused for the
-        same x object (FlashFFN and the gate selector both ask for it)."""
+    def values(self, layer: int, x: mx.array | np.ndarray, rows: np.ndarray | None = None
+               ) -> np.ndarray:
+        """x: (T, d) -> act(gate x) (T, n) float32, or (T, k) for neurons `rows` only (a
+        prefill's chunk: the whole (T, n) would be the prompt's length times n). The last
+        whole-layer result is reused for the same x object (FlashFFN and the gate selector
+        both ask for it)."""
+        if rows is not None:
+            return self._compute({k: (a[0][rows], a[1]) if self.cpu else a[mx.array(rows)]
+                                  for k, a in self.layers[layer].items()}, x)
         last = self._last
         if last is not None and last[0] == layer and last[1] is x:
             return last[2]

@@ -160,7 +160,9 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: Flas
     scratch = (stream_scratch(config, backend.chunk_bytes_per_neuron(),
                               max(e.stride for e in manifest.layers), config.threads)
                + prefill_bytes(manifest.config, min(config.max_kv_tokens, PREFILL_STEP),
-                               config.prefill_chunk) + STEP_TEMPS + LOAD_HEAP + CODE_PAGES)
+                               config.prefill_chunk) + STEP_TEMPS + LOAD_HEAP + CODE_PAGES
+               + gate_scratch(manifest, min(config.max_kv_tokens, PREFILL_STEP),
+                              config.prefill_chunk))
     predictors = selector_bytes or 0
     if selector_bytes is None and manifest.predictors:
         predictors = 4 * sum(int(np.prod(entry.shape)) for entry in
@@ -173,6 +175,16 @@ def plan_memory(root: Path, manifest: Manifest, budget: int | None, config: Flas
         plan.capacity = min(n, max(0, (budget - plan.minimum) // plan.per_neuron))
     plan.caches = plan.capacity * plan.per_neuron
     return plan
+
+
+def gate_scratch(manifest: Manifest, tokens: int, chunk: int) -> int:
+    """A gate-resident dir's act(gate x) for one call: a prompt's (T, chunk) per streamed
+    chunk or a decode call's (16, n), f32, three copies at the peak (the product, the
+    activation, the mask), plus a chunk's gathered gate rows; else 0."""
+    if manifest.ffn.gate is None:
+        return 0
+    n, d = max(e.n_neurons for e in manifest.layers), manifest.ffn.d_model
+    return 3 * 4 * max(tokens * min(chunk, n), 16 * n) + 2 * min(chunk, n) * d
 
 
 def stream_scratch(config: FlashConfig, chunk_weight_bytes_per_neuron: int, stride: int,

@@ -31,6 +31,7 @@ from mlx_flash.format.manifest import (
 )
 from mlx_flash.format.storage import tensor_sizes
 from mlx_flash.offline.convert import convert
+from mlx_flash.runtime.memory import gate_scratch
 
 TOKENS = [5, 9, 17, 33, 65, 129, 7, 3]
 REASON = accel_build.unavailable_reason()
@@ -106,9 +107,20 @@ def test_flash_with_every_neuron_equals_dense(dirs, flash_load, bits, fast, monk
         model, _ = flash_load(gate_dir, selector=selector, keep=1.0, fast_cpu=fast)
         assert model.flash.backend.name == ("cpu" if fast else "mlx")
         tol = 1e-2 * float(np.abs(want).max()) if fast else 1e-5
-        np.testing.assert_allclose(logits(model), want, atol=tol)  # prefill: streamed
+        np.testing.assert_allclose(logits(model), want, atol=tol)
+        long = TOKENS * 3  # 24 tokens: more than max_sparse_tokens, streamed chunk by chunk
+        np.testing.assert_allclose(logits(model, long), logits(load_dense(
+            gate_dir, dtype="float32")[0], long), atol=tol)
         for t in range(1, 4):  # decode-sized calls go through the cache and the mask
             np.testing.assert_allclose(logits(model, TOKENS[:t]), want[:, :t], atol=tol)
+
+
+def test_the_plan_counts_the_gates_scratch(dirs):
+    gate_dir, plain_dir = dirs(4)
+    gate, plain = read_manifest(gate_dir), read_manifest(plain_dir)
+    n, d = gate.layers[0].n_neurons, gate.ffn.d_model
+    assert gate_scratch(plain, 512, 1024) == 0
+    assert gate_scratch(gate, 512, 1024) == 3 * 4 * 512 * n + 2 * n * d  # n < 1024 here
 
 
 def test_small_caches_stream_the_rest_with_the_gate(dirs, flash_load, caches_of_three_neurons):
