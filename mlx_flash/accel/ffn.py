@@ -129,6 +129,7 @@ class PartsBundleFFN:
         self.first = layout.part_quant(names[0])
         self.bits_down = layout.part_quant(names[-1]).bits
         self._segments: tuple[np.ndarray, TableSegments] | None = None  # see _table_segments
+        self._views: tuple[dict, dict[str, np.ndarray]] | None = None  # see _rows
 
     def cache_spec(self, stride: int) -> dict[str, tuple[int, int, mx.Dtype]]:
         layout = self.layout
@@ -162,7 +163,7 @@ class PartsBundleFFN:
 
     def _ffn(self, b: dict[str, np.ndarray], n: int, ids: np.ndarray, down, x: np.ndarray,
              mask: np.ndarray | None, cached: bool = False) -> np.ndarray:
-        rows = {k: v[0] for k, v in b.items() if k != "bias"}
+        rows = self._rows(b) if cached else {k: v[0] for k, v in b.items() if k != "bias"}
         in_bias = np.ascontiguousarray(b["bias"][:, :, 0]) if "bias" in b else None
         if down.host is None:
             down.host = tuple(table_bits(a) for a in (down.scales, down.biases))
@@ -171,6 +172,16 @@ class PartsBundleFFN:
         return kernels().ffnp(rows, down.host, segments, self.dtype, n, self.first.bits,
                               self.first.group_size, self.bits_down, x, self.activation, mask,
                               in_bias)
+
+    def _rows(self, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The cache buffers' (capacity, width) views, the same objects every call (so the
+        kernels' address cache knows them; new views each call cost ~20 us apiece there)."""
+        kept = self._views
+        buffers = [(k, v) for k, v in b.items() if k != "bias"]
+        if kept is None or kept[0] is not b or len(kept[1]) != len(buffers) or any(
+                k not in kept[1] or kept[1][k].base is not v for k, v in buffers):
+            kept = self._views = (b, {k: v[0] for k, v in buffers})
+        return kept[1]
 
     def _table_segments(self, ids: np.ndarray, group_size: int) -> TableSegments:
         """The cache's slots in table-row order, kept while its neurons (ids, the slots'

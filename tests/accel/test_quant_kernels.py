@@ -230,16 +230,17 @@ def test_ffnp_matches_reference(builds, bits, bits_down, group, table_group, d, 
                                          mx.array(mask), mx.array(in_bias)))
 
     exact_ref, dq_ref = reference(x), reference(dequant_x(x))
-    int_ref = dq_ref
-    if bits_down == 4:  # vector builds: the 4-bit down columns take int8 h as well
-        buffers = {k: mx.array(v.view(np.float16).astype(np.float32) if v.dtype == np.uint16
-                               else v)[None] for k, v in rows.items()}
-        h = np.asarray(hidden(lambda i: mx.quantized_matmul(
-            mx.array(dequant_x(x)), buffers[f"{names[i]}.q"][0, :n],
-            buffers[f"{names[i]}.scales"][0, :n], buffers[f"{names[i]}.biases"][0, :n],
-            transpose=True, group_size=group, bits=bits), layout, n, mx.array(mask),
-            mx.array(in_bias)))
-        int_ref = int_down_reference(h, values[:n], ids // table_group, mask.any(0), table)
+    # vector builds: the down columns take integer h as well (int8 for 4-bit columns, int16
+    # for 8-bit ones)
+    buffers = {k: mx.array(v.view(np.float16).astype(np.float32) if v.dtype == np.uint16
+                           else v)[None] for k, v in rows.items()}
+    h = np.asarray(hidden(lambda i: mx.quantized_matmul(
+        mx.array(dequant_x(x)), buffers[f"{names[i]}.q"][0, :n],
+        buffers[f"{names[i]}.scales"][0, :n], buffers[f"{names[i]}.biases"][0, :n],
+        transpose=True, group_size=group, bits=bits), layout, n, mx.array(mask),
+        mx.array(in_bias)))
+    int_ref = int_down_reference(h, values[:n], ids // table_group, mask.any(0), table,
+                                 *((127, 16) if bits_down == 4 else (32767, 32)))
     args = (rows, tuple(t.view(np.uint16) for t in table), ids // table_group, "float16", n,
             bits, group, bits_down, x, "silu", mask, in_bias)
     for name, k in builds.items():
@@ -250,12 +251,13 @@ def test_ffnp_matches_reference(builds, bits, bits_down, group, table_group, d, 
 
 
 def int_down_reference(h: np.ndarray, q: np.ndarray, group_of: np.ndarray, needed: np.ndarray,
-                       table: list[np.ndarray], batch: int = 32, sub: int = 16) -> np.ndarray:
-    """ffnp's down projection over 4-bit columns with int8 h, restated: h (T, n), q (n, d) the
-    columns' integers, group_of (n,) their table rows, needed (n,) the slots any token's mask
-    keeps. Slots go a table row at a time (stable order), in batches of `batch` slots whose
-    needed ones go `sub` at a time: per token h ~ D * rint(h / D), D = max |h| / 127, over
-    the 64-element chunks (the rest of d in f32); y += ts * G + tz * sum(h)."""
+                       table: list[np.ndarray], levels: int, sub: int,
+                       batch: int = 32) -> np.ndarray:
+    """ffnp's down projection with integer h, restated: h (T, n), q (n, d) the columns'
+    integers, group_of (n,) their table rows, needed (n,) the slots any token's mask keeps.
+    Slots go a table row at a time (stable order), in batches of `batch` slots whose needed
+    ones go `sub` at a time: per token h ~ D * rint(h / D), D = max |h| / levels, over the
+    64-element chunks (the rest of d in f32); y += ts * G + tz * sum(h)."""
     tokens, d = h.shape[0], q.shape[1]
     ts, tz = (t.astype(np.float64) for t in table)
     full = d - d % 64
@@ -270,7 +272,7 @@ def int_down_reference(h: np.ndarray, q: np.ndarray, group_of: np.ndarray, neede
                 js = kept[k:k + sub]
                 for t in range(tokens):
                     hk = h[t, js].astype(np.float64)
-                    scale = np.abs(hk).max() / 127
+                    scale = np.abs(hk).max() / levels
                     hq = np.rint(hk / scale) * scale if scale > 0 else hk
                     big = np.concatenate([hq @ q[js, :full], hk @ q[js, full:]])
                     y[t] += ts[g] * big + tz[g] * hk.sum()
