@@ -685,6 +685,88 @@ static inline float dot_q4_row(const uint8_t *w, const void *sv, const void *zv,
     }
     return out;
 }
+
+// dot_q4_row of two rows against one token (an FFN's gate and up): each chunk of x is loaded
+// once for both.
+static inline void dot_q4_rows2(const uint8_t *wa, const void *sa, const void *za,
+                                const uint8_t *wb, const void *sb, const void *zb, int sdt,
+                                int d, int gs, QX x, float *outa, float *outb) {
+    const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK, full = (d / 64) * 2;
+    float bufa[FLASH_MAX_GROUPS + 8], bufb[FLASH_MAX_GROUPS + 8];
+    __m256 ba = _mm256_setzero_ps(), bb = ba;
+    int g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        const __m256 xs = _mm256_loadu_ps(x.xsg + g);
+        _mm256_storeu_ps(bufa + g, load8s(sa, g, sdt));
+        _mm256_storeu_ps(bufb + g, load8s(sb, g, sdt));
+        ba = _mm256_fmadd_ps(load8s(za, g, sdt), xs, ba);
+        bb = _mm256_fmadd_ps(load8s(zb, g, sdt), xs, bb);
+    }
+    if (g < groups) {
+        const __m256 xs = _mm256_loadu_ps(x.xsg + g);
+        _mm256_storeu_ps(bufa + g, load8s_tail(sa, g, groups - g, sdt));
+        _mm256_storeu_ps(bufb + g, load8s_tail(sb, g, groups - g, sdt));
+        ba = _mm256_fmadd_ps(load8s_tail(za, g, groups - g, sdt), xs, ba);
+        bb = _mm256_fmadd_ps(load8s_tail(zb, g, groups - g, sdt), xs, bb);
+    }
+    const __m256i sidx = _mm256_setr_epi32(0, 1 >> sh, 2 >> sh, 3 >> sh, 4 >> sh, 5 >> sh,
+                                           6 >> sh, 7 >> sh);
+    const __m256i pidx[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                             _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                             _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
+                             _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int b = 0;
+    for (; b + 8 <= full; b += 8) {
+        __m256 s_a = _mm256_loadu_ps(bufa + (b >> sh)), s_b = _mm256_loadu_ps(bufb + (b >> sh));
+        if (sh) {
+            s_a = _mm256_permutevar8x32_ps(s_a, sidx);
+            s_b = _mm256_permutevar8x32_ps(s_b, sidx);
+        }
+        const __m256 dxv = _mm256_loadu_ps(x.dx + b);
+        const __m256 va = _mm256_mul_ps(s_a, dxv), vb = _mm256_mul_ps(s_b, dxv);
+        for (int k = 0; k < 4; k++) {
+            const size_t off = (size_t)b * 16 + 32 * k;
+            const int8_t *xq = x.q + (size_t)b * 32 + 64 * k;
+            const __m256i xlo = _mm256_loadu_si256((const __m256i *)xq);
+            const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq + 32));
+            const __m256i qa = _mm256_loadu_si256((const __m256i *)(wa + off));
+            const __m256i qb = _mm256_loadu_si256((const __m256i *)(wb + off));
+            const __m256i ia = dot_nibbles(_mm256_and_si256(qa, m4), xlo,
+                                           _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), xhi);
+            const __m256i ib = dot_nibbles(_mm256_and_si256(qb, m4), xlo,
+                                           _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), xhi);
+            if (k & 1) {
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_permutevar8x32_ps(va, pidx[k]), a1);
+                b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_permutevar8x32_ps(vb, pidx[k]), b1);
+            } else {
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_permutevar8x32_ps(va, pidx[k]), a0);
+                b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_permutevar8x32_ps(vb, pidx[k]), b0);
+            }
+        }
+    }
+    for (; b < full; b += 2) {
+        const __m256 dxv = _mm256_set_m128(_mm_set1_ps(x.dx[b + 1]), _mm_set1_ps(x.dx[b]));
+        const __m256 va = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(bufa[(b + 1) >> sh]),
+                                                        _mm_set1_ps(bufa[b >> sh])), dxv);
+        const __m256 vb = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(bufb[(b + 1) >> sh]),
+                                                        _mm_set1_ps(bufb[b >> sh])), dxv);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(wa + (size_t)b * 16, x.q + (size_t)b * 32)),
+                             va, a0);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_q4p(wb + (size_t)b * 16, x.q + (size_t)b * 32)),
+                             vb, b0);
+    }
+    float ra = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), ba));
+    float rb = hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), bb));
+    if (b < blocks) {  // a last chunk of 32
+        const int c = b * QBLOCK;
+        ra += bufa[b >> sh] * x.dx[b] * (float)nibble_dot(wa + c / 2, x.q + c, x.q + c + 16, 0, 16);
+        rb += bufb[b >> sh] * x.dx[b] * (float)nibble_dot(wb + c / 2, x.q + c, x.q + c + 16, 0, 16);
+    }
+    *outa = ra;
+    *outb = rb;
+}
 #endif
 
 // One quantized row (scales sv, biases zv stored as sdt, groups of `group`) dotted with one
@@ -1188,10 +1270,21 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
                     for (int t0 = 0; t0 < T; t0 += 4) {
                         int nt = T - t0 < 4 ? T - t0 : 4;
                         float first[4], second[4];
-                        dot_tokens_i8(w[0], s[0], z[0], dt, d, bits, group, &qb, t0, nt, first);
-                        if (gated)
-                            dot_tokens_i8(w[1], s[1], z[1], dt, d, bits, group, &qb, t0, nt,
-                                          second);
+#if FLASH_VECTOR && !FLASH_512
+                        if (gated && bits == 4 && nt < 4 && gs >= 5 && gs <= 8
+                                && groups <= FLASH_MAX_GROUPS) {  // gate and up in one pass
+                            for (int k = 0; k < nt; k++)
+                                dot_q4_rows2(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs,
+                                             qx_token(&qb, d, t0 + k), first + k, second + k);
+                        } else
+#endif
+                        {
+                            dot_tokens_i8(w[0], s[0], z[0], dt, d, bits, group, &qb, t0, nt,
+                                          first);
+                            if (gated)
+                                dot_tokens_i8(w[1], s[1], z[1], dt, d, bits, group, &qb, t0, nt,
+                                              second);
+                        }
                         for (int k = 0; k < nt; k++) {
                             int t = t0 + k;
                             float v = activate(first[k] + (in_bias ? in_bias[j] : 0.0f), act);
@@ -1263,6 +1356,15 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
                               int d, int bits, int group, const QXBuf *qb, const float *x,
                               const float *xsum, int t0, int nt, float *first, float *second) {
     const int groups = d / group;
+#if FLASH_VECTOR && !FLASH_512
+    const int gs = __builtin_ctz((unsigned)group);
+    if (qb && wu && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS && nt < 4) {
+        for (int t = 0; t < nt; t++)  // (4 tokens go through dot_tokens_i8's 4-token pass)
+            dot_q4_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
+                         qx_token(qb, d, t0 + t), first + t, second + t);
+        return;
+    }
+#endif
     if (qb) {
         for (int k = 0; k < nt; k += 4) {
             int m = nt - k < 4 ? nt - k : 4;
