@@ -995,6 +995,32 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
                         int rows, int d, int group, int bits, int T, const float *b, float *y,
                         const QXBuf *qb) {
     const int words = d * bits / 32, groups = d / group;
+#if FLASH_VECTOR && !FLASH_512
+    const int gs = __builtin_ctz((unsigned)group);
+    if (T == 1 && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
+        const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
+        const QX x0 = qx_token(qb, d, 0);
+#pragma omp parallel for schedule(dynamic, 32)
+        for (int r = 0; r < rows - 1; r += 2) {  // two rows per pass over x (decode)
+            const char *s = (const char *)scales + (size_t)r * srow;
+            const char *z = (const char *)biases + (size_t)r * srow;
+            const uint8_t *w = (const uint8_t *)(Wq + (size_t)r * words);
+            float o0, o1;
+            dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs, x0,
+                         &o0, &o1);
+            y[r] = o0 + (b ? b[r] : 0.0f);
+            y[r + 1] = o1 + (b ? b[r + 1] : 0.0f);
+        }
+        if (rows % 2) {
+            const int r = rows - 1;
+            y[r] = dot_row_i8((const uint8_t *)(Wq + (size_t)r * words),
+                              (const char *)scales + (size_t)r * srow,
+                              (const char *)biases + (size_t)r * srow, sdt, d, bits, group, x0)
+                   + (b ? b[r] : 0.0f);
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(dynamic, 64)
         for (int r = 0; r < rows; r++) {
             const size_t at = (size_t)r * groups * (sdt == DT_F32 ? 4 : 2);
