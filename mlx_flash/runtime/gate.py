@@ -20,7 +20,7 @@ import numpy as np
 
 from ..accel import build as accel_build
 from ..accel.linear import to_f32_rows
-from ..format.arch import ACTIVATION_FNS
+from ..format.arch import ACTIVATION_FNS, np_activation
 from ..format.errors import FormatError
 from ..format.manifest import MANIFEST, RESIDENT, GateResident, Manifest, gate_names
 
@@ -91,7 +91,7 @@ class ResidentGate:
                                    scale_dtype=sdt)
             else:
                 pre = lib.linear16(weight, dtype, xf)
-            return np.asarray(self.act(mx.array(pre)), dtype=np.float32)
+            return np_activation(self.spec.activation, pre)  # no MLX buffers on this path
         xm = mx.array(x) if isinstance(x, np.ndarray) else x
         if spec.packed:
             pre = mx.quantized_matmul(xm, t["weight"], t["scales"], t["biases"], transpose=True,
