@@ -405,9 +405,11 @@ static void ffnq_exact(const uint32_t *q, const uint16_t *scales, const uint16_t
 // sum over 32-blocks of scale[g] * dx[b] * (q . xq)_b in integers (VNNI dpbusd, AVX2 maddubs,
 // or scalar), plus biases[g] * sum(x_g) over the quantized x (the exact sum would leave the
 // offset of q, mean 7.5 at 4 bits, times sum(x - dx * xq) uncancelled: 1.5% error, not 0.5%).
-// The down projection
-// (y += h * row) stays f32 but decodes 64 nibbles per load. exact = 1 in linear_q / ffnq keeps
-// f32 activations throughout (the kernels above).
+// The down projection (y += h * row) takes integer products too on the vector builds: a batch
+// of 16 neurons' coefficients (h, or h * scale per group) quantized to int8 for 4-bit rows /
+// columns (down_rows_q4i, down_batch_q4i), int16 h for ffnp's 8-bit columns (down_batch_q8i);
+// the scalar build keeps it f32. exact = 1 in linear_q / ffnq / ffnp keeps f32 activations and
+// an f32 down projection throughout (the kernels above).
 //
 // 4-bit layout: MLX packs element 2k in the low nibble of byte k and 2k + 1 in the high one. A
 // chunk of 64 elements (32 bytes; the last chunk of a row may be 32 elements, 16 bytes) is

@@ -12,8 +12,10 @@ in MLX (BENCHMARKS.md, issue 11). Here the weights stay in their 16-bit storage 
   place.
 - `linear_q` / `ffnq` (4/8-bit rows) quantize x to int8 per block of 32 and take integer dot
   products (AVX-512 VNNI, AVX-VNNI, AVX2 or scalar: `int_dot`), as llama.cpp does: ~0.5% error
-  on each output, 2-3x faster than decoding the weights to f32 (issue 20). `exact=True` or
-  MLX_FLASH_QUANT_ACTIVATIONS=f32 keeps f32 activations.
+  on each output, 2-3x faster than decoding the weights to f32 (issue 20). The FFN kernels'
+  down projections take integer products on the vector builds as well (a batch's h quantized to
+  int8 for 4-bit rows, int16 for 8-bit ones: issue 20, session 9). `exact=True` or
+  MLX_FLASH_QUANT_ACTIVATIONS=f32 keeps f32 activations and an f32 down projection.
 
 The C file is compiled on first use with the system compiler (`cc`, or $CC) into
 `$MLX_FLASH_HOME/kernels` (default ~/.cache/mlx_flash/kernels), keyed by the source, compiler
