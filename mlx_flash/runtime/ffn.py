@@ -288,8 +288,11 @@ class FlashFFN(nn.Module):
 
     def _new_chunks(self, plan: WindowPlan) -> Iterator[tuple[slice, bool]]:
         """(slice of plan.new_ids, whether the plan's row moves go with it): the moves with
-        the first chunk, every new neuron in chunks of prefill_chunk (one chunk when none)."""
+        the first chunk, every new neuron in chunks of prefill_chunk (one chunk when only rows
+        move, none when nothing changes)."""
         chunk, n = self._rt.config.prefill_chunk, plan.new_ids.size
+        if n == 0 and plan.dst.size == 0:
+            return  # nothing new and nothing moves (every uncapped step): no read, no update
         for start in range(0, max(n, 1), chunk):
             yield slice(start, start + chunk), start == 0
 
