@@ -44,8 +44,9 @@ class FlashConfig:
     FFN's gate/up in DRAM scores every neuron, each token keeps its top `keep`, default 0.5)
     "sequence" (GRIFFIN: each layer's top `keep` neurons, default 0.7, chosen from the prompt's
     true activations and used for every decoded token; `sequence_refresh` N > 0 chooses again
-    every N decoded tokens from the recent tokens too, 0 = never) or "auto" (predictor when the
-    dir has them, else oracle).
+    every N decoded tokens from the recent tokens too, 0 = never), "gate" (a gate-resident dir's
+    resident gate: each token keeps its top `keep` by |act(gate x)|, default 0.5; CATS) or
+    "auto" (predictor when the dir has them, else oracle).
     dtype: the compute dtype ("float16", "bfloat16", "float32" or an mx.Dtype); None = f32 on
     CPU (bf16 when a budget needs it), the storage dtype on a GPU.
     threads: the store's parallel reads. direct: O_DIRECT reads that bypass the page cache;
