@@ -1465,6 +1465,24 @@ static void down_batch(const uint32_t *const *cols, const float *h, int m, float
 }
 
 
+// max |h[k]| over a batch's m coefficients (the scale both integer down batches quantize by).
+static inline float abs_max(const float *h, int m) {
+    float hmax = 0.0f;
+    for (int k = 0; k < m; k++) hmax = fabsf(h[k]) > hmax ? fabsf(h[k]) : hmax;
+    return hmax;
+}
+
+#if FLASH_VECTOR
+// y[e:e + 8] += ts * (sums * dv) + tz * hs: 8 integer sums of a batch's h * q, rescaled by the
+// batch's quantization step dv, through the table row (ts, tz) at e; hsv = the batch's sum of h.
+static inline void table_add8(__m256i sums, __m256 dv, __m256 hsv, const uint16_t *ts,
+                              const uint16_t *tz, int dt, int e, float *y) {
+    const __m256 g = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), dv);
+    __m256 o = _mm256_fmadd_ps(load8(ts + e, dt), g, _mm256_loadu_ps(y + e));
+    _mm256_storeu_ps(y + e, _mm256_fmadd_ps(load8(tz + e, dt), hsv, o));
+}
+#endif
+
 // down_batch for 4-bit columns with integer products (what llama.cpp does with its
 // activations): the batch's h are quantized to int8 (h ~ D * hq, |hq| <= 127, D = max |h| / 127)
 // and two columns' nibbles interleaved byte by byte, so one maddubs takes 2 neurons x 16
@@ -1476,8 +1494,7 @@ static int down_batch_q4i(const uint32_t *const *cols, const float *h, int m, fl
                           const uint16_t *ts, const uint16_t *tz, int dt, int d, float *y) {
     int i = 0;
 #if FLASH_VECTOR
-    float hmax = 0.0f;
-    for (int k = 0; k < m; k++) hmax = fabsf(h[k]) > hmax ? fabsf(h[k]) : hmax;
+    const float hmax = abs_max(h, m);
     if (hmax == 0.0f) return 0;  // the f32 loop adds the tz * hs term (hs is 0 then too)
     const float inv = 127.0f / hmax;
     const int pairs = (m + 1) / 2;
@@ -1513,9 +1530,7 @@ static int down_batch_q4i(const uint32_t *const *cols, const float *h, int m, fl
             const __m128i part = r < 4 ? _mm256_castsi256_si128(nat[r])
                                        : _mm256_extracti128_si256(nat[r - 4], 1);
             const int e = i + (r < 4 ? 8 * r : 32 + 8 * (r - 4));
-            const __m256 g = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part)), dv);
-            __m256 o = _mm256_fmadd_ps(load8(ts + e, dt), g, _mm256_loadu_ps(y + e));
-            _mm256_storeu_ps(y + e, _mm256_fmadd_ps(load8(tz + e, dt), hsv, o));
+            table_add8(_mm256_cvtepi16_epi32(part), dv, hsv, ts, tz, dt, e, y);
         }
     }
 #else
@@ -1534,8 +1549,7 @@ static int down_batch_q8i(const uint32_t *const *cols, const float *h, int m, fl
                           const uint16_t *ts, const uint16_t *tz, int dt, int d, float *y) {
     int i = 0;
 #if FLASH_VECTOR
-    float hmax = 0.0f;
-    for (int k = 0; k < m; k++) hmax = fabsf(h[k]) > hmax ? fabsf(h[k]) : hmax;
+    const float hmax = abs_max(h, m);
     if (hmax == 0.0f) return 0;
     const float inv = 32767.0f / hmax;
     const int pairs = (m + 1) / 2;
@@ -1571,9 +1585,7 @@ static int down_batch_q8i(const uint32_t *const *cols, const float *h, int m, fl
             const __m256i nat[2] = {lo, hi};
             for (int u = 0; u < 2; u++) {
                 const int e = i + 16 * sgm + 8 * u;
-                const __m256 g = _mm256_mul_ps(_mm256_cvtepi32_ps(nat[u]), dv);
-                __m256 o = _mm256_fmadd_ps(load8(ts + e, dt), g, _mm256_loadu_ps(y + e));
-                _mm256_storeu_ps(y + e, _mm256_fmadd_ps(load8(tz + e, dt), hsv, o));
+                table_add8(nat[u], dv, hsv, ts, tz, dt, e, y);
             }
         }
     }
