@@ -58,11 +58,6 @@ class ResidentGate:
             return
         self.layers[layer] = {k: _host(v) for k, v in tensors.items()}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a[0].nbytes if isinstance(a, tuple) else a.nbytes
-                   for t in self.layers.values() for a in t.values())
-
     def values(self, layer: int, x: mx.array | np.ndarray, rows: np.ndarray | None = None
                ) -> np.ndarray:
         """x: (T, d) -> act(gate x) (T, n) float32, or (T, k) for neurons `rows` only (a
