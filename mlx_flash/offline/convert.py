@@ -270,13 +270,8 @@ def gate_arrays(ckpt: Checkpoint, gate: GateResident, dtype: str, carry: bool = 
         if not gate.packed:
             yield cast(ckpt.read(name), stored, dtype)
             continue
-        carried = ckpt.read_quantized(name, gate.bits, gate.group_size) if carry else None
-        if carried is None:
-            yield from affine_quantize(ckpt.read(name), stored, dtype, gate.bits,
-                                       gate.group_size)
-        else:
-            yield pack_bits(carried[0], gate.bits)
-            yield from (cast(a, "float32", dtype) for a in carried[1:])
+        yield from quantized_blocks(ckpt, name, stored, dtype, gate.bits, gate.group_size,
+                                    carry)
 
 
 def stored_plan(ckpt: Checkpoint) -> dict[str, dict]:
@@ -376,14 +371,22 @@ def resident_arrays(ckpt: Checkpoint, dtype: str, plan: dict[str, dict]
             yield cast(ckpt.read(name), info.dtype, dtype if len(info.shape) >= 2
                        else info.dtype)
             continue
-        bits, group = params["bits"], params["group_size"]
-        carried = ckpt.read_quantized(name, bits, group)
-        if carried is None:
-            yield from affine_quantize(ckpt.read(name), info.dtype, dtype, bits, group)
-        else:
-            q, scales, biases = carried
-            yield pack_bits(q, bits)
-            yield from (cast(a, "float32", dtype) for a in (scales, biases))
+        yield from quantized_blocks(ckpt, name, info.dtype, dtype, params["bits"],
+                                    params["group_size"])
+
+
+def quantized_blocks(ckpt: Checkpoint, name: str, stored: str, dtype: str, bits: int,
+                     group_size: int, carry: bool = True) -> Iterable[np.ndarray]:
+    """Matrix `name` as (packed uint32, scales, biases in `dtype`): the source's own blocks
+    where they are exactly MLX affine at bits / group_size (and `carry`), else its `stored`
+    values quantized here."""
+    carried = ckpt.read_quantized(name, bits, group_size) if carry else None
+    if carried is None:
+        yield from affine_quantize(ckpt.read(name), stored, dtype, bits, group_size)
+        return
+    q, scales, biases = carried
+    yield pack_bits(q, bits)
+    yield from (cast(a, "float32", dtype) for a in (scales, biases))
 
 
 def convert(src: str | Path | Checkpoint, out: str | Path, *, dtype: str | None = None,
