@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from real import greedy  # noqa: E402
 from tiny import make_source  # noqa: E402
 
 import mlx_flash.runtime.loader as loader_module  # noqa: E402
@@ -61,3 +62,34 @@ def caches_of_three_neurons(monkeypatch) -> None:
         return plan
 
     monkeypatch.setattr(loader_module, "plan_memory", three_neurons)
+
+
+# The real default model, loaded once per session: each module that used a module-scoped
+# copy loaded it and generated its greedy text again (48 s each on this CPU).
+@pytest.fixture(scope="session")
+def real_dir():
+    """The default model's flash dir, pulled and converted once."""
+    import os
+
+    from mlx_flash.cli.common import default_model_dir
+
+    try:
+        return default_model_dir()
+    except Exception as e:  # network or registry trouble: a skip with the reason, or a failure
+        if os.environ.get("MLX_FLASH_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"the default model could not be pulled ({e}); run `mlx-flash pull --convert`")
+
+
+@pytest.fixture(scope="session")
+def dense(real_dir):
+    """(model, tokenizer): the dense rebuild of the default model."""
+    from mlx_flash.runtime.loader import load_dense
+
+    return load_dense(real_dir)
+
+
+@pytest.fixture(scope="session")
+def dense_text(dense):
+    """The dense model's greedy text for real.PROMPT."""
+    return greedy(*dense)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_real_model import real_dir  # noqa: F401 (fixture)
 
 import mlx_flash.spec.drafter as drafter_mod
 from mlx_flash.format.errors import FormatError
@@ -131,7 +130,7 @@ def test_the_packaged_data_ships_in_the_wheel():
 
 
 @pytest.mark.real_model
-def test_real_model_finds_the_packaged_drafter(real_dir):  # noqa: F811 (the fixture)
+def test_real_model_finds_the_packaged_drafter(real_dir):
     """The default model as `pull` makes it: `--drafter` finds the shipped drafter (unless
     the dir has its own), and it loads for this model."""
     if not packaged_drafters():
