@@ -155,6 +155,30 @@ static inline float activate(float v, int act) {
     }
 }
 
+// Software prefetch. The decode kernels stream each row once, and rows are short (a 4-bit
+// row of 1536 is 768 bytes) or taken in a permuted order (ffnp's segments): the hardware
+// prefetchers of the AVX-512 machine here (a virtualised AMD EPYC, 4 KiB pages) held a 4-bit
+// lm_head to 7.6 GB/s of the 25 GB/s one core streams; with the rows FLASH_AHEAD rows ahead
+// requested, 23 GB/s (BENCHMARKS.md, issue 20 session 11). 4 was best of 2..16.
+#ifndef FLASH_AHEAD
+#define FLASH_AHEAD 4
+#endif
+
+// Ask for the n bytes at p (one hint per 64-byte line; a hint never faults). (With an
+// `if (!p) return;` first, gcc 12 -O3 dropped most of the callers' prefetches.)
+static inline void prefetch_bytes(const void *p, size_t n) {
+    const char *c = (const char *)p;
+    for (size_t k = 0; k < n; k += 64) __builtin_prefetch(c + k, 0, 3);
+}
+
+// Whether any token may need neuron j (mask NULL: all do); what prefetches ask for.
+static inline int maybe_needed(const float *mask, int T, int n, int j) {
+    if (!mask) return 1;
+    for (int t = 0; t < T; t++)
+        if (mask[(size_t)t * n + j] != 0.0f) return 1;
+    return 0;
+}
+
 // Whether any token of the call needs neuron j (mask NULL: all do); if not, its h is zeroed.
 static inline int needed(const float *mask, float *h, int T, int n, int j) {
     if (!mask) return 1;
@@ -470,7 +494,7 @@ typedef struct {  // one token's quantized activations
 
 #if FLASH_VECTOR
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define FLASH_512 1  // 128 elements per step in the 4-bit decode dot and 16-wide axpy
+#define FLASH_512 1  // 16-wide axpy; 128 elements a step in dot_row_i8 for groups dot_q4_row cannot take
 #else
 #define FLASH_512 0
 #endif
@@ -620,7 +644,7 @@ static inline __m256 load8s_tail(const void *a, int i, int n, int sdt) {
 }
 #endif
 
-#if FLASH_VECTOR && !FLASH_512
+#if FLASH_VECTOR
 
 // The 64-chunk at byte offset wb of a 4-bit row against xq (packed order): int32 lanes 0-3 the
 // chunk's first 32-block, 4-7 its second.
@@ -635,7 +659,9 @@ static inline __m256i chunk_q4p(const uint8_t *wb, const int8_t *xq) {
 // are widened 8 at a time (F16C) and its biases' term is one vector dot with the token's
 // per-group sums (xsg); each block of 32 is then scaled by scale[g] * dx[b], 8 blocks' worth
 // formed with one multiply and handed to each chunk by a lane permute. (The generic loop read
-// and converted two scales and two biases per chunk with scalar loads and branches: 3x slower.)
+// and converted two scales and two biases per chunk with scalar loads and branches: 3x slower;
+// AVX-512 builds had been left on that loop, in 512-bit form: the 1.5B's decode FFN 148 -> 99
+// ms on one EPYC core with this one, issue 20 session 11.)
 static inline float dot_q4_row(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
                                int gs, QX x) {
     const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK, full = (d / 64) * 2;
@@ -779,10 +805,8 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
     int c = 0;
 #if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
-#if !FLASH_512
     if (bits == 4 && gs >= 5 && gs <= 8 && (d >> gs) <= FLASH_MAX_GROUPS)
         return dot_q4_row(w, sv, zv, sdt, d, gs, x);
-#endif
     if (bits == 4) {  // two accumulators: one FMA chain per row was its latency bound
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0;  // b0: the biases' term
 #if FLASH_512
@@ -997,7 +1021,7 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
                         int rows, int d, int group, int bits, int T, const float *b, float *y,
                         const QXBuf *qb) {
     const int words = d * bits / 32, groups = d / group;
-#if FLASH_VECTOR && !FLASH_512
+#if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
     if (T == 1 && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
         const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
@@ -1008,6 +1032,11 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
             const char *z = (const char *)biases + (size_t)r * srow;
             const uint8_t *w = (const uint8_t *)(Wq + (size_t)r * words);
             float o0, o1;
+            if (r + FLASH_AHEAD + 1 < rows) {  // the pair FLASH_AHEAD rows on
+                prefetch_bytes(w + (size_t)FLASH_AHEAD * words * 4, (size_t)2 * words * 4);
+                prefetch_bytes(s + FLASH_AHEAD * srow, 2 * srow);
+                prefetch_bytes(z + FLASH_AHEAD * srow, 2 * srow);
+            }
             dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs, x0,
                          &o0, &o1);
             y[r] = o0 + (b ? b[r] : 0.0f);
@@ -1028,6 +1057,12 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
             const size_t at = (size_t)r * groups * (sdt == DT_F32 ? 4 : 2);
             const char *s = (const char *)scales + at, *z = (const char *)biases + at;
             const uint8_t *w = (const uint8_t *)(Wq + (size_t)r * words);
+            if (r + FLASH_AHEAD < rows) {
+                const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
+                prefetch_bytes(w + (size_t)FLASH_AHEAD * words * 4, (size_t)words * 4);
+                prefetch_bytes(s + FLASH_AHEAD * srow, srow);
+                prefetch_bytes(z + FLASH_AHEAD * srow, srow);
+            }
             for (int t = 0; t < T; t++) {
                 QX xt = qx_token(qb, d, t);
                 y[(size_t)t * rows + r] = dot_row_i8(w, s, z, sdt, d, bits, group, xt)
@@ -1287,6 +1322,13 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
                 const int j1 = (bi + 1) * FLASH_DOWN_BATCH < n ? (bi + 1) * FLASH_DOWN_BATCH : n;
                 int m = 0;
                 for (int j = bi * FLASH_DOWN_BATCH; j < j1; j++) {
+                    const int ja = j + FLASH_AHEAD;
+                    if (ja < n && maybe_needed(mask, T, n, ja))
+                        for (int p = 0; p < P; p++) {
+                            prefetch_bytes(q + p * qpart + (size_t)ja * words, (size_t)words * 4);
+                            prefetch_bytes(scales + p * spart + (size_t)ja * groups, groups * 2);
+                            prefetch_bytes(biases + p * spart + (size_t)ja * groups, groups * 2);
+                        }
                     if (!needed(mask, h, T, n, j)) continue;
                     const uint16_t *s[3], *z[3];
                     const uint8_t *w[3];
@@ -1298,7 +1340,7 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
                     for (int t0 = 0; t0 < T; t0 += 4) {
                         int nt = T - t0 < 4 ? T - t0 : 4;
                         float first[4], second[4];
-#if FLASH_VECTOR && !FLASH_512
+#if FLASH_VECTOR
                         if (gated && bits == 4 && nt < 4 && gs >= 5 && gs <= 8
                                 && groups <= FLASH_MAX_GROUPS) {  // gate and up in one pass
                             for (int k = 0; k < nt; k++)
@@ -1384,7 +1426,7 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
                               int d, int bits, int group, const QXBuf *qb, const float *x,
                               const float *xsum, int t0, int nt, float *first, float *second) {
     const int groups = d / group;
-#if FLASH_VECTOR && !FLASH_512
+#if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
     if (qb && wu && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS && nt < 4) {
         for (int t = 0; t < nt; t++)  // (4 tokens go through dot_tokens_i8's 4-token pass)
@@ -1595,6 +1637,25 @@ static int down_batch_q8i(const uint32_t *const *cols, const float *h, int m, fl
     return i;
 }
 
+// ffnp's prefetch of neuron j's rows: gate, up (NULL for a plain FFN), their scales and biases
+// and its down column.
+static inline void prefetch_neuron(int j, const float *mask, int T, int n, const uint32_t *qg,
+                                   const uint16_t *sg, const uint16_t *zg, const uint32_t *qu,
+                                   const uint16_t *su, const uint16_t *zu, int words, int groups,
+                                   const uint32_t *qd, int words_d) {
+    if (!maybe_needed(mask, T, n, j)) return;
+    const size_t row = (size_t)j * groups, w = (size_t)j * words;
+    prefetch_bytes(qg + w, (size_t)words * 4);
+    prefetch_bytes(sg + row, (size_t)groups * 2);
+    prefetch_bytes(zg + row, (size_t)groups * 2);
+    if (qu) {
+        prefetch_bytes(qu + w, (size_t)words * 4);
+        prefetch_bytes(su + row, (size_t)groups * 2);
+        prefetch_bytes(zu + row, (size_t)groups * 2);
+    }
+    prefetch_bytes(qd + (size_t)j * words_d, (size_t)words_d * 4);
+}
+
 // The FFN over neurons [0, n) of a format-3 cache: gate qg / up qu (NULL: a plain FFN, qg is
 // up) (capacity, d * bits / 32) uint32 with scales / biases (capacity, d / group) 16-bit dt;
 // down qd (capacity, d * bits_d / 32), tab_s / tab_z (rows of d, dt), group_of (n,) int32;
@@ -1640,6 +1701,9 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
                     int m = 0;
                     for (int k = k0; k < k1; k++) {
                         const int j = order[k];
+                        if (k + FLASH_AHEAD < starts[segments])
+                            prefetch_neuron(order[k + FLASH_AHEAD], mask, T, n, qg, sg, zg, qu,
+                                            su, zu, words, groups, qd, words_d);
                         if (!needed(mask, h, T, n, j)) continue;
                         const size_t row = (size_t)j * groups, w = (size_t)j * words;
                         for (int t0 = 0; t0 < T; t0 += 8) {
