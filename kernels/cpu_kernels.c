@@ -171,6 +171,14 @@ static inline void prefetch_bytes(const void *p, size_t n) {
     for (size_t k = 0; k < n; k += 64) __builtin_prefetch(c + k, 0, 3);
 }
 
+// The same into the outer caches only (prefetcht1), for data needed a batch later: asked into
+// L1 with the input rows, the 8-bit down columns a batch ahead cost 290 ns a neuron of the
+// 1.5B's shape, into L2 228.
+static inline void prefetch_bytes_l2(const void *p, size_t n) {
+    const char *c = (const char *)p;
+    for (size_t k = 0; k < n; k += 64) __builtin_prefetch(c + k, 0, 2);
+}
+
 // Whether any token may need neuron j (mask NULL: all do); what prefetches ask for.
 static inline int maybe_needed(const float *mask, int T, int n, int j) {
     if (!mask) return 1;
@@ -1718,8 +1726,8 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
                                             su, zu, words, groups);
                         if (k + FLASH_DOWN_BATCH < starts[segments]  // the next batch's column
                                 && maybe_needed(mask, T, n, order[k + FLASH_DOWN_BATCH]))
-                            prefetch_bytes(qd + (size_t)order[k + FLASH_DOWN_BATCH] * words_d,
-                                           (size_t)words_d * 4);
+                            prefetch_bytes_l2(qd + (size_t)order[k + FLASH_DOWN_BATCH] * words_d,
+                                              (size_t)words_d * 4);
                         if (!needed(mask, h, T, n, j)) continue;
                         const size_t row = (size_t)j * groups, w = (size_t)j * words;
                         for (int t0 = 0; t0 < T; t0 += 8) {
