@@ -11,6 +11,7 @@ encode, decode, the special tokens, get_vocab, apply_chat_template and a `detoke
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,32 @@ from ..process import trim_heap
 TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 DECODE_TABLE_RSS = 3 << 20  # a ByteTable's RSS (Qwen2.5's 152k tokens: ~3 MiB)
+
+
+class Vocab(Mapping):
+    """A tokenizer's vocabulary as a read-only mapping that asks the tokenizer per token.
+    mlx_lm's TokenizerWrapper, built by every `generate` / `stream_generate` call given a bare
+    tokenizer, asks get_vocab twice for a few special tokens: building the 152k-entry dict
+    each time took ~0.2 s (0.4 s before the first token of every call). Iterating still
+    builds it, once per iteration."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+
+    def __getitem__(self, token: str) -> int:
+        i = self._tok.token_to_id(token) if isinstance(token, str) else None
+        if i is None:
+            raise KeyError(token)
+        return i
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, str) and self._tok.token_to_id(token) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tok.get_vocab(with_added_tokens=True))
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
 
 def _content(token) -> str | None:
@@ -182,8 +209,9 @@ class FlashTokenizer:
                 text = text.replace(before, after)
         return text
 
-    def get_vocab(self) -> dict[str, int]:
-        return self._encoder().get_vocab(with_added_tokens=True)
+    def get_vocab(self) -> Mapping[str, int]:
+        """token -> id, looked up per token (see `Vocab`)."""
+        return Vocab(self._encoder())
 
     def convert_tokens_to_ids(self, tokens):
         if isinstance(tokens, str):

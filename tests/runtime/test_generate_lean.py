@@ -46,6 +46,11 @@ def test_the_tokenizer_matches_transformers(tiny_dirs, tmp_path):
     ids = ours.encode(text)
     assert ours.decode(ids) == theirs.decode(ids)
     assert ours.eos_token_id == theirs.eos_token_id and 1 in ours.eos_token_ids
+    vocab = ours.get_vocab()  # looked up per token; the same mapping as transformers'
+    assert dict(vocab) == theirs.get_vocab() and len(vocab) == len(theirs.get_vocab())
+    assert "w1" in vocab and "not-a-token" not in vocab and 7 not in vocab
+    with pytest.raises(KeyError):
+        vocab["not-a-token"]
     messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"},
                 {"role": "user", "content": "w4"}]
     for prompt in (True, False):
