@@ -471,7 +471,10 @@ static void quantize_x(const float *x, int T, int d, int bits, int8_t *xq, float
         const float *xt = x + (size_t)t * d;
         for (int b = 0; b < blocks; b++) {
             float m = 0.0f;
-            for (int k = 0; k < QBLOCK; k++) m = fmaxf(m, fabsf(xt[b * QBLOCK + k]));
+            for (int k = 0; k < QBLOCK; k++) {  // not fmaxf: a libm call, not inlined
+                const float a = fabsf(xt[b * QBLOCK + k]);
+                m = a > m ? a : m;
+            }
             float scale = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
             int32_t sum = 0, part[QBLOCK / 8] = {0};
             for (int k = 0; k < QBLOCK; k++) {
