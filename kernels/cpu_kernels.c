@@ -813,6 +813,92 @@ static inline void dot_q4_rows2(const uint8_t *wa, const void *sa, const void *z
 }
 #endif
 
+#if FLASH_VECTOR
+// dot_row_i8 of an 8-bit row, groups of 2^gs (32 <= group <= 256), d a multiple of 32: one
+// dot_bytes per 32-block (VNNI: one dpbusd; AVX2: maddubs of w - 128, whose + 128 * sum(x) is
+// folded into the biases as z + 128 * s), each block's scale * dx formed 8 at a time into a
+// table first and broadcast from it, the biases' term one vector dot with the token's per-group
+// sums (xsg), as in dot_q4_row. (The generic loop converted a scale and a bias per block with
+// scalar loads and added three scalar terms, one chain: the 0.5B's carried dir - every FFN,
+// attention and lm_head row 8-bit - streamed its FFN at 7 GB/s, issue 20 session 12.)
+// dot_q8_row's per-row part: cbuf[b] = scale of block b's group * dx[b] for the row's blocks;
+// returns the biases' term.
+static inline float q8_prepare(const void *sv, const void *zv, int sdt, int d, int gs, QX x,
+                               float *cbuf) {
+    const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK;
+    float sbuf[FLASH_MAX_GROUPS + 8];
+    __m256 bacc = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g += 8) {
+        const int n = groups - g < 8 ? groups - g : 8;
+        const __m256 sc = n == 8 ? load8s(sv, g, sdt) : load8s_tail(sv, g, n, sdt);
+        __m256 z = n == 8 ? load8s(zv, g, sdt) : load8s_tail(zv, g, n, sdt);
+#if !FLASH_VNNI
+        z = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.0f), z);
+#endif
+        _mm256_storeu_ps(sbuf + g, sc);
+        bacc = _mm256_fmadd_ps(z, _mm256_loadu_ps(x.xsg + g), bacc);
+    }
+    const __m256i sidx = _mm256_setr_epi32(0, 1 >> sh, 2 >> sh, 3 >> sh, 4 >> sh, 5 >> sh,
+                                           6 >> sh, 7 >> sh);
+    int b = 0;
+    for (; b + 8 <= blocks; b += 8) {  // block b + k's group is (b >> sh) + (k >> sh)
+        __m256 sc = _mm256_loadu_ps(sbuf + (b >> sh));
+        if (sh) sc = _mm256_permutevar8x32_ps(sc, sidx);
+        _mm256_storeu_ps(cbuf + b, _mm256_mul_ps(sc, _mm256_loadu_ps(x.dx + b)));
+    }
+    for (; b < blocks; b++) cbuf[b] = sbuf[b >> sh] * x.dx[b];
+    return hsum8(bacc);
+}
+
+// acc += block b of an 8-bit row against xq, times cbuf[b].
+static inline __m256 q8_block(const uint8_t *w, const int8_t *xq, const float *cbuf, int b,
+                              __m256 acc) {
+    int shifted;
+    const __m256i i = dot_bytes(_mm256_loadu_si256((const __m256i *)(w + 32 * b)),
+                                _mm256_loadu_si256((const __m256i *)(xq + 32 * b)), &shifted);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_broadcast_ss(cbuf + b), acc);
+}
+
+static inline float dot_q8_row(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
+                               int gs, QX x) {
+    const int blocks = d / QBLOCK;
+    float cbuf[FLASH_MAX_GROUPS];
+    const float bias = q8_prepare(sv, zv, sdt, d, gs, x, cbuf);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        a0 = q8_block(w, x.q, cbuf, b, a0);
+        a1 = q8_block(w, x.q, cbuf, b + 1, a1);
+    }
+    if (b < blocks) a0 = q8_block(w, x.q, cbuf, b, a0);
+    return hsum8(_mm256_add_ps(a0, a1)) + bias;
+}
+
+// dot_q8_row of two rows against one token (an FFN's gate and up), in one pass.
+static inline void dot_q8_rows2(const uint8_t *wa, const void *sa, const void *za,
+                                const uint8_t *wb, const void *sb, const void *zb, int sdt,
+                                int d, int gs, QX x, float *outa, float *outb) {
+    const int blocks = d / QBLOCK;
+    float ca[FLASH_MAX_GROUPS], cb[FLASH_MAX_GROUPS];
+    const float biasa = q8_prepare(sa, za, sdt, d, gs, x, ca);
+    const float biasb = q8_prepare(sb, zb, sdt, d, gs, x, cb);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        a0 = q8_block(wa, x.q, ca, b, a0);
+        b0 = q8_block(wb, x.q, cb, b, b0);
+        a1 = q8_block(wa, x.q, ca, b + 1, a1);
+        b1 = q8_block(wb, x.q, cb, b + 1, b1);
+    }
+    if (b < blocks) {
+        a0 = q8_block(wa, x.q, ca, b, a0);
+        b0 = q8_block(wb, x.q, cb, b, b0);
+    }
+    *outa = hsum8(_mm256_add_ps(a0, a1)) + biasa;
+    *outb = hsum8(_mm256_add_ps(b0, b1)) + biasb;
+}
+#endif
+
 // One quantized row (scales sv, biases zv stored as sdt, groups of `group`) dotted with one
 // token. The scales are read where used: widening a row's first cost more than its dot.
 static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
@@ -823,6 +909,8 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
     const int gs = __builtin_ctz((unsigned)group);
     if (bits == 4 && gs >= 5 && gs <= 8 && (d >> gs) <= FLASH_MAX_GROUPS)
         return dot_q4_row(w, sv, zv, sdt, d, gs, x);
+    if (bits == 8 && gs >= 5 && gs <= 8 && d % QBLOCK == 0 && d / QBLOCK <= FLASH_MAX_GROUPS)
+        return dot_q8_row(w, sv, zv, sdt, d, gs, x);
     if (bits == 4) {  // two accumulators: one FMA chain per row was its latency bound
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0;  // b0: the biases' term
 #if FLASH_512
@@ -1453,6 +1541,13 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
     if (qb && wu && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS && nt < 4) {
         for (int t = 0; t < nt; t++)  // (4 tokens go through dot_tokens_i8's 4-token pass)
             dot_q4_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
+                         qx_token(qb, d, t0 + t), first + t, second + t);
+        return;
+    }
+    if (qb && wu && bits == 8 && gs >= 5 && gs <= 8 && d % QBLOCK == 0
+            && d / QBLOCK <= FLASH_MAX_GROUPS) {
+        for (int t = 0; t < nt; t++)
+            dot_q8_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
                          qx_token(qb, d, t0 + t), first + t, second + t);
         return;
     }
