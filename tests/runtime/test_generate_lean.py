@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_flash import load_dense
-from mlx_flash.runtime.generate import format_prompt, generate_step, stream_generate
+from mlx_flash.runtime.generate import format_prompt, generate_step, log_softmax, stream_generate
 from mlx_flash.runtime.tokenizer import FlashTokenizer, load_tokenizer
 
 # a ChatML template in the style of Qwen's (system default, loop, generation prompt)
@@ -91,6 +91,15 @@ def test_streamed_segments_add_up_to_the_decoded_text(tiny_dirs):
     assert "".join(pieces) == tok.decode(ids) and detok.tokens == ids
 
 
+def test_log_softmax_is_mlxs_in_the_logits_dtype():
+    logits = mx.array(np.random.default_rng(0).normal(0, 8, (2, 5000)).astype(np.float32))
+    want = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(log_softmax(logits)), np.asarray(want), atol=2e-5)
+    half = log_softmax(logits.astype(mx.float16))
+    assert half.dtype == mx.float16 and half.shape == logits.shape
+    np.testing.assert_allclose(np.asarray(half.astype(mx.float32)), np.asarray(want), atol=0.1)
+
+
 def test_our_decode_loop_gives_mlx_lms_tokens(tiny_dirs):
     mlx_lm = pytest.importorskip("mlx_lm")
     _, flash_dir = tiny_dirs("qwen2")
@@ -101,6 +110,8 @@ def test_our_decode_loop_gives_mlx_lms_tokens(tiny_dirs):
     assert [r.token for r in ours] == [r.token for r in theirs]
     assert "".join(r.text for r in ours) == "".join(r.text for r in theirs)
     assert [r.finish_reason for r in ours] == [r.finish_reason for r in theirs]
+    for a, b in zip(ours[:-1], theirs[:-1], strict=True):  # the logprobs too (numpy on CPU)
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
     # a prompt longer than one prefill chunk gives the same tokens as one pass
     chunked = list(stream_generate(model, tok, mx.array(prompt * 3), max_tokens=4))
     steps = generate_step(mx.array(prompt * 3), model, lambda x: mx.argmax(x, axis=-1),
