@@ -183,7 +183,7 @@ class FlashFFN(nn.Module):
         step.neurons_active += int(union.size)
         step.neurons_cached += cache.n
         mask = None
-        every_slot = len(selection.ids) == 1 and union.size - plan.truncated == cache.n
+        every_slot = _one_set(selection.ids) and union.size - plan.truncated == cache.n
         if self._rt.config.compute_on == "active" and not every_slot:
             mask = np.stack([cache.mask(ids) for ids in selection.ids])  # (T, n)
             if mask.all():  # every cached neuron is active for every token: no mask pass
@@ -348,9 +348,15 @@ def _serialized_class(cls: type) -> type:
                                        "__qualname__": cls.__qualname__})
 
 
+def _one_set(ids: list[np.ndarray]) -> bool:
+    """Whether every token's ids are the same array (one token; a fixed selector's tokens)."""
+    return all(i is ids[0] for i in ids[1:])
+
+
 def ordered_union(ids: list[np.ndarray]) -> np.ndarray:
-    """Union of several tokens' ids keeping first-seen priority order."""
-    if len(ids) == 1:
+    """Union of several tokens' ids keeping first-seen priority order (one token's, or the
+    one set a fixed selector gives every token, as it is)."""
+    if _one_set(ids):
         return ids[0]
     cat = np.concatenate(ids)
     _, first = np.unique(cat, return_index=True)

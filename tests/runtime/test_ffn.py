@@ -13,6 +13,7 @@ from tiny import ARCHS
 import mlx_flash.accel.build as accel_build
 from mlx_flash.format.manifest import read_manifest
 from mlx_flash.runtime.config import FlashConfig, option_names
+from mlx_flash.runtime.ffn import ordered_union
 from mlx_flash.runtime.loader import fit_budget, load, load_dense
 from mlx_flash.runtime.memory import CODE_PAGES
 
@@ -282,3 +283,12 @@ def test_window_reads_new_neurons_in_prefill_chunks(tiny_dirs, flash_load, fast_
     chunked.flash.store.read = spy
     assert greedy(chunked, tokenizer) == greedy(whole, tokenizer)
     assert max(sizes) == 16 and sum(sizes) >= 128  # the first step's 128 neurons, 16 at a time
+
+
+def test_ordered_union_keeps_priority_and_passes_one_set_through():
+    every = np.arange(6)
+    assert ordered_union([every] * 4) is every  # a fixed selector's tokens: no union pass
+    got = ordered_union([np.array([5, 1, 3]), np.array([3, 0, 5, 2])])
+    assert got.tolist() == [5, 1, 3, 0, 2]
+    twins = ordered_union([np.array([2, 1]), np.array([2, 1])])  # equal, not the same array
+    assert twins.tolist() == [2, 1]
