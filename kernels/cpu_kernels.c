@@ -814,13 +814,11 @@ static inline void dot_q4_rows2(const uint8_t *wa, const void *sa, const void *z
 #endif
 
 #if FLASH_VECTOR
-// dot_row_i8 of an 8-bit row, groups of 2^gs (32 <= group <= 256), d a multiple of 32: one
-// dot_bytes per 32-block (VNNI: one dpbusd; AVX2: maddubs of w - 128, whose + 128 * sum(x) is
-// folded into the biases as z + 128 * s), each block's scale * dx formed 8 at a time into a
-// table first and broadcast from it, the biases' term one vector dot with the token's per-group
-// sums (xsg), as in dot_q4_row. (The generic loop converted a scale and a bias per block with
-// scalar loads and added three scalar terms, one chain: the 0.5B's carried dir - every FFN,
-// attention and lm_head row 8-bit - streamed its FFN at 7 GB/s, issue 20 session 12.)
+// Whether an 8-bit row of d elements in groups of 2^gs takes dot_q8_row / dot_q8_rows2.
+static inline int q8_row_fits(int d, int gs) {
+    return gs >= 5 && gs <= 8 && d % QBLOCK == 0 && d / QBLOCK <= FLASH_MAX_GROUPS;
+}
+
 // dot_q8_row's per-row part: cbuf[b] = scale of block b's group * dx[b] for the row's blocks;
 // returns the biases' term.
 static inline float q8_prepare(const void *sv, const void *zv, int sdt, int d, int gs, QX x,
@@ -859,6 +857,13 @@ static inline __m256 q8_block(const uint8_t *w, const int8_t *xq, const float *c
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_broadcast_ss(cbuf + b), acc);
 }
 
+// dot_row_i8 of an 8-bit row, groups of 2^gs (32 <= group <= 256), d a multiple of 32: one
+// dot_bytes per 32-block (VNNI: one dpbusd; AVX2: maddubs of w - 128, whose + 128 * sum(x) is
+// folded into the biases as z + 128 * s), each block's scale * dx formed 8 at a time into a
+// table first and broadcast from it, the biases' term one vector dot with the token's per-group
+// sums (xsg), as in dot_q4_row. (The generic loop converted a scale and a bias per block with
+// scalar loads and added three scalar terms, one chain: the 0.5B's carried dir - every FFN,
+// attention and lm_head row 8-bit - streamed its FFN at 7 GB/s, issue 20 session 12.)
 static inline float dot_q8_row(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
                                int gs, QX x) {
     const int blocks = d / QBLOCK;
@@ -909,8 +914,7 @@ static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv,
     const int gs = __builtin_ctz((unsigned)group);
     if (bits == 4 && gs >= 5 && gs <= 8 && (d >> gs) <= FLASH_MAX_GROUPS)
         return dot_q4_row(w, sv, zv, sdt, d, gs, x);
-    if (bits == 8 && gs >= 5 && gs <= 8 && d % QBLOCK == 0 && d / QBLOCK <= FLASH_MAX_GROUPS)
-        return dot_q8_row(w, sv, zv, sdt, d, gs, x);
+    if (bits == 8 && q8_row_fits(d, gs)) return dot_q8_row(w, sv, zv, sdt, d, gs, x);
     if (bits == 4) {  // two accumulators: one FMA chain per row was its latency bound
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0;  // b0: the biases' term
 #if FLASH_512
@@ -1544,8 +1548,7 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
                          qx_token(qb, d, t0 + t), first + t, second + t);
         return;
     }
-    if (qb && wu && bits == 8 && gs >= 5 && gs <= 8 && d % QBLOCK == 0
-            && d / QBLOCK <= FLASH_MAX_GROUPS) {
+    if (qb && wu && bits == 8 && q8_row_fits(d, gs)) {
         for (int t = 0; t < nt; t++)
             dot_q8_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
                          qx_token(qb, d, t0 + t), first + t, second + t);
