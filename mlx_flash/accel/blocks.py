@@ -32,12 +32,19 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from .linear import FastLinear
+from .linear import FastLinear, deferred_heads
 
 ENV_CPU_BLOCKS = "MLX_FLASH_CPU_BLOCKS"  # "0": keep the MLX blocks (for comparisons)
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# A swapped block computes at most PIECE prompt positions at once (longer causal inputs with a KV
+# cache, e.g. mlx_lm's 2048-position prefill steps, go a PIECE at a time: the same result, the
+# FFN and attention temporaries of PIECE positions), and its attention at most SCORES_PER_HEAD
+# scores a head at once. runtime/memory.py plans a prompt's DRAM for these.
+PIECE = 512
+SCORES_PER_HEAD = PIECE * PIECE
 
 
 class NumpyKVCache(KVCache):
@@ -121,7 +128,24 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask) -> n
 
     q: (B, heads, L, D); k, v: (B, kv_heads, S, D); mask: None, "causal" (the L queries are
     the last L positions) or an array broadcastable to (B, heads, L, S), bool (True: attend)
-    or additive. Returns (B, heads, L, D)."""
+    or additive. Returns (B, heads, L, D). A causal L x S beyond SCORES_PER_HEAD scores a head
+    goes a block of queries at a time (each the last positions of the keys up to its own), so
+    a long prompt's scores stay what the DRAM plan counts for one PIECE."""
+    length, span = q.shape[2], k.shape[2]
+    if isinstance(mask, str) and mask == "causal" and length * span > SCORES_PER_HEAD:
+        rows = max(1, SCORES_PER_HEAD // span)
+        out = np.empty_like(q)
+        for start in range(0, length, rows):
+            stop = min(length, start + rows)
+            keys = span - length + stop  # the block's last query sees keys [0, keys)
+            out[:, :, start:stop] = _attend(q[:, :, start:stop], k[:, :, :keys],
+                                            v[:, :, :keys], scale, "causal")
+        return out
+    return _attend(q, k, v, scale, mask)
+
+
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask) -> np.ndarray:
+    """attend's computation for one block of queries: all their scores at once."""
     batch, heads, length, dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
     group = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # heads of one kv head
@@ -222,8 +246,14 @@ def _fast_class(cls: type) -> type:
     def __call__(self, x: mx.array, mask=None, cache=None):
         if cache is not None and not hasattr(cache, "append_f32"):
             return cls.__call__(self, x, mask, cache)  # a cache kind this path does not keep
-        out = self._cpu_block.forward(np.asarray(x, dtype=np.float32), mask, cache)
-        return mx.array(out)
+        rows = np.asarray(x, dtype=np.float32)
+        if cache is None or rows.shape[1] <= PIECE or not (isinstance(mask, str)
+                                                           and mask == "causal"):
+            return mx.array(self._cpu_block.forward(rows, mask, cache))
+        pieces = [self._cpu_block.forward(rows[:, i:i + PIECE], "causal" if
+                                          min(PIECE, rows.shape[1] - i) > 1 else None, cache)
+                  for i in range(0, rows.shape[1], PIECE)]
+        return mx.array(np.concatenate(pieces, axis=1))
 
     return type(f"Fast{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
 
@@ -299,3 +329,31 @@ def _install_make_cache(model: nn.Module) -> None:
                 for c, block in zip(base, model.layers, strict=True)]
 
     object.__setattr__(model, "make_cache", make_cache)
+
+
+def defer_prompt_logits(model: nn.Module) -> None:
+    """Make `model(inputs, cache=...)` over more than one position defer its output head
+    (linear.deferred_heads) and go PIECE positions a call: mlx_lm's prefill hands the model
+    2048 positions at once and discards their logits. One-position calls (decode) keep the fast
+    path. A flash model under a DRAM budget gets this: its plan counts one position's logits
+    and a PIECE of prompt activations."""
+    model.__class__ = _deferring_class(type(model))
+
+
+@functools.cache
+def _deferring_class(cls: type) -> type:
+    def __call__(self, inputs, *args, **kwargs):
+        cache = kwargs.get("cache", args[0] if args else None)
+        if cache is None or inputs.shape[-1] <= 1:
+            return cls.__call__(self, inputs, *args, **kwargs)
+        embeddings = kwargs.get("input_embeddings")
+        outs = []
+        with deferred_heads():
+            for i in range(0, inputs.shape[-1], PIECE):
+                if embeddings is not None:
+                    kwargs["input_embeddings"] = embeddings[:, i:i + PIECE]
+                outs.append(cls.__call__(self, inputs[..., i:i + PIECE], *args, **kwargs))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})

@@ -3,6 +3,10 @@ storage-typed weights."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -10,6 +14,8 @@ import numpy as np
 from .build import kernels
 
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+HEAD_BLOCK = 8192  # output rows a deferred head dequantizes at once when it is evaluated
+_DEFER_HEADS = contextvars.ContextVar("mlx_flash_defer_heads", default=False)
 
 
 def storage_view(a: mx.array) -> tuple[np.ndarray, str]:
@@ -81,8 +87,11 @@ class _FusedWeight:
         self.bias = np.ascontiguousarray(np.concatenate(biases)) if has_bias else None
         self.rows = self.weight.shape[0]
         self._last: tuple[mx.array, mx.array] | None = None
+        self.deferred: Callable[[mx.array], mx.array] | None = None  # set on output heads
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.deferred is not None and _DEFER_HEADS.get():
+            return self.deferred(x)
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         y = self.apply(to_f32_rows(x))
@@ -113,7 +122,44 @@ class FastEmbedding(nn.Module):
     def as_linear(self, x: mx.array) -> mx.array:
         if self._head is None:
             self._head = _FusedWeight([self])
+            self._head.deferred = _mlx_product(self)
         return self._head(x)
+
+
+@contextlib.contextmanager
+def deferred_heads(on: bool = True) -> Iterator[None]:
+    """Inside (when `on`), an output head (lm_head, a tied embedding table used as one) returns
+    MLX's lazy product instead of computing it: for calls whose logits the caller may never
+    evaluate. mlx_lm's prefill steps discard theirs (positions x vocab floats: 1.2 GB for 2048
+    positions of a 152k vocabulary, beyond any DRAM plan); evaluated, they come from MLX's kernels
+    (exact, slower), HEAD_BLOCK output rows dequantized at a time."""
+    token = _DEFER_HEADS.set(on)
+    try:
+        yield
+    finally:
+        _DEFER_HEADS.reset(token)
+
+
+def _mlx_product(module: nn.Module) -> Callable[[mx.array], mx.array]:
+    """x (..., d) -> module's x @ W.T (+ bias), f32, as a lazy MLX graph over the module's own
+    arrays (no copy), HEAD_BLOCK output rows at a time."""
+    weight, quantized = module.weight, isinstance(module, nn.QuantizedLinear)
+    bias = module["bias"] if "bias" in module else None
+
+    def rows(start: int, stop: int) -> mx.array:
+        if quantized:
+            return mx.dequantize(weight[start:stop], module.scales[start:stop],
+                                 module.biases[start:stop], module.group_size,
+                                 module.bits).astype(mx.float32)
+        return weight[start:stop].astype(mx.float32)
+
+    def product(x: mx.array) -> mx.array:
+        x = x.astype(mx.float32)
+        y = mx.concatenate([x @ rows(r, min(r + HEAD_BLOCK, weight.shape[0])).T
+                            for r in range(0, weight.shape[0], HEAD_BLOCK)], axis=-1)
+        return y if bias is None else y + bias.astype(mx.float32)
+
+    return product
 
 
 def _scale_dtype(a: mx.array) -> str:
@@ -170,11 +216,19 @@ def accelerate(model: nn.Module) -> int:
                     swapped += 1
         for name, linear in children.items():
             fused = _FusedWeight([linear])
+            if name == "lm_head" and _zero_copy(linear):
+                fused.deferred = _mlx_product(linear)  # the arrays `fused` views: no copy
             setattr(parent, name, FastLinear(fused, 0, fused.rows))
             swapped += 1
     mx.clear_cache()  # the replaced MLX weights: give their memory back now
 
     return swapped
+
+
+def _zero_copy(linear: nn.Module) -> bool:
+    """Whether a lone linear's _FusedWeight views its arrays (16-bit scales, if quantized):
+    then keeping the module for a deferred product costs no memory."""
+    return getattr(linear, "bits", 16) == 16 or linear.scales.dtype in (mx.float16, mx.bfloat16)
 
 
 def _fusion_key(linear: nn.Module) -> tuple:

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..accel.blocks import defer_prompt_logits
 from ..compute.reference import dequantize_down, unpack_values
 from ..format.arch import ARCHITECTURES, mlp_prefix
 from ..format.bundles import pack_bits
@@ -370,6 +371,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
         fast_cpu=fit.backend.name == "cpu", fast_linears=swapped, pinned=0)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
     serialize_calls(model, runtime.lock)
+    if budget is not None and swapped:  # the plan counts one position's logits
+        defer_prompt_logits(model)
     if config.pin_hot:
         try:
             runtime.stats.settings["pinned"] = pin(model, int(config.pin_hot * fit.plan.capacity))

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..accel.blocks import PIECE
 from ..format.manifest import RESIDENT, Manifest, resident_quantization
 from ..format.storage import tensor_sizes
 from .backend import CacheBackend
@@ -76,7 +77,7 @@ class MemoryPlan:
 # (RssFile at the plan vs after 16 tokens; /tmp/team/lean-findings.md); was 64 MiB.
 CODE_PAGES = 16 << 20
 KV_STEP = 256  # positions mlx_lm's KVCache (and accel's NumpyKVCache) grow by
-PREFILL_STEP = 512  # prompt positions per forward pass of runtime/generate.py's prefill
+PREFILL_STEP = PIECE  # prompt positions per forward pass of runtime/generate.py's prefill
 STEP_TEMPS = 4 << 20  # MLX's buffers of one decode step (logits, per-layer temporaries)
 # heap that loading leaves besides the weights and caches (block tables, safetensors headers,
 # reader threads): without it the 0.5B's plan was 2 MiB short of its measured peak RSS (anon

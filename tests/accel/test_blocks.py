@@ -65,6 +65,45 @@ def test_attend_equals_mlx_sdpa(length, span, mask_kind):
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("length,span,limit", [(7, 7, 12), (5, 13, 20), (6, 9, 1)])
+def test_causal_attention_in_query_blocks_equals_all_at_once(length, span, limit, monkeypatch):
+    """Past SCORES_PER_HEAD scores a head, a causal prompt goes a block of queries at a time."""
+    q, k, v = rand((1, 4, length, 16), 1), rand((1, 2, span, 16), 2), rand((1, 2, span, 16), 3)
+    want = accel_blocks.attend(q, k, v, 0.25, "causal")
+    calls = []
+    original = accel_blocks._attend
+    monkeypatch.setattr(accel_blocks, "_attend",
+                        lambda q, k, *a: calls.append(q.shape[2] * k.shape[2]) or original(q, k, *a))
+    monkeypatch.setattr(accel_blocks, "SCORES_PER_HEAD", limit)
+    got = accel_blocks.attend(q, k, v, 0.25, "causal")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert len(calls) > 1 and max(calls) <= max(limit, span)  # one query row at the least
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_long_cached_call_goes_a_piece_at_a_time(tiny_dirs, arch, monkeypatch):
+    """mlx_lm's prefill hands the model up to 2048 positions at once: a swapped block computes
+    PIECE of them at a time, with the same result and caches."""
+    _, flash_dir = tiny_dirs(arch, "float16")
+    model, _ = load_dense(flash_dir, fast_cpu=True)
+    ids = mx.array([list(range(3, 30))])  # 27 positions
+    whole_cache = make_prompt_cache(model)
+    want = np.asarray(model(ids, cache=whole_cache))
+    seen = []
+    forward = accel_blocks.FastBlockState.forward
+    monkeypatch.setattr(accel_blocks.FastBlockState, "forward",
+                        lambda self, x, *a: seen.append(x.shape[1]) or forward(self, x, *a))
+    monkeypatch.setattr(accel_blocks, "PIECE", 8)
+    cache = make_prompt_cache(model)
+    got = np.asarray(model(ids, cache=cache))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert set(seen) == {8, 3} and len(seen) == 4 * len(model.layers)
+    for a, b in zip(cache, whole_cache, strict=True):
+        assert a.offset == b.offset == 27
+        np.testing.assert_allclose(a.keys[..., :27, :], b.keys[..., :27, :], rtol=1e-4, atol=1e-4)
+
+
 def test_attend_rejects_unknown_named_mask():
     q = rand((1, 2, 2, 8), 0)
     with pytest.raises(ValueError, match="causal"):
