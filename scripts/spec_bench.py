@@ -1,13 +1,18 @@
 """Speculative decoding with the drafter vs plain greedy decoding, in one process.
 
     python scripts/spec_bench.py --model DIR [--dense] [--configs 1x4,2x4] [--tokens 48]
-        [--load-args '{"window": 5}'] [--prompt P [--prompt P2 ...]] [--out result.json]
+        [--load-args '{"window": 5}'] [--prompt P [--prompt P2 ...] | --prompt-file F.jsonl]
+        [--drafter PATH | --drafter NAME=PATH ...] [--out result.json]
 
 Loads the model once (`--load-args` passed to `mlx_flash.load`, or `load_dense`), warms up,
 then for the plain greedy run and each BEAMSxLENGTH drafter setting: the generated token ids
 (checked identical to plain greedy), tokens/s over the generated tokens (prefill excluded),
 tokens per verification step, acceptance, draft and verify time, and for flash models the
-bytes read per token. Prints a markdown table; --out writes the rows as JSON.
+bytes read per token. Prints a markdown table per prompt, and with --prompt-file (JSONL, a
+{"kind", "text"} request a line: scripts/data/drafter_prompts.jsonl holds code, prose and chat
+requests whose topics are not among the drafter's training requests) the mean tokens per step of
+each drafter and setting per kind. Several --drafter NAME=PATH compare drafters on one load;
+--out writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import json
 import os
 import sys
 import time
+from itertools import product
+from pathlib import Path
 
 from mlx_flash.runtime.generate import format_prompt, generate_text
 from mlx_flash.runtime.loader import load, load_dense
@@ -55,38 +62,91 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", action="store_true")
     p.add_argument("--load-args", default="{}",
                    help="JSON kwargs for mlx_flash.load (or load_dense with --dense)")
-    p.add_argument("--drafter", default=None,
-                   help="default: the model dir's, else the packaged one for the model")
+    p.add_argument("--drafter", action="append", default=None,
+                   help="PATH or NAME=PATH, repeatable (default: the model dir's, else the "
+                        "packaged one for the model)")
     p.add_argument("--configs", default="1x4,2x4,3x4", help="BEAMSxLENGTH,...")
     p.add_argument("--policies", default="keep", help="flash window policies to run")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--prompt", action="append", default=None,
                    help="repeat for several prompts, each its own table (one load)")
+    p.add_argument("--prompt-file", default=None,
+                   help='requests from this JSONL file ({"kind", "text"} a line)')
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.prompt and args.prompt_file:
+        p.error("give --prompt or --prompt-file, not both")
 
     loader = load_dense if args.dense else load
     model, tokenizer = loader(args.model, **json.loads(args.load_args))
-    drafter = load_drafter(args.drafter or find_drafter(args.model), args.model).attach(
-        model, args.model)
+    drafters = {name: load_drafter(path, args.model).attach(model, args.model)
+                for name, path in drafter_paths(args.drafter, args.model)}
     everything = []
-    for prompt in args.prompt or [DEFAULT_PROMPT]:
+    for kind, prompt in prompts(args):
         ids = format_prompt(tokenizer, prompt)
         generate_text(model, tokenizer, ids, 4)  # warm-up: first-call allocations, page cache
         rows = [{"config": "greedy", **run_once(model, tokenizer, ids, args.tokens)}]
-        for config in args.configs.split(","):
+        for (name, drafter), config in product(drafters.items(), args.configs.split(",")):
             width, length = (int(x) for x in config.lower().split("x"))
             for policy in args.policies.split(","):
                 spec = Speculation(drafter, SpecSettings(width, length, policy))
                 row = run_once(model, tokenizer, ids, args.tokens, spec)
-                rows.append({"config": f"{config}" + (f" {policy}" if not args.dense else ""),
+                label = (f"{name} " if len(drafters) > 1 else "") + config
+                rows.append({"config": label + (f" {policy}" if not args.dense else ""),
                              **row})
         report(rows, args, prompt)
-        everything += [{"prompt": prompt, **r} for r in rows]
+        everything += [{"kind": kind, "prompt": prompt, **r} for r in rows]
+    if args.prompt_file:
+        summary(everything)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(everything, f, indent=1)
     return 0
+
+
+def drafter_paths(specs: list[str] | None, model: str) -> list[tuple[str, str]]:
+    """--drafter values -> [(name, path)]: NAME=PATH, a bare PATH (named by its file), or
+    none (the model's own drafter, else the packaged one)."""
+    if not specs:
+        return [("drafter", find_drafter(model))]
+    return [tuple(s.split("=", 1)) if "=" in s else (Path(s).stem, s) for s in specs]
+
+
+def prompts(args) -> list[tuple[str, str]]:
+    """(kind, request) per prompt: --prompt-file's lines, the --prompt values, or the default."""
+    if not args.prompt_file:
+        return [("prompt", text) for text in args.prompt or [DEFAULT_PROMPT]]
+    out = []
+    for n, line in enumerate(Path(args.prompt_file).read_text("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                out.append((str(entry["kind"]), str(entry["text"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{args.prompt_file}:{n}: not a {{\"kind\", \"text\"}} "
+                                 f"line ({e})") from e
+    return out
+
+
+def summary(rows: list[dict]) -> None:
+    """Mean tokens per step (and speedup) per drafter setting and prompt kind."""
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows if r["config"] != "greedy"))
+    base = {r["prompt"]: r["tok_per_s"] for r in rows if r["config"] == "greedy"}
+    print("# mean over each kind's prompts: tokens per step (speedup over greedy)")
+    counts = {k: sum(1 for r in rows if r["config"] == "greedy" and r["kind"] == k)
+              for k in kinds}
+    print("| setting | " + " | ".join(f"{k} ({counts[k]} prompts)" for k in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    for config in configs:
+        cells = []
+        for kind in kinds:
+            mine = [r for r in rows if r["config"] == config and r["kind"] == kind]
+            steps = sum(r["tokens_per_step"] for r in mine) / len(mine)
+            speed = sum(r["tok_per_s"] / base[r["prompt"]] for r in mine) / len(mine)
+            cells.append(f"{steps:.2f} ({speed:.2f}x)")
+        print(f"| {config} | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
 
 
 def report(rows: list[dict], args, prompt: str) -> None:
