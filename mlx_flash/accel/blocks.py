@@ -335,7 +335,8 @@ def defer_prompt_logits(model: nn.Module) -> None:
     """Make `model(inputs, cache=...)` over more than one position defer its output head
     (linear.deferred_heads) and go PIECE positions a call: mlx_lm's prefill hands the model
     2048 positions at once and discards their logits. One-position calls (decode) keep the fast
-    path. A flash model under a DRAM budget gets this: its plan counts one position's logits
+    path. A flash model under a DRAM budget gets this (on the MLX path too, where the logits are
+    lazy anyway but a whole step's activations were not): its plan counts one position's logits
     and a PIECE of prompt activations."""
     model.__class__ = _deferring_class(type(model))
 
@@ -350,6 +351,8 @@ def _deferring_class(cls: type) -> type:
         outs = []
         with deferred_heads():
             for i in range(0, inputs.shape[-1], PIECE):
+                if outs:  # the MLX path's graph: one piece's temporaries at a time
+                    mx.eval([c.state for c in cache])
                 if embeddings is not None:
                     kwargs["input_embeddings"] = embeddings[:, i:i + PIECE]
                 outs.append(cls.__call__(self, inputs[..., i:i + PIECE], *args, **kwargs))
