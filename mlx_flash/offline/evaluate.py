@@ -34,6 +34,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from ..format.manifest import read_manifest
 from ..runtime.generate import common_prefix, format_prompt, stream
 from ..runtime.loader import load, load_dense, load_tokenizer
+from ..runtime.selectors import check_selector
 from ..runtime.selectors.predictor import Predictors, load_predictors
 from .calibration import numpy_linears, recording
 from .train_predictors import parse_target, target_labels
@@ -371,6 +372,8 @@ def evaluate_selectors(flash_dir: str | Path, text_file: str | Path, cfg: EvalCo
     manifest = read_manifest(root)
     data = eval_inputs(root, text_file, cfg)
     configs = [replace(cfg, selector=name, keep=keep) for name, keep in runs]
+    for run_cfg in configs:  # refused now, not after the dense run and the runs before it
+        check_selector(root, manifest, run_cfg.selector, run_cfg.rule)
     uses_predictor = [c.selector == "predictor" or (c.selector == "auto" and
                                                     bool(manifest.predictors)) for c in configs]
     sink = None

@@ -197,6 +197,21 @@ def test_selectors_that_need_the_gate_in_the_bundles_are_refused(dirs, flash_loa
         flash_load(plain_dir, selector="gate")
 
 
+def test_eval_refuses_a_selector_the_dir_cannot_serve_before_running_any(dirs, monkeypatch,
+                                                                          tmp_path):
+    """Every --selector entry is checked up front: the 1.5B's eval lost 74 minutes of dense and
+    gate runs to a 'sequence' entry refused only when its turn came."""
+    import mlx_flash.offline.evaluate as evaluate
+
+    gate_dir, _ = dirs(4)
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    monkeypatch.setattr(evaluate, "_dense_part", lambda *a: pytest.fail("the dense run started"))
+    with pytest.raises(ValueError, match="selector 'sequence'.*cannot score"):
+        evaluate.evaluate_selectors(gate_dir, text, evaluate.EvalConfig(ppl_tokens=8, prompts=0),
+                                    [("oracle", None), ("gate", 0.5), ("sequence", 0.8)])
+
+
 def test_convert_refuses_what_cannot_keep_a_resident_gate(tmp_path):
     src = make_source(tmp_path / "src", "starcoder2")  # plain FFN with biases
     with pytest.raises(ValueError, match="needs a gated FFN"):

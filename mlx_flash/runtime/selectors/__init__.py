@@ -31,15 +31,10 @@ def make_selector(config: FlashConfig, store: NeuronStore, manifest: Manifest, b
     `keep` (default 0.5) by |act(gate x)| (runtime/gate.py); "auto": predictor when the dir has
     them, else oracle. A gate-resident dir's bundles hold no gate: it selects with "gate" or
     every neuron (oracle rule "all")."""
-    name, keep = config.selector, config.keep
-    if name == "auto":
-        name = "predictor" if manifest.predictors else "oracle"
+    keep = config.keep
+    name = check_selector(store.root, manifest, config.selector, config.oracle_rule)
     if gate is not None:
         return _gate_dir_selector(config, store, manifest, gate, name)
-    if name == "gate":
-        raise ValueError(f"{store.root}: selector 'gate' needs a gate-resident dir (made by "
-                         "`mlx-flash convert --gate-resident`); this one keeps the gate in "
-                         "its bundles")
     if name == "predictor":
         return PredictorSelector.from_dir(store.root, manifest, config.predictor_recall, backend)
     if name == "sequence":
@@ -51,13 +46,25 @@ def make_selector(config: FlashConfig, store: NeuronStore, manifest: Manifest, b
                           keep=1.0 if keep is None else keep, dtype=backend.compute_dtype)
 
 
+def check_selector(root, manifest: Manifest, name: str, rule: str) -> str:
+    """The selector `name` ("auto" resolved) if this dir can serve it, else ValueError naming
+    the dir: what make_selector refuses, checked before anything is loaded or computed."""
+    if name == "auto":
+        name = "predictor" if manifest.predictors else "oracle"
+    if manifest.ffn.gate is not None and name != "gate" and (name, rule) != ("oracle", "all"):
+        raise ValueError(f"{root} keeps the gate resident and its bundles hold up/down "
+                         f"only: selector {name!r} (rule {rule!r}) cannot score them; use "
+                         "--selector gate, or the oracle's 'all' (every neuron)")
+    if manifest.ffn.gate is None and name == "gate":
+        raise ValueError(f"{root}: selector 'gate' needs a gate-resident dir (made by "
+                         "`mlx-flash convert --gate-resident`); this one keeps the gate in "
+                         "its bundles")
+    return name
+
+
 def _gate_dir_selector(config: FlashConfig, store: NeuronStore, manifest: Manifest,
                        gate: ResidentGate, name: str) -> GateSelector | OracleSelector:
     """A gate-resident dir's selector: "gate", or the oracle's every neuron (exact)."""
     if name == "gate":
         return GateSelector(gate, GATE_KEEP if config.keep is None else config.keep)
-    if name == "oracle" and config.oracle_rule == "all":
-        return OracleSelector(store, manifest, dtype=mx.float32)
-    raise ValueError(f"{store.root} keeps the gate resident and its bundles hold up/down "
-                     f"only: selector {name!r} (rule {config.oracle_rule!r}) cannot score "
-                     "them; use --selector gate, or the oracle's 'all' (every neuron)")
+    return OracleSelector(store, manifest, dtype=mx.float32)  # every neuron: check_selector
