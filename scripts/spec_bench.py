@@ -8,8 +8,8 @@ Loads the model once (`--load-args` passed to `mlx_flash.load`, or `load_dense`)
 then for the plain greedy run and each BEAMSxLENGTH drafter setting: the generated token ids
 (checked identical to plain greedy), tokens/s over the generated tokens (prefill excluded),
 tokens per verification step, acceptance, draft and verify time, and for flash models the
-bytes read per token. Prints a markdown table per prompt, and with --prompt-file (JSONL, a
-{"kind", "text"} request a line: scripts/data/drafter_prompts.jsonl holds code, prose and chat
+bytes read per token. Prints a markdown table per prompt, and with --prompt-file (JSONL as
+`mlx-flash eval --prompt-file` reads it: scripts/data/drafter_prompts.jsonl holds code, prose and chat
 requests whose topics are not among the drafter's training requests) the mean tokens per step of
 each drafter and setting per kind. Several --drafter NAME=PATH compare drafters on one load;
 --out writes the rows as JSON.
@@ -25,7 +25,8 @@ import time
 from itertools import product
 from pathlib import Path
 
-from mlx_flash.runtime.generate import format_prompt, generate_text
+from mlx_flash.offline.evaluate import prompt_entries, prompt_ids
+from mlx_flash.runtime.generate import generate_text
 from mlx_flash.runtime.loader import load, load_dense
 from mlx_flash.spec.drafter import find_drafter, load_drafter
 from mlx_flash.spec.speculative import SpecSettings, Speculation
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", default=None,
                    help="repeat for several prompts, each its own table (one load)")
     p.add_argument("--prompt-file", default=None,
-                   help='requests from this JSONL file ({"kind", "text"} a line)')
+                   help='prompts from this JSONL file ({"kind", "text", "chat"} a line)')
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.prompt and args.prompt_file:
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     drafters = {name: load_drafter(path, args.model).attach(model, args.model)
                 for name, path in drafter_paths(args.drafter, args.model)}
     everything = []
-    for kind, prompt in prompts(args):
-        ids = format_prompt(tokenizer, prompt)
+    for kind, prompt, chat in prompts(args):
+        ids = prompt_ids(tokenizer, prompt, chat).tolist()
         generate_text(model, tokenizer, ids, 4)  # warm-up: first-call allocations, page cache
         rows = [{"config": "greedy", **run_once(model, tokenizer, ids, args.tokens)}]
         for (name, drafter), config in product(drafters.items(), args.configs.split(",")):
@@ -112,20 +113,12 @@ def drafter_paths(specs: list[str] | None, model: str) -> list[tuple[str, str]]:
     return [tuple(s.split("=", 1)) if "=" in s else (Path(s).stem, s) for s in specs]
 
 
-def prompts(args) -> list[tuple[str, str]]:
-    """(kind, request) per prompt: --prompt-file's lines, the --prompt values, or the default."""
-    if not args.prompt_file:
-        return [("prompt", text) for text in args.prompt or [DEFAULT_PROMPT]]
-    out = []
-    for n, line in enumerate(Path(args.prompt_file).read_text("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                entry = json.loads(line)
-                out.append((str(entry["kind"]), str(entry["text"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"{args.prompt_file}:{n}: not a {{\"kind\", \"text\"}} "
-                                 f"line ({e})") from e
-    return out
+def prompts(args) -> list[tuple[str, str, bool]]:
+    """(kind, request, chat) per prompt: --prompt-file's entries, the --prompt values, or the
+    default (requests: through the chat template)."""
+    if args.prompt_file:
+        return prompt_entries(args.prompt_file)
+    return [("prompt", text, True) for text in args.prompt or [DEFAULT_PROMPT]]
 
 
 def summary(rows: list[dict]) -> None:

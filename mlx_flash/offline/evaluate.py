@@ -118,8 +118,8 @@ def read_text_tokens(tokenizer, path: str | Path) -> np.ndarray:
     return ids
 
 
-def read_prompts(tokenizer, path: str | Path) -> tuple[list[np.ndarray], list[str]]:
-    """A JSONL prompt file -> (token ids (L,) int32 per prompt, kind per prompt).
+def prompt_entries(path: str | Path) -> list[tuple[str, str, bool]]:
+    """A JSONL prompt file -> (kind, text, chat) per prompt.
 
     Each line: {"kind": "code" | "prose" | "chat" | ..., "text": str, "chat": bool (optional,
     default: kind == "chat"; through the chat template when the tokenizer has one)}."""
@@ -127,7 +127,7 @@ def read_prompts(tokenizer, path: str | Path) -> tuple[list[np.ndarray], list[st
     if not path.is_file():
         raise FileNotFoundError(f"--prompt-file {path} is not a file; pass a JSONL file of "
                                 '{"kind": ..., "text": ...} lines')
-    prompts, kinds = [], []
+    entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -136,13 +136,24 @@ def read_prompts(tokenizer, path: str | Path) -> tuple[list[np.ndarray], list[st
             text, kind = str(entry["text"]), str(entry.get("kind", "text"))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{number}: want a JSON object with a \"text\" ({e})") from e
-        chat = bool(entry.get("chat", kind == "chat"))
-        ids = format_prompt(tokenizer, text) if chat else tokenizer.encode(text)
-        prompts.append(np.asarray(ids, dtype=np.int32))
-        kinds.append(kind)
-    if not prompts:
+        entries.append((kind, text, bool(entry.get("chat", kind == "chat"))))
+    if not entries:
         raise ValueError(f"{path} holds no prompts")
-    return prompts, kinds
+    return entries
+
+
+def prompt_ids(tokenizer, text: str, chat: bool) -> np.ndarray:
+    """One prompt's token ids (L,) int32: through the chat template when `chat`."""
+    return np.asarray(format_prompt(tokenizer, text) if chat else tokenizer.encode(text),
+                      dtype=np.int32)
+
+
+def read_prompts(tokenizer, path: str | Path) -> tuple[list[np.ndarray], list[str]]:
+    """A JSONL prompt file (`prompt_entries`) -> (token ids (L,) int32 per prompt, kind per
+    prompt)."""
+    entries = prompt_entries(path)
+    ids = [prompt_ids(tokenizer, text, chat) for _, text, chat in entries]
+    return ids, [kind for kind, _, _ in entries]
 
 
 def prefix_split(size: int, prefix: int, continuation: int) -> tuple[int, int]:
