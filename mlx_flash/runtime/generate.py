@@ -108,6 +108,19 @@ def log_softmax(logits: mx.array) -> mx.array:
     return mx.array(x - lse).astype(logits.dtype)
 
 
+def feed_prompt(body, prompt: mx.array, cache: list, step: int = PREFILL_STEP) -> mx.array:
+    """All but the last position of `prompt` (n,) through the transformer stack `body` (the
+    model's inner one: no logits, which for a long prompt would be positions x vocab floats
+    beyond the DRAM plan), `step` positions a call, filling `cache`; returns the last (1,)."""
+    while prompt.size > 1:
+        n = min(step, prompt.size - 1)
+        body(prompt[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[n:]
+        mx.clear_cache()
+    return prompt
+
+
 def generate_step(prompt: mx.array, model, sampler: Callable[[mx.array], mx.array],
                   prompt_cache: list | None = None, prefill_step: int = PREFILL_STEP
                   ) -> Iterator[tuple[int, mx.array]]:
@@ -127,13 +140,7 @@ def generate_step(prompt: mx.array, model, sampler: Callable[[mx.array], mx.arra
         logprobs = log_softmax(logits)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    while prompt.size > 1:
-        n = min(prefill_step, prompt.size - 1)
-        body(prompt[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
-        mx.clear_cache()
-    y, logprobs = step(prompt)
+    y, logprobs = step(feed_prompt(body, prompt, cache, prefill_step))
     mx.async_eval(y, logprobs)
     n = 0
     while True:

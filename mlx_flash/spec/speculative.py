@@ -46,7 +46,7 @@ import numpy as np
 
 from ..accel.blocks import kv_cache_for
 from ..runtime.ffn import FlashFFN
-from ..runtime.generate import GenerationResponse
+from ..runtime.generate import GenerationResponse, feed_prompt
 from ..runtime.memory import PREFILL_STEP
 from .drafter import Drafter, hidden_and_logits
 
@@ -316,13 +316,10 @@ def check_tree_fits(model: nn.Module, settings: SpecSettings) -> None:
 
 def prefill(model: nn.Module, cache: list, prompt: list[int]) -> tuple[np.ndarray, int]:
     """The prompt as runtime/generate.py feeds it (all but the last token through the
-    transformer stack, PREFILL_STEP positions a call and no logits: those of a long prompt
-    would be positions x vocab floats beyond the DRAM plan; then the last alone) -> the last
-    hidden state (d,) and the model's greedy next token."""
-    for start in range(0, len(prompt) - 1, PREFILL_STEP):
-        stop = min(len(prompt) - 1, start + PREFILL_STEP)
-        mx.eval(model.model(mx.array([prompt[start:stop]]), cache))  # fills the caches
-    h, logits = hidden_and_logits(model, mx.array([prompt[-1:]]), cache)
+    transformer stack, `feed_prompt`; then the last alone) -> the last hidden state (d,) and
+    the model's greedy next token."""
+    last = feed_prompt(model.model, mx.array(prompt), cache, PREFILL_STEP)
+    h, logits = hidden_and_logits(model, last[None], cache)
     return np.array(h[0, -1].astype(mx.float32)), int(mx.argmax(logits[0, -1]).item())
 
 
