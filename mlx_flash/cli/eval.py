@@ -23,10 +23,11 @@ from ..runtime.config import DTYPES, ORACLE_RULES, SELECTORS
 def eval_cli(args) -> int:
     """`mlx-flash eval DIR --text-file F [--json OUT]`: one report per --selector entry."""
 
-    runs = parse_selectors(args.selector, args.keep)
+    spec = ",".join(args.selector or ["auto"])  # repeated flags add entries, as commas do
+    runs = parse_selectors(spec, args.keep)
     unknown = sorted({name for name, _ in runs} - set(SELECTORS))
     if unknown:
-        raise ValueError(f"--selector {args.selector!r}: unknown {', '.join(unknown)}; the "
+        raise ValueError(f"--selector {spec!r}: unknown {', '.join(unknown)}; the "
                          f"selectors are {', '.join(SELECTORS)}")
     prompt_file = str(PROMPT_SET) if args.prompt_set else args.prompt_file
     cfg = EvalConfig(ppl_tokens=args.ppl_tokens, prompts=args.prompts,
@@ -80,9 +81,10 @@ def add_arguments(subparsers) -> None:
                    help="prefix perplexity: tokens scored after the prefix")
     p.add_argument("--max-tokens", "-m", type=int, default=EvalConfig.max_tokens,
                    help="N greedy tokens per prompt")
-    p.add_argument("--selector", default="auto",
-                   help=f"one of {', '.join(SELECTORS)}, or several with optional keeps, "
-                        "each a report: sequence:0.5,sequence:0.3,quant")
+    p.add_argument("--selector", action="append",
+                   help=f"one of {', '.join(SELECTORS)} (default auto), or several with "
+                        "optional keeps, each a report: sequence:0.5,sequence:0.3,quant; "
+                        "repeating the flag adds entries")
     p.add_argument("--rule", default="all", choices=ORACLE_RULES,
                    help="oracle rule")
     p.add_argument("--keep", type=float, default=None,

@@ -121,3 +121,20 @@ def test_reports_per_selector(tmp_path, tiny_dirs):
     assert half.flash_prefix_ppl != pytest.approx(half.dense_prefix_ppl, rel=1e-3)
     assert half.selector["set_fraction"] == pytest.approx(0.3, abs=0.01)
     assert half.dense_prefix_ppl == full.dense_prefix_ppl  # one dense run for both
+
+
+def test_eval_cli_runs_every_repeated_selector_flag(tmp_path, monkeypatch):
+    """`--selector oracle --selector gate:0.8` scores both (argparse had kept the last alone:
+    a 0.5B sweep ran gate 0.6 and nothing else)."""
+    import mlx_flash.cli.eval as eval_cmd
+    from mlx_flash.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(eval_cmd, "evaluate_selectors",
+                        lambda d, t, cfg, runs, progress: seen.append(runs) or [])
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    argv = ["eval", str(tmp_path), "--text-file", str(text)]
+    assert main([*argv, "--selector", "oracle", "--selector", "gate:0.8,quant"]) == 0
+    assert main(argv) == 0
+    assert seen == [[("oracle", None), ("gate", 0.8), ("quant", None)], [("auto", None)]]
