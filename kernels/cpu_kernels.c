@@ -1890,3 +1890,128 @@ int flash_int_dot_path(void) {
     return 0;
 #endif
 }
+
+// ---- The transformer block's small ops at decode (accel/blocks.py, one position) ----
+//
+// numpy took ~25 calls a layer for RMSNorm, RoPE, the KV cache write and the attention of one
+// token, each a few microseconds (more once the FFN's weights have streamed through the
+// caches): ~10% of the 0.5B's decode step (issue 20, session 14). These do the same f32 math
+// in one call each.
+
+#if FLASH_VECTOR
+// exp of 8 floats (Cephes' expf polynomial after range reduction, ~1 ulp; inputs below -87.3
+// give ~0, as the scalar expf underflows there too).
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37f)), _mm256_set1_ps(-87.33f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static inline float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if FLASH_VECTOR
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    s = hsum8(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// p[0:n] = exp(p - max p) / their sum, in place.
+static void softmax_f32(float *p, int n) {
+    float m = -INFINITY, sum = 0.0f;
+    for (int i = 0; i < n; i++) m = p[i] > m ? p[i] : m;
+    int i = 0;
+#if FLASH_VECTOR
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + i), mv));
+        _mm256_storeu_ps(p + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; i < n; i++) {
+        p[i] = expf(p[i] - m);
+        sum += p[i];
+    }
+    const float inv = 1.0f / sum;
+    for (i = 0; i < n; i++) p[i] *= inv;
+}
+
+// out (T, d) = x * (mean(x^2) + eps)^-1/2 * w, row by row (mlx's rms_norm, as numpy did it).
+void rms_norm_f32(const float *x, const float *w, float eps, int T, int d, float *out) {
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * d;
+        float *ot = out + (size_t)t * d;
+        const float r = 1.0f / sqrtf(dot_f32(xt, xt, d) * (1.0f / (float)d) + eps);
+        for (int i = 0; i < d; i++) ot[i] = xt[i] * r * w[i];
+    }
+}
+
+// One head's RoPE in place: pairs (i, i + rot / 2), or (2i, 2i + 1) when traditional, for i <
+// rot / 2 rotated by (cos[i], sin[i]); dims past rot pass through.
+static inline void rotate_head(float *x, int rot, int traditional, const float *cos,
+                               const float *sin) {
+    const int half = rot / 2;
+    for (int i = 0; i < half; i++) {
+        float *pa = traditional ? x + 2 * i : x + i, *pb = traditional ? x + 2 * i + 1 : x + half + i;
+        const float a = *pa, b = *pb;
+        *pa = a * cos[i] - b * sin[i];
+        *pb = a * sin[i] + b * cos[i];
+    }
+}
+
+// One decode position's attention (batch 1): qkv (heads + 2 kv_heads) * D f32 its q | k | v
+// projections (q and k rotated here by cos / sin (rot / 2), the rotation at the position); the
+// new k and v are written at position `offset` of kc / vc (kv_heads, cap, D) f32, and out
+// (heads * D) = softmax(q . k * scale) . v over the offset + 1 positions, per head (query head
+// h reads kv head h / (heads / kv_heads)). Returns 0, or -1 without scratch.
+int decode_attention(float *qkv, int heads, int kv_heads, int D, int rot, int traditional,
+                     const float *cos, const float *sin, float *kc, float *vc, int64_t cap,
+                     int offset, float scale, float *out) {
+    const int span = offset + 1, group = heads / kv_heads;
+    float *q = qkv, *k = qkv + (size_t)heads * D, *v = k + (size_t)kv_heads * D;
+    float *p = (float *)malloc(sizeof(float) * (size_t)span);
+    if (!p) return -1;
+    for (int h = 0; h < heads + kv_heads; h++) rotate_head(qkv + (size_t)h * D, rot, traditional, cos, sin);
+    for (int h = 0; h < kv_heads; h++) {
+        memcpy(kc + ((size_t)h * cap + offset) * D, k + (size_t)h * D, sizeof(float) * (size_t)D);
+        memcpy(vc + ((size_t)h * cap + offset) * D, v + (size_t)h * D, sizeof(float) * (size_t)D);
+    }
+    for (int h = 0; h < heads; h++) {
+        const float *qh = q + (size_t)h * D;
+        const float *kh = kc + (size_t)(h / group) * cap * D, *vh = vc + (size_t)(h / group) * cap * D;
+        for (int s = 0; s < span; s++) p[s] = dot_f32(qh, kh + (size_t)s * D, D) * scale;
+        softmax_f32(p, span);
+        float *o = out + (size_t)h * D;
+        memset(o, 0, sizeof(float) * (size_t)D);
+        for (int s = 0; s < span; s++) {
+            const float *vs = vh + (size_t)s * D;
+            const float ps = p[s];
+            for (int i = 0; i < D; i++) o[i] += ps * vs[i];
+        }
+    }
+    free(p);
+    return 0;
+}

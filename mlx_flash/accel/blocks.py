@@ -14,6 +14,12 @@ the modules, parameters and attribute paths stay mlx_lm's, so loading, spec/spec
 tree attention and offline/evaluate.py see the same model. Nothing else of the model changes: the
 embedding, final norm, lm_head and sampling stay MLX (one evaluation per token).
 
+At decode (one position, batch 1, no q/k norms) the RMSNorms and the attention with its RoPE
+and cache write are one C call each (kernels.rms_norm, kernels.decode_attention): the ~25 numpy
+calls they replace cost ~2.8 ms of the 0.5B's ~63 ms step once the FFN's weights have streamed
+through the caches (issue 20, session 14). Longer inputs (prompts, the drafter's trees) keep
+the numpy steps, which the C ones are tested against.
+
 The KV cache is an mlx_lm `KVCache` whose keys and values are numpy arrays (`NumpyKVCache`,
 what the model's `make_cache` returns for these layers). Given any other cache (rotating,
 quantized) a block runs its MLX code. RoPE is read off the model's own rope module (cos and
@@ -32,6 +38,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from .build import kernels
 from .linear import FastLinear, deferred_heads
 
 ENV_CPU_BLOCKS = "MLX_FLASH_CPU_BLOCKS"  # "0": keep the MLX blocks (for comparisons)
@@ -56,17 +63,24 @@ class NumpyKVCache(KVCache):
         """keys/values (B, kv_heads, L, head_dim) -> views of the (B, kv_heads, offset, ·)
         entries after appending them."""
         prev, length = self.offset, keys.shape[2]
-        if self.keys is None or prev + length > self.keys.shape[2]:
-            self.keys, self.values = (self._grown(old, new, prev + length)
-                                      for old, new in ((self.keys, keys), (self.values, values)))
+        self.reserve(keys.shape, length)
         self.keys[..., prev:prev + length, :] = keys
         self.values[..., prev:prev + length, :] = values
         self.offset = prev + length
         return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
 
-    def _grown(self, old: np.ndarray | None, new: np.ndarray, need: int) -> np.ndarray:
+    def reserve(self, shape: tuple[int, ...], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Room for `length` more positions of keys shaped `shape` (B, kv_heads, ·, head_dim):
+        the (B, kv_heads, capacity, head_dim) key and value buffers, grown if they lack it."""
+        need = self.offset + length
+        if not isinstance(self.keys, np.ndarray) or need > self.keys.shape[2]:  # (or MLX's)
+            self.keys, self.values = (self._grown(old, shape, need)
+                                      for old in (self.keys, self.values))
+        return self.keys, self.values
+
+    def _grown(self, old: np.ndarray | None, shape: tuple[int, ...], need: int) -> np.ndarray:
         size = -(-need // self.step) * self.step
-        out = np.zeros((*new.shape[:2], size, new.shape[3]), dtype=np.float32)
+        out = np.zeros((*shape[:2], size, shape[3]), dtype=np.float32)
         if old is not None:
             if isinstance(old, mx.array):  # filled by MLX code (e.g. a restored state)
                 old = np.asarray(old.astype(mx.float32))
@@ -91,7 +105,8 @@ class RopeTable:
         self.rope, self.head_dim = rope, head_dim
         dims = int(getattr(rope, "dims", head_dim))
         half = dims // 2
-        if getattr(rope, "traditional", False):  # pairs (0, 1), (2, 3), ...
+        self.dims, self.traditional = dims, bool(getattr(rope, "traditional", False))
+        if self.traditional:  # pairs (0, 1), (2, 3), ...
             self.first, self.second = slice(0, dims, 2), slice(1, dims, 2)
         else:  # pairs (i, i + dims / 2)
             self.first, self.second = slice(0, half), slice(half, dims)
@@ -104,6 +119,13 @@ class RopeTable:
         out = np.asarray(self.rope(mx.array(probe), offset=0))[0, 0]  # evaluates: the table
         self.cos = np.ascontiguousarray(out[:, self.first])
         self.sin = np.ascontiguousarray(out[:, self.second])
+
+    def at(self, position: int) -> tuple[int, bool, np.ndarray, np.ndarray]:
+        """The rotation at one position as kernels.decode_attention takes it: (rotated dims,
+        traditional pairing, cos (dims / 2,), sin (dims / 2,))."""
+        if position >= self.cos.shape[0]:
+            self._extend(position + 1)
+        return self.dims, self.traditional, self.cos[position], self.sin[position]
 
     def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """x: (B, L, heads, head_dim), positions: (L,) -> x rotated to those positions."""
@@ -185,14 +207,20 @@ class FastBlockState:
         self.k_norm = _norm(attn["k_norm"]) if "k_norm" in attn else None
         self.rope = RopeTable(attn.rope, self.head_dim)
         self.mlp = _mlp_entry(block.mlp)
+        self.kernels = kernels()
+        # q | k | v side by side in the fused projection, no q/k norms: decode's attention
+        # can go through kernels.decode_attention in one call
+        self.one_call = (self.q_norm is None and self.q.start == 0
+                         and self.k.start == self.q.stop and self.v.start == self.k.stop
+                         and self.n_heads % self.n_kv_heads == 0)
 
     def forward(self, x: np.ndarray, mask, cache) -> np.ndarray:
         """x: (B, L, d) f32 -> the block's output (B, L, d) f32."""
         batch, length, d = x.shape
         rows = np.ascontiguousarray(x.reshape(-1, d))
-        h = rows + self.o_proj.apply(self.attention(rms_norm(rows, *self.norm_in), batch,
-                                                    length, mask, cache))
-        return (h + self.mlp(np.ascontiguousarray(rms_norm(h, *self.norm_post)))
+        h = rows + self.o_proj.apply(self.attention(self.kernels.rms_norm(rows, *self.norm_in),
+                                                    batch, length, mask, cache))
+        return (h + self.mlp(self.kernels.rms_norm(h, *self.norm_post))
                 ).reshape(batch, length, d)
 
     def attention(self, h: np.ndarray, batch: int, length: int, mask, cache) -> np.ndarray:
@@ -200,6 +228,14 @@ class FastBlockState:
         qkv = self.qkv.apply(h)  # (B * L, (heads + 2 kv_heads) * D)
         offset = 0 if cache is None else cache.offset
         depths = getattr(self.attn.rope, "depths", None)  # speculative.TreeRoPE
+        if (batch == 1 and length == 1 and mask is None and depths is None and self.one_call
+                and cache is not None and qkv.shape[1] == self.v.stop):  # a decode step
+            keys, values = cache.reserve((1, self.n_kv_heads, 1, self.head_dim), 1)
+            out = self.kernels.decode_attention(qkv, self.n_heads, self.n_kv_heads,
+                                                self.rope.at(offset), keys, values, offset,
+                                                self.scale)
+            cache.offset = offset + 1
+            return out
         positions = offset + (np.arange(length) if depths is None else depths)
         heads = self.n_heads
         if self.q_norm is None and self.k.start == self.q.stop:  # q and k rotated in one go

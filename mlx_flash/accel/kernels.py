@@ -64,9 +64,13 @@ class CpuKernels:
                              _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _INT, _INT,
                              _I64, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT,
                              _VOIDP, _VOIDP, _VOIDP, _INT]
-        for fn in (lib.linear16, lib.ffn16):
+        lib.rms_norm_f32.argtypes = [_VOIDP, _VOIDP, ctypes.c_float, _INT, _INT, _VOIDP]
+        lib.decode_attention.argtypes = [_VOIDP, _INT, _INT, _INT, _INT, _INT, _VOIDP, _VOIDP,
+                                         _VOIDP, _VOIDP, _I64, _INT, ctypes.c_float, _VOIDP]
+        for fn in (lib.linear16, lib.ffn16, lib.rms_norm_f32):
             fn.restype = None
-        for fn in (lib.linear_q, lib.ffnq, lib.ffnp, lib.flash_int_dot_path):
+        for fn in (lib.linear_q, lib.ffnq, lib.ffnp, lib.flash_int_dot_path,
+                   lib.decode_attention):
             fn.restype = _INT
         self._lib, self.path = lib, path
         self.threads: int = lib.flash_threads()
@@ -178,6 +182,44 @@ class CpuKernels:
                               ACTIVATION_CODES[activation], h, partial, y.ctypes.data, exact)
         _check_done(done, "ffnp")
         return y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """x (T, d) contiguous f32, weight (d,) f32 -> mlx's rms_norm over the rows, (T, d)."""
+        _check_x(x, weight.shape[0])
+        if weight.dtype != np.float32 or not weight.flags.c_contiguous:
+            raise ValueError(f"rms_norm needs a contiguous float32 weight, got {weight.dtype}")
+        out = np.empty_like(x)
+        self._lib.rms_norm_f32(x.ctypes.data, _addr(weight), eps, x.shape[0], x.shape[1],
+                               out.ctypes.data)
+        return out
+
+    def decode_attention(self, qkv: np.ndarray, heads: int, kv_heads: int, rope: tuple,
+                         keys: np.ndarray, values: np.ndarray, offset: int,
+                         scale: float) -> np.ndarray:
+        """One position's attention (batch 1), in C: qkv (1, (heads + 2 kv_heads) * D) f32 its
+        q | k | v projections, rotated here (in place); rope (rot, traditional, cos, sin) the
+        rotated dims per head, the pairing and the (rot / 2,) f32 rotation at this position;
+        keys / values (1, kv_heads, capacity, D) f32, the new k / v written at `offset` (the
+        caller counts it). Returns (1, heads * D) f32 = softmax(q k^T scale) v per head."""
+        kv, capacity, dim = keys.shape[1:]
+        rot, traditional, cos, sin = rope
+        if (qkv.shape != (1, (heads + 2 * kv_heads) * dim) or qkv.dtype != np.float32
+                or not qkv.flags.c_contiguous or kv != kv_heads or heads % kv_heads
+                or not offset < capacity or values.shape != keys.shape
+                or not (keys.flags.c_contiguous and values.flags.c_contiguous)
+                or keys.dtype != np.float32 or values.dtype != np.float32
+                or not 0 < rot <= dim or rot % 2 or cos.shape != (rot // 2,)
+                or sin.shape != cos.shape or {cos.dtype, sin.dtype} != {np.dtype(np.float32)}
+                or not (cos.flags.c_contiguous and sin.flags.c_contiguous)):
+            raise ValueError(f"decode_attention: qkv {qkv.shape} {qkv.dtype}, {heads}/"
+                             f"{kv_heads} heads, caches {keys.shape} at {offset}, rope {rot}")
+        out = np.empty((1, heads * dim), dtype=np.float32)
+        done = self._lib.decode_attention(qkv.ctypes.data, heads, kv_heads, dim, rot,
+                                          int(traditional), cos.ctypes.data, sin.ctypes.data,
+                                          _addr(keys), _addr(values), capacity, offset, scale,
+                                          out.ctypes.data)
+        _check_done(done, "decode_attention")
+        return out
 
     def _exact(self, exact: bool | None) -> int:
         return int(self.exact_quant if exact is None else exact)
