@@ -13,7 +13,6 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 import mlx_flash.accel.blocks as accel_blocks
 import mlx_flash.accel.build as accel_build
-import mlx_flash.accel.kernels as accel_kernels
 import mlx_flash.process as process
 from mlx_flash.runtime.loader import load, load_dense
 from mlx_flash.spec.drafter import Drafter, init_params
@@ -105,21 +104,11 @@ def test_a_long_cached_call_goes_a_piece_at_a_time(tiny_dirs, arch, monkeypatch)
         np.testing.assert_allclose(a.keys[..., :27, :], b.keys[..., :27, :], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def small_op_builds(tmp_path_factory):
-    """This machine's kernels and the portable scalar build (no intrinsics)."""
-    if REASON is not None:
-        pytest.skip(f"CPU kernels: {REASON}")
-    scalar = accel_build.build_library(out_dir=tmp_path_factory.mktemp("kernels"),
-                                       flag_sets=(["-O3"],))
-    return {"native": accel_build.kernels(), "scalar": accel_kernels.CpuKernels(scalar)}
-
-
 @pytest.mark.parametrize("shape", [(1, 64), (3, 40), (2, 7)])
-def test_rms_norm_kernel_equals_numpy(small_op_builds, shape):
+def test_rms_norm_kernel_equals_numpy(builds, shape):
     x, w = rand(shape, 0) * 3, rand(shape[1:], 1)
     want = accel_blocks.rms_norm(x, w, 1e-6)
-    for name, k in small_op_builds.items():
+    for name, k in builds.items():
         np.testing.assert_allclose(k.rms_norm(x, w, 1e-6), want, rtol=1e-5, atol=1e-6,
                                    err_msg=name)
 
@@ -127,7 +116,7 @@ def test_rms_norm_kernel_equals_numpy(small_op_builds, shape):
 @pytest.mark.parametrize("traditional,rot", [(False, 16), (True, 16), (False, 8), (True, 6)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3), (6, 1)])
 @pytest.mark.parametrize("offset", [0, 7, 20])
-def test_decode_attention_equals_the_numpy_steps(small_op_builds, traditional, rot, heads,
+def test_decode_attention_equals_the_numpy_steps(builds, traditional, rot, heads,
                                                  kv_heads, offset):
     """One position through kernels.decode_attention against what the numpy block does:
     RoPE on q and k, the cache append, attend; with grouped heads, partial rotary and a
@@ -146,7 +135,7 @@ def test_decode_attention_equals_the_numpy_steps(small_op_builds, traditional, r
     q, k = (table(a, np.array([offset])).transpose(0, 2, 1, 3) for a in (q, k))
     keys, values = ref.append_f32(k, v.transpose(0, 2, 1, 3))
     want = accel_blocks.attend(q, keys, values, scale, None).reshape(1, -1)
-    for name, kern in small_op_builds.items():
+    for name, kern in builds.items():
         cache = accel_blocks.NumpyKVCache()
         cache.step = 8
         if offset:
@@ -160,11 +149,11 @@ def test_decode_attention_equals_the_numpy_steps(small_op_builds, traditional, r
         np.testing.assert_array_equal(vc[..., :offset + 1, :], values, err_msg=name)
 
 
-def test_decode_attention_refuses_a_full_cache(small_op_builds):
+def test_decode_attention_refuses_a_full_cache(builds):
     kc = np.zeros((1, 2, 4, 16), dtype=np.float32)
     table = accel_blocks.RopeTable(nn.RoPE(16, base=10000.0), 16)
     with pytest.raises(ValueError, match="decode_attention"):
-        small_op_builds["native"].decode_attention(rand((1, 8 * 16), 0), 4, 2, table.at(4),
+        builds["native"].decode_attention(rand((1, 8 * 16), 0), 4, 2, table.at(4),
                                                    kc, kc.copy(), 4, 0.25)
 
 

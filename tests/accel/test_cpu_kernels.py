@@ -12,7 +12,6 @@ from mlx_lm.models.cache import make_prompt_cache
 import mlx_flash.accel.build as accel_build
 import mlx_flash.accel.build as cpu
 import mlx_flash.accel.ffn as accel_ffn
-import mlx_flash.accel.kernels as accel_kernels
 import mlx_flash.accel.linear as accel_linear
 from mlx_flash.compute.reference import ffn_over_rows
 from mlx_flash.format.manifest import read_manifest
@@ -271,10 +270,9 @@ def test_fast_predictor_scores(kind):
 
 
 @needs_kernels
-def test_portable_scalar_build_matches_the_vector_one(tmp_path):
+def test_portable_scalar_build_matches_the_vector_one(builds):
     """The path any non-x86 CPU gets: built without -march=native (no AVX2/F16C), no OpenMP."""
-    scalar = accel_kernels.CpuKernels(accel_build.build_library(out_dir=tmp_path, flag_sets=(["-O3"],)))
-    vector = accel_build.kernels()
+    scalar, vector = builds["scalar"], builds["native"]
     assert not scalar.vector and scalar.threads == 1
     w = as16(rand((40, 72), 20, 0.3), mx.bfloat16)
     view, storage = accel_linear.storage_view(w)
