@@ -157,24 +157,21 @@ static inline float activate(float v, int act) {
 
 // Software prefetch. The decode kernels stream each row once, and rows are short (a 4-bit
 // row of 1536 is 768 bytes) or taken in a permuted order (ffnp's segments): the hardware
-// prefetchers of the AVX-512 machine here (a virtualised AMD EPYC, 4 KiB pages) held a 4-bit
-// lm_head to 7.6 GB/s of the 25 GB/s one core streams; with the rows FLASH_AHEAD rows ahead
-// requested, 23 GB/s (BENCHMARKS.md, issue 20 session 11). 4 was best of 2..16.
+// prefetchers of the AVX-512 machines here (virtualised AMD EPYC, 4 KiB pages) held a 4-bit
+// lm_head to 7.6-11 GB/s of the 25-28 GB/s one core streams. Rows FLASH_AHEAD rows ahead are
+// asked for into L2 (prefetcht1): into L1 (prefetcht0), 4 rows ahead, the 1.5B's 4-bit lm_head
+// (151936 x 1536) ran at 10.9 GB/s on session 15's EPYC (23 GB/s on session 11's); into L2,
+// 8-32 rows ahead, 20-22 GB/s - a burst of L1 prefetches (two 960-byte rows are 30 lines)
+// holds the L1's miss buffers that the demand loads need (BENCHMARKS.md, issue 20 session 15).
 #ifndef FLASH_AHEAD
-#define FLASH_AHEAD 4
+#define FLASH_AHEAD 16
 #endif
 
-// Ask for the n bytes at p (one hint per 64-byte line; a hint never faults). (With an
-// `if (!p) return;` first, gcc 12 -O3 dropped most of the callers' prefetches.)
+// Ask for the n bytes at p into L2 (one hint per 64-byte line; a hint never faults). (With an
+// `if (!p) return;` first, gcc 12 -O3 dropped most of the callers' prefetches.) Asked into L1
+// with the input rows, the 8-bit down columns a batch ahead cost 290 ns a neuron of the 1.5B's
+// shape, into L2 228 (session 11).
 static inline void prefetch_bytes(const void *p, size_t n) {
-    const char *c = (const char *)p;
-    for (size_t k = 0; k < n; k += 64) __builtin_prefetch(c + k, 0, 3);
-}
-
-// The same into the outer caches only (prefetcht1), for data needed a batch later: asked into
-// L1 with the input rows, the 8-bit down columns a batch ahead cost 290 ns a neuron of the
-// 1.5B's shape, into L2 228.
-static inline void prefetch_bytes_l2(const void *p, size_t n) {
     const char *c = (const char *)p;
     for (size_t k = 0; k < n; k += 64) __builtin_prefetch(c + k, 0, 2);
 }
@@ -1816,6 +1813,11 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
             for (int seg = 0; seg < segments; seg++) {
                 const int g = group_of[order[starts[seg]]];
                 const uint16_t *ts = tab_s + (size_t)g * d, *tz = tab_z + (size_t)g * d;
+                if (seg + 1 < segments) {  // the next segment's table row (6 KiB at d 1536)
+                    const int g1 = group_of[order[starts[seg + 1]]];
+                    prefetch_bytes(tab_s + (size_t)g1 * d, (size_t)d * 2);
+                    prefetch_bytes(tab_z + (size_t)g1 * d, (size_t)d * 2);
+                }
                 for (int k0 = starts[seg]; k0 < starts[seg + 1]; k0 += FLASH_DOWN_BATCH) {
                     const int k1 = k0 + FLASH_DOWN_BATCH < starts[seg + 1]
                                        ? k0 + FLASH_DOWN_BATCH : starts[seg + 1];
@@ -1827,8 +1829,8 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
                                             su, zu, words, groups);
                         if (k + FLASH_DOWN_BATCH < starts[segments]  // the next batch's column
                                 && maybe_needed(mask, T, n, order[k + FLASH_DOWN_BATCH]))
-                            prefetch_bytes_l2(qd + (size_t)order[k + FLASH_DOWN_BATCH] * words_d,
-                                              (size_t)words_d * 4);
+                            prefetch_bytes(qd + (size_t)order[k + FLASH_DOWN_BATCH] * words_d,
+                                           (size_t)words_d * 4);
                         if (!needed(mask, h, T, n, j)) continue;
                         const size_t row = (size_t)j * groups, w = (size_t)j * words;
                         for (int t0 = 0; t0 < T; t0 += 8) {
