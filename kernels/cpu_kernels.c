@@ -1122,13 +1122,19 @@ static inline void dot_tokens_i8(const uint8_t *w, const void *sv, const void *z
         out[t] = dot_row_i8(w, sv, zv, sdt, d, bits, group, qx_token(qb, d, t0 + t));
 }
 
+#define Q8_PAIR_MAX_D 1024  // linear_q takes 8-bit rows two at a time up to this width
+
 static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *biases, int sdt,
                         int rows, int d, int group, int bits, int T, const float *b, float *y,
                         const QXBuf *qb) {
     const int words = d * bits / 32, groups = d / group;
 #if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
-    if (T == 1 && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
+    // 8-bit rows in pairs too where they are short: the 0.5B's lm_head (151936 x 896) 9.6 ->
+    // 7.3 ms a token, but at d 1536 pairs were 10.5 -> 12.8 ms (one row at a time already
+    // streams 25 GB/s there; session 15's EPYC, one thread)
+    if (T == 1 && ((bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS)
+                   || (bits == 8 && d <= Q8_PAIR_MAX_D && q8_row_fits(d, gs)))) {
         const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
         const QX x0 = qx_token(qb, d, 0);
 #pragma omp parallel for schedule(dynamic, 32)
@@ -1142,8 +1148,12 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
                 prefetch_bytes(s + FLASH_AHEAD * srow, 2 * srow);
                 prefetch_bytes(z + FLASH_AHEAD * srow, 2 * srow);
             }
-            dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs, x0,
-                         &o0, &o1);
+            if (bits == 4)
+                dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs, x0,
+                             &o0, &o1);
+            else
+                dot_q8_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs, x0,
+                             &o0, &o1);
             y[r] = o0 + (b ? b[r] : 0.0f);
             y[r + 1] = o1 + (b ? b[r + 1] : 0.0f);
         }
