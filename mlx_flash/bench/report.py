@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..format.home import kernel_dir
 from .caps import MIB, cap_label
 
 TIME_SPLIT = ("predictor", "io", "memory", "compute", "ffn_unsplit", "rest")
@@ -43,11 +44,23 @@ def machine_description(model: Path) -> str:
             f"load average {load:.1f} at start")
 
 
+def kernel_sources() -> list[Path]:
+    """The kernel source files the package builds from (none found: an empty list)."""
+    try:
+        root = kernel_dir("cpu_kernels.c")
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in root.iterdir() if p.is_file())
+
+
 def source_stamp() -> dict:
-    """Which mlx_flash code the workers run: git HEAD (if any) and a hash of its sources."""
+    """Which mlx_flash code the workers run: git HEAD (if any) and a hash of its sources, the
+    kernel sources included (the C kernels set most of a run's speed)."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(str(path.relative_to(PACKAGE)).encode() + path.read_bytes())
+    for path in kernel_sources():
+        digest.update(f"kernels/{path.name}".encode() + path.read_bytes())
     try:
         head = subprocess.run(["git", "-C", str(PACKAGE), "describe", "--always", "--dirty"],
                               capture_output=True, text=True, timeout=10).stdout.strip()

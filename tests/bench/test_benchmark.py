@@ -270,3 +270,13 @@ def test_worker_reports_a_refused_budget(tiny_dirs, tmp_path):
     _, flash = tiny_dirs("qwen2")
     result = _work(_spec(flash, tmp_path, "flash", {}, cap=1000))
     assert result["status"] == "refused" and "too small" in result["error"]
+
+
+def test_source_stamp_covers_the_kernel_sources(tmp_path, monkeypatch):
+    """A run's stamp changes with the C kernels, not only with the Python sources."""
+    (tmp_path / "cpu_kernels.c").write_text("int a;\n")
+    monkeypatch.setenv("MLX_FLASH_KERNEL_DIR", str(tmp_path))
+    before = bench_report.source_stamp()["sources_sha256"]
+    (tmp_path / "cpu_kernels.c").write_text("int b;\n")
+    assert bench_report.source_stamp()["sources_sha256"] != before
+    assert [p.name for p in bench_report.kernel_sources()] == ["cpu_kernels.c"]
