@@ -275,7 +275,8 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        print("matplotlib is not installed: no plots (pip install -e \".[bench]\" in a checkout, "
+              "or pip install matplotlib)", file=sys.stderr)
         return None
     return plt
 
