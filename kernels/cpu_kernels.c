@@ -1587,14 +1587,16 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
 
 // A batch of down columns (8 or 4 bits, natural order) through the segment's table row: for
 // each output element i, y[i] += ts[i] * sum_k h[k] * q_k[i] + tz[i] * sum_k h[k], over the
-// batch's m columns cols[k]. The output is tiled (64 elements of the 8 accumulators in
-// registers) so y is loaded and stored once per batch, not once per column (a column at a time
-// stored each 8 floats as two halves and loaded them whole for the next: a store-forwarding
-// stall per 8 elements that made the down projection most of ffnp's time).
+// batch's m columns cols[k] (tz NULL: a symmetric table, tz = -zero * ts). The output is tiled
+// (64 elements of the 8 accumulators in
+// registers) so y is loaded and stored once per batch, not once per column (a column at a
+// time stored each 8 floats as two halves and loaded them whole for the next: a
+// store-forwarding stall per 8 elements that made the down projection most of ffnp's time).
 static void down_batch(const uint32_t *const *cols, const float *h, int m, float hs, int bits_d,
-                       const uint16_t *ts, const uint16_t *tz, int dt, int d, float *y, int i) {
+                       const uint16_t *ts, const uint16_t *tz, float zero, int dt, int d,
+                       float *y, int i) {
 #if FLASH_VECTOR
-    const __m256 hsv = _mm256_set1_ps(hs);
+    const __m256 hsv = _mm256_set1_ps(hs), zneg = _mm256_set1_ps(-zero);
     for (; i + 64 <= d; i += 64) {
         __m256 a[8];
         for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
@@ -1614,22 +1616,27 @@ static void down_batch(const uint32_t *const *cols, const float *h, int m, float
         }
         for (int r = 0; r < 8; r++) {
             float *yr = y + i + 8 * r;
-            __m256 o = _mm256_fmadd_ps(load8(ts + i + 8 * r, dt), a[r], _mm256_loadu_ps(yr));
-            _mm256_storeu_ps(yr, _mm256_fmadd_ps(load8(tz + i + 8 * r, dt), hsv, o));
+            const __m256 sv = load8(ts + i + 8 * r, dt);
+            const __m256 zv = tz ? load8(tz + i + 8 * r, dt) : _mm256_mul_ps(sv, zneg);
+            __m256 o = _mm256_fmadd_ps(sv, a[r], _mm256_loadu_ps(yr));
+            _mm256_storeu_ps(yr, _mm256_fmadd_ps(zv, hsv, o));
         }
     }
     for (; i + 8 <= d; i += 8) {
         __m256 a = _mm256_setzero_ps();
         for (int k = 0; k < m; k++)
             a = _mm256_fmadd_ps(_mm256_set1_ps(h[k]), decode8(cols[k], i, bits_d), a);
-        __m256 o = _mm256_fmadd_ps(load8(ts + i, dt), a, _mm256_loadu_ps(y + i));
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(load8(tz + i, dt), hsv, o));
+        const __m256 sv = load8(ts + i, dt);
+        const __m256 zv = tz ? load8(tz + i, dt) : _mm256_mul_ps(sv, zneg);
+        __m256 o = _mm256_fmadd_ps(sv, a, _mm256_loadu_ps(y + i));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(zv, hsv, o));
     }
 #endif
     for (; i < d; i++) {
         float a = 0.0f;
         for (int k = 0; k < m; k++) a += h[k] * quant_at(cols[k], i, bits_d);
-        y[i] += to_f32(ts[i], dt) * a + to_f32(tz[i], dt) * hs;
+        const float sv = to_f32(ts[i], dt), zv = tz ? to_f32(tz[i], dt) : -zero * sv;
+        y[i] += sv * a + zv * hs;
     }
 }
 
@@ -1644,8 +1651,16 @@ static inline float abs_max(const float *h, int m) {
 #if FLASH_VECTOR
 // y[e:e + 8] += ts * (sums * dv) + tz * hs: 8 integer sums of a batch's h * q, rescaled by the
 // batch's quantization step dv, through the table row (ts, tz) at e; hsv = the batch's sum of h.
+// tz NULL: a symmetric table (tz = -zero * ts, zhs = -zero * hs), y += ts * (sums * dv + zhs):
+// its bias row is never read (Q6_K's zero point 32: ffnp 248 -> 233 ns a neuron at the 1.5B's
+// shape, session 15).
 static inline void table_add8(__m256i sums, __m256 dv, __m256 hsv, const uint16_t *ts,
-                              const uint16_t *tz, int dt, int e, float *y) {
+                              const uint16_t *tz, __m256 zhs, int dt, int e, float *y) {
+    if (!tz) {
+        const __m256 g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), dv, zhs);
+        _mm256_storeu_ps(y + e, _mm256_fmadd_ps(load8(ts + e, dt), g, _mm256_loadu_ps(y + e)));
+        return;
+    }
     const __m256 g = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), dv);
     __m256 o = _mm256_fmadd_ps(load8(ts + e, dt), g, _mm256_loadu_ps(y + e));
     _mm256_storeu_ps(y + e, _mm256_fmadd_ps(load8(tz + e, dt), hsv, o));
@@ -1660,7 +1675,8 @@ static inline void table_add8(__m256i sums, __m256 dv, __m256 hsv, const uint16_
 // The f32 loop decoded every nibble to a float and took an FMA per neuron per element: 3-4x
 // the instructions. Columns [0, d - d % 64) only (returns where it stopped); m <= FLASH_INT_DOWN.
 static int down_batch_q4i(const uint32_t *const *cols, const float *h, int m, float hs,
-                          const uint16_t *ts, const uint16_t *tz, int dt, int d, float *y) {
+                          const uint16_t *ts, const uint16_t *tz, float zero, int dt, int d,
+                          float *y) {
     int i = 0;
 #if FLASH_VECTOR
     const float hmax = abs_max(h, m);
@@ -1677,7 +1693,8 @@ static int down_batch_q4i(const uint32_t *const *cols, const float *h, int m, fl
         cp[2 * pr + 1] = (const uint8_t *)cols[2 * pr + 1 < m ? 2 * pr + 1 : 2 * pr];
     }
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    const __m256 dv = _mm256_set1_ps(hmax / 127.0f), hsv = _mm256_set1_ps(hs);
+    const __m256 dv = _mm256_set1_ps(hmax / 127.0f), hsv = _mm256_set1_ps(hs),
+                 zhs = _mm256_set1_ps(-zero * hs);
     for (; i + 64 <= d; i += 64) {
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         for (int pr = 0; pr < pairs; pr++) {
@@ -1701,11 +1718,12 @@ static int down_batch_q4i(const uint32_t *const *cols, const float *h, int m, fl
             const __m128i part = r < 4 ? _mm256_castsi256_si128(nat[r])
                                        : _mm256_extracti128_si256(nat[r - 4], 1);
             const int e = i + (r < 4 ? 8 * r : 32 + 8 * (r - 4));
-            table_add8(_mm256_cvtepi16_epi32(part), dv, hsv, ts, tz, dt, e, y);
+            table_add8(_mm256_cvtepi16_epi32(part), dv, hsv, ts, tz, zhs, dt, e, y);
         }
     }
 #else
-    (void)cols; (void)h; (void)m; (void)hs; (void)ts; (void)tz; (void)dt; (void)d; (void)y;
+    (void)cols; (void)h; (void)m; (void)hs; (void)ts; (void)tz; (void)zero; (void)dt; (void)d;
+    (void)y;
 #endif
     return i;
 }
@@ -1717,7 +1735,8 @@ static int down_batch_q4i(const uint32_t *const *cols, const float *h, int m, fl
 // widen, a convert and an FMA per neuron per 8 elements.) Columns [0, d - d % 64); returns
 // where it stopped. m <= FLASH_DOWN_BATCH.
 static int down_batch_q8i(const uint32_t *const *cols, const float *h, int m, float hs,
-                          const uint16_t *ts, const uint16_t *tz, int dt, int d, float *y) {
+                          const uint16_t *ts, const uint16_t *tz, float zero, int dt, int d,
+                          float *y) {
     int i = 0;
 #if FLASH_VECTOR
     const float hmax = abs_max(h, m);
@@ -1733,7 +1752,8 @@ static int down_batch_q8i(const uint32_t *const *cols, const float *h, int m, fl
         cp[2 * pr] = (const uint8_t *)cols[2 * pr];
         cp[2 * pr + 1] = (const uint8_t *)cols[2 * pr + 1 < m ? 2 * pr + 1 : 2 * pr];
     }
-    const __m256 dv = _mm256_set1_ps(hmax / 32767.0f), hsv = _mm256_set1_ps(hs);
+    const __m256 dv = _mm256_set1_ps(hmax / 32767.0f), hsv = _mm256_set1_ps(hs),
+                 zhs = _mm256_set1_ps(-zero * hs);
     for (; i + 64 <= d; i += 64) {
         __m256i a[8];  // a[2s] elements i + 16s + {0-3, 8-11}, a[2s + 1] + {4-7, 12-15}
         for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_si256();
@@ -1756,12 +1776,13 @@ static int down_batch_q8i(const uint32_t *const *cols, const float *h, int m, fl
             const __m256i nat[2] = {lo, hi};
             for (int u = 0; u < 2; u++) {
                 const int e = i + 16 * sgm + 8 * u;
-                table_add8(nat[u], dv, hsv, ts, tz, dt, e, y);
+                table_add8(nat[u], dv, hsv, ts, tz, zhs, dt, e, y);
             }
         }
     }
 #else
-    (void)cols; (void)h; (void)m; (void)hs; (void)ts; (void)tz; (void)dt; (void)d; (void)y;
+    (void)cols; (void)h; (void)m; (void)hs; (void)ts; (void)tz; (void)zero; (void)dt; (void)d;
+    (void)y;
 #endif
     return i;
 }
@@ -1786,7 +1807,8 @@ static inline void prefetch_neuron(int j, const float *mask, int T, int n, const
 
 // The FFN over neurons [0, n) of a format-3 cache: gate qg / up qu (NULL: a plain FFN, qg is
 // up) (capacity, d * bits / 32) uint32 with scales / biases (capacity, d / group) 16-bit dt;
-// down qd (capacity, d * bits_d / 32), tab_s / tab_z (rows of d, dt), group_of (n,) int32;
+// down qd (capacity, d * bits_d / 32), tab_s / tab_z (rows of d, dt; tab_z NULL: the table is
+// symmetric, its biases -table_zero * tab_s, and only tab_s is read), group_of (n,) int32;
 // in_bias, mask, h, partial, y, xsum and exact as in ffnq. The slots are visited a table row
 // at a time - order (n,) the slots sorted by group_of, starts (segments + 1,) where each
 // group's run begins - so a group's sum of h * q is scaled by its row once, not per neuron
@@ -1795,7 +1817,8 @@ static inline void prefetch_neuron(int j, const float *mask, int T, int n, const
 // together (down_batch). Returns 0, or -1 without scratch.
 int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint32_t *qu,
          const uint16_t *su, const uint16_t *zu, int bits, int group, const uint32_t *qd,
-         int bits_d, const uint16_t *tab_s, const uint16_t *tab_z, const int32_t *group_of,
+         int bits_d, const uint16_t *tab_s, const uint16_t *tab_z, float table_zero,
+         const int32_t *group_of,
          const int32_t *order, const int32_t *starts, int segments, int dt, int64_t capacity,
          int n, int d, const float *x, int T, const float *xsum, const float *in_bias,
          const float *mask, int act, float *h, float *partial, float *y, int exact) {
@@ -1822,11 +1845,12 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
 #pragma omp for schedule(dynamic, 4)
             for (int seg = 0; seg < segments; seg++) {
                 const int g = group_of[order[starts[seg]]];
-                const uint16_t *ts = tab_s + (size_t)g * d, *tz = tab_z + (size_t)g * d;
+                const uint16_t *ts = tab_s + (size_t)g * d;
+                const uint16_t *tz = tab_z ? tab_z + (size_t)g * d : NULL;
                 if (seg + 1 < segments) {  // the next segment's table row (6 KiB at d 1536)
                     const int g1 = group_of[order[starts[seg + 1]]];
                     prefetch_bytes(tab_s + (size_t)g1 * d, (size_t)d * 2);
-                    prefetch_bytes(tab_z + (size_t)g1 * d, (size_t)d * 2);
+                    if (tab_z) prefetch_bytes(tab_z + (size_t)g1 * d, (size_t)d * 2);
                 }
                 for (int k0 = starts[seg]; k0 < starts[seg + 1]; k0 += FLASH_DOWN_BATCH) {
                     const int k1 = k0 + FLASH_DOWN_BATCH < starts[seg + 1]
@@ -1871,16 +1895,19 @@ int ffnp(const uint32_t *qg, const uint16_t *sg, const uint16_t *zg, const uint3
                                 const int mk = m - k < FLASH_INT_DOWN ? m - k : FLASH_INT_DOWN;
                                 float hk = 0.0f;
                                 for (int u = 0; u < mk; u++) hk += ht[k + u];
-                                int done = down_batch_q4i(cols + k, ht + k, mk, hk, ts, tz, dt,
-                                                          d, yt);
-                                down_batch(cols + k, ht + k, mk, hk, bits_d, ts, tz, dt, d, yt,
-                                           done);
+                                int done = down_batch_q4i(cols + k, ht + k, mk, hk, ts, tz,
+                                                          table_zero, dt, d, yt);
+                                down_batch(cols + k, ht + k, mk, hk, bits_d, ts, tz, table_zero,
+                                           dt, d, yt, done);
                             }
                         } else if (bits_d == 8 && int8) {
-                            int done = down_batch_q8i(cols, ht, m, hs, ts, tz, dt, d, yt);
-                            down_batch(cols, ht, m, hs, bits_d, ts, tz, dt, d, yt, done);
+                            int done = down_batch_q8i(cols, ht, m, hs, ts, tz, table_zero, dt,
+                                                      d, yt);
+                            down_batch(cols, ht, m, hs, bits_d, ts, tz, table_zero, dt, d, yt,
+                                       done);
                         } else {
-                            down_batch(cols, ht, m, hs, bits_d, ts, tz, dt, d, yt, 0);
+                            down_batch(cols, ht, m, hs, bits_d, ts, tz, table_zero, dt, d, yt,
+                                       0);
                         }
                     }
                 }

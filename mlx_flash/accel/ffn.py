@@ -166,12 +166,13 @@ class PartsBundleFFN:
         rows = self._rows(b) if cached else {k: v[0] for k, v in b.items() if k != "bias"}
         in_bias = np.ascontiguousarray(b["bias"][:, :, 0]) if "bias" in b else None
         if down.host is None:
-            down.host = tuple(table_bits(a) for a in (down.scales, down.biases))
+            down.host = host_table(down.scales, down.biases)
+        scales, biases, zero = down.host
         segments = self._table_segments(ids, down.group_size) if cached else \
             TableSegments(np.asarray(ids) // down.group_size)
-        return kernels().ffnp(rows, down.host, segments, self.dtype, n, self.first.bits,
-                              self.first.group_size, self.bits_down, x, self.activation, mask,
-                              in_bias)
+        return kernels().ffnp(rows, (scales, biases), segments, self.dtype, n,
+                              self.first.bits, self.first.group_size, self.bits_down, x,
+                              self.activation, mask, in_bias, table_zero=zero)
 
     def _rows(self, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The cache buffers' (capacity, width) views, the same objects every call (so the
@@ -195,6 +196,25 @@ class PartsBundleFFN:
 def table_bits(a: mx.array) -> np.ndarray:
     """A 16-bit MLX table -> a zero-copy numpy uint16 view of its bits."""
     return np.asarray(a.view(mx.uint16))
+
+
+def host_table(scales: mx.array, biases: mx.array) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """A down table as ffnp takes it: (scales bits, biases bits or None, zero). A symmetric
+    table (`table_zero_point`) drops its biases: ffnp then never reads them."""
+    zero = table_zero_point(scales, biases)
+    return table_bits(scales), None if zero is not None else table_bits(biases), zero or 0.0
+
+
+def table_zero_point(scales: mx.array, biases: mx.array) -> float | None:
+    """z where biases == -z * scales exactly in every entry (a symmetric format carried along
+    the neurons: a GGUF's Q6_K down has z = 32), else None. scales, biases (groups, d)."""
+    s = np.asarray(scales.astype(mx.float32))
+    b = np.asarray(biases.astype(mx.float32))
+    at = np.flatnonzero(s)
+    if not at.size or not np.isfinite(s).all():
+        return None
+    zero = float(-b.flat[at[0]] / s.flat[at[0]])
+    return zero if np.array_equal(b, np.float32(-zero) * s) else None
 
 
 def fast_ffn(layout: FFNLayout) -> BundleFFN | QuantBundleFFN | PartsBundleFFN:

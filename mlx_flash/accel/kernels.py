@@ -61,7 +61,8 @@ class CpuKernels:
                              _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP,
                              _INT]
         lib.ffnp.argtypes = [_VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _INT, _INT,
-                             _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _INT, _INT,
+                             _VOIDP, _INT, _VOIDP, _VOIDP, ctypes.c_float, _VOIDP, _VOIDP,
+                             _VOIDP, _INT, _INT,
                              _I64, _INT, _INT, _VOIDP, _INT, _VOIDP, _VOIDP, _VOIDP, _INT,
                              _VOIDP, _VOIDP, _VOIDP, _INT]
         lib.rms_norm_f32.argtypes = [_VOIDP, _VOIDP, ctypes.c_float, _INT, _INT, _VOIDP]
@@ -145,17 +146,18 @@ class CpuKernels:
         _check_done(done, "ffnq")
         return y
 
-    def ffnp(self, rows: dict[str, np.ndarray], table: tuple[np.ndarray, np.ndarray],
+    def ffnp(self, rows: dict[str, np.ndarray], table: tuple[np.ndarray, np.ndarray | None],
              group_of: np.ndarray | TableSegments, dtype: str, n: int, bits: int,
              group_size: int, bits_down: int, x: np.ndarray, activation: str,
              mask: np.ndarray | None = None, in_bias: np.ndarray | None = None,
-             exact: bool | None = None) -> np.ndarray:
+             exact: bool | None = None, table_zero: float = 0.0) -> np.ndarray:
         """The FFN over a format-3 cache (parts apart): rows "gate.q"/"up.q" (capacity, d *
         bits / 32) uint32 with ".scales"/".biases" (capacity, d / group_size) uint16 bits of
         `dtype` ("up" alone for a plain FFN), "down.q" (capacity, d * bits_down / 32) the
-        down columns' integers; table (scales, biases) (groups, d) uint16 bits, group_of (n,)
-        int32 each slot's table row (or its `TableSegments`, which a caller may keep while
-        the slots stay); neurons [0, n). Returns (T, d) f32."""
+        down columns' integers; table (scales, biases) (groups, d) uint16 bits (biases None:
+        a symmetric table, biases = -table_zero * scales: see ffn.table_zero_point), group_of
+        (n,) int32 each slot's table row (or its `TableSegments`, which a caller may keep
+        while the slots stay); neurons [0, n). Returns (T, d) f32."""
         first = "gate" if "gate.q" in rows else "up"
         second = "up" if first == "gate" else None
         parts = [rows[f"{first}.{k}"] for k in ("q", "scales", "biases")]
@@ -165,6 +167,8 @@ class CpuKernels:
         for a in [*parts, down, tab_s, tab_z]:
             if a is not None and not a.flags.c_contiguous:
                 raise ValueError("ffnp needs contiguous buffers")
+        if tab_z is not None and tab_z.shape != tab_s.shape:
+            raise ValueError(f"ffnp: table biases {tab_z.shape} for scales {tab_s.shape}")
         capacity, d = down.shape[0], down.shape[1] * 32 // bits_down
         if d // group_size > 512 or seg.group_of.shape != (n,):
             raise ValueError(f"ffnp: {d // group_size} groups per row (at most 512) and "
@@ -176,7 +180,7 @@ class CpuKernels:
         xsum = _group_sums(x, group_size) if _f32_path(exact, d, group_size) else None
         h, partial, y = self._ffn_scratch(tokens, n, d)
         done = self._lib.ffnp(*[_addr(a) for a in parts], bits, group_size, _addr(down),
-                              bits_down, _addr(tab_s), _addr(tab_z), *seg.pointers,
+                              bits_down, _addr(tab_s), _addr(tab_z), table_zero, *seg.pointers,
                               DT_CODES[dtype], capacity, n, d, x.ctypes.data, tokens,
                               _ptr(xsum), _ptr(in_bias), _ptr(mask),
                               ACTIVATION_CODES[activation], h, partial, y.ctypes.data, exact)

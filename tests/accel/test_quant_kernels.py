@@ -17,6 +17,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash.accel.build as accel_build
+import mlx_flash.accel.ffn as ffn_accel
 import mlx_flash.accel.kernels as accel_kernels
 from mlx_flash.compute.reference import ffn_over_parts, ffn_over_qrows, hidden
 from mlx_flash.format.bundles import pack_bits
@@ -210,6 +211,42 @@ def test_ffnp_matches_reference(builds, bits, bits_down, group, table_group, d, 
         assert rel_err(got, dq_ref if name == "scalar" else int_ref) < ROUNDING_TOL, name
         assert rel_err(got, exact_ref) < INT8_TOL, name
         assert rel_err(k.ffnp(*args, exact=True), exact_ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("bits_down,table_group", [(8, 16), (4, 32)])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_ffnp_symmetric_table_skips_its_biases(builds, bits_down, table_group, tokens):
+    """A table whose biases are -32 * its scales (a GGUF's Q6_K carried along the neurons)
+    passed without its biases (table_zero 32) gives what the full table gives, on every build
+    and both activation paths; table_zero_point finds the 32 and refuses a table off by one
+    entry."""
+    d, capacity, n, n_neurons = 160, 45, 37, 64  # 160: a 64-tile loop plus a tail of 32
+    quant = {m: {"bits": 4, "group_size": 32, "axis": "d_model"} for m in ("gate", "up")}
+    quant["down"] = {"bits": bits_down, "group_size": table_group, "axis": "neurons"}
+    rng = np.random.default_rng(11)
+    rows = {}
+    for i, m in enumerate(("gate", "up")):
+        q, sc, bi = quantized((capacity, d), 30 + i, 4, 32, 0.3)
+        rows.update({f"{m}.q": np.asarray(q), f"{m}.scales": np.asarray(sc).view(np.uint16),
+                     f"{m}.biases": np.asarray(bi).view(np.uint16)})
+    rows["down.q"] = pack_bits(rng.integers(0, 2 ** bits_down, (capacity, d)).astype(np.uint8),
+                               bits_down)
+    scales = rand((n_neurons // table_group, d), 40, 0.05).astype(np.float16)
+    biases = (-32 * scales).astype(np.float16)
+    assert ffn_accel.table_zero_point(mx.array(scales), mx.array(biases)) == 32.0
+    off = biases.copy()
+    off[0, 3] += np.float16(0.01)
+    assert ffn_accel.table_zero_point(mx.array(scales), mx.array(off)) is None
+    ids = rng.permutation(n_neurons)[:n] // table_group
+    x, mask = rand((tokens, d), 41), (rng.random((tokens, n)) < 0.7).astype(np.float32)
+    args = (ids, "float16", n, 4, 32, bits_down, x, "silu", mask)
+    for name, k in builds.items():
+        for exact in (False, True):
+            full = k.ffnp(rows, (scales.view(np.uint16), biases.view(np.uint16)), *args,
+                          exact=exact)
+            got = k.ffnp(rows, (scales.view(np.uint16), None), *args, exact=exact,
+                         table_zero=32.0)
+            assert rel_err(got, full) < 1e-5, (name, exact)
 
 
 def int_down_reference(h: np.ndarray, q: np.ndarray, group_of: np.ndarray, needed: np.ndarray,
