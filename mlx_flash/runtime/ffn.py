@@ -36,6 +36,7 @@ from .backend import CacheBackend
 from .cache import NeuronCache, WindowPlan
 from .config import FlashConfig
 from .gate import ResidentGate
+from .memory import PREFILL_STEP
 from .selectors.base import Selection
 from .stats import RunStats, TokenStats
 from .store import IOStats, NeuronStore, ReadAhead
@@ -300,6 +301,10 @@ class FlashFFN(nn.Module):
 
     def _dense_stream(self, x: mx.array, step: TokenStats) -> mx.array:
         rt = self._rt
+        if self._holds_layer():
+            y = self._prompt_over_cache(x, step)
+            self._seed_window(x[-rt.config.window:], step)
+            return y
         y = mx.zeros_like(x)
         xin = rt.backend.compute_input(x)
         chunks = rt.store.layer_chunks(self._layer, rt.config.prefill_chunk)  # file order
@@ -317,6 +322,32 @@ class FlashFFN(nn.Module):
             watch.close()
         if not rt.config.naive:
             self._seed_window(x[-rt.config.window:], step)
+        return y
+
+    def _holds_layer(self) -> bool:
+        """Whether a prompt can be computed from the cache alone: it holds every neuron of the
+        layer, and nothing needs the streamed rows (a gate-resident dir's gate, a selector
+        that watches the prompt's rows, the naive baseline)."""
+        rt = self._rt
+        return (not rt.config.naive and rt.gate is None
+                and getattr(rt.selector, "watch_prompt", None) is None
+                and self._cache.n == rt.manifest.layers[self._layer].n_neurons)
+
+    def _prompt_over_cache(self, x: mx.array, step: TokenStats) -> mx.array:
+        """x (T, d) -> the layer's FFN over every cached neuron (all of them): no reads. The
+        positions go in blocks whose (block, n) kernel scratch is no larger than the plan's
+        for a streamed prefill piece, (PREFILL_STEP, prefill_chunk)."""
+        cache, rt = self._cache, self._rt
+        piece = min(rt.config.max_kv_tokens, PREFILL_STEP) or 1
+        block = max(1, piece * min(rt.config.prefill_chunk, cache.n) // cache.n)
+        t0 = time.perf_counter()
+        parts = []
+        for start in range(0, x.shape[0], block):
+            parts.append(rt.backend.over_cache(cache, x[start:start + block], None))
+            mx.eval(parts[-1])
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        mx.eval(y)
+        step.seconds["compute"] += time.perf_counter() - t0
         return y
 
     def _seed_window(self, x: mx.array, step: TokenStats) -> None:

@@ -114,20 +114,25 @@ def test_a_failed_read_keeps_the_pinned_neurons(flash_load, tiny_dirs, monkeypat
 
 def fault_every_read(model, tokenizer, reference: str, monkeypatch, how: str) -> None:
     """For k = 1, 2, ... up to the reads of a first generation: a generation with a fault at
-    its k-th read, then one without, which must equal `reference`."""
+    its k-th read, then one without, which must equal `reference`. Most faults that a
+    generation reaches raise (a model whose caches hold every neuron reads nothing at all
+    once warm: those faults are never reached)."""
     disk = FlakyDisk(os.preadv, how)
     monkeypatch.setattr(os, "preadv", disk)
     assert greedy(model, tokenizer) == reference
     reads = disk.calls  # of a first generation, the most
-    raised = 0
+    raised = reached = 0
     for k in range(1, reads + 1):
         if k % 2:  # every other fault hits a model as just loaded: the window is seeded
             forget_every_neuron(model)
-        disk.fail_at = {disk.calls + k}
+        start = disk.calls
+        disk.fail_at = {start + k}
         raised += failed_generation(model, tokenizer, reference)
+        reached += disk.calls >= start + k
         disk.fail_at = set()
         assert greedy(model, tokenizer) == reference, f"after a fault at read {k} of {reads}"
-    assert raised > reads // 2
+    # the odd k fault a model as just loaded, which reads as the first generation did
+    assert reached >= (reads - 1) // 2 and raised > reached // 2
 
 
 def forget_every_neuron(model) -> None:
@@ -278,6 +283,8 @@ path = model.flash.store.paths[1]
 data = path.read_bytes()
 with open(path, "r+b") as f:
     f.truncate(len(data) // 3)
+for layer in model.layers:  # warm caches would serve the prompt without reading the file
+    layer.mlp.cache.reset()
 try:
     generate(model, tokenizer, prompt, max_tokens=4)
 except StoreReadError as e:

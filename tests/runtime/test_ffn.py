@@ -54,6 +54,28 @@ def test_long_prompt_streams_dense_and_stays_exact(flash_load, tiny_dirs):
     assert step.tokens == len(PROMPT) and step.neurons_new > 0  # window seeded
 
 
+@pytest.mark.parametrize("fast_cpu", [False, True])
+def test_a_prompt_over_full_caches_reads_nothing(flash_load, tiny_dirs, fast_cpu):
+    """Once the caches hold every neuron, a prompt (more positions than max_sparse_tokens) is
+    computed from them with no read, in blocks of positions (prefill_chunk 16 of 128 neurons,
+    max_kv_tokens 32: blocks of 4, two for this prompt), and equals dense."""
+    if fast_cpu and accel_build.unavailable_reason():
+        pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
+    _, flash_dir = tiny_dirs("qwen2", "float16")  # the fast path's storage
+    dense, _ = load_dense(flash_dir)
+    flash, _ = flash_load(flash_dir, max_sparse_tokens=4, prefill_chunk=16, max_kv_tokens=32,
+                          fast_cpu=fast_cpu)
+    x = mx.array([PROMPT])
+    first = np.array(flash(x))  # streams every layer, then seeds the window: all cached
+    assert all(layer.mlp.cache.n == layer.mlp.cache.n_neurons == 128 for layer in flash.layers)
+    assert flash.flash.stats.steps[-1].bytes_read > 0
+    second = np.array(flash(x))
+    step = flash.flash.stats.steps[-1]
+    assert step.tokens == len(PROMPT) and step.bytes_read == 0 and step.reads == 0
+    np.testing.assert_allclose(second, np.array(dense(x)), atol=1e-4)
+    np.testing.assert_allclose(second, first, atol=1e-4)
+
+
 def test_window_cuts_bytes_per_token(flash_load, tiny_dirs):
     _, flash_dir = tiny_dirs("llama")
     per_window = {}
