@@ -56,9 +56,11 @@ def test_long_prompt_streams_dense_and_stays_exact(flash_load, tiny_dirs):
 
 @pytest.mark.parametrize("fast_cpu", [False, True])
 def test_a_prompt_over_full_caches_reads_nothing(flash_load, tiny_dirs, fast_cpu):
-    """Once the caches hold every neuron, a prompt (more positions than max_sparse_tokens) is
-    computed from them with no read, in blocks of positions (prefill_chunk 16 of 128 neurons,
-    max_kv_tokens 32: blocks of 4, two for this prompt), and equals dense."""
+    """A first prompt (more positions than max_sparse_tokens) streams each row once, into the
+    caches as it goes (the window is then seeded without reading them again); once they hold
+    every neuron a prompt is computed from them with no read, in blocks of positions
+    (prefill_chunk 16 of 128 neurons, max_kv_tokens 32: blocks of 4, two here). Both equal
+    dense."""
     if fast_cpu and accel_build.unavailable_reason():
         pytest.skip(f"CPU kernels: {accel_build.unavailable_reason()}")
     _, flash_dir = tiny_dirs("qwen2", "float16")  # the fast path's storage
@@ -66,9 +68,12 @@ def test_a_prompt_over_full_caches_reads_nothing(flash_load, tiny_dirs, fast_cpu
     flash, _ = flash_load(flash_dir, max_sparse_tokens=4, prefill_chunk=16, max_kv_tokens=32,
                           fast_cpu=fast_cpu)
     x = mx.array([PROMPT])
-    first = np.array(flash(x))  # streams every layer, then seeds the window: all cached
+    first = np.array(flash(x))  # streams every layer into the caches: all cached
     assert all(layer.mlp.cache.n == layer.mlp.cache.n_neurons == 128 for layer in flash.layers)
-    assert flash.flash.stats.steps[-1].bytes_read > 0
+    step = flash.flash.stats.steps[-1]
+    ffn_bytes = sum(e.n_neurons * e.stride for e in read_manifest(flash_dir).layers)
+    assert step.bytes_read == ffn_bytes and step.neurons_new == 0  # each row read once
+    np.testing.assert_allclose(first, np.array(dense(x)), atol=1e-4)
     second = np.array(flash(x))
     step = flash.flash.stats.steps[-1]
     assert step.tokens == len(PROMPT) and step.bytes_read == 0 and step.reads == 0
