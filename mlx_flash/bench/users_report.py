@@ -12,7 +12,8 @@ from .caps import MIB, cap_label
 from .report import fmt, pyplot, save_figure
 
 GRID_COLUMNS = ("cap", "contender", "outcome", "tokens", "tok/s", "ms/tok", "disk MiB/tok",
-                "flash read MiB/tok", "cgroup peak MiB", "peak RSS MiB", "load s", "message")
+                "flash read MiB/tok", "cgroup peak MiB", "peak RSS MiB", "load s", "ttft s",
+                "message")
 PPL_COLUMNS = ("contender", "perplexity", "tokens", "outcome", "message")
 
 NOTES = """
@@ -21,8 +22,10 @@ tok/s, ms/tok: greedy decode over tokens 2..N (the first carries the prompt).
 disk MiB/tok: /proc/self/io read_bytes per token (what reached the block device: page faults of
 mmap'd files, buffered and O_DIRECT reads; page-cache hits excluded). flash read MiB/tok: bytes
 mlx-flash read into its neuron caches. cgroup peak: memory.max_usage_in_bytes of the run's
-group (page cache included). outcome: ok, refused (the loader declined the budget: message),
-oom (killed under the cap), skipped (message says why), timeout, error or crashed (see the log).
+group (page cache included). load s: the model's load; ttft s: the time to the first token
+(the prompt's prefill; mlx-flash fills its neuron caches from flash during it). outcome: ok,
+refused (the loader declined the budget: message), oom (killed under the cap), skipped (message
+says why), timeout, error or crashed (see the log).
 """
 
 
@@ -47,7 +50,7 @@ def grid_row(r: dict, size: int) -> list[str]:
             "-" if made is None else str(len(made)), fmt(r.get("decode_tps"), digits=2), fmt(r.get("ms_per_token"), digits=0),
             fmt(r.get("disk_bytes_per_token"), MIB), fmt(r.get("bytes_read_per_token"), MIB),
             fmt(cg.get("max_usage_bytes"), MIB, 0), fmt(r.get("peak_rss_bytes"), MIB, 0),
-            fmt(r.get("load_s"), digits=1), message(r)]
+            fmt(r.get("load_s"), digits=1), fmt(r.get("ttft_s"), digits=2), message(r)]
 
 
 def ppl_row(r: dict) -> list[str]:

@@ -297,7 +297,7 @@ def fake_report() -> dict:
     runs = [_cell("flash", None, tps=12.0, disk_bytes_per_token=0.0,
                   cgroup={"max_usage_bytes": 900 * MIB, "failcnt": 0, "oom_kills": 0}),
             _cell("flash", caps[1], tps=4.0, disk_bytes_per_token=50 * MIB,
-                  bytes_read_per_token=48 * MIB, tokens_out=[7] * 64),
+                  bytes_read_per_token=48 * MIB, tokens_out=[7] * 64, load_s=2.04, ttft_s=3.216),
             _cell("flash", caps[0], "refused", error="dram_budget 533 MiB is too small | a b\n"
                   "second line"),
             _cell("llama.cpp", None, tps=10.0), _cell("llama.cpp", caps[1], tps=0.5,
@@ -324,6 +324,7 @@ def test_markdown_tables_of_fake_results():
     assert "| 533 MiB (0.50x) | flash | refused |" in text
     assert "dram_budget 533 MiB is too small \\| a b |" in text and "second line" not in text
     assert "| 1066 MiB (1.00x) | flash | ok | 64 | 4.00 | 250 | 50.0 | 48.0 |" in text
+    assert "| 2.0 | 3.22 |  |" in text  # load s, ttft s of the 1.0x flash cell
     assert "| 1066 MiB (1.00x) | llama.cpp | ok | 12 | 0.50 |" in text
     assert "stops decoding 180 s after its first token" in text
     assert "| 533 MiB (0.50x) | llama.cpp | oom |" in text
