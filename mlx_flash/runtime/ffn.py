@@ -311,6 +311,7 @@ class FlashFFN(nn.Module):
         watch = getattr(rt.selector, "watch_prompt", None)  # a selector that sees the prompt
         watch = watch(self._layer, x) if watch is not None and not rt.config.naive else None
         fill = self._fill_from_stream()
+        none = np.zeros(0, dtype=np.int64)  # the fill moves no rows: the cache was empty
         try:
             for part, (rows, io) in zip(chunks, rt.read_chunks(self._layer, chunks,
                                                                not rt.config.naive, False),
@@ -318,7 +319,6 @@ class FlashFFN(nn.Module):
                 y = self._add_rows(xin, y, rows, part, io, step,
                                    self._gate_values(x, step, part))
                 if fill is not None:  # the rows go into the slots planned for them
-                    none = fill[:0]
                     rt.backend.write_rows(self._cache, none, none, fill[np.sort(part)], rows)
                 if watch is not None:
                     t0 = time.perf_counter()
@@ -339,25 +339,26 @@ class FlashFFN(nn.Module):
         seeded with - every neuron: the every-neuron selector, a cache that holds them all -
         the cache's plan for that, made now: (n,) the slot of each neuron id. Else None. (The
         seeding read every row a second time: 1470 MiB for the 1.5B's first prompt.)"""
-        rt, cache = self._rt, self._cache
-        n = rt.manifest.layers[self._layer].n_neurons
-        if (cache.n or cache.capacity < n or rt.config.naive or rt.gate is not None
-                or getattr(rt.selector, "rule", None) != "all"
-                or getattr(rt.selector, "watch_prompt", None) is not None):
+        cache = self._cache
+        if (cache.n or cache.capacity < cache.n_neurons or not self._ffn_alone()
+                or getattr(self._rt.selector, "rule", None) != "all"):
             return None
-        plan = cache.advance(np.arange(n))
-        slot_of = np.empty(n, dtype=np.int64)
+        plan = cache.advance(np.arange(cache.n_neurons))
+        slot_of = np.empty(cache.n_neurons, dtype=np.int64)
         slot_of[plan.new_ids] = plan.slots
         return slot_of
 
-    def _holds_layer(self) -> bool:
-        """Whether a prompt can be computed from the cache alone: it holds every neuron of the
-        layer, and nothing needs the streamed rows (a gate-resident dir's gate, a selector
-        that watches the prompt's rows, the naive baseline)."""
+    def _ffn_alone(self) -> bool:
+        """Whether a prompt's streamed rows serve the FFN only: not a gate-resident dir's
+        gate, a selector that watches the prompt's rows, or the naive baseline."""
         rt = self._rt
         return (not rt.config.naive and rt.gate is None
-                and getattr(rt.selector, "watch_prompt", None) is None
-                and self._cache.n == rt.manifest.layers[self._layer].n_neurons)
+                and getattr(rt.selector, "watch_prompt", None) is None)
+
+    def _holds_layer(self) -> bool:
+        """Whether a prompt can be computed from the cache alone: it holds every neuron of the
+        layer and nothing else needs the streamed rows."""
+        return self._cache.n == self._cache.n_neurons and self._ffn_alone()
 
     def _prompt_over_cache(self, x: mx.array, step: TokenStats) -> mx.array:
         """x (T, d) -> the layer's FFN over every cached neuron (all of them): no reads. The
