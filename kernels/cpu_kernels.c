@@ -1588,10 +1588,10 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
 // A batch of down columns (8 or 4 bits, natural order) through the segment's table row: for
 // each output element i, y[i] += ts[i] * sum_k h[k] * q_k[i] + tz[i] * sum_k h[k], over the
 // batch's m columns cols[k] (tz NULL: a symmetric table, tz = -zero * ts). The output is tiled
-// (64 elements of the 8 accumulators in
-// registers) so y is loaded and stored once per batch, not once per column (a column at a
-// time stored each 8 floats as two halves and loaded them whole for the next: a
-// store-forwarding stall per 8 elements that made the down projection most of ffnp's time).
+// (64 elements of the 8 accumulators in registers) so y is loaded and stored once per batch,
+// not once per column (a column at a time stored each 8 floats as two halves and loaded them
+// whole for the next: a store-forwarding stall per 8 elements that made the down projection
+// most of ffnp's time).
 static void down_batch(const uint32_t *const *cols, const float *h, int m, float hs, int bits_d,
                        const uint16_t *ts, const uint16_t *tz, float zero, int dt, int d,
                        float *y, int i) {
