@@ -371,8 +371,8 @@ def load(path: str | Path, dram_budget: str | float | int | None = None, *,
         fast_cpu=fit.backend.name == "cpu", fast_linears=swapped, pinned=0)
     model.flash = runtime  # plain attribute (not a Module or array): stats and store
     serialize_calls(model, runtime.lock)
-    if budget is not None:  # the plan counts one position's logits, a PIECE of a prompt's
-        defer_prompt_logits(model)
+    if budget is not None or swapped:  # the plan counts one position's logits, a PIECE of
+        defer_prompt_logits(model)    # a prompt's; the fast head would compute mlx_lm's drops
     if config.pin_hot:
         try:
             runtime.stats.settings["pinned"] = pin(model, int(config.pin_hot * fit.plan.capacity))

@@ -1,6 +1,7 @@
-"""Under a DRAM budget a multi-position call with a KV cache defers its output head and goes
-PIECE positions at a time (accel/blocks.defer_prompt_logits): mlx_lm's prefill hands the model
-up to 2048 positions and discards their logits, (positions, vocab) floats no plan counts."""
+"""Under a DRAM budget, and on the fast CPU path, a multi-position call with a KV cache defers
+its output head and goes PIECE positions at a time (accel/blocks.defer_prompt_logits): mlx_lm's
+prefill hands the model up to 2048 positions and discards their logits, (positions, vocab)
+floats no plan counts and the fast head would compute eagerly."""
 
 from __future__ import annotations
 
@@ -45,20 +46,31 @@ def flash_dir(request, tmp_path_factory):
     return root / "flash"
 
 
-def test_deferred_logits_are_the_eager_ones(flash_load, flash_dir, monkeypatch):
-    eager, _ = flash_load(flash_dir)  # no budget: every call on the C kernels
-    budgeted, _ = flash_load(flash_dir, dram_budget="16GB")
+def eager_logits(model, ids: mx.array) -> np.ndarray:
+    """The prompt's logits from the C kernels: the stack, then the fast head outside any
+    deferral (as qwen2's Model.__call__ applies it)."""
+    hidden = model.model(ids, cache=make_prompt_cache(model))
+    tied = model.args.tie_word_embeddings
+    return np.asarray(model.model.embed_tokens.as_linear(hidden) if tied
+                      else model.lm_head(hidden))
+
+
+@pytest.mark.parametrize("budget", [None, "16GB"])
+def test_deferred_logits_are_the_eager_ones(flash_load, flash_dir, monkeypatch, budget):
+    model, _ = flash_load(flash_dir, dram_budget=budget)
     ids = mx.array([PROMPT])
-    want = np.asarray(eager(ids, cache=make_prompt_cache(eager)))
     calls = head_calls(monkeypatch)
+    want = eager_logits(model, ids)
+    assert calls == [len(PROMPT)]  # the reference did run the C head
+    calls.clear()
     monkeypatch.setattr(accel_blocks, "PIECE", 8)  # 37 positions: five calls, logits lazy
-    cache = make_prompt_cache(budgeted)
-    got = budgeted(ids, cache=cache)
+    cache = make_prompt_cache(model)
+    got = model(ids, cache=cache)
     assert calls == [] and cache[0].offset == len(PROMPT)  # the stack ran, the head did not
     # MLX's f32 product; a 4-bit head's C kernel takes int8 activations (~1% of a logit)
     tol = 0.1 if "q4" in flash_dir.parent.name else 2e-3
     np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
-    one = budgeted(mx.array([[7]]), cache=cache)  # decode: the fast head, as before
+    one = model(mx.array([[7]]), cache=cache)  # decode: the fast head, as before
     assert calls == [1] and one.shape == (1, 1, 256)
 
 
