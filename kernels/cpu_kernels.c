@@ -811,6 +811,81 @@ static inline void dot_q4_rows2(const uint8_t *wa, const void *sa, const void *z
 #endif
 
 #if FLASH_VECTOR
+// Rows a and b's per-group bias terms against 4 tokens: out[t] += sum_g z[g] * x[t].xsg[g].
+static inline void bias_terms4(const void *za, const void *zb, int sdt, int groups,
+                               const QX *x, float *outa, float *outb) {
+    __m256 ba[4], bb[4];
+    for (int t = 0; t < 4; t++) ba[t] = bb[t] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g += 8) {
+        const int n = groups - g < 8 ? groups - g : 8;
+        const __m256 zva = n == 8 ? load8s(za, g, sdt) : load8s_tail(za, g, n, sdt);
+        const __m256 zvb = n == 8 ? load8s(zb, g, sdt) : load8s_tail(zb, g, n, sdt);
+        for (int t = 0; t < 4; t++) {
+            const __m256 xs = _mm256_loadu_ps(x[t].xsg + g);  // zero-padded to 8
+            ba[t] = _mm256_fmadd_ps(zva, xs, ba[t]);
+            bb[t] = _mm256_fmadd_ps(zvb, xs, bb[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) {
+        outa[t] += hsum8(ba[t]);
+        outb[t] += hsum8(bb[t]);
+    }
+}
+
+// dot_q4_rows2 against 4 tokens (a prompt's FFN): the two rows' nibbles are decoded once per
+// 64-chunk for the 4 tokens, each token's x once for both rows, and the rows' scales widened
+// once (dot_tokens_i8 took a row at a time, read two scales and two biases per chunk with
+// scalar loads and added the biases' term per chunk and token).
+static inline void dot_q4_rows2_t4(const uint8_t *wa, const void *sa, const void *za,
+                                   const uint8_t *wb, const void *sb, const void *zb, int sdt,
+                                   int d, int gs, const QX *x, float *outa, float *outb) {
+    const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK, full = (d / 64) * 2;
+    float bufa[FLASH_MAX_GROUPS + 8], bufb[FLASH_MAX_GROUPS + 8];
+    for (int g = 0; g < groups; g += 8) {
+        const int n = groups - g < 8 ? groups - g : 8;
+        _mm256_storeu_ps(bufa + g, n == 8 ? load8s(sa, g, sdt) : load8s_tail(sa, g, n, sdt));
+        _mm256_storeu_ps(bufb + g, n == 8 ? load8s(sb, g, sdt) : load8s_tail(sb, g, n, sdt));
+    }
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 A[4], B[4];
+    for (int t = 0; t < 4; t++) A[t] = B[t] = _mm256_setzero_ps();
+    for (int b = 0; b < full; b += 2) {  // one 64-chunk: blocks b and b + 1
+        const size_t off = (size_t)b * 16;
+        const __m256 s_a = _mm256_set_m128(_mm_set1_ps(bufa[(b + 1) >> sh]),
+                                           _mm_set1_ps(bufa[b >> sh]));
+        const __m256 s_b = _mm256_set_m128(_mm_set1_ps(bufb[(b + 1) >> sh]),
+                                           _mm_set1_ps(bufb[b >> sh]));
+        const __m256i qa = _mm256_loadu_si256((const __m256i *)(wa + off));
+        const __m256i qb = _mm256_loadu_si256((const __m256i *)(wb + off));
+        const __m256i la = _mm256_and_si256(qa, m4), ha = _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4);
+        const __m256i lb = _mm256_and_si256(qb, m4), hb = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+        for (int t = 0; t < 4; t++) {
+            const int8_t *xq = x[t].q + (size_t)b * 32;
+            const __m256i xlo = _mm256_loadu_si256((const __m256i *)xq);
+            const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq + 32));
+            const __m256 dl = _mm256_loadu_ps(x[t].dxl + (size_t)b * 4);  // lanes' dx
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_nibbles(la, xlo, ha, xhi)),
+                                   _mm256_mul_ps(s_a, dl), A[t]);
+            B[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_nibbles(lb, xlo, hb, xhi)),
+                                   _mm256_mul_ps(s_b, dl), B[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) {
+        outa[t] = hsum8(A[t]);
+        outb[t] = hsum8(B[t]);
+        if (full < blocks) {  // a last chunk of 32 (d % 64 == 32)
+            const int c = full * QBLOCK;
+            outa[t] += bufa[full >> sh] * x[t].dx[full]
+                       * (float)nibble_dot(wa + c / 2, x[t].q + c, x[t].q + c + 16, 0, 16);
+            outb[t] += bufb[full >> sh] * x[t].dx[full]
+                       * (float)nibble_dot(wb + c / 2, x[t].q + c, x[t].q + c + 16, 0, 16);
+        }
+    }
+    bias_terms4(za, zb, sdt, groups, x, outa, outb);
+}
+#endif
+
+#if FLASH_VECTOR
 // Whether an 8-bit row of d elements in groups of 2^gs takes dot_q8_row / dot_q8_rows2.
 static inline int q8_row_fits(int d, int gs) {
     return gs >= 5 && gs <= 8 && d % QBLOCK == 0 && d / QBLOCK <= FLASH_MAX_GROUPS;
@@ -1549,8 +1624,15 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
     const int groups = d / group;
 #if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
-    if (qb && wu && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS && nt < 4) {
-        for (int t = 0; t < nt; t++)  // (4 tokens go through dot_tokens_i8's 4-token pass)
+    if (qb && wu && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) {  // a prompt's tokens 4 at a time
+            const QX x4[4] = {qx_token(qb, d, t0 + t), qx_token(qb, d, t0 + t + 1),
+                              qx_token(qb, d, t0 + t + 2), qx_token(qb, d, t0 + t + 3)};
+            dot_q4_rows2_t4((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
+                            x4, first + t, second + t);
+        }
+        for (; t < nt; t++)
             dot_q4_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
                          qx_token(qb, d, t0 + t), first + t, second + t);
         return;
