@@ -1241,6 +1241,52 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
         }
         return;
     }
+    // A prompt's 4-bit rows in pairs, 4 tokens a pass (dot_q4_rows2_t4): each pair's nibbles
+    // decoded once for 4 tokens, where dot_row_i8 decoded every row once per token.
+    if (T >= 4 && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
+        const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
+#pragma omp parallel for schedule(dynamic, 16)
+        for (int r = 0; r < rows - 1; r += 2) {
+            const char *s = (const char *)scales + (size_t)r * srow;
+            const char *z = (const char *)biases + (size_t)r * srow;
+            const uint8_t *w = (const uint8_t *)(Wq + (size_t)r * words);
+            if (r + FLASH_AHEAD + 1 < rows) {
+                prefetch_bytes(w + (size_t)FLASH_AHEAD * words * 4, (size_t)2 * words * 4);
+                prefetch_bytes(s + FLASH_AHEAD * srow, 2 * srow);
+                prefetch_bytes(z + FLASH_AHEAD * srow, 2 * srow);
+            }
+            const float b0 = b ? b[r] : 0.0f, b1 = b ? b[r + 1] : 0.0f;
+            int t = 0;
+            for (; t + 4 <= T; t += 4) {
+                const QX x4[4] = {qx_token(qb, d, t), qx_token(qb, d, t + 1),
+                                  qx_token(qb, d, t + 2), qx_token(qb, d, t + 3)};
+                float o0[4], o1[4];
+                dot_q4_rows2_t4(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
+                                x4, o0, o1);
+                for (int u = 0; u < 4; u++) {
+                    y[(size_t)(t + u) * rows + r] = o0[u] + b0;
+                    y[(size_t)(t + u) * rows + r + 1] = o1[u] + b1;
+                }
+            }
+            for (; t < T; t++) {
+                float o0, o1;
+                dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
+                             qx_token(qb, d, t), &o0, &o1);
+                y[(size_t)t * rows + r] = o0 + b0;
+                y[(size_t)t * rows + r + 1] = o1 + b1;
+            }
+        }
+        if (rows % 2) {
+            const int r = rows - 1;
+            for (int t = 0; t < T; t++)
+                y[(size_t)t * rows + r] = dot_row_i8((const uint8_t *)(Wq + (size_t)r * words),
+                                                     (const char *)scales + (size_t)r * srow,
+                                                     (const char *)biases + (size_t)r * srow,
+                                                     sdt, d, bits, group, qx_token(qb, d, t))
+                                          + (b ? b[r] : 0.0f);
+        }
+        return;
+    }
 #endif
 #pragma omp parallel for schedule(dynamic, 64)
         for (int r = 0; r < rows; r++) {
@@ -1537,11 +1583,20 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
                         int nt = T - t0 < 4 ? T - t0 : 4;
                         float first[4], second[4];
 #if FLASH_VECTOR
-                        if (gated && bits == 4 && nt < 4 && gs >= 5 && gs <= 8
+                        if (gated && bits == 4 && gs >= 5 && gs <= 8
                                 && groups <= FLASH_MAX_GROUPS) {  // gate and up in one pass
-                            for (int k = 0; k < nt; k++)
-                                dot_q4_rows2(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs,
-                                             qx_token(&qb, d, t0 + k), first + k, second + k);
+                            if (nt == 4) {
+                                const QX x4[4] = {qx_token(&qb, d, t0), qx_token(&qb, d, t0 + 1),
+                                                  qx_token(&qb, d, t0 + 2),
+                                                  qx_token(&qb, d, t0 + 3)};
+                                dot_q4_rows2_t4(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs, x4,
+                                                first, second);
+                            } else {
+                                for (int k = 0; k < nt; k++)
+                                    dot_q4_rows2(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs,
+                                                 qx_token(&qb, d, t0 + k), first + k,
+                                                 second + k);
+                            }
                         } else
 #endif
                         {
