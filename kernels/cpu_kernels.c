@@ -976,6 +976,54 @@ static inline void dot_q8_rows2(const uint8_t *wa, const void *sa, const void *z
 }
 #endif
 
+#if FLASH_VECTOR
+// dot_q8_rows2 against 4 tokens (a prompt): each 32-block of both rows loaded once for the 4
+// tokens, each token's block once for both rows, the rows' scales widened once (dot_q8_row
+// formed a row's scale * dx table for every token) and the biases' term taken per group.
+static inline void dot_q8_rows2_t4(const uint8_t *wa, const void *sa, const void *za,
+                                   const uint8_t *wb, const void *sb, const void *zb, int sdt,
+                                   int d, int gs, const QX *x, float *outa, float *outb) {
+    const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK;
+    float bufa[FLASH_MAX_GROUPS + 8], bufb[FLASH_MAX_GROUPS + 8];
+    float za32[FLASH_MAX_GROUPS + 8], zb32[FLASH_MAX_GROUPS + 8];  // biases (+ 128 * scales
+    for (int g = 0; g < groups; g += 8) {                        //  where dot_bytes shifts)
+        const int n = groups - g < 8 ? groups - g : 8;
+        const __m256 s_a = n == 8 ? load8s(sa, g, sdt) : load8s_tail(sa, g, n, sdt);
+        const __m256 s_b = n == 8 ? load8s(sb, g, sdt) : load8s_tail(sb, g, n, sdt);
+        __m256 z_a = n == 8 ? load8s(za, g, sdt) : load8s_tail(za, g, n, sdt);
+        __m256 z_b = n == 8 ? load8s(zb, g, sdt) : load8s_tail(zb, g, n, sdt);
+#if !FLASH_VNNI
+        z_a = _mm256_fmadd_ps(s_a, _mm256_set1_ps(128.0f), z_a);
+        z_b = _mm256_fmadd_ps(s_b, _mm256_set1_ps(128.0f), z_b);
+#endif
+        _mm256_storeu_ps(bufa + g, s_a);
+        _mm256_storeu_ps(bufb + g, s_b);
+        _mm256_storeu_ps(za32 + g, z_a);
+        _mm256_storeu_ps(zb32 + g, z_b);
+    }
+    __m256 A[4], B[4];
+    for (int t = 0; t < 4; t++) A[t] = B[t] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const __m256i qa = _mm256_loadu_si256((const __m256i *)(wa + 32 * b));
+        const __m256i qb = _mm256_loadu_si256((const __m256i *)(wb + 32 * b));
+        const float s_a = bufa[b >> sh], s_b = bufb[b >> sh];
+        for (int t = 0; t < 4; t++) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)(x[t].q + 32 * b));
+            int shifted;
+            const __m256i ia = dot_bytes(qa, xq, &shifted), ib = dot_bytes(qb, xq, &shifted);
+            const float dxb = x[t].dx[b];
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(s_a * dxb), A[t]);
+            B[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_set1_ps(s_b * dxb), B[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) {
+        outa[t] = hsum8(A[t]);
+        outb[t] = hsum8(B[t]);
+    }
+    bias_terms4(za32, zb32, DT_F32, groups, x, outa, outb);
+}
+#endif
+
 // One quantized row (scales sv, biases zv stored as sdt, groups of `group`) dotted with one
 // token. The scales are read where used: widening a row's first cost more than its dot.
 static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
@@ -1241,9 +1289,11 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
         }
         return;
     }
-    // A prompt's 4-bit rows in pairs, 4 tokens a pass (dot_q4_rows2_t4): each pair's nibbles
-    // decoded once for 4 tokens, where dot_row_i8 decoded every row once per token.
-    if (T >= 4 && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
+    // A prompt's rows in pairs, 4 tokens a pass (dot_q4_rows2_t4 / dot_q8_rows2_t4): each
+    // pair's weights loaded (and nibbles decoded) once for 4 tokens, where dot_row_i8 took
+    // every row once per token.
+    if (T >= 4 && ((bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS)
+                   || (bits == 8 && q8_row_fits(d, gs)))) {
         const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
 #pragma omp parallel for schedule(dynamic, 16)
         for (int r = 0; r < rows - 1; r += 2) {
@@ -1261,8 +1311,12 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
                 const QX x4[4] = {qx_token(qb, d, t), qx_token(qb, d, t + 1),
                                   qx_token(qb, d, t + 2), qx_token(qb, d, t + 3)};
                 float o0[4], o1[4];
-                dot_q4_rows2_t4(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
-                                x4, o0, o1);
+                if (bits == 4)
+                    dot_q4_rows2_t4(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d,
+                                    gs, x4, o0, o1);
+                else
+                    dot_q8_rows2_t4(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d,
+                                    gs, x4, o0, o1);
                 for (int u = 0; u < 4; u++) {
                     y[(size_t)(t + u) * rows + r] = o0[u] + b0;
                     y[(size_t)(t + u) * rows + r + 1] = o1[u] + b1;
@@ -1270,8 +1324,12 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
             }
             for (; t < T; t++) {
                 float o0, o1;
-                dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
-                             qx_token(qb, d, t), &o0, &o1);
+                if (bits == 4)
+                    dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
+                                 qx_token(qb, d, t), &o0, &o1);
+                else
+                    dot_q8_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
+                                 qx_token(qb, d, t), &o0, &o1);
                 y[(size_t)t * rows + r] = o0 + b0;
                 y[(size_t)t * rows + r + 1] = o1 + b1;
             }
@@ -1597,6 +1655,11 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
                                                  qx_token(&qb, d, t0 + k), first + k,
                                                  second + k);
                             }
+                        } else if (gated && bits == 8 && nt == 4 && q8_row_fits(d, gs)) {
+                            const QX x4[4] = {qx_token(&qb, d, t0), qx_token(&qb, d, t0 + 1),
+                                              qx_token(&qb, d, t0 + 2), qx_token(&qb, d, t0 + 3)};
+                            dot_q8_rows2_t4(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs, x4,
+                                            first, second);
                         } else
 #endif
                         {
@@ -1693,7 +1756,14 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
         return;
     }
     if (qb && wu && bits == 8 && q8_row_fits(d, gs)) {
-        for (int t = 0; t < nt; t++)
+        int t = 0;
+        for (; t + 4 <= nt; t += 4) {
+            const QX x4[4] = {qx_token(qb, d, t0 + t), qx_token(qb, d, t0 + t + 1),
+                              qx_token(qb, d, t0 + t + 2), qx_token(qb, d, t0 + t + 3)};
+            dot_q8_rows2_t4((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
+                            x4, first + t, second + t);
+        }
+        for (; t < nt; t++)
             dot_q8_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
                          qx_token(qb, d, t0 + t), first + t, second + t);
         return;
