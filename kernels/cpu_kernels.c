@@ -857,8 +857,10 @@ static inline void dot_q4_rows2_t4(const uint8_t *wa, const void *sa, const void
                                            _mm_set1_ps(bufb[b >> sh]));
         const __m256i qa = _mm256_loadu_si256((const __m256i *)(wa + off));
         const __m256i qb = _mm256_loadu_si256((const __m256i *)(wb + off));
-        const __m256i la = _mm256_and_si256(qa, m4), ha = _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4);
-        const __m256i lb = _mm256_and_si256(qb, m4), hb = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+        const __m256i la = _mm256_and_si256(qa, m4);
+        const __m256i ha = _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4);
+        const __m256i lb = _mm256_and_si256(qb, m4);
+        const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
         for (int t = 0; t < 4; t++) {
             const int8_t *xq = x[t].q + (size_t)b * 32;
             const __m256i xlo = _mm256_loadu_si256((const __m256i *)xq);
@@ -985,8 +987,9 @@ static inline void dot_q8_rows2_t4(const uint8_t *wa, const void *sa, const void
                                    int d, int gs, const QX *x, float *outa, float *outb) {
     const int groups = d >> gs, sh = gs - 5, blocks = d / QBLOCK;
     float bufa[FLASH_MAX_GROUPS + 8], bufb[FLASH_MAX_GROUPS + 8];
-    float za32[FLASH_MAX_GROUPS + 8], zb32[FLASH_MAX_GROUPS + 8];  // biases (+ 128 * scales
-    for (int g = 0; g < groups; g += 8) {                        //  where dot_bytes shifts)
+    // the biases as f32 (plus 128 * the scales where dot_bytes shifts the weights)
+    float za32[FLASH_MAX_GROUPS + 8], zb32[FLASH_MAX_GROUPS + 8];
+    for (int g = 0; g < groups; g += 8) {
         const int n = groups - g < 8 ? groups - g : 8;
         const __m256 s_a = n == 8 ? load8s(sa, g, sdt) : load8s_tail(sa, g, n, sdt);
         const __m256 s_b = n == 8 ? load8s(sb, g, sdt) : load8s_tail(sb, g, n, sdt);
@@ -1006,14 +1009,14 @@ static inline void dot_q8_rows2_t4(const uint8_t *wa, const void *sa, const void
     for (int b = 0; b < blocks; b++) {
         const __m256i qa = _mm256_loadu_si256((const __m256i *)(wa + 32 * b));
         const __m256i qb = _mm256_loadu_si256((const __m256i *)(wb + 32 * b));
-        const float s_a = bufa[b >> sh], s_b = bufb[b >> sh];
+        const float scale_a = bufa[b >> sh], scale_b = bufb[b >> sh];
         for (int t = 0; t < 4; t++) {
             const __m256i xq = _mm256_loadu_si256((const __m256i *)(x[t].q + 32 * b));
             int shifted;
             const __m256i ia = dot_bytes(qa, xq, &shifted), ib = dot_bytes(qb, xq, &shifted);
             const float dxb = x[t].dx[b];
-            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(s_a * dxb), A[t]);
-            B[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_set1_ps(s_b * dxb), B[t]);
+            A[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(scale_a * dxb), A[t]);
+            B[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_set1_ps(scale_b * dxb), B[t]);
         }
     }
     for (int t = 0; t < 4; t++) {
