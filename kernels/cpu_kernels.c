@@ -1027,6 +1027,7 @@ static inline void dot_q8_rows2_t4(const uint8_t *wa, const void *sa, const void
 }
 #endif
 
+
 // One quantized row (scales sv, biases zv stored as sdt, groups of `group`) dotted with one
 // token. The scales are read where used: widening a row's first cost more than its dot.
 static inline float dot_row_i8(const uint8_t *w, const void *sv, const void *zv, int sdt, int d,
@@ -1209,6 +1210,38 @@ static inline QX qx_token(const QXBuf *b, int d, int t) {
     return r;
 }
 
+#if FLASH_VECTOR
+// Whether rows2_tokens takes d-wide rows of `bits` in groups of 2^gs.
+static inline int rows2_fit(int bits, int d, int gs) {
+    return (bits == 4 && gs >= 5 && gs <= 8 && (d >> gs) <= FLASH_MAX_GROUPS)
+           || (bits == 8 && q8_row_fits(d, gs));
+}
+
+// Rows a and b (an FFN's gate and up, or two rows of a matrix) against tokens t0 .. t0 + nt
+// of qb: 4 at a time through the 4-token passes, the rest one at a time.
+static inline void rows2_tokens(const uint8_t *wa, const void *sa, const void *za,
+                                const uint8_t *wb, const void *sb, const void *zb, int sdt,
+                                int d, int gs, int bits, const QXBuf *qb, int t0, int nt,
+                                float *outa, float *outb) {
+    int t = 0;
+    for (; t + 4 <= nt; t += 4) {
+        const QX x4[4] = {qx_token(qb, d, t0 + t), qx_token(qb, d, t0 + t + 1),
+                          qx_token(qb, d, t0 + t + 2), qx_token(qb, d, t0 + t + 3)};
+        if (bits == 4)
+            dot_q4_rows2_t4(wa, sa, za, wb, sb, zb, sdt, d, gs, x4, outa + t, outb + t);
+        else
+            dot_q8_rows2_t4(wa, sa, za, wb, sb, zb, sdt, d, gs, x4, outa + t, outb + t);
+    }
+    for (; t < nt; t++) {
+        const QX x = qx_token(qb, d, t0 + t);
+        if (bits == 4)
+            dot_q4_rows2(wa, sa, za, wb, sb, zb, sdt, d, gs, x, outa + t, outb + t);
+        else
+            dot_q8_rows2(wa, sa, za, wb, sb, zb, sdt, d, gs, x, outa + t, outb + t);
+    }
+}
+#endif
+
 // out[t] = row . x[t0 + t] for t < nt: 4-bit rows take 4 tokens per pass over the row (its
 // nibbles decoded once, four independent FMA chains).
 static inline void dot_tokens_i8(const uint8_t *w, const void *sv, const void *zv, int sdt,
@@ -1295,8 +1328,7 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
     // A prompt's rows in pairs, 4 tokens a pass (dot_q4_rows2_t4 / dot_q8_rows2_t4): each
     // pair's weights loaded (and nibbles decoded) once for 4 tokens, where dot_row_i8 took
     // every row once per token.
-    if (T >= 4 && ((bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS)
-                   || (bits == 8 && q8_row_fits(d, gs)))) {
+    if (T >= 4 && rows2_fit(bits, d, gs)) {
         const size_t srow = (size_t)groups * (sdt == DT_F32 ? 4 : 2);
 #pragma omp parallel for schedule(dynamic, 16)
         for (int r = 0; r < rows - 1; r += 2) {
@@ -1309,32 +1341,15 @@ static void linear_q_i8(const uint32_t *Wq, const void *scales, const void *bias
                 prefetch_bytes(z + FLASH_AHEAD * srow, 2 * srow);
             }
             const float b0 = b ? b[r] : 0.0f, b1 = b ? b[r + 1] : 0.0f;
-            int t = 0;
-            for (; t + 4 <= T; t += 4) {
-                const QX x4[4] = {qx_token(qb, d, t), qx_token(qb, d, t + 1),
-                                  qx_token(qb, d, t + 2), qx_token(qb, d, t + 3)};
-                float o0[4], o1[4];
-                if (bits == 4)
-                    dot_q4_rows2_t4(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d,
-                                    gs, x4, o0, o1);
-                else
-                    dot_q8_rows2_t4(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d,
-                                    gs, x4, o0, o1);
-                for (int u = 0; u < 4; u++) {
-                    y[(size_t)(t + u) * rows + r] = o0[u] + b0;
-                    y[(size_t)(t + u) * rows + r + 1] = o1[u] + b1;
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                const int nt = T - t0 < 8 ? T - t0 : 8;
+                float o0[8], o1[8];
+                rows2_tokens(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs, bits,
+                             qb, t0, nt, o0, o1);
+                for (int u = 0; u < nt; u++) {
+                    y[(size_t)(t0 + u) * rows + r] = o0[u] + b0;
+                    y[(size_t)(t0 + u) * rows + r + 1] = o1[u] + b1;
                 }
-            }
-            for (; t < T; t++) {
-                float o0, o1;
-                if (bits == 4)
-                    dot_q4_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
-                                 qx_token(qb, d, t), &o0, &o1);
-                else
-                    dot_q8_rows2(w, s, z, w + (size_t)words * 4, s + srow, z + srow, sdt, d, gs,
-                                 qx_token(qb, d, t), &o0, &o1);
-                y[(size_t)t * rows + r] = o0 + b0;
-                y[(size_t)t * rows + r + 1] = o1 + b1;
             }
         }
         if (rows % 2) {
@@ -1644,25 +1659,9 @@ static int ffnq_i8(const uint32_t *q, const uint16_t *scales, const uint16_t *bi
                         int nt = T - t0 < 4 ? T - t0 : 4;
                         float first[4], second[4];
 #if FLASH_VECTOR
-                        if (gated && bits == 4 && gs >= 5 && gs <= 8
-                                && groups <= FLASH_MAX_GROUPS) {  // gate and up in one pass
-                            if (nt == 4) {
-                                const QX x4[4] = {qx_token(&qb, d, t0), qx_token(&qb, d, t0 + 1),
-                                                  qx_token(&qb, d, t0 + 2),
-                                                  qx_token(&qb, d, t0 + 3)};
-                                dot_q4_rows2_t4(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs, x4,
-                                                first, second);
-                            } else {
-                                for (int k = 0; k < nt; k++)
-                                    dot_q4_rows2(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs,
-                                                 qx_token(&qb, d, t0 + k), first + k,
-                                                 second + k);
-                            }
-                        } else if (gated && bits == 8 && nt == 4 && q8_row_fits(d, gs)) {
-                            const QX x4[4] = {qx_token(&qb, d, t0), qx_token(&qb, d, t0 + 1),
-                                              qx_token(&qb, d, t0 + 2), qx_token(&qb, d, t0 + 3)};
-                            dot_q8_rows2_t4(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs, x4,
-                                            first, second);
+                        if (gated && rows2_fit(bits, d, gs)) {  // gate and up in one pass
+                            rows2_tokens(w[0], s[0], z[0], w[1], s[1], z[1], dt, d, gs, bits, &qb,
+                                         t0, nt, first, second);
                         } else
 #endif
                         {
@@ -1745,30 +1744,9 @@ static inline void parts_dots(const uint32_t *wg, const uint16_t *sg, const uint
     const int groups = d / group;
 #if FLASH_VECTOR
     const int gs = __builtin_ctz((unsigned)group);
-    if (qb && wu && bits == 4 && gs >= 5 && gs <= 8 && groups <= FLASH_MAX_GROUPS) {
-        int t = 0;
-        for (; t + 4 <= nt; t += 4) {  // a prompt's tokens 4 at a time
-            const QX x4[4] = {qx_token(qb, d, t0 + t), qx_token(qb, d, t0 + t + 1),
-                              qx_token(qb, d, t0 + t + 2), qx_token(qb, d, t0 + t + 3)};
-            dot_q4_rows2_t4((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
-                            x4, first + t, second + t);
-        }
-        for (; t < nt; t++)
-            dot_q4_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
-                         qx_token(qb, d, t0 + t), first + t, second + t);
-        return;
-    }
-    if (qb && wu && bits == 8 && q8_row_fits(d, gs)) {
-        int t = 0;
-        for (; t + 4 <= nt; t += 4) {
-            const QX x4[4] = {qx_token(qb, d, t0 + t), qx_token(qb, d, t0 + t + 1),
-                              qx_token(qb, d, t0 + t + 2), qx_token(qb, d, t0 + t + 3)};
-            dot_q8_rows2_t4((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
-                            x4, first + t, second + t);
-        }
-        for (; t < nt; t++)
-            dot_q8_rows2((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs,
-                         qx_token(qb, d, t0 + t), first + t, second + t);
+    if (qb && wu && rows2_fit(bits, d, gs)) {
+        rows2_tokens((const uint8_t *)wg, sg, zg, (const uint8_t *)wu, su, zu, dt, d, gs, bits, qb,
+                     t0, nt, first, second);
         return;
     }
 #endif
