@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 SHORT = "Write a Python function that checks whether a number is prime."
 LONG = SHORT + " " + " ".join(f"Also explain step {i} of the algorithm in detail, with an "
                               "example." for i in range(25))
 
 
-def flash_ttft(model_dir: str, runs: int) -> dict[str, tuple[int, float]]:
-    """{prompt name: (prompt tokens, best seconds to the first token)} through mlx_lm."""
+def flash_ttft(model_dir: str, runs: int) -> dict[str, tuple[list[int], float]]:
+    """{prompt name: (prompt ids, best seconds to the first token)} through mlx_lm."""
     from mlx_lm import stream_generate
 
     from mlx_flash import load
@@ -39,26 +38,26 @@ def flash_ttft(model_dir: str, runs: int) -> dict[str, tuple[int, float]]:
             for _ in stream_generate(model, tokenizer, ids, max_tokens=1):
                 pass
             best = min(best, time.perf_counter() - start)
-        out[name] = (len(ids), best)
+        out[name] = (ids, best)
     return out
 
 
-def llama_ttft(gguf: str, threads: int, runs: int, template) -> dict[str, tuple[int, float]]:
-    """The same prompts' ids (from the flash tokenizer's template) through llama.cpp's eval."""
+def llama_ttft(gguf: str, threads: int, runs: int, prompts: dict[str, list[int]]
+               ) -> dict[str, tuple[list[int], float]]:
+    """The same prompt ids (the flash tokenizer's template) through llama.cpp's eval."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
                 verbose=False)
     out = {}
-    for name, text in (("short", SHORT), ("long", LONG)):
-        ids = template(text)
+    for name, ids in prompts.items():
         best = float("inf")
         for _ in range(runs):
             llm.reset()
             start = time.perf_counter()
             llm.eval(ids)
             best = min(best, time.perf_counter() - start)
-        out[name] = (len(ids), best)
+        out[name] = (ids, best)
     return out
 
 
@@ -70,19 +69,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before the kernels load
-
-    from mlx_flash.runtime.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(Path(args.model))
-
-    def template(text: str) -> list[int]:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True)
-
     rows = {"mlx-flash": flash_ttft(args.model, args.runs)}
     if args.gguf:
-        rows["llama.cpp"] = llama_ttft(args.gguf, args.threads, args.runs, template)
-    print("| contender | " + " | ".join(f"{name} ({n} tokens)" for name, (n, _)
+        prompts = {name: ids for name, (ids, _) in rows["mlx-flash"].items()}
+        rows["llama.cpp"] = llama_ttft(args.gguf, args.threads, args.runs, prompts)
+    print("| contender | " + " | ".join(f"{name} ({len(ids)} tokens)" for name, (ids, _)
                                         in rows["mlx-flash"].items()) + " |")
     print("|---" * (1 + len(rows["mlx-flash"])) + "|")
     for contender, cells in rows.items():
